@@ -1,0 +1,271 @@
+"""Model configuration: one dataclass tree for Qwen2-VL and Qwen2.5-VL, read from and written to
+Hugging Face `config.json` files.
+
+The hub's `config.json` is flat (text fields at the top, `rope_scaling.mrope_section`); transformers
+5.x writes a nested one (`text_config`, `rope_parameters`). Both are read; the flat hub layout is
+written, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stjax.models.rope import RopeSpec
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot describe a supported model."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower. `hidden_size` is the tower's width; `out_hidden_size` the merger's output."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    hidden_act: str
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    # Qwen2.5-VL only: window attention and the time scale of video positions.
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    tokens_per_second: float | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged tokens (4 for the released models: 112 // 2 // 14)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class QwenVLConfig:
+    """Architecture (from config.json) plus the run-time policy (dtypes, attention, remat)."""
+
+    model_type: str
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    initializer_range: float = 0.02
+    # Run-time policy: not part of the checkpoint.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    attention: str = "xla"  # see stjax.models.attention.BACKENDS
+    remat: str = "none"  # none | full | dots
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        if sum(self.text.mrope_section) * 2 != self.text.head_dim:
+            raise ConfigError(
+                f"mrope_section {self.text.mrope_section} must sum to head_dim/2 = {self.text.head_dim // 2}"
+            )
+        if self.text.num_heads % self.text.num_kv_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def is_qwen2_5(self) -> bool:
+        return self.model_type == "qwen2_5_vl"
+
+    def replace(self, **changes: Any) -> "QwenVLConfig":
+        return dataclasses.replace(self, **changes)
+
+    def rope_spec(self) -> RopeSpec:
+        return RopeSpec(
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
+            spatial_merge_size=self.vision.spatial_merge_size,
+            tokens_per_second=self.vision.tokens_per_second if self.is_qwen2_5 else None,
+        )
+
+    # ----------------------------------------------------------------- HF config.json
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **policy: Any) -> "QwenVLConfig":
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        # transformers 5.x nests the text fields; the hub keeps them at the top level.
+        t = {**d, **d["text_config"]} if isinstance(d.get("text_config"), dict) else d
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
+        try:
+            text = TextConfig(
+                vocab_size=t["vocab_size"],
+                hidden_size=t["hidden_size"],
+                intermediate_size=t["intermediate_size"],
+                num_layers=t["num_hidden_layers"],
+                num_heads=t["num_attention_heads"],
+                num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+                rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+                tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+                hidden_act=t.get("hidden_act", "silu"),
+                max_position_embeddings=t.get("max_position_embeddings", 32768),
+            )
+            v = d["vision_config"]
+            if model_type == "qwen2_vl":
+                vision = VisionConfig(
+                    depth=v["depth"],
+                    hidden_size=v["embed_dim"],
+                    num_heads=v["num_heads"],
+                    intermediate_size=int(v["embed_dim"] * v.get("mlp_ratio", 4)),
+                    out_hidden_size=v["hidden_size"],
+                    hidden_act=v.get("hidden_act", "quick_gelu"),
+                    patch_size=v.get("patch_size", 14),
+                    temporal_patch_size=v.get("temporal_patch_size", 2),
+                    spatial_merge_size=v.get("spatial_merge_size", 2),
+                    in_channels=v.get("in_channels", v.get("in_chans", 3)),
+                )
+            else:
+                vision = VisionConfig(
+                    depth=v["depth"],
+                    hidden_size=v["hidden_size"],
+                    num_heads=v["num_heads"],
+                    intermediate_size=v["intermediate_size"],
+                    out_hidden_size=v["out_hidden_size"],
+                    hidden_act=v.get("hidden_act", "silu"),
+                    patch_size=v.get("patch_size", 14),
+                    temporal_patch_size=v.get("temporal_patch_size", 2),
+                    spatial_merge_size=v.get("spatial_merge_size", 2),
+                    in_channels=v.get("in_channels", v.get("in_chans", 3)),
+                    window_size=v.get("window_size", 112),
+                    fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
+                    tokens_per_second=v.get("tokens_per_second", 2),
+                )
+        except KeyError as e:
+            raise ConfigError(f"{model_type} config is missing the field {e.args[0]!r}") from None
+        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id") if k in d}
+        for k in ("bos_token_id", "eos_token_id"):
+            value = d.get(k, t.get(k))
+            if isinstance(value, int):
+                ids[k] = value
+        return cls(model_type=model_type, text=text, vision=vision,
+                   initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The hub's flat layout (every transformers version reads it)."""
+        t, v = self.text, self.vision
+        if self.model_type == "qwen2_vl":
+            vision = {"depth": v.depth, "embed_dim": v.hidden_size, "hidden_size": v.out_hidden_size,
+                      "hidden_act": v.hidden_act, "mlp_ratio": _number(v.intermediate_size / v.hidden_size),
+                      "num_heads": v.num_heads, "in_chans": v.in_channels, "patch_size": v.patch_size,
+                      "spatial_merge_size": v.spatial_merge_size,
+                      "temporal_patch_size": v.temporal_patch_size}
+            arch = "Qwen2VLForConditionalGeneration"
+        else:
+            vision = {"depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": v.hidden_act,
+                      "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
+                      "in_chans": v.in_channels, "out_hidden_size": v.out_hidden_size,
+                      "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
+                      "temporal_patch_size": v.temporal_patch_size, "window_size": v.window_size,
+                      "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                      "tokens_per_second": v.tokens_per_second}
+            arch = "Qwen2_5_VLForConditionalGeneration"
+        vision["model_type"] = self.model_type
+        return {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "vision_token_id": self.extra.get("vision_token_id", 151654),
+            "torch_dtype": self.param_dtype,
+            "vision_config": vision,
+        }
+
+    @classmethod
+    def from_file(cls, path: str | Path, **policy: Any) -> "QwenVLConfig":
+        """Read `config.json` (or a directory holding one, or a preset name from configs/models)."""
+        path = Path(path)
+        if not path.exists() and (PRESETS_DIR / f"{path}.json").exists():
+            path = PRESETS_DIR / f"{path}.json"
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d, **policy)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "config.json"
+        path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        return path
+
+
+def _number(x: float) -> int | float:
+    """An int where the value is integral (strict config validators want int mlp_ratio)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def presets() -> list[str]:
+    """Names of the model presets in configs/models."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))

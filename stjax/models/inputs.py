@@ -1,0 +1,191 @@
+"""Host-side preparation of model inputs (NumPy only).
+
+`prepare_inputs` turns the transformers-style arguments (input_ids, pixel_values, grid_thw, ...)
+into a `ModelInputs` pytree of static-shape integer and float arrays: M-RoPE position ids, patches
+in processing order, the group tables for frame and window attention, and where each vision
+feature goes in the text. All sizes are rounded up to buckets so that new video sizes reuse a
+few compiled programs:
+
+    bucket(n) = the smallest 2^k * {1, 1.25, 1.5, 1.75} >= n    (at most 25% padding)
+
+applied to the text length, the patch count, the number of frames and windows, and the frame
+group size (patches per frame). Window groups are exactly (window side * merge)^2 patches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from flax import struct
+
+from stjax.models.config import QwenVLConfig
+from stjax.models.rope import get_rope_index, vision_rotary_positions, window_order
+
+
+class InputError(ValueError):
+    """Model inputs that disagree with each other or with the config."""
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Smallest 2^k * {1, 1.25, 1.5, 1.75} that is >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    step = 1 << max(n.bit_length() - 3, 0)  # a quarter of the power of two below n
+    return -(-n // step) * step
+
+
+@struct.dataclass
+class VisionGroups:
+    """Fixed-size attention groups over the patch sequence.
+
+    index (G, T): patch row of each group slot (slots past `lengths` are padding).
+    lengths (G,): real slots per group. inverse (N,): for each patch row its flat slot g*T + s,
+    or G*T for bucket-padding rows that belong to no group.
+    """
+
+    index: np.ndarray
+    lengths: np.ndarray
+    inverse: np.ndarray
+
+
+@struct.dataclass
+class VisionInputs:
+    patches: np.ndarray  # (N, C*T*P*P) in processing order (window order for Qwen2.5-VL)
+    rotary_positions: np.ndarray  # (N, 2) patch (row, col)
+    frames: VisionGroups  # one group per temporal slice
+    windows: Optional[VisionGroups]  # Qwen2.5-VL windows, else None
+    token_index: np.ndarray  # (B, L) merged-feature row feeding each text slot
+    token_mask: np.ndarray  # (B, L) True where the text slot is an image or video pad
+
+
+@struct.dataclass
+class ModelInputs:
+    input_ids: np.ndarray  # (B, L)
+    attention_mask: np.ndarray  # (B, L), 1 real, 0 padding
+    position_ids: np.ndarray  # (3, B, L)
+    vision: Optional[VisionInputs] = None
+
+
+def make_groups(lengths: np.ndarray, size: int, count: int, rows: int) -> VisionGroups:
+    """Groups for consecutive segments of the given lengths, padded to (count, size)."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    slots = np.arange(size)
+    index = np.zeros((count, size), np.int32)
+    index[: len(lengths)] = np.where(slots < lengths[:, None], starts[:, None] + slots, 0)
+    padded_lengths = np.zeros((count,), np.int32)
+    padded_lengths[: len(lengths)] = lengths
+    inverse = np.full((rows,), count * size, np.int32)
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    inverse[: len(segment)] = segment * size + (np.arange(len(segment)) - starts[segment])
+    return VisionGroups(index=index, lengths=padded_lengths, inverse=inverse)
+
+
+def _as_grid(grid: Optional[np.ndarray]) -> np.ndarray:
+    return np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+def prepare_vision(
+    cfg: QwenVLConfig,
+    input_ids: np.ndarray,
+    pixel_values: Optional[np.ndarray],
+    image_grid_thw: Optional[np.ndarray],
+    pixel_values_videos: Optional[np.ndarray],
+    video_grid_thw: Optional[np.ndarray],
+) -> Optional[VisionInputs]:
+    """Patches of all images then all videos, in one padded pass of the vision tower."""
+    v = cfg.vision
+    merge_unit = v.spatial_merge_size**2
+    grids = np.concatenate([_as_grid(image_grid_thw), _as_grid(video_grid_thw)])
+    if len(grids) == 0:
+        return None
+    pixels = [np.asarray(p) for p in (pixel_values, pixel_values_videos) if p is not None]
+    pixels = np.concatenate(pixels) if pixels else np.zeros((0, v.patch_dim), np.float32)
+    patches_per_item = grids.prod(axis=1)
+    if pixels.shape != (patches_per_item.sum(), v.patch_dim):
+        raise InputError(f"pixel values have shape {pixels.shape} but the grids {grids.tolist()} need "
+                         f"({patches_per_item.sum()}, {v.patch_dim})")
+    merged = int(patches_per_item.sum()) // merge_unit
+    counts = {name: int((input_ids == tok).sum()) for name, tok in
+              (("image", cfg.image_token_id), ("video", cfg.video_token_id))}
+    need = {"image": int(_as_grid(image_grid_thw).prod(axis=1).sum()) // merge_unit,
+            "video": int(_as_grid(video_grid_thw).prod(axis=1).sum()) // merge_unit}
+    for name in ("image", "video"):
+        if counts[name] != need[name]:
+            raise InputError(f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
+                             f"{need[name]} features (t*h*w/{merge_unit} per item)")
+
+    # Processing order: Qwen2.5-VL permutes merged tokens into window order.
+    if cfg.is_qwen2_5:
+        order, window_lengths = window_order(grids, v.spatial_merge_size, v.window_merged)
+    else:
+        order, window_lengths = np.arange(merged), None
+    patch_order = (order[:, None] * merge_unit + np.arange(merge_unit)).reshape(-1)
+    rows = bucket(len(patch_order), minimum=64)
+    patches = np.zeros((rows, v.patch_dim), pixels.dtype)
+    patches[: len(patch_order)] = pixels[patch_order]
+    rotary = np.zeros((rows, 2), np.int32)
+    rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
+
+    frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
+    frames = make_groups(frame_lengths, bucket(frame_lengths.max()), bucket(len(frame_lengths), 4), rows)
+    windows = None
+    if window_lengths is not None:
+        window_lengths = window_lengths * merge_unit
+        side = v.window_merged * v.spatial_merge_size
+        windows = make_groups(window_lengths, side * side, bucket(len(window_lengths), 4), rows)
+
+    # Feature k (original order) sits at processed row position[k]; pads take features in order.
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    token_mask = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+    token_index = np.zeros(input_ids.shape, np.int32)
+    token_index[input_ids == cfg.image_token_id] = position[: need["image"]]
+    token_index[input_ids == cfg.video_token_id] = position[need["image"]:]
+    return VisionInputs(patches=patches, rotary_positions=rotary, frames=frames, windows=windows,
+                        token_index=token_index, token_mask=token_mask)
+
+
+def prepare_inputs(
+    cfg: QwenVLConfig,
+    input_ids: np.ndarray,
+    attention_mask: Optional[np.ndarray] = None,
+    pixel_values: Optional[np.ndarray] = None,
+    image_grid_thw: Optional[np.ndarray] = None,
+    pixel_values_videos: Optional[np.ndarray] = None,
+    video_grid_thw: Optional[np.ndarray] = None,
+    second_per_grid_ts: Optional[np.ndarray] = None,
+    position_ids: Optional[np.ndarray] = None,
+    length: Optional[int] = None,
+) -> ModelInputs:
+    """Everything the jitted forward needs, as NumPy arrays of bucketed static shape.
+
+    The text is right-padded (attention_mask 0) to `length`, or to bucket(L) when not given;
+    padding never changes the outputs at real positions.
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    batch, seq = input_ids.shape
+    mask = np.ones((batch, seq), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    mask = mask.reshape(batch, seq)
+    if position_ids is None:
+        position_ids, _ = get_rope_index(input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw,
+                                         second_per_grid_ts, mask)
+    position_ids = np.asarray(position_ids).reshape(3, batch, seq)
+    ids = np.where(mask == 1, input_ids, -1)  # padding never counts as a vision pad
+    vision = prepare_vision(cfg, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+    target = bucket(seq) if length is None else length
+    if target < seq:
+        raise InputError(f"sequence of length {seq} does not fit the requested length {target}")
+    pad = target - seq
+    if vision is not None:
+        vision = vision.replace(token_index=np.pad(vision.token_index, ((0, 0), (0, pad))),
+                                token_mask=np.pad(vision.token_mask, ((0, 0), (0, pad))))
+    return ModelInputs(
+        input_ids=np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32),
+        attention_mask=np.pad(mask, ((0, 0), (0, pad))),
+        position_ids=np.pad(position_ids, ((0, 0), (0, 0), (0, pad))).astype(np.int32),
+        vision=vision,
+    )

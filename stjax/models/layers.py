@@ -1,0 +1,118 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every parameter is an `nnx.Param` carrying `axes`: one logical axis name per dimension, which
+`stjax.sharding` maps onto mesh axes. Parameters live in `param_dtype`; each layer casts them to
+`compute_dtype` where it uses them, so fp32 master weights with bf16 compute is one config change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is (in, out), the transpose of torch's Linear.weight."""
+
+    def __init__(self, din: int, dout: int, axes: tuple[str, str], *, bias: bool, std: float,
+                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(std)
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """w * normalize(x) with the statistics in float32 (as transformers' Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, axis: str, *, eps: float, param_dtype, compute_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.compute_dtype) * y.astype(self.compute_dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, axis: str, *, eps: float, param_dtype, compute_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=(axis,))
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.compute_dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, in float32; cos/sin broadcast over the heads axis (-2)."""
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[..., None, :] + rotate_half(x32) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` copies of a layer with every parameter stacked on a new leading axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, carry, step: Callable, xs=None, remat: str = "none"):
+    """Run `step(layer, carry, x) -> carry` over stacked layers with `lax.scan`.
+
+    One layer is traced and compiled whatever the depth; `remat` picks what the backward pass
+    recomputes instead of storing (see REMAT_POLICIES).
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        return step(nnx.merge(graphdef, layer_state), carry, x), None
+
+    if REMAT_POLICIES.get(remat, "missing") == "missing":
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    carry, _ = jax.lax.scan(body, carry, (state, xs))
+    return carry

@@ -1,0 +1,99 @@
+"""Qwen2-VL / Qwen2.5-VL for conditional generation: vision tower + decoder + LM head.
+
+Two entry points:
+- `model(input_ids, attention_mask=..., pixel_values_videos=..., video_grid_thw=..., ...)`, the
+  transformers call convention, for interactive use: it prepares the inputs on the host, runs a
+  compiled forward (cached per shape bucket; the weights are arguments) and returns the logits.
+- `model.forward(inputs)`, traceable, for use inside the training step and the sampler, which
+  receive `ModelInputs` already prepared by the data pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stjax.models.attention import causal_mask
+from stjax.models.config import QwenVLConfig
+from stjax.models.inputs import ModelInputs, prepare_inputs
+from stjax.models.layers import Linear
+from stjax.models.text import TextModel
+from stjax.models.vision import VisionTower
+
+
+class QwenVLForConditionalGeneration(nnx.Module):
+    def __init__(self, config: QwenVLConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.visual = VisionTower(config, rngs)
+        self.model = TextModel(config, rngs)
+        t = config.text
+        self.lm_head = None if t.tie_word_embeddings else Linear(
+            t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
+            param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-norm hidden states (B, L, hidden) of the decoder."""
+        x = self.model.embed(inputs.input_ids)
+        vis = inputs.vision
+        if vis is not None:
+            features = self.visual(vis).astype(x.dtype)
+            x = jnp.where(vis.token_mask[..., None], features[vis.token_index], x)
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        mask = causal_mask(inputs.attention_mask, inputs.attention_mask, positions, positions)
+        return self.model(x, inputs.position_ids, mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            table = self.model.embed_tokens[...].astype(hidden.dtype)
+            return jnp.einsum("bld,vd->blv", hidden, table).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def forward(self, inputs: ModelInputs) -> jax.Array:
+        """Logits (B, L, vocab) in float32."""
+        return self.logits(self.hidden_states(inputs))
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        position_ids=None,
+    ) -> jax.Array:
+        """transformers-style forward on host arrays; returns float32 logits (B, L, vocab)."""
+        to_np = lambda x: None if x is None else np.asarray(x)
+        input_ids = np.asarray(input_ids)
+        length = input_ids.shape[-1]
+        inputs = prepare_inputs(
+            self.config, input_ids, to_np(attention_mask), to_np(pixel_values), to_np(image_grid_thw),
+            to_np(pixel_values_videos), to_np(video_grid_thw), to_np(second_per_grid_ts), to_np(position_ids))
+        dtype = jnp.dtype(self.config.compute_dtype)
+        inputs = jax.tree.map(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, inputs)
+        graphdef, state = nnx.split(self)
+        return _compiled_forward(graphdef, state, inputs)[:, :length]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _compiled_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs) -> jax.Array:
+    """One compiled program per (graph, shape bucket); the weights are traced arguments."""
+    return nnx.merge(graphdef, state).forward(inputs)
+
+
+def init_model(config: QwenVLConfig, seed: int = 0) -> QwenVLForConditionalGeneration:
+    """A randomly initialised model (tests, demos, training from scratch)."""
+    return QwenVLForConditionalGeneration(config, nnx.Rngs(seed))
+
+
+def abstract_model(config: QwenVLConfig) -> QwenVLForConditionalGeneration:
+    """The model with shapes and dtypes only (no memory), to be filled from a checkpoint."""
+    return nnx.eval_shape(lambda: QwenVLForConditionalGeneration(config, nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

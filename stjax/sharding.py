@@ -1,0 +1,120 @@
+"""Logical-axis sharding: one rules table from parameter axis names to mesh axes.
+
+Every parameter names its dimensions (`embed`, `mlp`, `heads`, `vocab`, ...). The mesh has three
+axes: `data` (pure data parallel, parameters replicated), `fsdp` (data parallel with parameters
+and optimizer state split) and `tensor` (matrices split across heads / MLP columns / vocab).
+Changing the parallelism of a run is changing the mesh shape, never the model code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_patch", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merge", "fsdp"),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices."""
+
+
+def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve a {axis: size} request; one size may be -1, meaning "the remaining devices"."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise MeshError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1, got {free}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % known:
+            raise MeshError(f"mesh {shape} does not divide {num_devices} devices")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; by default every device on `fsdp`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(shape or {"fsdp": -1}, len(devices))
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                   rules: Optional[Sequence[tuple[str, object]]] = None) -> PartitionSpec:
+    """Mesh partitioning of one array from its logical axes.
+
+    A dimension stays replicated when its rule names no mesh axis, when the mesh axes are of size
+    one, when the dimension does not divide evenly, or when an earlier dimension took that axis.
+    """
+    table = dict(DEFAULT_RULES if rules is None else rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+        size = math.prod(mesh.shape[n] for n in names)
+        if not names or dim % size:
+            spec.append(None)
+            continue
+        used.update(names)
+        spec.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[Optional[str]], shape: Sequence[int], rules=None) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
+
+
+def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
+    axes = tuple(var.get_metadata().get("axes", ()))
+    axes = ("layers",) * (len(var.shape) - len(axes)) + axes  # stacked layers lead
+    return named_sharding(mesh, axes, var.shape, rules)
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
+    """The model's state with a NamedSharding in place of every variable's value."""
+    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), nnx.state(model),
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
+    """Place every parameter of `model` on the mesh by its logical axes."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda v: v.replace(value=jax.device_put(v[...], _variable_sharding(v, mesh, rules))),
+                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=None) -> NamedSharding:
+    """Shard an input array's batch dimension over (data, fsdp); replicate the rest."""
+    axes = [None] * len(shape)
+    axes[batch_axis] = "batch"
+    return named_sharding(mesh, axes, shape, rules)
