@@ -2,11 +2,13 @@
 
 - `xla`: explicit einsums with a float32 softmax; runs everywhere.
 - `dot_product`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere).
-- `pallas_tpu`: the Pallas TPU flash-attention kernel (TPU only; runs in interpret mode on CPU).
+- `pallas_tpu`: the Pallas TPU flash-attention kernel (on TPU; in interpret mode elsewhere, which
+  is slow and meant for tests).
 
-Two masks cover every use in the model: causal-with-padding for text (a (B, 1, L, S) boolean mask)
-and "first `length` keys of each group" for vision frames and windows, which are gathered into
-fixed-size groups beforehand, so no attention matrix ever spans more than one group.
+The mask is given as segment ids, which every kernel understands: a query attends to keys of the
+same segment (and, when causal, not to later ones). Text uses segment 1 for real tokens and 0 for
+padding; vision groups use 1 for real slots and 0 for padding. Padding queries thus attend to
+padding keys, never to nothing (an empty softmax row gives NaN in some kernels).
 """
 
 from __future__ import annotations
@@ -15,67 +17,64 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("xla", "dot_product", "pallas_tpu")
+_PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
+
+
+def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> jax.Array:
+    """(B, 1, L, S) boolean mask; causal aligns query i with key i (prefill / full forward)."""
+    mask = segment_q[:, :, None] == segment_k[:, None, :]
+    if causal:
+        mask &= jnp.tril(jnp.ones((segment_q.shape[1], segment_k.shape[1]), bool))
+    return mask[:, None]
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q (B, L, H, D), k/v (B, S, K, D) with H a multiple of K, mask broadcastable to (B, 1, L, S)."""
+    """q (B, L, H, D), k/v (B, S, K, D) with H a multiple of K; mask broadcastable to (B, 1, L, S)."""
     b, l, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, l, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, d)
+    return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, d)
 
 
-def _pallas_tpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
+    import dataclasses
+
+    from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, l, h, d = q.shape
     rep = h // k.shape[2]
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    # The kernel takes (B, H, L, D) and an additive bias; a block size must divide the lengths.
-    bias = jnp.where(jnp.broadcast_to(mask, (b, 1, l, k.shape[1])), 0.0, -1e30).astype(jnp.float32)
-    bias = jnp.broadcast_to(bias, (b, h, l, k.shape[1]))
-    block = {"block_q": min(128, l), "block_k_major": min(128, k.shape[1]), "block_k": min(128, k.shape[1]),
-             "block_b": 1}
-    sizes = fa.BlockSizes(**{name: block.get(name, block["block_q"] if "q" in name else block["block_k"])
-                             for name in fa.BlockSizes.__dataclass_fields__})
-    out = fa.flash_attention(
-        *(x.transpose(0, 2, 1, 3) for x in (q, k, v)), ab=bias, sm_scale=d**-0.5, block_sizes=sizes,
-        debug=False,
-    )
-    return out.transpose(0, 2, 1, 3)
+    pad = -l % _PALLAS_BLOCK
+    # Sequence padding gets its own segment (-1), so it never mixes with real tokens.
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q, k, v))
+    segments = fa.SegmentIds(q=jnp.pad(segment_q, ((0, 0), (0, pad)), constant_values=-1),
+                             kv=jnp.pad(segment_k, ((0, 0), (0, pad)), constant_values=-1))
+    blocks = fa.BlockSizes(**{f: _PALLAS_BLOCK for f in fa.BlockSizes.__dataclass_fields__})
+    blocks = dataclasses.replace(blocks, block_b=1)
+
+    def run():
+        return fa.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d**-0.5,
+                                  block_sizes=blocks)
+
+    if jax.default_backend() == "tpu":
+        out = run()
+    else:
+        with pltpu.force_tpu_interpret_mode():
+            out = run()
+    return out.transpose(0, 2, 1, 3)[:, :l]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, backend: str) -> jax.Array:
-    """Masked multi-head attention with grouped KV heads; mask True means "may attend"."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
+           causal: bool, backend: str) -> jax.Array:
+    """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S)."""
     if backend == "xla":
-        return _xla(q, k, v, mask)
+        return _xla(q, k, v, segment_mask(segment_q, segment_k, causal))
     if backend == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_q, segment_k, causal))
     if backend == "pallas_tpu":
-        return _pallas_tpu(q, k, v, mask)
+        return _pallas_tpu(q, k, v, segment_q, segment_k, causal)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
-
-
-def causal_mask(segment_q: jax.Array, segment_k: jax.Array, pos_q: jax.Array, pos_k: jax.Array) -> jax.Array:
-    """(B, 1, L, S) mask: a query sees earlier-or-same keys of its own segment.
-
-    Segments are 1 for real tokens and 0 for padding, so a padding query attends only to padding
-    (never to nothing, which would give NaN in some kernels) and a real one only to real tokens.
-    """
-    same = segment_q[:, :, None] == segment_k[:, None, :]
-    before = pos_q[:, :, None] >= pos_k[:, None, :]
-    return (same & before)[:, None]
-
-
-def group_mask(lengths: jax.Array, size: int) -> jax.Array:
-    """(G, 1, T, T) mask for groups whose first `length` slots are real.
-
-    Padding slots attend to each other (keeping them finite); real slots only to real ones.
-    """
-    real = jnp.arange(size)[None, :] < lengths[:, None]
-    return (real[:, :, None] == real[:, None, :])[:, None]

@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 def param_shapes(cfg: QwenVLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of every parameter (stacked layers first), without allocating anything."""
-    state = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
     return {path: tuple(x.shape) for path, x in traverse_util.flatten_dict(state).items()}
 
 
@@ -141,12 +141,11 @@ def read_stjax_params(directory: str | Path) -> Params:
     import orbax.checkpoint as ocp
 
     path = Path(directory).absolute() / PARAMS_DIR
+    if not path.is_dir():
+        raise CheckpointError(f"{directory} is not a stjax model directory (no {PARAMS_DIR}/)")
     with ocp.PyTreeCheckpointer() as ckpt:
-        meta = ckpt.metadata(path)
-        tree = meta.tree if hasattr(meta, "tree") else meta
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = ckpt.restore(path, restore_args=restore_args)
-    return traverse_util.flatten_dict(restored)
+        restored = ckpt.restore(path)  # saved from NumPy arrays, so restored as NumPy arrays
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(restored).items()}
 
 
 def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
@@ -173,7 +172,7 @@ def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.shar
         if tuple(params[path].shape) != shape:
             raise CheckpointError(f"parameter {'/'.join(path)}: expected shape {shape}, got {params[path].shape}")
     shardings = {} if mesh is None else traverse_util.flatten_dict(
-        model_shardings(model, mesh, rules).to_pure_dict())
+        nnx.to_pure_dict(model_shardings(model, mesh, rules)))
     placed = {path: jax.device_put(np.asarray(params[path], cfg.param_dtype), shardings.get(path))
               for path in shapes}
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed))

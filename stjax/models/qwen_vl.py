@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stjax.models.attention import causal_mask
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, prepare_inputs
 from stjax.models.layers import Linear
@@ -41,9 +40,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
         if vis is not None:
             features = self.visual(vis).astype(x.dtype)
             x = jnp.where(vis.token_mask[..., None], features[vis.token_index], x)
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        mask = causal_mask(inputs.attention_mask, inputs.attention_mask, positions, positions)
-        return self.model(x, inputs.position_ids, mask)
+        return self.model(x, inputs.position_ids, inputs.attention_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:

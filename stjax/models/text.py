@@ -46,14 +46,14 @@ class DecoderLayer(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.backend = cfg.attention
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
         b, l, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).reshape(b, l, self.heads, self.head_dim)
         k = self.k_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
         v = self.v_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        x = x + self.o_proj(attend(q, k, v, mask, self.backend).reshape(b, l, -1))
+        x = x + self.o_proj(attend(q, k, v, segments, segments, True, self.backend).reshape(b, l, -1))
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
 
@@ -76,7 +76,8 @@ class TextModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids].astype(self.compute_dtype)
 
-    def __call__(self, x: jax.Array, position_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
-        x = scan_layers(self.layers, x, lambda layer, x, _: layer(x, cos, sin, mask), remat=self.remat)
+        step = lambda layer, x, _: layer(x, cos, sin, attention_mask)
+        x = scan_layers(self.layers, x, step, remat=self.remat)
         return self.norm(x)

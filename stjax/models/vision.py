@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stjax.models.attention import attend, group_mask
+from stjax.models.attention import attend
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import VisionGroups, VisionInputs
 from stjax.models.layers import ACTIVATIONS, LayerNorm, Linear, RMSNorm, apply_rotary, scan_layers, stack_layers
@@ -24,7 +24,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: VisionGr
     n, heads, hd = q.shape
     count, size = groups.index.shape
     gq, gk, gv = (x[groups.index] for x in (q, k, v))  # (G, T, heads, hd)
-    out = attend(gq, gk, gv, group_mask(groups.lengths, size), backend)
+    real = (jnp.arange(size)[None, :] < groups.lengths[:, None]).astype(jnp.int32)
+    out = attend(gq, gk, gv, real, real, causal=False, backend=backend)
     flat = out.reshape(count * size, heads * hd)
     # Rows that belong to no group (bucket padding) read an appended zero row.
     flat = jnp.concatenate([flat, jnp.zeros((1, heads * hd), flat.dtype)])

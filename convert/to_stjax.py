@@ -1,0 +1,35 @@
+"""Convert a Hugging Face Qwen2-VL / Qwen2.5-VL directory into a stjax model directory.
+
+    python convert/to_stjax.py HF_DIR OUT_DIR [--dtype bfloat16]
+
+Reads the safetensors (one file or shards with model.safetensors.index.json; on-disk or in-memory
+tensor names) one tensor at a time into stacked arrays, writes them as an orbax checkpoint with
+config.json, and copies the tokenizer and processor files along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stjax.convert import hf_to_stjax  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("out_dir", help="where to write the stjax model directory")
+    parser.add_argument("--dtype", default=None,
+                        help="cast parameters to this dtype (float32, bfloat16, ...); default: keep the checkpoint's")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    hf_to_stjax(args.hf_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""HF <-> stjax model directories (the library behind convert/to_stjax.py and convert/to_hf.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from stjax.models.config import QwenVLConfig
+from stjax.models.loading import copy_side_files, read_hf_params, read_stjax_params, save_hf, save_stjax
+from stjax.models.safetensors_io import SafetensorsReader
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; use e.g. 5GB or 500MB")
+    value, unit, suffix = match.groups()
+    base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    return int(float(value) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def _bar(total: int, what: str) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
+
+
+def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None) -> QwenVLConfig:
+    cfg = QwenVLConfig.from_file(hf_dir)
+    total = sum(t.nbytes for t in SafetensorsReader(hf_dir).tensors.values())
+    with _bar(total, "read") as bar:
+        params = read_hf_params(cfg, hf_dir, dtype, progress=bar.update)
+    save_stjax(out_dir, cfg, params)
+    copy_side_files(hf_dir, out_dir)
+    return cfg
+
+
+def stjax_to_hf(stjax_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None,
+                max_shard_bytes: int = 5 << 30) -> QwenVLConfig:
+    cfg = QwenVLConfig.from_file(stjax_dir)
+    params = read_stjax_params(stjax_dir)
+    total = sum(int(np.prod(a.shape)) * np.dtype(dtype or a.dtype).itemsize for a in params.values())
+    with _bar(total, "write") as bar:
+        save_hf(out_dir, cfg, params, dtype, max_shard_bytes, progress=bar.update)
+    copy_side_files(stjax_dir, out_dir)
+    return cfg

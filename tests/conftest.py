@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices (for the mesh tests), no network, tiny models made here."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """Saved tiny transformers checkpoints, made once: {(model_type, dtype_name): (dir, torch model)}."""
+    import torch
+
+    from reference import hf_model, tiny_config
+
+    cache = {}
+
+    def get(model_type: str, dtype: str = "float32"):
+        key = (model_type, dtype)
+        if key not in cache:
+            model = hf_model(tiny_config(model_type), dtype=getattr(torch, dtype))
+            path = tmp_path_factory.mktemp(f"hf-{model_type}-{dtype}")
+            model.save_pretrained(path)
+            cache[key] = (path, model)
+        return cache[key]
+
+    return get
