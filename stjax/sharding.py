@@ -71,7 +71,8 @@ def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Me
     """Mesh partitioning of one array from its logical axes.
 
     A dimension stays replicated when its rule names no mesh axis, when the mesh axes are of size
-    one, when the dimension does not divide evenly, or when an earlier dimension took that axis.
+    one or an earlier dimension took them; of several mesh axes, the longest prefix whose size
+    divides the dimension is used.
     """
     table = dict(DEFAULT_RULES if rules is None else rules)
     used: set[str] = set()
@@ -80,8 +81,9 @@ def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Me
         target = table.get(name) if name is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
-        size = math.prod(mesh.shape[n] for n in names)
-        if not names or dim % size:
+        while names and dim % math.prod(mesh.shape[n] for n in names):
+            names = names[:-1]  # keep the longest prefix of mesh axes that divides the dimension
+        if not names:
             spec.append(None)
             continue
         used.update(names)
@@ -118,3 +120,15 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=
     axes = [None] * len(shape)
     axes[batch_axis] = "batch"
     return named_sharding(mesh, axes, shape, rules)
+
+
+def shard_inputs(inputs, mesh: Mesh, rules=None):
+    """Place a `ModelInputs` on the mesh: batch dimensions over (data, fsdp), vision data replicated."""
+    batch = lambda x, axis=0: jax.device_put(x, batch_sharding(mesh, x.shape, axis, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    vision = inputs.vision
+    if vision is not None:
+        vision = jax.device_put(vision, replicated).replace(token_index=batch(vision.token_index),
+                                                             token_mask=batch(vision.token_mask))
+    return inputs.replace(input_ids=batch(inputs.input_ids), attention_mask=batch(inputs.attention_mask),
+                          position_ids=batch(inputs.position_ids, 1), vision=vision)

@@ -70,15 +70,23 @@ class QwenVLForConditionalGeneration(nnx.Module):
         inputs = prepare_inputs(
             self.config, input_ids, to_np(attention_mask), to_np(pixel_values), to_np(image_grid_thw),
             to_np(pixel_values_videos), to_np(video_grid_thw), to_np(second_per_grid_ts), to_np(position_ids))
-        dtype = jnp.dtype(self.config.compute_dtype)
-        inputs = jax.tree.map(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, inputs)
-        graphdef, state = nnx.split(self)
-        return _compiled_forward(graphdef, state, inputs)[:, :length]
+        return compiled_forward(self, inputs)[:, :length]
+
+
+def compiled_forward(model: QwenVLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
+    """`model.forward` through one compiled program per (architecture, shape bucket).
+
+    The weights are traced arguments, so new weights never recompile; sharded weights and inputs
+    (see `stjax.sharding`) give a sharded computation.
+    """
+    dtype = jnp.dtype(model.config.compute_dtype)
+    inputs = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, inputs)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _compiled_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs) -> jax.Array:
-    """One compiled program per (graph, shape bucket); the weights are traced arguments."""
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs) -> jax.Array:
     return nnx.merge(graphdef, state).forward(inputs)
 
 

@@ -1,0 +1,187 @@
+"""Turn a sample (video + question) into the arrays a Qwen2-VL / Qwen2.5-VL model takes.
+
+Mirrors the Hugging Face processor: pixels normalised and cut into (C, 2, 14, 14) patch vectors in
+merge-block order, the prompt rendered with the tokenizer's own chat template, each vision pad token
+expanded to one token per merged patch, M-RoPE positions from `stjax.models.rope.get_rope_index`.
+Outputs use the Hugging Face names so reference comparisons need no renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from stjax.data.formats import MCQ_INSTRUCTION, Sample, release_problem
+from stjax.data.video import MediaConfig, SampleError, VideoClip, read_video
+from stjax.models.rope import RopeSpec, get_rope_index
+
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+Template = Literal["seed_mcq", "grpo", "sft"]
+LossRule = Literal["assistant", "release"]
+
+THINK_INSTRUCTION = (
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>."
+)
+
+
+def user_text(sample: Sample, template: Template) -> str:
+    """The user turn's text for each recipe.
+
+    seed_mcq: the seed README's inference prompt (no space before "Options:" or "Output").
+    grpo: the GRPO script's prompt, built on the release's `problem` text.
+    sft: the cold-start prompt, the `problem` text alone (the target carries the reasoning).
+    """
+    if template == "seed_mcq":
+        return sample.question + "Options:" + "\n".join(sample.options) + MCQ_INSTRUCTION + THINK_INSTRUCTION
+    problem = sample.problem or release_problem(sample.question, sample.options)
+    if template == "grpo":
+        return problem + " Please answer in English. " + THINK_INSTRUCTION + " "
+    if template == "sft":
+        return problem
+    raise ValueError(f"unknown template {template!r}")
+
+
+def normalize(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 with CLIP mean/std, as the HF image processor."""
+    x = frames.astype(np.float32) * np.float32(1 / 255)
+    return ((x - IMAGE_MEAN) / IMAGE_STD).transpose(0, 3, 1, 2)
+
+
+def patchify(x: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(T, C, H, W) -> ((num_patches, C*tp*P*P), grid_thw (3,)) in the HF processor's patch order.
+
+    Order: temporal slice, merged row, merged column, then the merge x merge patches inside the block
+    row-major; each vector is laid out (C, tp, P, P). T is padded to a multiple of tp by repeating the
+    last frame (an image, T=1, becomes two copies of itself).
+    """
+    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    if len(x) % tp:
+        x = np.concatenate([x, np.repeat(x[-1:], tp - len(x) % tp, axis=0)])
+    t, c, h, w = x.shape
+    gt, gh, gw = t // tp, h // p, w // p
+    x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    # -> (gt, gh/m, gw/m, m, m, c, tp, p, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * tp * p * p), np.array([gt, gh, gw], np.int64)
+
+
+@dataclass
+class Processor:
+    """Tokenizer + media settings + the M-RoPE spec; one call per sample gives unpadded arrays.
+
+    `loss_rule` chooses which tokens are SFT targets: "assistant" marks only the assistant reply
+    (its text and closing <|im_end|>\\n); "release" marks every token except padding and the
+    image/video pad tokens, as the public SFT script did.
+    """
+
+    tokenizer: object  # a transformers tokenizer with the Qwen special tokens and a chat template
+    media: MediaConfig = MediaConfig()
+    tokens_per_second: float | None = None  # None: Qwen2-VL time positions; 2: Qwen2.5-VL
+    loss_rule: LossRule = "assistant"
+
+    @classmethod
+    def from_pretrained(cls, tokenizer_dir: str | Path, **kwargs) -> Processor:
+        """Load the tokenizer from local files only (never downloads)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True), **kwargs)
+
+    def _id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    @property
+    def rope_spec(self) -> RopeSpec:
+        return RopeSpec(
+            image_token_id=self._id("<|image_pad|>"),
+            video_token_id=self._id("<|video_pad|>"),
+            vision_start_token_id=self._id("<|vision_start|>"),
+            spatial_merge_size=self.media.merge_size,
+            tokens_per_second=self.tokens_per_second,
+        )
+
+    def encode(
+        self,
+        text: str,
+        videos: list[VideoClip] = (),
+        images: list[np.ndarray] = (),
+        target: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Arrays for one user turn (videos first, then images, then text) and an optional reply.
+
+        Without a target the sequence ends with the assistant header, ready for generation.
+        """
+        content = [{"type": "video"} for _ in videos] + [{"type": "image"} for _ in images]
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assistant = [0] * len(ids)
+        if target is not None:
+            # Tokenised apart from the prompt so the prompt's tokens never depend on the reply.
+            reply = self.tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+            ids, assistant = ids + reply, assistant + [1] * len(reply)
+
+        video_patches = [patchify(normalize(v.frames), self.media) for v in videos]
+        image_patches = [patchify(normalize(im[None]), self.media) for im in images]
+        merge_area = self.media.merge_size**2
+        ids, assistant = self._expand(ids, assistant, "<|video_pad|>", [g for _, g in video_patches], merge_area)
+        ids, assistant = self._expand(ids, assistant, "<|image_pad|>", [g for _, g in image_patches], merge_area)
+
+        input_ids = np.asarray(ids, np.int64)
+        video_grid = np.array([g for _, g in video_patches], np.int64).reshape(-1, 3)
+        image_grid = np.array([g for _, g in image_patches], np.int64).reshape(-1, 3)
+        seconds = np.array([v.second_per_grid_t for v in videos], np.float32)
+        position_ids, _ = get_rope_index(input_ids[None], self.rope_spec, image_grid, video_grid, seconds)
+        if self.loss_rule == "assistant":
+            loss_mask = np.asarray(assistant, np.int32)
+        else:
+            skip = [self._id("<|endoftext|>"), self._id("<|image_pad|>"), self._id("<|video_pad|>")]
+            loss_mask = (~np.isin(input_ids, skip)).astype(np.int32)
+        empty = np.zeros((0, 3 * self.media.temporal_patch_size * self.media.patch_size**2), np.float32)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": np.ones_like(input_ids, np.int32),
+            "position_ids": position_ids[:, 0],  # (3, L)
+            "pixel_values_videos": np.concatenate([p for p, _ in video_patches]) if videos else empty,
+            "video_grid_thw": video_grid,
+            "second_per_grid_ts": seconds,
+            "pixel_values": np.concatenate([p for p, _ in image_patches]) if images else empty,
+            "image_grid_thw": image_grid,
+            "loss_mask": loss_mask,
+        }
+
+    def _expand(
+        self, ids: list[int], mask: list[int], token: str, grids: list[np.ndarray], merge_area: int
+    ) -> tuple[list[int], list[int]]:
+        """Replace the k-th `token` by t*h*w/merge_area copies of itself, for the k-th grid."""
+        token_id = self._id(token)
+        places = [i for i, x in enumerate(ids) if x == token_id]
+        if len(places) != len(grids):
+            raise ValueError(f"prompt has {len(places)} {token} but {len(grids)} items were given")
+        out_ids: list[int] = []
+        out_mask: list[int] = []
+        start = 0
+        for place, grid in zip(places, grids):
+            count = int(np.prod(grid)) // merge_area
+            out_ids += ids[start:place] + [token_id] * count
+            out_mask += mask[start:place] + [0] * count
+            start = place + 1
+        return out_ids + ids[start:], out_mask + mask[start:]
+
+    def __call__(self, sample: Sample, template: Template = "sft") -> dict[str, np.ndarray]:
+        """Read the sample's video and encode it with the named prompt template.
+
+        For "sft" the target is the sample's solution (a SampleError when it has none).
+        """
+        target = None
+        if template == "sft":
+            if sample.solution is None:
+                raise SampleError("no solution to train on (sft template)", sample_id=sample.id, path=sample.video)
+            target = sample.solution
+        clip = read_video(sample.video, self.media, sample_id=sample.id)
+        return self.encode(user_text(sample, template), videos=[clip], target=target)

@@ -1,0 +1,93 @@
+"""Precision policy, attention backends and sharded execution against the single-device fp32 model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reference import make_batch
+from stjax import sharding
+from stjax.models.attention import BACKENDS, attend
+from stjax.models.inputs import prepare_inputs
+from stjax.models.loading import load_pretrained
+from stjax.models.qwen_vl import compiled_forward
+
+PROMPT = [[3, ("video", 2, 8, 12), 5]]
+BATCH_OF_FOUR = [[3, ("video", 2, 4, 4), 9], [5, ("image", 1, 4, 8), 2], [11], [2, ("video", 3, 4, 8), 1]]
+
+
+def rel(a, b, mask):
+    real = np.asarray(mask, bool)
+    return float(np.abs(a - b)[real].max() / np.abs(b[real]).max())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_bf16_forward_is_within_2e_2_of_fp32(hf_dirs, arch):
+    path = hf_dirs(arch)[0]
+    fp32, cfg = load_pretrained(path)
+    bf16, _ = load_pretrained(path, dtype="bfloat16")
+    batch = make_batch(cfg, PROMPT)
+    assert rel(np.asarray(bf16(**batch)), np.asarray(fp32(**batch)), batch["attention_mask"]) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
+def test_attention_kernels_agree_with_xla(backend):
+    """GQA (8 query heads on 2 KV heads), padding segments, causal and not."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray((np.arange(40)[None] >= np.array([[0], [13]])).astype(np.int32))
+    for causal in (True, False):
+        ref = attend(q, k, v, seg, seg, causal, "xla")
+        out = attend(q, k, v, seg, seg, causal, backend)
+        assert float(jnp.abs(out - ref).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_model_backends_agree(hf_dirs, arch, backend):
+    path = hf_dirs(arch)[0]
+    ref_model, cfg = load_pretrained(path)
+    model, _ = load_pretrained(path, attention=backend)
+    batch = make_batch(cfg, BATCH_OF_FOUR[:2])
+    assert np.abs(np.asarray(model(**batch)) - np.asarray(ref_model(**batch))).max() <= 1e-5
+
+
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_sharded_forward_matches_single_device(hf_dirs, arch, mesh_shape):
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    path = hf_dirs(arch)[0]
+    single, cfg = load_pretrained(path)
+    mesh = sharding.make_mesh(mesh_shape)
+    sharded, _ = load_pretrained(path, mesh=mesh)
+    batch = make_batch(cfg, BATCH_OF_FOUR * 2)
+    inputs = prepare_inputs(cfg, **{k: v for k, v in batch.items()})
+    ref = np.asarray(compiled_forward(single, inputs))
+    placed = sharding.shard_inputs(inputs, mesh)
+    out = compiled_forward(sharded, placed)
+    assert np.abs(np.asarray(out) - ref).max() <= 1e-5
+
+    # The large weights really are split.
+    t = cfg.text
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    layers = sharded.model.layers
+    assert layers.q_proj.kernel[...].addressable_shards[0].data.shape == (
+        t.num_layers, t.hidden_size // fsdp, t.num_heads * t.head_dim // tensor)
+    assert layers.down_proj.kernel[...].addressable_shards[0].data.shape == (
+        t.num_layers, t.intermediate_size // tensor, t.hidden_size // fsdp)
+    assert sharded.model.embed_tokens[...].addressable_shards[0].data.shape == (
+        t.vocab_size // tensor, t.hidden_size // fsdp)
+    assert sharded.visual.blocks.qkv.kernel[...].addressable_shards[0].data.shape[1:] == (
+        cfg.vision.hidden_size // fsdp, 3 * cfg.vision.hidden_size // tensor)
+    # and the batch of 8 is split over the data-parallel axes
+    assert placed.input_ids.addressable_shards[0].data.shape[0] == 8 // (mesh.shape["data"] * fsdp)
+
+
+def test_mesh_errors_are_clear():
+    with pytest.raises(sharding.MeshError, match="needs 6 devices"):
+        sharding.make_mesh({"fsdp": 3, "tensor": 2})
+    with pytest.raises(sharding.MeshError, match="does not divide 8 devices"):
+        sharding.make_mesh({"fsdp": -1, "tensor": 3})
+    with pytest.raises(sharding.MeshError, match="unknown mesh axes"):
+        sharding.make_mesh({"model": 8})

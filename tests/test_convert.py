@@ -1,0 +1,150 @@
+"""HF -> stjax -> HF conversion: bit-exact, loadable by transformers, with clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reference import hf_logits, hf_model, make_batch, tiny_config
+from stjax.convert import hf_to_stjax, parse_size, stjax_to_hf
+from stjax.models.config import ConfigError
+from stjax.models.loading import CheckpointError, load_pretrained
+from stjax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
+from stjax.models.weights import canonical_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_memory_name(name: str) -> str:
+    """transformers >= 4.52 in-memory layout."""
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    if name.startswith("visual."):
+        return "model." + name
+    return name
+
+
+def rewrite(src: Path, dst: Path, rename=lambda n: n, drop=(), change=None, max_shard_bytes=1 << 40) -> Path:
+    """Copy a HF directory, renaming, dropping or changing tensors (to make bad checkpoints)."""
+    reader = SafetensorsReader(src)
+    plan = []
+    for name, info in reader.tensors.items():
+        if name in drop:
+            continue
+        array = reader.read(name)
+        if change and name in change:
+            array = change[name](array)
+        plan.append(PlannedTensor(rename(name), array.shape, array.dtype, lambda a=array: a))
+    write_safetensors(dst, plan, max_shard_bytes)
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+def tensors(path: Path) -> dict:
+    reader = SafetensorsReader(path)
+    return {canonical_name(n): reader.read(n) for n in reader.tensors}
+
+
+@pytest.mark.parametrize("layout", ["on_disk", "in_memory"])
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_round_trip_is_bit_exact(hf_dirs, tmp_path, arch, dtype, sharded, layout):
+    src = hf_dirs(arch, dtype)[0]
+    rename = in_memory_name if layout == "in_memory" else (lambda n: n)
+    source = rewrite(src, tmp_path / "src", rename=rename, max_shard_bytes=150_000 if sharded else 1 << 40)
+    assert (source / "model.safetensors.index.json").exists() == sharded
+    hf_to_stjax(source, tmp_path / "stjax")
+    stjax_to_hf(tmp_path / "stjax", tmp_path / "back", max_shard_bytes=200_000)
+    before, after = tensors(source), tensors(tmp_path / "back")
+    # Names are compared in the hub's on-disk layout, which the exporter always writes.
+    assert sorted(before) == sorted(after)
+    for name, a in before.items():
+        b = after[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+        assert a.tobytes() == b.tobytes(), name
+    assert (tmp_path / "back" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_exported_directory_loads_in_transformers_with_the_same_logits(hf_dirs, tmp_path, arch):
+    src, ref_model = hf_dirs(arch)
+    hf_to_stjax(src, tmp_path / "stjax")
+    stjax_to_hf(tmp_path / "stjax", tmp_path / "back")
+    reloaded = type(ref_model).from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    batch = make_batch(tiny_config(arch), [[3, ("video", 2, 4, 8), 4]])
+    np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(ref_model, batch))
+    # and the stjax directory itself loads
+    model, cfg = load_pretrained(tmp_path / "stjax")
+    assert cfg.model_type == arch
+
+
+def test_command_line(hf_dirs, tmp_path):
+    src = hf_dirs("qwen2_vl")[0]
+    for script in ("to_stjax.py", "to_hf.py"):
+        out = subprocess.run([sys.executable, ROOT / "convert" / script, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--dtype" in out.stdout
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, check=True)
+    run(ROOT / "convert" / "to_stjax.py", src, tmp_path / "s", "--dtype", "bfloat16")
+    run(ROOT / "convert" / "to_hf.py", tmp_path / "s", tmp_path / "h")
+    converted = tensors(tmp_path / "h")
+    assert all(a.dtype == np.dtype("bfloat16") for a in converted.values())
+    original = tensors(src)["model.norm.weight"]
+    np.testing.assert_array_equal(converted["model.norm.weight"].astype(np.float32),
+                                  torch.tensor(original).bfloat16().float().numpy())
+
+
+def test_sizes_parse():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("123") == 123
+
+
+class TestErrors:
+    def test_missing_tensor(self, hf_dirs, tmp_path):
+        bad = rewrite(hf_dirs("qwen2_vl")[0], tmp_path / "bad", drop={"model.layers.1.mlp.up_proj.weight"})
+        with pytest.raises(CheckpointError, match=r"1 missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_unexpected_tensor(self, hf_dirs, tmp_path):
+        src = hf_dirs("qwen2_vl")[0]
+        rename = lambda n: "model.layers.7.extra.weight" if n == "model.norm.weight" else n
+        bad = rewrite(src, tmp_path / "bad", rename=rename)
+        with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.7\.extra\.weight"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_shape_disagreement(self, hf_dirs, tmp_path):
+        name = "model.layers.0.self_attn.k_proj.weight"
+        bad = rewrite(hf_dirs("qwen2_5_vl")[0], tmp_path / "bad", change={name: lambda a: a[:-1]})
+        with pytest.raises(CheckpointError, match=rf"{name}: expected shape \(32, 64\), got \(31, 64\)"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_dtype_disagreement(self, hf_dirs, tmp_path):
+        name = "visual.blocks.0.attn.qkv.bias"
+        bad = rewrite(hf_dirs("qwen2_5_vl")[0], tmp_path / "bad", change={name: lambda a: a.astype(np.float16)})
+        with pytest.raises(CheckpointError, match=rf"{name}: expected dtype float32, got float16"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_unknown_model_type(self, hf_dirs, tmp_path):
+        bad = rewrite(hf_dirs("qwen2_vl")[0], tmp_path / "bad")
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(dict(config, model_type="llava")))
+        with pytest.raises(ConfigError, match="unknown model_type 'llava'"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_truncated_file(self, hf_dirs, tmp_path):
+        bad = rewrite(hf_dirs("qwen2_vl")[0], tmp_path / "bad")
+        data = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated"):
+            hf_to_stjax(bad, tmp_path / "out")
+
+    def test_stjax_checkpoint_that_does_not_match_its_config(self, hf_dirs, tmp_path):
+        hf_to_stjax(hf_dirs("qwen2_vl")[0], tmp_path / "s")
+        config = json.loads((tmp_path / "s" / "config.json").read_text())
+        (tmp_path / "s" / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
+        with pytest.raises(CheckpointError, match=r"model/layers/gate_proj/kernel: expected shape \(2, 64, 96\), got \(2, 64, 128\)"):
+            stjax_to_hf(tmp_path / "s", tmp_path / "h")
