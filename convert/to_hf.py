@@ -10,11 +10,13 @@ on-disk tensor names, config.json, and the tokenizer and processor files; loads 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
 from stjax.convert import parse_size, stjax_to_hf  # noqa: E402
 

@@ -10,11 +10,13 @@ config.json, and copies the tokenizer and processor files along.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
 from stjax.convert import hf_to_stjax  # noqa: E402
 

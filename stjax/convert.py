@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.loading import copy_side_files, read_hf_params, read_stjax_params, save_hf, save_stjax
+from stjax.models.loading import copy_side_files, hf_params, save_hf, save_stjax, stjax_params
 from stjax.models.safetensors_io import SafetensorsReader
 
 
@@ -31,9 +31,8 @@ def _bar(total: int, what: str) -> tqdm:
 def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None) -> QwenVLConfig:
     cfg = QwenVLConfig.from_file(hf_dir)
     total = sum(t.nbytes for t in SafetensorsReader(hf_dir).tensors.values())
-    with _bar(total, "read") as bar:
-        params = read_hf_params(cfg, hf_dir, dtype, progress=bar.update)
-    save_stjax(out_dir, cfg, params)
+    with _bar(total, "convert") as bar:
+        save_stjax(out_dir, cfg, hf_params(cfg, hf_dir, dtype, bar.update))
     copy_side_files(hf_dir, out_dir)
     return cfg
 
@@ -41,7 +40,7 @@ def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
 def stjax_to_hf(stjax_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None,
                 max_shard_bytes: int = 5 << 30) -> QwenVLConfig:
     cfg = QwenVLConfig.from_file(stjax_dir)
-    params = read_stjax_params(stjax_dir)
+    params = stjax_params(stjax_dir)
     total = sum(int(np.prod(a.shape)) * np.dtype(dtype or a.dtype).itemsize for a in params.values())
     with _bar(total, "write") as bar:
         save_hf(out_dir, cfg, params, dtype, max_shard_bytes, progress=bar.update)

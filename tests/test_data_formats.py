@@ -150,7 +150,7 @@ def test_release_630_rows_load():
         assert sample.answer == row["original_answer"]
         assert sample.answer in [o[0] for o in sample.options]
         assert sample.problem == row["problem"] and sample.solution == row["solution"]
-    # Task from the question wording; the notes count 287/263/80 by another rule (one row differs).
+    # Task from the question wording; the notes report 287/263/80, the wording gives 286/264/80.
     assert Counter(s.task for s in result.samples) == {"direction": 286, "landmark": 264, "action": 80}
     assert Counter(s.direction for s in result.samples) == {"forward": 315, "reverse": 315}
     assert Counter(len(s.options) for s in result.samples) == {4: 511, 3: 102, 2: 16, 1: 1}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stjax.data.formats import Sample, read_st_r1_jsonl
-from stjax.data.processor import IMAGE_MEAN, IMAGE_STD, Processor, normalize, patchify, user_text
+from stjax.data.processor import IMAGE_MEAN, IMAGE_STD, Processor, normalize, patchify, user_text, vision_patches
 from stjax.data.tokenizer import build_tokenizer
 from stjax.data.video import MediaConfig, VideoClip
 
@@ -41,10 +41,14 @@ def clip(frames: int, h: int, w: int, seed: int = 0) -> VideoClip:
 
 def test_normalize_is_clip_mean_std_in_float32():
     frames = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
-    out = normalize(frames)
+    out, grid = vision_patches(frames, MediaConfig())
     ref = (frames.astype(np.float64) / 255 - IMAGE_MEAN.astype(np.float64)) / IMAGE_STD.astype(np.float64)
-    assert out.dtype == np.float32 and out.shape == (2, 3, 28, 28)
-    np.testing.assert_allclose(out, ref.transpose(0, 3, 1, 2), rtol=0, atol=1e-6)
+    want, _ = patchify(ref.transpose(0, 3, 1, 2), MediaConfig())
+    assert out.dtype == np.float32 and out.shape == (4, 1176) and grid.tolist() == [1, 2, 2]
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+    # channel c occupies columns [c*392, (c+1)*392) of every patch vector
+    np.testing.assert_allclose(normalize(np.full((1, 1176), 255, np.uint8)).reshape(3, 392)[:, 0],
+                               (1 - IMAGE_MEAN) / IMAGE_STD, rtol=1e-6)
 
 
 @pytest.mark.parametrize("t,h,w", [(8, 56, 84), (3, 28, 56), (1, 84, 28), (2, 112, 112)])

@@ -37,7 +37,11 @@ class LoaderConfig:
     seed: int = 0
     num_epochs: int = 1
     shuffle: bool = True
-    num_workers: int = 0  # 0 decodes in the calling process
+    num_workers: int = 0  # worker processes; 0 decodes in the calling process
+    # Threads per process (decord, PIL and NumPy release the GIL) and samples read ahead per process.
+    # grain's defaults (16, 500) would hold ~5 GB of 8-frame samples in memory.
+    num_threads: int = 2
+    prefetch: int = 8
     template: Template = "sft"
     token_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
     patch_buckets: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)  # video patches per sample
@@ -169,7 +173,8 @@ def make_loader(samples: list[Sample], processor: Processor, cfg: LoaderConfig =
         ds = ds.shuffle(seed=cfg.seed)  # grain reshuffles every epoch (seed + epoch)
     # Slice after repeat: every position of the global stream belongs to exactly one process.
     ds = ds.repeat(cfg.num_epochs)[shard_index::shard_count]
-    ds = ds.map(_Encode(processor, cfg)).to_iter_dataset()
+    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    ds = ds.map(_Encode(processor, cfg)).to_iter_dataset(read)
     if cfg.num_workers > 0:
         from absl import flags
 

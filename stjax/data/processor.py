@@ -47,10 +47,23 @@ def user_text(sample: Sample, template: Template) -> str:
     raise ValueError(f"unknown template {template!r}")
 
 
-def normalize(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 with CLIP mean/std, as the HF image processor."""
-    x = frames.astype(np.float32) * np.float32(1 / 255)
-    return ((x - IMAGE_MEAN) / IMAGE_STD).transpose(0, 3, 1, 2)
+def normalize(patches: np.ndarray) -> np.ndarray:
+    """uint8 patch vectors (N, 3*rest) -> float32 (x/255 - mean)/std per channel, as the HF processor.
+
+    Works on patch vectors (channel-major, see `patchify`) rather than frames: the same numbers, and the
+    in-place float32 ops over long rows are about 3x faster than broadcasting over a last axis of 3.
+    """
+    x = patches.reshape(len(patches), 3, -1).astype(np.float32)
+    x *= np.float32(1 / 255)
+    x -= IMAGE_MEAN[:, None]
+    x /= IMAGE_STD[:, None]
+    return x.reshape(patches.shape)
+
+
+def vision_patches(frames: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(T, H, W, 3) uint8 frames -> normalised float32 patch vectors and grid_thw."""
+    patches, grid = patchify(frames.transpose(0, 3, 1, 2), cfg)
+    return normalize(patches), grid
 
 
 def patchify(x: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +139,8 @@ class Processor:
             reply = self.tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
             ids, assistant = ids + reply, assistant + [1] * len(reply)
 
-        video_patches = [patchify(normalize(v.frames), self.media) for v in videos]
-        image_patches = [patchify(normalize(im[None]), self.media) for im in images]
+        video_patches = [vision_patches(v.frames, self.media) for v in videos]
+        image_patches = [vision_patches(im[None], self.media) for im in images]
         merge_area = self.media.merge_size**2
         ids, assistant = self._expand(ids, assistant, "<|video_pad|>", [g for _, g in video_patches], merge_area)
         ids, assistant = self._expand(ids, assistant, "<|image_pad|>", [g for _, g in image_patches], merge_area)

@@ -1,13 +1,15 @@
 """Checkpoints of the model: Hugging Face directories (safetensors) and stjax directories (orbax).
 
-A stjax model directory holds `config.json` (the HF layout, so tools recognise it), `params/` (an
-orbax checkpoint of the parameters with layers stacked) and any tokenizer/processor files.
+A stjax model directory holds `config.json` (the HF layout, so tools recognise it), `params/` (one
+orbax checkpoint per parameter, named by its path, layers stacked: writing and reading one parameter
+at a time bounds host memory during conversion) and any tokenizer/processor files.
 Parameters move as a flat dict {path tuple: array}; `stjax.models.weights` maps it to HF names.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,12 +54,49 @@ def is_stjax_dir(path: str | Path) -> bool:
     return (Path(path) / PARAMS_DIR).is_dir()
 
 
-def read_hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
-                   progress: Optional[Callable[[int], None]] = None) -> Params:
-    """Read a HF checkpoint into stacked stjax arrays, one tensor at a time.
+@dataclass(frozen=True)
+class HFParam:
+    """One stjax parameter backed by tensors of a HF checkpoint, read on demand by rows of its
+    first axis (layers for stacked parameters), so callers can place it shard by shard."""
+
+    rule: Rule
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    names: tuple[str, ...]  # file tensor names, one per layer (one for an unstacked parameter)
+    reader: SafetensorsReader
+    progress: Optional[Callable[[int], None]] = None
+
+    def read(self, rows: slice = slice(None)) -> np.ndarray:
+        if not self.rule.stacked:
+            return np.asarray(to_stjax(self.rule, self._tensor(self.names[0])), self.dtype)[rows]
+        layers = range(*rows.indices(self.shape[0]))
+        out = np.empty((len(layers),) + self.shape[1:], self.dtype)
+        for k, i in enumerate(layers):
+            info = self.reader.tensors[self.names[i]]
+            if self.rule.kind == "copy" and info.dtype == self.dtype:
+                self.reader.read_into(self.names[i], out[k])
+                self._count(info.nbytes)
+            else:
+                out[k] = to_stjax(self.rule, self._tensor(self.names[i]))
+        return out
+
+    def _tensor(self, name: str) -> np.ndarray:
+        array = self.reader.read(name)
+        self._count(array.nbytes)
+        return array
+
+    def _count(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress(nbytes)
+
+
+def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
+              progress: Optional[Callable[[int], None]] = None) -> dict[tuple[str, ...], HFParam]:
+    """Check a HF checkpoint against its config and return a lazy reader for every parameter.
 
     Tensor names may be on-disk (`model.layers.*`) or in-memory (`model.language_model.*`).
-    Every tensor must be present, expected, of the expected shape and of one dtype.
+    Every tensor must be present, expected, of the expected shape and of one dtype; all of this
+    is checked from the headers before any data is read.
     """
     reader = SafetensorsReader(directory)
     names = {canonical_name(n): n for n in reader.tensors}
@@ -71,51 +110,70 @@ def read_hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
                               "; ".join(p for p in parts if p))
     source = reader.tensors[names["model.embed_tokens.weight"]].dtype
     shapes = param_shapes(cfg)
-    params: Params = {}
+    out = {}
     for rule in rules(cfg):
-        layers = num_layers(cfg, rule) if rule.stacked else None
         full = shapes[rule.path]
-        out = np.empty(full, np.dtype(dtype) if dtype is not None else source)
-        for i in range(layers) if layers else [None]:
-            hf_name = rule.hf.format(i=i)
-            info = reader.tensors[names[hf_name]]
-            want = hf_shape(rule, full[1:] if layers else full, cfg)
+        layers = range(num_layers(cfg, rule)) if rule.stacked else [0]
+        want = hf_shape(rule, full[1:] if rule.stacked else full, cfg)
+        for i in layers:
+            name = rule.hf.format(i=i)
+            info = reader.tensors[names[name]]
             if info.shape != want:
-                raise CheckpointError(f"tensor {hf_name}: expected shape {want}, got {info.shape}")
+                raise CheckpointError(f"tensor {name}: expected shape {want}, got {info.shape}")
             if info.dtype != source:
-                raise CheckpointError(f"tensor {hf_name}: expected dtype {source}, got {info.dtype}")
-            target = out[i] if layers else out
-            if rule.kind == "copy" and out.dtype == source:
-                reader.read_into(names[hf_name], target)
-            else:
-                target[...] = to_stjax(rule, reader.read(names[hf_name]))
-            if progress is not None:
-                progress(info.nbytes)
-        params[rule.path] = out
-    return params
+                raise CheckpointError(f"tensor {name}: expected dtype {source}, got {info.dtype}")
+        out[rule.path] = HFParam(rule, full, np.dtype(dtype) if dtype is not None else source,
+                                 tuple(names[rule.hf.format(i=i)] for i in layers), reader, progress)
+    return out
 
 
-def plan_hf_tensors(cfg: QwenVLConfig, params: Params, dtype=None) -> list[PlannedTensor]:
-    """What `write_safetensors` needs to export `params`, each tensor made only when written."""
+def read_hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
+                   progress: Optional[Callable[[int], None]] = None) -> Params:
+    """A HF checkpoint as stacked stjax host arrays."""
+    return {path: p.read() for path, p in hf_params(cfg, directory, dtype, progress).items()}
+
+
+class _OneAtATime:
+    """Reads a parameter source when first asked and keeps only the last one read, so exporting
+    holds one parameter (plus the tensor being written) at a time."""
+
+    def __init__(self, sources: dict):
+        self.sources, self.path, self.array = sources, None, None
+
+    def __call__(self, path: tuple[str, ...]) -> np.ndarray:
+        if path != self.path:
+            self.path, self.array = None, None  # free the previous parameter first
+            source = self.sources[path]
+            self.path, self.array = path, source.read() if hasattr(source, "read") else np.asarray(source)
+        return self.array
+
+
+def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[PlannedTensor]:
+    """What `write_safetensors` needs to export `params`, each tensor made only when written.
+
+    `params` maps paths to arrays or to lazy sources (with .shape, .dtype and .read()).
+    """
     shapes = param_shapes(cfg)
+    load = _OneAtATime(params)
     plan = []
     for rule in rules(cfg):
         if rule.path not in params:
             raise CheckpointError(f"parameter {'/'.join(rule.path)} is missing from the stjax checkpoint")
-        array = params[rule.path]
-        if tuple(array.shape) != shapes[rule.path]:
-            raise CheckpointError(f"parameter {'/'.join(rule.path)}: expected shape {shapes[rule.path]}, "
-                                  f"got {tuple(array.shape)}")
-        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(array.dtype)
-        for i in range(array.shape[0]) if rule.stacked else [None]:
-            part = array if i is None else array[i]
-            make = lambda rule=rule, part=part: np.asarray(to_hf(rule, np.asarray(part), cfg), out_dtype)
+        shape = tuple(params[rule.path].shape)
+        if shape != shapes[rule.path]:
+            raise CheckpointError(f"parameter {'/'.join(rule.path)}: expected shape {shapes[rule.path]}, got {shape}")
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(params[rule.path].dtype)
+        for i in range(shape[0]) if rule.stacked else [None]:
+            def make(rule=rule, i=i):
+                array = load(rule.path)
+                return np.asarray(to_hf(rule, array if i is None else array[i], cfg), out_dtype)
+
             name = rule.hf if i is None else rule.hf.format(i=i)
-            plan.append(PlannedTensor(name, hf_shape(rule, part.shape, cfg), out_dtype, make))
+            plan.append(PlannedTensor(name, hf_shape(rule, shape if i is None else shape[1:], cfg), out_dtype, make))
     return plan
 
 
-def save_hf(directory: str | Path, cfg: QwenVLConfig, params: Params, dtype=None,
+def save_hf(directory: str | Path, cfg: QwenVLConfig, params: dict, dtype=None,
             max_shard_bytes: int = 5 << 30, progress: Optional[Callable[[int], None]] = None) -> None:
     """Write a HF model directory: safetensors (sharded past `max_shard_bytes`) and config.json."""
     plan = plan_hf_tensors(cfg, params, dtype)
@@ -123,29 +181,64 @@ def save_hf(directory: str | Path, cfg: QwenVLConfig, params: Params, dtype=None
     cfg.replace(param_dtype=str(plan[0].dtype)).save(directory)
 
 
-def save_stjax(directory: str | Path, cfg: QwenVLConfig, params: Params) -> None:
-    """Write a stjax model directory (orbax parameters + config.json)."""
+def _param_dir(directory: Path, path: tuple[str, ...]) -> Path:
+    return directory / PARAMS_DIR / ".".join(path)
+
+
+def save_stjax(directory: str | Path, cfg: QwenVLConfig, params: dict) -> None:
+    """Write a stjax model directory: config.json and one orbax checkpoint per parameter.
+
+    `params` maps paths to arrays or lazy sources (.read()). Each parameter is read, written and
+    released before the next, so saving never holds more than one parameter beyond the caller's.
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    tree = traverse_util.unflatten_dict(params)
+    (directory / PARAMS_DIR).mkdir(parents=True, exist_ok=True)
+    dtype = None
     with ocp.PyTreeCheckpointer() as ckpt:
-        ckpt.save(directory / PARAMS_DIR, tree, force=True)
-    dtype = str(np.dtype(next(iter(params.values())).dtype))
+        for path, source in params.items():
+            array = source.read() if hasattr(source, "read") else np.asarray(source)
+            ckpt.save(_param_dir(directory, path), {"value": array}, force=True)
+            dtype = dtype or str(array.dtype)
+            del array
     cfg.replace(param_dtype=dtype).save(directory)
+
+
+@dataclass(frozen=True)
+class StjaxParam:
+    """One parameter of a stjax directory, read on demand."""
+
+    directory: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self) -> np.ndarray:
+        import orbax.checkpoint as ocp
+
+        with ocp.PyTreeCheckpointer() as ckpt:
+            args = {"value": ocp.RestoreArgs(restore_type=np.ndarray)}
+            return np.asarray(ckpt.restore(self.directory, args=ocp.args.PyTreeRestore(restore_args=args))["value"])
+
+
+def stjax_params(directory: str | Path) -> dict[tuple[str, ...], StjaxParam]:
+    """Lazy readers for the parameters of a stjax directory (shapes and dtypes from metadata)."""
+    import orbax.checkpoint as ocp
+
+    root = Path(directory).absolute() / PARAMS_DIR
+    if not root.is_dir():
+        raise CheckpointError(f"{directory} is not a stjax model directory (no {PARAMS_DIR}/)")
+    out = {}
+    with ocp.PyTreeCheckpointer() as ckpt:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            meta = ckpt.metadata(sub).item_metadata.tree["value"]
+            out[tuple(sub.name.split("."))] = StjaxParam(sub, tuple(meta.shape), np.dtype(meta.dtype))
+    return out
 
 
 def read_stjax_params(directory: str | Path) -> Params:
     """The parameters of a stjax directory as host NumPy arrays."""
-    import orbax.checkpoint as ocp
-
-    path = Path(directory).absolute() / PARAMS_DIR
-    if not path.is_dir():
-        raise CheckpointError(f"{directory} is not a stjax model directory (no {PARAMS_DIR}/)")
-    with ocp.PyTreeCheckpointer() as ckpt:
-        restored = ckpt.restore(path)  # saved from NumPy arrays, so restored as NumPy arrays
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(restored).items()}
+    return {path: p.read() for path, p in stjax_params(directory).items()}
 
 
 def copy_side_files(source: str | Path, target: str | Path) -> list[str]:

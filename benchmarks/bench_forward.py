@@ -1,0 +1,113 @@
+"""Forward latency, steady state after compilation: stjax (JAX) vs transformers (PyTorch), same
+weights, same inputs, same device, fp32.
+
+    python benchmarks/bench_forward.py [--arch qwen2_5_vl] [--frames 8] [--size 336] [--text 64]
+
+Default config: text hidden 512 x 4 layers, vision hidden 256 x depth 4, an 8-frame 336x336 video
+plus 64 text tokens. Prints both latencies and the ratio torch / stjax (> 1: stjax is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def mid_config(arch: str, scale: int = 1):
+    from stjax.models.config import QwenVLConfig
+
+    cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl")
+    text = cfg.text.__class__(vocab_size=8192, hidden_size=512 * scale, intermediate_size=1536 * scale,
+                              num_layers=4 * scale, num_heads=8 * scale, num_kv_heads=2 * scale,
+                              mrope_section=(8, 12, 12))
+    depth = 4 * scale
+    vision = cfg.vision.__class__(**{**cfg.vision.__dict__, "depth": depth, "hidden_size": 256 * scale,
+                                     "num_heads": 4 * scale, "intermediate_size": 1024 * scale,
+                                     "out_hidden_size": 512 * scale,
+                                     "fullatt_block_indexes": tuple(range(depth // 2 - 1, depth, depth // 2))
+                                     if arch == "qwen2_5_vl" else ()})
+    return cfg.replace(text=text, vision=vision, initializer_range=0.02)
+
+
+def interleaved_medians(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each function, run in turn so that machine load hits all alike."""
+    for fn in fns:  # compile / warm up
+        fn()
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
+    parser.add_argument("--text", type=int, default=64, help="text tokens around the video")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention", default="xla", help="stjax attention backend")
+    parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--scale", type=int, default=1, help="multiply widths and depths (GPU runs)")
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    from reference import hf_model, make_batch
+    from stjax.models.inputs import prepare_inputs
+    from stjax.models.loading import load_pretrained
+    from stjax.models.qwen_vl import compiled_forward
+
+    cfg = mid_config(args.arch, args.scale)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = hf_model(cfg, dtype=getattr(torch, args.dtype)).to(device)
+    ref.set_attn_implementation(args.torch_attention)
+    grid = args.size // 14
+    batch = make_batch(cfg, [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]])
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        model, _ = load_pretrained(tmp, attention=args.attention)
+    inputs = jax.device_put(prepare_inputs(cfg, **batch))
+    ours = lambda: compiled_forward(model, inputs).block_until_ready()
+    torch_batch = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items() if k != "second_per_grid_ts"}
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in torch_batch:
+            torch_batch[k] = torch_batch[k].to(ref.dtype)
+
+    def theirs():
+        with torch.no_grad():
+            logits = ref(**torch_batch).logits
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return logits
+
+    logits = np.asarray(ours())[:, : batch["input_ids"].shape[1]]
+    ref_logits = theirs().float().cpu().numpy()
+    err = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+
+    t_jax, t_torch = interleaved_medians([ours, theirs], args.repeats)
+    tokens = batch["input_ids"].shape[1]
+    print(f"device: jax {jax.devices()[0].device_kind}, torch {device} ({torch.get_num_threads()} threads), "
+          f"{args.dtype}")
+    print(f"{args.arch}: {args.frames} frames {args.size}x{args.size}, {tokens} tokens "
+          f"({cfg.vision.depth} vision / {cfg.text.num_layers} text layers), relative logit error {err:.1e}")
+    print(f"stjax  forward: {t_jax * 1e3:8.1f} ms  (attention={args.attention})")
+    print(f"torch  forward: {t_torch * 1e3:8.1f} ms  (attn_implementation={args.torch_attention})")
+    print(f"speed-up stjax vs torch: {t_torch / t_jax:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
