@@ -13,6 +13,8 @@ padding keys, never to nothing (an empty softmax row gives NaN in some kernels).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -29,19 +31,23 @@ def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> ja
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q (B, L, H, D), k/v (B, S, K, D) with H a multiple of K; mask broadcastable to (B, 1, L, S)."""
+    """q (B, L, H, D), k/v (B, S, K, D) with H a multiple of K; mask broadcastable to (B, 1, L, S).
+
+    The query heads that share a KV head are folded into the query axis, so each KV head is one
+    plain batched matmul (no repeated K/V, no 5-D contraction XLA would transpose around).
+    """
     b, l, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, l, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, l, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * l, d)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, l, s)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * l, s)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v).reshape(b, kv, g, l, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
 def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
-    import dataclasses
-
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 

@@ -6,7 +6,7 @@ in processing order, the group tables for frame and window attention, and where 
 feature goes in the text. All sizes are rounded up to buckets so that new video sizes reuse a
 few compiled programs:
 
-    bucket(n) = the smallest 2^k * {1, 1.25, 1.5, 1.75} >= n    (at most 25% padding)
+    bucket(n) = the smallest 2^k * (1 + j/8), j = 0..7, that is >= n    (at most 12.5% padding)
 
 applied to the text length, the patch count, the number of frames and windows, and the frame
 group size (patches per frame). Window groups are exactly (window side * merge)^2 patches.
@@ -28,9 +28,9 @@ class InputError(ValueError):
 
 
 def bucket(n: int, minimum: int = 8) -> int:
-    """Smallest 2^k * {1, 1.25, 1.5, 1.75} that is >= max(n, minimum)."""
+    """Smallest 2^k * (1 + j/8) that is >= max(n, minimum): eight sizes per octave."""
     n = max(int(n), minimum)
-    step = 1 << max(n.bit_length() - 3, 0)  # a quarter of the power of two below n
+    step = 1 << max(n.bit_length() - 4, 0)  # an eighth of the power of two below n
     return -(-n // step) * step
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stjax.models.attention import attend
@@ -18,10 +19,9 @@ def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, 
     stream in consecutive chunks of `mrope_section` (not interleaved), then the angles are doubled
     like ordinary rotary embeddings.
     """
-    half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
-    stream = jnp.repeat(jnp.arange(3), jnp.asarray(cfg.mrope_section), total_repeat_length=half)
-    positions = position_ids.astype(jnp.float32)[stream]  # (half, B, L)
+    stream = np.repeat(np.arange(3), cfg.mrope_section)  # static: which stream feeds each frequency
+    positions = jnp.asarray(position_ids, jnp.float32)[stream]  # (head_dim / 2, B, L)
     angles = jnp.moveaxis(positions, 0, -1) * inv_freq  # (B, L, half)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

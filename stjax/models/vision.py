@@ -111,12 +111,12 @@ class VisionTower(nnx.Module):
         """Merged vision features (N / 4, out_hidden), in the order of `vis.patches`."""
         x = self.patch_embed(vis.patches)
         cos, sin = self.rotary(vis.rotary_positions)
-        windows = vis.windows if vis.windows is not None else vis.frames
 
         def step(block: VisionBlock, x: jax.Array, full: jax.Array) -> jax.Array:
-            if vis.windows is None:
+            if vis.windows is None:  # Qwen2-VL: every block attends within frames
                 return block(x, cos, sin, vis.frames)
-            return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames), lambda: block(x, cos, sin, windows))
+            return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames),
+                                lambda: block(x, cos, sin, vis.windows))
 
         x = scan_layers(self.blocks, x, step, xs=jnp.asarray(self.full_attention), remat=self.remat)
         return self.merger(x)
