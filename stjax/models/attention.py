@@ -22,11 +22,13 @@ BACKENDS = ("xla", "dot_product", "pallas_tpu")
 _PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
 
 
-def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> jax.Array:
-    """(B, 1, L, S) boolean mask; causal aligns query i with key i (prefill / full forward)."""
+def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool, q_offset=0) -> jax.Array:
+    """(B, 1, L, S) boolean mask. Causal: query i sits at key slot q_offset + i (0 for a full
+    forward or a prefill, the cache position when decoding) and sees keys at or before it."""
     mask = segment_q[:, :, None] == segment_k[:, None, :]
     if causal:
-        mask &= jnp.tril(jnp.ones((segment_q.shape[1], segment_k.shape[1]), bool))
+        slots_q = q_offset + jnp.arange(segment_q.shape[1])
+        mask &= slots_q[:, None] >= jnp.arange(segment_k.shape[1])[None, :]
     return mask[:, None]
 
 
@@ -75,12 +77,16 @@ def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
-           causal: bool, backend: str) -> jax.Array:
-    """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S)."""
-    if backend == "xla":
-        return _xla(q, k, v, segment_mask(segment_q, segment_k, causal))
+           causal: bool, backend: str, q_offset=0) -> jax.Array:
+    """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S).
+
+    `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
+    only serves offset 0 and decoding falls back to `xla` there.
+    """
     if backend == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_q, segment_k, causal))
-    if backend == "pallas_tpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_q, segment_k, causal, q_offset))
+    if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
         return _pallas_tpu(q, k, v, segment_q, segment_k, causal)
+    if backend in BACKENDS:
+        return _xla(q, k, v, segment_mask(segment_q, segment_k, causal, q_offset))
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

@@ -33,14 +33,18 @@ class QwenVLForConditionalGeneration(nnx.Module):
             t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
             param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
 
-    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final-norm hidden states (B, L, hidden) of the decoder."""
+    def embed(self, inputs: ModelInputs) -> jax.Array:
+        """Token embeddings with the vision features in the image / video pad slots."""
         x = self.model.embed(inputs.input_ids)
         vis = inputs.vision
         if vis is not None:
             features = self.visual(vis).astype(x.dtype)
             x = jnp.where(vis.token_mask[..., None], features[vis.token_index], x)
-        return self.model(x, inputs.position_ids, inputs.attention_mask)
+        return x
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-norm hidden states (B, L, hidden) of the decoder."""
+        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from stjax.models.attention import attend
 from stjax.models.config import QwenVLConfig, TextConfig
@@ -27,6 +27,26 @@ def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, 
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a fixed number of slots, filled left to right.
+
+    segments (B, S) is 1 at slots holding a real token (0 for left padding and unwritten slots);
+    `index` is the next slot to write. Decoding updates the arrays in place inside the loop.
+    """
+
+    k: jax.Array  # (layers, B, S, kv_heads, head_dim)
+    v: jax.Array
+    segments: jax.Array  # (B, S) int32
+    index: jax.Array  # () int32
+
+    @classmethod
+    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segments=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         t = cfg.text
@@ -46,16 +66,29 @@ class DecoderLayer(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.backend = cfg.attention
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
+                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+        """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, segments, index)` of this
+        layer, attention sees the cached slots plus the new tokens placed at `index`, and
+        (x, (new k, new v)) is returned for the caller to store."""
         b, l, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).reshape(b, l, self.heads, self.head_dim)
         k = self.k_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
         v = self.v_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        x = x + self.o_proj(attend(q, k, v, segments, segments, True, self.backend).reshape(b, l, -1))
+        if cache is None:
+            attn = attend(q, k, v, segments, segments, True, self.backend)
+        else:
+            cache_k, cache_v, cache_segments, index = cache
+            k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+            all_k = jax.lax.dynamic_update_slice(cache_k, k, (0, index, 0, 0))
+            all_v = jax.lax.dynamic_update_slice(cache_v, v, (0, index, 0, 0))
+            attn = attend(q, all_k, all_v, segments, cache_segments, True, self.backend, q_offset=index)
+        x = x + self.o_proj(attn.reshape(b, l, -1))
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        return x if cache is None else (x, (k, v))
 
 
 class TextModel(nnx.Module):
@@ -81,3 +114,21 @@ class TextModel(nnx.Module):
         step = lambda layer, x, _: layer(x, cos, sin, attention_mask)
         x = scan_layers(self.layers, x, step, remat=self.remat)
         return self.norm(x)
+
+    def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run new tokens x (B, T, hidden) after the cache's `index` slots (a prefill when the cache
+        is empty, one decoding step when T = 1); returns their hidden states and the cache."""
+        cos, sin = mrope_cos_sin(position_ids, self.cfg)
+        cache = cache.replace(segments=jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index)))
+
+        def step(layer: DecoderLayer, carry, i):
+            x, all_k, all_v = carry
+            x, (k, v) = layer(x, cos, sin, segments, (all_k[i], all_v[i], cache.segments, cache.index))
+            at = (i, 0, cache.index, 0, 0)  # write only the new tokens' slots
+            return x, jax.lax.dynamic_update_slice(all_k, k[None], at), jax.lax.dynamic_update_slice(all_v, v[None], at)
+
+        layers = jnp.arange(self.cfg.num_layers)
+        x, k, v = scan_layers(self.layers, (x, cache.k, cache.v), step, xs=layers, remat=self.remat)
+        cache = cache.replace(k=k, v=v, index=cache.index + x.shape[1])
+        return self.norm(x), cache

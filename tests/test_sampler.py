@@ -1,0 +1,155 @@
+"""The jitted sampler against transformers' `generate` and against full forwards of its own output."""
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+from reference import make_batch, rope_index
+from stjax.models.inputs import prepare_inputs
+from stjax.models.loading import load_pretrained
+from stjax.models.qwen_vl import compiled_forward
+from stjax.sampling.sampler import SamplingConfig, generate, sampling_logits
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl"]
+# Videos whose time steps stay within their spatial size, at 4 fps (Qwen2.5-VL time step 1): the
+# original M-RoPE rule and transformers 5.x's agree on these, so generate() is a fair reference.
+PROMPTS = [[3, ("video", 2, 8, 8), 5], [2, ("video", 2, 4, 8), 9], [6], [1, ("video", 2, 8, 4), 2]]
+
+
+@pytest.fixture(scope="module")
+def models(hf_dirs):
+    return {arch: (load_pretrained(hf_dirs(arch)[0])[0], hf_dirs(arch)[1]) for arch in ARCHS}
+
+
+def hf_generate(model, cfg, batch, new_tokens: int) -> np.ndarray:
+    ids = batch["input_ids"]
+    kwargs = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("position_ids", "second_per_grid_ts")}
+    kwargs["mm_token_type_ids"] = torch.from_numpy(
+        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0)))
+    if cfg.model_type == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = torch.from_numpy(batch["second_per_grid_ts"])
+    with torch.no_grad():
+        out = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=cfg.eos_token_id,
+                             pad_token_id=0)
+    return out.numpy()[:, ids.shape[1]:]
+
+
+def run(model, batch, cfg: SamplingConfig, seed: int = 0):
+    inputs = prepare_inputs(model.config, **batch)
+    return generate(model, inputs, batch["input_ids"].shape[1], jax.random.key(seed), cfg)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "left_padded_batch4"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_equal_transformers_generate(models, arch, prompts):
+    model, ref = models[arch]
+    batch = make_batch(model.config, prompts, fps=4.0)
+    out = run(model, batch, SamplingConfig(max_new_tokens=32, eos_ids=(model.config.eos_token_id,)))
+    expected = hf_generate(ref, model.config, batch, 32)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for row in range(len(prompts)):
+        n = lengths[row]
+        np.testing.assert_array_equal(tokens[row, :n], expected[row, :n])
+        # after its end a row is padding, and it ended exactly where generate() stopped
+        assert n == 32 or expected[row, n - 1] == model.config.eos_token_id
+    assert (lengths == 32).any()
+
+
+def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0, suppress=()) -> np.ndarray:
+    """log_softmax(logits / T) of each generated token from one forward over prompt + completion,
+    with the `suppress` tokens removed from the distribution."""
+    cfg = model.config
+    prompt_len = batch["input_ids"].shape[1]
+    ids = np.concatenate([batch["input_ids"], tokens], axis=1)
+    mask = np.concatenate([batch["attention_mask"], np.ones_like(tokens)], axis=1)
+    full = dict(batch, input_ids=ids, attention_mask=mask)
+    full["position_ids"], _ = rope_index(ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+                                         batch.get("second_per_grid_ts"), cfg)
+    logits = np.asarray(compiled_forward(model, prepare_inputs(cfg, **full)))[:, : ids.shape[1]]
+    logits = logits[:, prompt_len - 1: -1] / temperature
+    logits[..., list(suppress)] = -np.inf
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    return np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_log_probs_equal_a_full_forward_over_the_samples(models, arch):
+    model, _ = models[arch]
+    batch = make_batch(model.config, PROMPTS[:2], fps=4.0)
+    vision = (model.config.image_token_id, model.config.video_token_id)  # a sampled pad would need pixels
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.7, num_samples=2, suppress_ids=vision)
+    out = run(model, batch, cfg, seed=3)
+    tokens = np.asarray(out.tokens)
+    assert (np.asarray(out.lengths) == 12).all()  # no EOS configured
+    repeated = {k: (np.repeat(v, 2, axis=1) if k == "position_ids" else np.repeat(v, 2, axis=0))
+                for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    full = dict(batch, **repeated)
+    full["video_grid_thw"] = np.repeat(batch["video_grid_thw"], 2, axis=0)
+    full["second_per_grid_ts"] = np.repeat(batch["second_per_grid_ts"], 2, axis=0)
+    full["pixel_values_videos"] = np.concatenate(
+        [p for p in np.split(batch["pixel_values_videos"], np.cumsum(batch["video_grid_thw"].prod(1))[:-1]) for _ in (0, 1)])
+    np.testing.assert_allclose(np.asarray(out.logp_model), full_forward_logp(model, full, tokens), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.logp_sampling), full_forward_logp(model, full, tokens, 0.7, vision),
+                               atol=1e-4)
+
+
+def first_step_logits(model, batch) -> np.ndarray:
+    logits = np.asarray(compiled_forward(model, prepare_inputs(model.config, **batch)))
+    return logits[0, batch["input_ids"].shape[1] - 1]
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square (Wilson-Hilferty), so a correct sampler fails 1 run in 1000."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def test_samples_follow_softmax_of_logits_over_temperature(models):
+    model, _ = models["qwen2_vl"]
+    batch = make_batch(model.config, PROMPTS[:1], fps=4.0)
+    temperature, draws = 0.5, 4000
+    out = run(model, batch, SamplingConfig(max_new_tokens=1, temperature=temperature, num_samples=draws), seed=1)
+    counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=model.config.text.vocab_size)
+    logits = first_step_logits(model, batch) / temperature
+    expected = np.exp(logits - logits.max())
+    expected = expected / expected.sum() * draws
+    big = expected >= 5  # pool the rare tokens into one bin
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < chi_square_critical(len(observed) - 1)
+    # and a wrong temperature is rejected by the same test
+    wrong = np.exp(logits * temperature - (logits * temperature).max())
+    wrong = np.append((wrong / wrong.sum() * draws)[big], (wrong / wrong.sum() * draws)[~big].sum())
+    assert float(((observed - wrong) ** 2 / wrong).sum()) > chi_square_critical(len(observed) - 1)
+
+
+def test_top_k_and_top_p_stay_inside_their_sets(models):
+    model, _ = models["qwen2_5_vl"]
+    batch = make_batch(model.config, PROMPTS[:1], fps=4.0)
+    logits = first_step_logits(model, batch)
+    order = np.argsort(-logits)
+    out = run(model, batch, SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=5, num_samples=500), seed=2)
+    drawn = set(np.asarray(out.tokens)[:, 0].tolist())
+    assert drawn <= set(order[:5].tolist()) and len(drawn) > 1
+
+    probs = np.exp(logits - logits.max())
+    probs = probs[order] / probs.sum()
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs), 0.3)) + 1].tolist())
+    out = run(model, batch, SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.3, num_samples=500), seed=4)
+    drawn = set(np.asarray(out.tokens)[:, 0].tolist())
+    assert drawn <= nucleus and len(nucleus) > 1 and drawn == nucleus
+    # the same cut, computed by the library on the logits, keeps exactly the nucleus
+    kept = np.isfinite(np.asarray(sampling_logits(jax.numpy.asarray(logits[None]), SamplingConfig(
+        temperature=1.0, top_p=0.3))))[0]
+    assert set(np.flatnonzero(kept).tolist()) == nucleus
+
+
+def test_samples_per_prompt_share_one_prefill_and_continue_their_prompt(models):
+    model, _ = models["qwen2_vl"]
+    batch = make_batch(model.config, PROMPTS[:2], fps=4.0)
+    single = run(model, batch, SamplingConfig(max_new_tokens=8))
+    triple = run(model, batch, SamplingConfig(max_new_tokens=8, num_samples=3))
+    # greedy: the 3 samples of each prompt equal the single sample, prompt by prompt
+    np.testing.assert_array_equal(np.asarray(triple.tokens), np.repeat(np.asarray(single.tokens), 3, axis=0))
