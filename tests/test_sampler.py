@@ -153,3 +153,43 @@ def test_samples_per_prompt_share_one_prefill_and_continue_their_prompt(models):
     triple = run(model, batch, SamplingConfig(max_new_tokens=8, num_samples=3))
     # greedy: the 3 samples of each prompt equal the single sample, prompt by prompt
     np.testing.assert_array_equal(np.asarray(triple.tokens), np.repeat(np.asarray(single.tokens), 3, axis=0))
+
+
+def test_the_prefill_runs_once_whatever_the_number_of_samples(models):
+    """Count the vision tower's patch embedding (the only product with the 1176-wide patches) in
+    the compiled program, and its size: one prefill over the prompts' patches (not n times as
+    many), then the cache is broadcast to the samples."""
+    from flax import nnx
+
+    from stjax.sampling.sampler import _generate
+
+    model, _ = models["qwen2_vl"]
+    batch = make_batch(model.config, PROMPTS[:2], fps=4.0)
+    inputs = prepare_inputs(model.config, **batch)
+    graphdef, state = nnx.split(model)
+    patch_dim = model.config.vision.patch_dim
+    rows = inputs.vision.patches.shape[0]
+    for n in (1, 4):
+        hlo = _generate.lower(graphdef, SamplingConfig(max_new_tokens=4, num_samples=n), state, inputs,
+                              jax.numpy.int32(0), jax.numpy.zeros((2,), jax.numpy.int32), jax.random.key(0)).as_text()
+        dots = [line for line in hlo.splitlines() if "dot_general" in line and f"x{patch_dim}x" in line]
+        assert len(dots) == 1 and f"<{rows}x{patch_dim}x" in dots[0], dots
+
+
+def test_sharded_sampling_gives_the_same_tokens(hf_dirs):
+    from stjax import sharding
+
+    path = hf_dirs("qwen2_5_vl")[0]
+    single, cfg = load_pretrained(path)
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    sharded, _ = load_pretrained(path, mesh=mesh)
+    batch = make_batch(cfg, PROMPTS, fps=4.0)
+    inputs = prepare_inputs(cfg, **batch)
+    length = batch["input_ids"].shape[1]
+    sampling = SamplingConfig(max_new_tokens=16, eos_ids=(cfg.eos_token_id,))
+    ref = generate(single, inputs, length, jax.random.key(0), sampling)
+    out = generate(sharded, sharding.shard_inputs(inputs, mesh), length, jax.random.key(0), sampling)
+    assert sharded.model.layers.q_proj.kernel[...].addressable_shards[0].data.shape[1:] == (
+        cfg.text.hidden_size // 4, cfg.text.hidden_size // 2)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
