@@ -21,6 +21,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
     timeout 80 python3 benchmarks/bench_forward.py --arch $arch --dtype bfloat16 --scale 4 --repeats 10
   done
   timeout 80 python3 benchmarks/bench_forward.py --arch qwen2_5_vl --dtype bfloat16 --scale 4 --repeats 10 --attention dot_product
+  echo "== sampler vs transformers generate (tiny model, greedy, 64 new tokens)"
+  timeout 80 python3 benchmarks/bench_sampler.py --repeats 3
   echo "== compile time vs depth (7B shapes)"
   timeout 80 python3 benchmarks/bench_compile.py --layers 4 28
 } 2>&1 | grep -v -i "warn" | tee "$out/gpu_check.log"
