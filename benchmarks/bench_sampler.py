@@ -38,18 +38,21 @@ def main() -> None:
     from stjax.sampling.sampler import SamplingConfig, generate
 
     cfg = tiny_config(args.arch)
-    ref = hf_model(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = hf_model(cfg).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         model, _ = load_pretrained(tmp)
     print(f"{args.arch} tiny model ({cfg.text.num_layers} text / {cfg.vision.depth} vision layers), "
-          f"greedy, {args.new_tokens} new tokens, one 8-frame 224x224 video per prompt; CPU")
+          f"greedy, {args.new_tokens} new tokens, one 8-frame 224x224 video per prompt; "
+          f"jax on {jax.devices()[0].device_kind}, torch on {device}")
     for batch_size in args.batches:
         batch = make_batch(cfg, [[20, ("video", 4, 16, 16), 30]] * batch_size, fps=4.0)
         length = batch["input_ids"].shape[1]
         inputs = prepare_inputs(cfg, **batch)
-        kwargs = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("position_ids", "second_per_grid_ts")}
-        kwargs["mm_token_type_ids"] = torch.from_numpy(np.where(batch["input_ids"] == cfg.video_token_id, 2, 0))
+        kwargs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()
+                  if k not in ("position_ids", "second_per_grid_ts")}
+        kwargs["mm_token_type_ids"] = torch.from_numpy(np.where(batch["input_ids"] == cfg.video_token_id, 2, 0)).to(device)
 
         def ours(new: int):
             sampling = SamplingConfig(max_new_tokens=new)
@@ -58,8 +61,11 @@ def main() -> None:
         def theirs(new: int):
             def run():
                 with torch.no_grad():
-                    return ref.generate(**kwargs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                        pad_token_id=0)
+                    out = ref.generate(**kwargs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                       pad_token_id=0)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return out
             return run
 
         runs = {(name, new): make(new) for name, make in (("stjax", ours), ("transformers", theirs))
