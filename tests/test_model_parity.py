@@ -64,3 +64,17 @@ def test_comparison_detects_swapped_patches_and_scaled_features(models, arch):
     merger.kernel[...] = merger.kernel[...] * 1.01  # every video feature scaled by 1.01
     merger.bias[...] = merger.bias[...] * 1.01
     assert relative_error(np.asarray(scaled(**batch)), ref, batch["attention_mask"]) > 10 * TOLERANCE
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    """Qwen2.5-VL-3B ties lm_head to the embeddings: no lm_head tensor, logits from the table."""
+    from reference import hf_model, tiny_config
+
+    cfg = tiny_config("qwen2_5_vl")
+    cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "tie_word_embeddings": True}))
+    ref = hf_model(cfg)
+    ref.save_pretrained(tmp_path)
+    model, loaded = load_pretrained(tmp_path)
+    assert loaded.text.tie_word_embeddings and model.lm_head is None
+    batch = make_batch(cfg, CASES["one_video"])
+    assert relative_error(np.asarray(model(**batch)), hf_logits(ref, batch), batch["attention_mask"]) <= TOLERANCE

@@ -11,6 +11,7 @@ Two entry points:
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
