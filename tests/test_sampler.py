@@ -193,3 +193,20 @@ def test_sharded_sampling_gives_the_same_tokens(hf_dirs):
         cfg.text.hidden_size // 4, cfg.text.hidden_size // 2)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+
+
+def test_new_weights_reuse_the_compiled_program(models):
+    from flax import nnx
+
+    from stjax.sampling.sampler import _generate
+
+    model, _ = models["qwen2_5_vl"]
+    batch = make_batch(model.config, PROMPTS[:1], fps=4.0)
+    sampling = SamplingConfig(max_new_tokens=6)
+    first = run(model, batch, sampling)
+    compiled = _generate._cache_size()
+    changed = nnx.clone(model)
+    changed.lm_head.kernel[...] = changed.lm_head.kernel[...] * -1.0  # other weights, same shapes
+    second = run(changed, batch, sampling)
+    assert _generate._cache_size() == compiled
+    assert not np.array_equal(np.asarray(first.tokens), np.asarray(second.tokens))
