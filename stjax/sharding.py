@@ -58,6 +58,15 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' (a command-line or config value) -> {'fsdp': 4, 'tensor': 2}."""
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): int(size) for name, size in pairs}
+    except ValueError:
+        raise MeshError(f"cannot read mesh {text!r}; write e.g. fsdp=4,tensor=2 (-1: the remaining devices)") from None
+
+
 def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; by default every device on `fsdp`."""
     devices = list(jax.devices() if devices is None else devices)

@@ -1,0 +1,1 @@
+"""Evaluation: the Ego-ST multiple-choice evaluator (`python -m stjax.eval.mcq`) and answer extraction."""

@@ -1,0 +1,451 @@
+"""Ego-ST multiple-choice evaluation: generate (or score the option letters), extract, count.
+
+    python -m stjax.eval.mcq --model DIR --data FILE... [--videos DIR...] [--out DIR] [--config FILE.yaml]
+    python -m stjax.eval.mcq                      # embedded default: synthetic set + tiny model, no download
+
+Defaults are the seed's recipe: the "seed_mcq" prompt, 8 frames, max_pixels 360*420, fps 1.0, greedy,
+512 new tokens. A YAML config may set any option (same names, "-" or "_"); flags override it.
+
+Data files: Ego-ST MCQ JSON (`Part1_forward_mcq.json`, ...; a folder means its `*_mcq*.json`), ST-R1
+JSONL (rows with `problem` and `solution`) or our plain JSONL (rows with `options`). `--videos` gives
+one folder for every file or one per file, in order; for Ego-ST files a folder holding the part's
+subfolder (`part1`, `part3_clip`, ...) is entered. Without it, videos resolve beside the data file.
+
+Output (`--out`): `predictions.jsonl`, one record per sample written as each batch finishes, so a
+stopped run resumes where it stopped; `accuracy.json` per file, task, direction and overall.
+A sample that cannot be run (unreadable video, prompt over --max-prompt-tokens) is recorded with an
+"error" and counts as wrong; records already in the file, failed ones included, are never redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
+from stjax.data.video import MediaConfig, SampleError
+from stjax.eval.extract import RULES, extract_answer
+from stjax.models.inputs import ModelInputs, bucket, prepare_inputs
+from stjax.sampling.sampler import SamplingConfig, generate
+from stjax.sharding import make_mesh, parse_mesh, shard_inputs
+
+PREDICTIONS = "predictions.jsonl"
+ACCURACY = "accuracy.json"
+RUN = "run.json"
+MODES = ("generate", "logits")
+TEMPLATES = ("seed_mcq", "grpo")
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class EvalConfig:
+    """Every option of a run; the YAML keys and the flags have these names."""
+
+    model: str | None = None  # a HF or stjax model directory; None with no data: the embedded default
+    data: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    out: str = "runs/eval"
+    tokenizer: str | None = None  # default: the model directory
+    dtype: str | None = None  # parameter dtype; default the checkpoint's
+    mode: Literal["generate", "logits"] = "generate"
+    extract: Literal["default", "seed"] = "default"
+    template: Literal["seed_mcq", "grpo"] = "seed_mcq"
+    num_frames: int = 8
+    fps: float = 1.0
+    max_pixels: int = 360 * 420
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy, the recipe
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0  # sampling key; with temperature > 0 a resumed run is not batch-for-batch the same
+    batch_size: int = 8
+    mesh: str | None = None  # e.g. "fsdp=4,tensor=2": shard the model and the batch over the devices
+    max_prompt_tokens: int = 4096  # the GRPO recipe's prompt limit; the recipe's prompts are about 1k
+    limit: int | None = None  # evaluate only the first N samples (over all files, in order)
+    walks: int = 2  # size of the embedded default's synthetic benchmark (6 questions per walk)
+
+
+# Options whose change alters predictions: resuming under different ones would mix two runs.
+_RESULT_KEYS = ("model", "dtype", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
+                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_data(path: Path, video_dir: Path | None) -> ReadResult:
+    """One data file, its format told by extension and content."""
+    if path.suffix == ".json":
+        if video_dir is not None:
+            part = PART_FOLDERS.get(path.stem.split("_")[0], "")
+            video_dir = video_dir / part if part and (video_dir / part).is_dir() else video_dir
+        return read_egost_mcq(path, video_dir)
+    if path.suffix == ".jsonl":
+        first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except ValueError as e:
+            raise SystemExit(f"{path}: first line is not JSON ({e})") from e
+        if "problem" in row and "options" not in row:
+            return read_st_r1_jsonl(path, video_dir)
+        return read_plain_jsonl(path, video_dir)
+    raise SystemExit(f"{path}: unknown data format (expected Ego-ST .json, ST-R1 or plain .jsonl)")
+
+
+def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, dict[str, int]]]:
+    """(file name, sample) in order over all data files, and per file the reasons records were skipped."""
+    files: list[Path] = []
+    for name in cfg.data:
+        path = Path(name)
+        files += sorted(path.glob("*_mcq*.json")) if path.is_dir() else [path]
+    if not files:
+        raise SystemExit("no data files given (--data)")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise SystemExit(f"data file(s) not found: {', '.join(missing)}")
+    names = [p.name for p in files]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"data files must have distinct names (records are keyed by file name): {names}")
+    if len(cfg.videos) not in (0, 1, len(files)):
+        raise SystemExit(f"--videos: give one folder for all {len(files)} data files or one per file, "
+                         f"not {len(cfg.videos)}")
+    samples, skipped = [], {}
+    for i, path in enumerate(files):
+        video_dir = Path(cfg.videos[i if len(cfg.videos) > 1 else 0]) if cfg.videos else None
+        result = read_data(path, video_dir)
+        ids = [s.id for s in result.samples]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise SystemExit(f"{path}: sample id {dup!r} appears more than once")
+        samples += [(path.name, s) for s in result.samples]
+        skipped[path.name] = dict(result.reasons())
+    return samples[: cfg.limit], skipped
+
+
+# ---------------------------------------------------------------- records and accuracy
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records already written. A last line that a crash cut short is repaired in place (completed
+    or dropped, then its sample is redone); a bad line elsewhere means the file was edited: an error."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+            path.write_text(text + "\n")
+        except ValueError:
+            path.write_text(text[: len(text) - len(lines[-1])])
+            lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise SystemExit(f"{path}:{number}: not a JSON record ({e}); fix or remove the line") from e
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy overall and per file, task and direction. Failed samples count as wrong."""
+
+    def tally(group: list[dict]) -> dict:
+        correct = sum(bool(r["correct"]) for r in group)
+        return {"n": len(group), "correct": correct, "accuracy": correct / len(group) if group else None,
+                "failed": sum("error" in r for r in group),
+                "no_answer": sum("error" not in r and r["pred"] is None for r in group)}
+
+    out: dict = {"overall": tally(records)}
+    for key in ("file", "task", "direction"):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            groups[r[key]].append(r)
+        out[f"by_{key}"] = {name: tally(groups[name]) for name in sorted(groups)}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("overall", summary["overall"])]
+    for key in ("file", "task", "direction"):
+        rows += [(f"{key} {name}", t) for name, t in summary[f"by_{key}"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':{width}}  {'n':>6} {'correct':>7} {'failed':>6} {'no-ans':>6} {'accuracy':>8}"]
+    for name, t in rows:
+        acc = "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.1f}%"
+        lines.append(f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} {acc:>8}")
+    return "\n".join(lines)
+
+
+def record(file: str, sample: Sample, pred: str | None, **extra) -> dict:
+    return {"id": sample.id, "file": file, "task": sample.task, "direction": sample.direction, **extra,
+            "pred": pred, "gold": sample.answer, "correct": pred == sample.answer}
+
+
+# ---------------------------------------------------------------- model side
+
+
+@dataclass
+class Runner:
+    """Model, processor and the fixed token ids; `encode` and `run_batch` do the work."""
+
+    cfg: EvalConfig
+    model: object
+    processor: object
+    tokenizer: object  # a second instance for decoding, so the background encoder never shares one
+    letter_ids: dict[str, int]
+    mesh: jax.sharding.Mesh | None = None
+
+    def encode(self, sample: Sample) -> dict[str, np.ndarray] | str:
+        """The sample's arrays, or why it cannot be run."""
+        try:
+            arrays = self.processor(sample, self.cfg.template)
+        except SampleError as e:
+            return str(e)
+        length = len(arrays["input_ids"])
+        if length > self.cfg.max_prompt_tokens:
+            return f"prompt has {length} tokens, over --max-prompt-tokens {self.cfg.max_prompt_tokens}"
+        return arrays
+
+    def run_batch(self, samples: list[Sample], arrays: list[dict], step: int) -> list[dict]:
+        """Record fields (pred, and the response or the letter logits) for each sample of one batch."""
+        inputs, length = left_padded_batch(self.model.config, arrays, self.cfg.batch_size,
+                                           self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        if self.mesh is not None:
+            inputs = shard_inputs(inputs, self.mesh)
+        if self.cfg.mode == "logits":
+            return self.score_letters(samples, inputs, length)
+        return self.decode(samples, inputs, length, step)
+
+    def score_letters(self, samples: list[Sample], inputs: ModelInputs, length: int) -> list[dict]:
+        """The option letter with the highest logit right after the prompt (the assistant position)."""
+        logits = np.asarray(last_logits(self.model, inputs, length - 1))
+        out = []
+        for row, sample in enumerate(samples):
+            letters = LETTERS[: len(sample.options)]
+            missing = [k for k in letters if k not in self.letter_ids]
+            if missing:
+                raise SystemExit(f"sample {sample.id}: option letter(s) {missing} are not single tokens")
+            scores = {k: float(logits[row, self.letter_ids[k]]) for k in letters}
+            out.append({"logits": scores, "pred": max(scores, key=scores.get)})
+        return out
+
+    def decode(self, samples: list[Sample], inputs: ModelInputs, length: int, step: int) -> list[dict]:
+        """Decode with the jitted sampler, detokenise (special tokens skipped), extract the letter."""
+        config = self.model.config
+        sampling = SamplingConfig(
+            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+            top_p=self.cfg.top_p, eos_ids=tuple(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])),
+            suppress_ids=(config.image_token_id, config.video_token_id))
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+        result = generate(self.model, inputs, length, key, sampling)
+        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        out = []
+        for row, sample in enumerate(samples):
+            response = self.tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
+            out.append({"response": response, "new_tokens": int(lengths[row]),
+                        "pred": extract_answer(response, sample.options, self.cfg.extract)})
+        return out
+
+
+def left_padded_batch(config, arrays: list[dict], batch_size: int, pad_id: int) -> tuple[ModelInputs, int]:
+    """Prompts left-padded to a bucketed common length; a short last batch is filled with copies of its
+    first prompt, so every batch has the same shape and reuses the compiled programs."""
+    arrays = arrays + [arrays[0]] * (batch_size - len(arrays))
+    length = bucket(max(len(a["input_ids"]) for a in arrays))
+    ids = np.full((len(arrays), length), pad_id, np.int64)
+    mask = np.zeros((len(arrays), length), np.int32)
+    positions = np.ones((3, len(arrays), length), np.int64)  # padding positions are never used
+    for row, a in enumerate(arrays):
+        n = len(a["input_ids"])
+        ids[row, length - n:], mask[row, length - n:] = a["input_ids"], 1
+        positions[:, row, length - n:] = a["position_ids"]
+    inputs = prepare_inputs(config, ids, mask,
+                            pixel_values_videos=np.concatenate([a["pixel_values_videos"] for a in arrays]),
+                            video_grid_thw=np.concatenate([a["video_grid_thw"] for a in arrays]),
+                            second_per_grid_ts=np.concatenate([a["second_per_grid_ts"] for a in arrays]),
+                            position_ids=positions)
+    return inputs, length
+
+
+def last_logits(model, inputs: ModelInputs, position: int) -> jax.Array:
+    """Logits (B, vocab) at one position: one prefill, without the (B, L, vocab) tensor of a full forward."""
+    dtype = jnp.dtype(model.config.compute_dtype)
+    inputs = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
+    graphdef, state = nnx.split(model)
+    return _last_logits(graphdef, state, inputs, jnp.int32(position))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(graphdef, state, inputs: ModelInputs, position: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    hidden = jax.lax.dynamic_slice_in_dim(model.hidden_states(inputs), position, 1, axis=1)
+    return model.logits(hidden)[:, 0]
+
+
+def make_runner(cfg: EvalConfig) -> Runner:
+    from transformers import AutoTokenizer
+
+    from stjax.data.processor import Processor
+    from stjax.models.loading import load_pretrained
+
+    mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
+    model, config = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+    processor = Processor.from_pretrained(
+        tokenizer_dir, media=media, tokens_per_second=config.vision.tokens_per_second if config.is_qwen2_5 else None)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    single = {k: tokenizer.encode(k, add_special_tokens=False) for k in LETTERS}
+    letter_ids = {k: ids[0] for k, ids in single.items() if len(ids) == 1}
+    return Runner(cfg, model, processor, tokenizer, letter_ids, mesh)
+
+
+def encoded_batches(pending: list[tuple[str, Sample]], runner: Runner, pool: ThreadPoolExecutor
+                    ) -> Iterator[tuple[list[tuple[str, Sample]], list[dict | str]]]:
+    """Batches of (file, sample) with their arrays; the next batch is read in the background while the
+    model runs on the current one (video decoding is the slow host-side step)."""
+    size = runner.cfg.batch_size
+    chunks = [pending[i: i + size] for i in range(0, len(pending), size)]
+
+    def submit(chunk: list[tuple[str, Sample]]) -> list[Future]:
+        return [pool.submit(runner.encode, sample) for _, sample in chunk]
+
+    ahead: list[Future] = submit(chunks[0]) if chunks else []
+    for k, chunk in enumerate(chunks):
+        current, ahead = ahead, submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+        yield chunk, [f.result() for f in current]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[dict | str], step: int
+                  ) -> list[dict]:
+    """One record per sample of the batch: failures (arrays is the reason) first, then the model's."""
+    records = [record(file, s, None, error=a) for (file, s), a in zip(chunk, arrays) if isinstance(a, str)]
+    ready = [(file, s, a) for (file, s), a in zip(chunk, arrays) if not isinstance(a, str)]
+    if ready:
+        results = runner.run_batch([s for _, s, _ in ready], [a for _, _, a in ready], step)
+        records += [record(file, s, **result) for (file, s, _), result in zip(ready, results)]
+    return records
+
+
+def embedded_default(cfg: EvalConfig) -> EvalConfig:
+    """A synthetic benchmark and a tiny random model under the output folder (made once, then reused)."""
+    from stjax.data.synthetic import generate as generate_benchmark
+    from stjax.demo import tiny_model_dir
+
+    out = Path(cfg.out)
+    if not (out / "data" / "plain.jsonl").exists():
+        generate_benchmark(out / "data", cfg.walks, cfg.seed)
+    if not (out / "tiny-model" / "config.json").exists():
+        tiny_model_dir(out / "data" / "tokenizer", out / "tiny-model", "qwen2_5_vl", cfg.seed)
+    return dataclasses.replace(cfg, model=str(out / "tiny-model"), data=[str(out / "data" / "plain.jsonl")])
+
+
+def check_resumable(out: Path, cfg: EvalConfig) -> None:
+    """Refuse to add predictions made under other settings to an existing predictions file."""
+    current = {k: getattr(cfg, k) for k in _RESULT_KEYS}
+    run_file = out / RUN
+    if run_file.exists() and (out / PREDICTIONS).exists():
+        before = json.loads(run_file.read_text())
+        changed = [k for k in _RESULT_KEYS if before.get(k) != current[k]]
+        if changed:
+            raise SystemExit(f"{out / PREDICTIONS} was made with other settings ({', '.join(changed)} differ); "
+                             "use another --out or remove that file")
+    run_file.write_text(json.dumps(current, indent=1) + "\n")
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
+    if cfg.model is None and not cfg.data:
+        cfg = embedded_default(cfg)
+    elif cfg.model is None or not cfg.data:
+        raise SystemExit("give both --model and --data, or neither for the embedded default")
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out, cfg)
+    samples, skipped = load_samples(cfg)
+    done = {(r["file"], r["id"]) for r in load_records(out / PREDICTIONS)}
+    pending = [(file, s) for file, s in samples if (file, s.id) not in done]
+    if pending:
+        runner = make_runner(cfg)
+        with (out / PREDICTIONS).open("a") as f, ThreadPoolExecutor(1) as pool, \
+                tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc="eval") as bar:
+            for step, (chunk, arrays) in enumerate(encoded_batches(pending, runner, pool)):
+                records = batch_records(runner, chunk, arrays, step)
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(chunk))
+    keys = {(file, s.id) for file, s in samples}
+    summary = summarize([r for r in load_records(out / PREDICTIONS) if (r["file"], r["id"]) in keys])
+    summary["skipped_records"] = skipped
+    (out / ACCURACY).write_text(json.dumps(summary, indent=1) + "\n")
+    print(format_summary(summary))
+    if any(skipped.values()):
+        print(f"records skipped while reading (not scored): {skipped}")
+    print(f"predictions: {out / PREDICTIONS}; accuracy: {out / ACCURACY}")
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_config(argv: list[str] | None = None) -> EvalConfig:
+    """Defaults, then the YAML file's keys, then the flags given on the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    parser.add_argument("--data", nargs="+", help="data files (or Ego-ST folders)")
+    parser.add_argument("--videos", nargs="+", help="video folder for all files, or one per file")
+    for f in dataclasses.fields(EvalConfig):
+        if f.name in ("data", "videos"):
+            continue
+        kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
+        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES}.get(f.name)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
+                            help=f"default: {f.default!r}")
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if "config" in args:
+        path = args.pop("config")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        names = {f.name for f in dataclasses.fields(EvalConfig)}
+        for key, value in loaded.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise SystemExit(f"{path}: unknown option {key!r}")
+            if name in ("data", "videos"):  # a list of paths, or one path
+                value = [str(v) for v in (value if isinstance(value, list) else [value])]
+            values[name] = value
+    return EvalConfig(**(values | args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    evaluate(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()
