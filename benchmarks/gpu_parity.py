@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

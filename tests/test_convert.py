@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import hf_logits, hf_model, make_batch, tiny_config
+from reference import hf_logits, make_batch, tiny_config
 from stjax.convert import hf_to_stjax, parse_size, stjax_to_hf
 from stjax.models.config import ConfigError
 from stjax.models.loading import CheckpointError, load_pretrained

@@ -5,7 +5,6 @@ import numpy as np
 from flax import nnx
 
 import jax
-import jax.numpy as jnp
 from reference import make_batch, rope_index, tiny_config
 from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model

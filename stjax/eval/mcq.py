@@ -41,7 +41,7 @@ from tqdm import tqdm
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
-from stjax.models.inputs import ModelInputs, bucket, prepare_inputs
+from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
@@ -287,8 +287,7 @@ def left_padded_batch(config, arrays: list[dict], batch_size: int, pad_id: int) 
 
 def last_logits(model, inputs: ModelInputs, position: int) -> jax.Array:
     """Logits (B, vocab) at one position: one prefill, without the (B, L, vocab) tensor of a full forward."""
-    dtype = jnp.dtype(model.config.compute_dtype)
-    inputs = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
+    inputs = cast_floats(inputs, model.config.compute_dtype)
     graphdef, state = nnx.split(model)
     return _last_logits(graphdef, state, inputs, jnp.int32(position))
 

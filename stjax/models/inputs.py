@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -64,6 +66,11 @@ class ModelInputs:
     attention_mask: np.ndarray  # (B, L), 1 real, 0 padding
     position_ids: np.ndarray  # (3, B, L)
     vision: Optional[VisionInputs] = None
+
+
+def cast_floats(inputs: ModelInputs, dtype) -> ModelInputs:
+    """Pixels (the only float inputs) in the model's compute dtype; integer arrays unchanged."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
 
 
 def make_groups(lengths: np.ndarray, size: int, count: int, rows: int) -> VisionGroups:

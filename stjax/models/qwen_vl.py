@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.inputs import ModelInputs, prepare_inputs
+from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
 from stjax.models.text import TextModel
 from stjax.models.vision import VisionTower
@@ -84,8 +84,7 @@ def compiled_forward(model: QwenVLForConditionalGeneration, inputs: ModelInputs)
     The weights are traced arguments, so new weights never recompile; sharded weights and inputs
     (see `stjax.sharding`) give a sharded computation.
     """
-    dtype = jnp.dtype(model.config.compute_dtype)
-    inputs = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
+    inputs = cast_floats(inputs, model.config.compute_dtype)
     graphdef, state = nnx.split(model)
     return _forward(graphdef, state, inputs)
 

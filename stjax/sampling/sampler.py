@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from stjax.models.inputs import ModelInputs
+from stjax.models.inputs import ModelInputs, cast_floats
 from stjax.models.text import KVCache
 
 
@@ -88,8 +88,7 @@ class _Loop:
 
 def generate(model, inputs: ModelInputs, prompt_length: int, key: jax.Array, cfg: SamplingConfig) -> SampleOutput:
     """Sample up to `cfg.max_new_tokens` tokens after each left-padded prompt (see module doc)."""
-    dtype = jnp.dtype(model.config.compute_dtype)
-    inputs = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, inputs)
+    inputs = cast_floats(inputs, model.config.compute_dtype)
     real = np.asarray(inputs.attention_mask)[:, :prompt_length] == 1
     positions = np.where(real[None], np.asarray(inputs.position_ids)[:, :, :prompt_length], -1)
     next_position = positions.max(axis=(0, 2)) + 1
