@@ -9,7 +9,7 @@ from reference import make_batch, rope_index, tiny_config
 from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model
 from stjax.sampling.sampler import SamplingConfig, generate
-from stjax.train.step import Batch, OptimConfig, compiled_train_step, init_state
+from stjax.train.step import Batch, OptimConfig, compiled_train_step, init_state, split_trainable
 
 PROMPTS = [[3, ("video", 2, 8, 8), 4], [5, ("video", 2, 4, 8), 2]]
 ANSWER = 6  # tokens to learn after each prompt
@@ -40,15 +40,15 @@ def test_a_tiny_model_fits_and_greedy_decoding_reproduces_the_answers():
     model = init_model(cfg, seed=0)
     prompt, answers, inputs, loss_mask = sft_batch(cfg)
     optim = OptimConfig(learning_rate=5e-3, total_steps=100, warmup_ratio=0.1, max_grad_norm=1.0)
-    graphdef = nnx.graphdef(model)
-    state = init_state(model, optim)
+    graphdef, params, frozen = split_trainable(model)
+    state = init_state(params, optim)
     batch = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
     losses = []
     for _ in range(optim.total_steps):
-        state, metrics = compiled_train_step(graphdef, optim, state, batch)
+        state, metrics = compiled_train_step(graphdef, optim, state, frozen, batch)
         losses.append(float(metrics["loss"]))
     assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::10]  # threshold: 0.05 nats per answer token
-    trained = nnx.merge(graphdef, state.params)
+    trained = nnx.merge(graphdef, state.params, frozen)
     out = generate(trained, prepare_inputs(cfg, **prompt), prompt["input_ids"].shape[1], jax.random.key(0),
                    SamplingConfig(max_new_tokens=ANSWER))
     np.testing.assert_array_equal(np.asarray(out.tokens), answers)
@@ -64,11 +64,11 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_both():
     # A real update at step 0; a large Adam eps keeps the update linear in tiny gradients, whose
     # float rounding would otherwise be blown up to +-lr by the normalisation.
     optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3)
-    graphdef = nnx.graphdef(model)
+    graphdef, params, frozen = split_trainable(model)
     whole = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
     split = Batch(inputs=stack(row(0), row(1)), loss_mask=stack(loss_mask[:1], loss_mask[1:]))
-    a, ma = compiled_train_step(graphdef, optim, init_state(model, optim), whole)
-    b, mb = compiled_train_step(graphdef, optim, init_state(model, optim), split)
+    a, ma = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, whole)
+    b, mb = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, split)
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -84,10 +84,11 @@ def test_a_non_finite_step_is_skipped():
     _, _, inputs, loss_mask = sft_batch(cfg)
     bad = inputs.replace(vision=inputs.vision.replace(patches=np.full_like(inputs.vision.patches, np.nan)))
     optim = OptimConfig(total_steps=10)
-    graphdef = nnx.graphdef(model)
-    before = init_state(model, optim)
+    graphdef, params, frozen = split_trainable(model)
+    before = init_state(params, optim)
     kept = jax.tree.map(np.asarray, before.params)
-    after, metrics = compiled_train_step(graphdef, optim, before, Batch(inputs=stack(bad), loss_mask=stack(loss_mask)))
+    after, metrics = compiled_train_step(graphdef, optim, before, frozen,
+                                         Batch(inputs=stack(bad), loss_mask=stack(loss_mask)))
     assert int(metrics["skipped"]) == 1 and int(after.step) == 0
     for x, y in zip(jax.tree.leaves(after.params), jax.tree.leaves(kept)):
         np.testing.assert_array_equal(np.asarray(x), y)

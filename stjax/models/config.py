@@ -96,6 +96,10 @@ class QwenVLConfig:
     compute_dtype: str = "float32"
     attention: str = "xla"  # see stjax.models.attention.BACKENDS
     remat: str = "none"  # none | full | dots
+    # LoRA adapters on the decoder's projections (0: off). scale = lora_alpha / lora_rank.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):

@@ -20,20 +20,35 @@ REMAT_POLICIES = {
 }
 
 
+class LoRAParam(nnx.Param):
+    """Low-rank adapter weights: with LoRA on, the only parameters the optimizer updates."""
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel is (in, out), the transpose of torch's Linear.weight."""
+    """y = x @ kernel (+ bias) (+ scale * x @ lora_a @ lora_b); kernel is (in, out), the transpose
+    of torch's Linear.weight. The adapter starts at zero (lora_b = 0), so it starts as the base."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], *, bias: bool, std: float,
-                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+                 param_dtype, compute_dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0):
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if bias else None
+        if lora_rank:
+            self.lora_a = LoRAParam(init(rngs.params(), (din, lora_rank), param_dtype), axes=(axes[0], None))
+            self.lora_b = LoRAParam(jnp.zeros((lora_rank, dout), param_dtype), axes=(None, axes[1]))
+            self.lora_scale = lora_alpha / lora_rank
+        else:
+            self.lora_a = self.lora_b = None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        x = x.astype(self.compute_dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
+        if self.lora_a is not None:
+            low = jnp.dot(x, self.lora_a[...].astype(self.compute_dtype))
+            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.compute_dtype))
         return y
 
 

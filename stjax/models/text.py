@@ -51,17 +51,21 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         t = cfg.text
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
-        lin = dict(std=cfg.initializer_range, rngs=rngs, **kw)
         kv = t.num_kv_heads * t.head_dim
+
+        def linear(name: str, din: int, dout: int, axes: tuple[str, str], bias: bool) -> Linear:
+            lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha) if name in cfg.lora_targets else {}
+            return Linear(din, dout, axes, bias=bias, std=cfg.initializer_range, rngs=rngs, **kw, **lora)
+
         self.input_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
-        self.q_proj = Linear(t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), bias=True, **lin)
-        self.k_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=True, **lin)
-        self.v_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=True, **lin)
-        self.o_proj = Linear(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), bias=False, **lin)
-        self.gate_proj = Linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, **lin)
-        self.up_proj = Linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, **lin)
-        self.down_proj = Linear(t.intermediate_size, t.hidden_size, ("mlp", "embed"), bias=False, **lin)
+        self.q_proj = linear("q_proj", t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), True)
+        self.k_proj = linear("k_proj", t.hidden_size, kv, ("embed", "kv_heads"), True)
+        self.v_proj = linear("v_proj", t.hidden_size, kv, ("embed", "kv_heads"), True)
+        self.o_proj = linear("o_proj", t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
+        self.gate_proj = linear("gate_proj", t.hidden_size, t.intermediate_size, ("embed", "mlp"), False)
+        self.up_proj = linear("up_proj", t.hidden_size, t.intermediate_size, ("embed", "mlp"), False)
+        self.down_proj = linear("down_proj", t.intermediate_size, t.hidden_size, ("mlp", "embed"), False)
         self.act = ACTIVATIONS[t.hidden_act]
         self.heads, self.kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.backend = cfg.attention

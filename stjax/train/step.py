@@ -1,8 +1,9 @@
 """The SFT train state and its compiled step: AdamW with warmup + cosine, global-norm clipping and
 gradient accumulation over micro-batches inside one jitted function.
 
-Parameters are kept in `master_dtype` (float32 by default, the optimizer's copy); the model casts
-them to its compute dtype where it uses them. A step whose loss or gradient is not finite leaves
+The trainable parameters (all of them, or only the LoRA adapters) are kept in `master_dtype`
+(float32 by default, the optimizer's copy); the model casts them to its compute dtype where it uses
+them. Frozen parameters are passed to the step beside the state and never updated. A step whose loss or gradient is not finite leaves
 the state unchanged and reports `skipped = 1`, so one bad batch cannot poison the weights.
 """
 
@@ -16,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from stjax.models.inputs import ModelInputs
+from stjax.models.layers import LoRAParam
 from stjax.train.loss import sft_loss
 
 
@@ -60,19 +62,25 @@ class Batch:
     loss_mask: jax.Array  # (accum, B, L) aligned with input_ids
 
 
-def init_state(model: nnx.Module, optim: OptimConfig, master_dtype=jnp.float32) -> TrainState:
+def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable, frozen): the LoRA adapters when the model has them, else every parameter."""
+    trainable = LoRAParam if model.config.lora_rank else nnx.Param
+    return nnx.split(model, trainable, ...)
+
+
+def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float32) -> TrainState:
     """A fresh state; the master parameters are copies (the step donates its state)."""
-    params = jax.tree.map(lambda x: jnp.array(x, master_dtype, copy=True), nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda x: jnp.array(x, master_dtype, copy=True), trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.optimizer().init(params))
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, inputs: ModelInputs, loss_mask: jax.Array,
-            average: str) -> jax.Array:
-    logits = nnx.merge(graphdef, params).forward(inputs)
+def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
+            loss_mask: jax.Array, average: str) -> jax.Array:
+    logits = nnx.merge(graphdef, params, frozen).forward(inputs)
     return sft_loss(logits, inputs.input_ids, loss_mask, average)
 
 
-def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, batch: Batch,
+def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
                average: str = "token") -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the mean gradient of the micro-batches (jit it with
     `static_argnums=(0, 1)` and `static_argnames="average"`; see `compiled_train_step`)."""
@@ -80,7 +88,7 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, ba
 
     def accumulate(carry, micro):
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(graphdef, state.params, micro.inputs, micro.loss_mask, average)
+        loss, grads = grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

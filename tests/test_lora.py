@@ -1,0 +1,63 @@
+"""LoRA: adapters start as the base, training moves only them, merging gives W + scale * B @ A."""
+
+import numpy as np
+from flax import nnx, traverse_util
+
+import jax
+from reference import make_batch, tiny_config
+from stjax.models.inputs import prepare_inputs
+from stjax.models.layers import LoRAParam
+from stjax.models.qwen_vl import compiled_forward, init_model
+from stjax.models.weights import hf_tensors
+from stjax.train.lora import merge_lora, with_lora
+from stjax.train.step import Batch, OptimConfig, compiled_train_step, init_state, split_trainable
+from test_train_step import sft_batch, stack
+
+
+def flat(model, kind=nnx.Param):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, kind))).items()}
+
+
+def test_lora_trains_only_the_adapters_and_merges_into_the_base():
+    cfg = tiny_config("qwen2_5_vl")
+    base = init_model(cfg, seed=0)
+    lora = with_lora(base, rank=4, alpha=8.0)
+    adapters = flat(lora, LoRAParam)
+    assert {p[-2:] for p in adapters} == {(name, part) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                                          for part in ("lora_a", "lora_b")}
+    prompt, _, inputs, loss_mask = sft_batch(cfg)
+    model_inputs = prepare_inputs(cfg, **prompt)
+    np.testing.assert_array_equal(np.asarray(compiled_forward(lora, model_inputs)),
+                                  np.asarray(compiled_forward(base, model_inputs)))  # lora_b starts at 0
+
+    optim = OptimConfig(learning_rate=1e-2, total_steps=3, warmup_ratio=0.0)
+    graphdef, params, frozen = split_trainable(lora)
+    state = init_state(params, optim)
+    batch = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
+    for _ in range(3):
+        state, metrics = compiled_train_step(graphdef, optim, state, frozen, batch)
+    trained = nnx.merge(graphdef, state.params, frozen)
+    before, after = flat(lora), flat(trained)
+    for path, value in after.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            assert not np.array_equal(value, before[path]), path  # the adapters moved
+        else:
+            np.testing.assert_array_equal(value, before[path])  # the base did not
+
+    merged = merge_lora(trained)
+    assert merged.config.lora_rank == 0 and not flat(merged, LoRAParam)
+    exported = dict(hf_tensors(merged.config, flat(merged)))
+    original = dict(hf_tensors(cfg, flat(base)))
+    scale = 8.0 / 4
+    for layer in range(cfg.text.num_layers):
+        for name in ("q_proj", "v_proj", "o_proj"):
+            a = after[("model", "layers", name, "lora_a")][layer].T  # HF layout A: (r, in)
+            b = after[("model", "layers", name, "lora_b")][layer].T  # HF layout B: (out, r)
+            key = f"model.layers.{layer}.self_attn.{name}.weight"
+            np.testing.assert_allclose(exported[key], original[key] + scale * b @ a, rtol=1e-5, atol=1e-7)
+    untouched = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_array_equal(exported[untouched], original[untouched])
+    # and the merged model computes what the adapted one computes
+    ours = np.asarray(compiled_forward(trained, model_inputs))
+    np.testing.assert_allclose(np.asarray(compiled_forward(merged, model_inputs)), ours,
+                               atol=1e-5 * np.abs(ours).max())
