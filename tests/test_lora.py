@@ -3,8 +3,7 @@
 import numpy as np
 from flax import nnx, traverse_util
 
-import jax
-from reference import make_batch, tiny_config
+from reference import tiny_config
 from stjax.models.inputs import prepare_inputs
 from stjax.models.layers import LoRAParam
 from stjax.models.qwen_vl import compiled_forward, init_model
