@@ -80,6 +80,12 @@ def test_sharded_forward_matches_single_device(hf_dirs, arch, mesh_shape):
         t.vocab_size // tensor, t.hidden_size // fsdp)
     assert sharded.visual.blocks.qkv.kernel[...].addressable_shards[0].data.shape[1:] == (
         cfg.vision.hidden_size // fsdp, 3 * cfg.vision.hidden_size // tensor)
+    # a model made in memory is placed by the same rules
+    from stjax.models.qwen_vl import init_model
+
+    placed_model = sharding.shard_model(init_model(cfg), mesh)
+    assert placed_model.model.layers.q_proj.kernel[...].addressable_shards[0].data.shape == (
+        t.num_layers, t.hidden_size // fsdp, t.num_heads * t.head_dim // tensor)
     # and the batch of 8 is split over the data-parallel axes
     assert placed.input_ids.addressable_shards[0].data.shape[0] == 8 // (mesh.shape["data"] * fsdp)
 

@@ -102,7 +102,3 @@ def init_model(config: QwenVLConfig, seed: int = 0) -> QwenVLForConditionalGener
 def abstract_model(config: QwenVLConfig) -> QwenVLForConditionalGeneration:
     """The model with shapes and dtypes only (no memory), to be filled from a checkpoint."""
     return nnx.eval_shape(lambda: QwenVLForConditionalGeneration(config, nnx.Rngs(0)))
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
