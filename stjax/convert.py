@@ -11,7 +11,6 @@ from tqdm import tqdm
 
 from stjax.models.config import QwenVLConfig
 from stjax.models.loading import copy_side_files, hf_params, save_hf, save_stjax, stjax_params
-from stjax.models.safetensors_io import SafetensorsReader
 
 
 def parse_size(text: str) -> int:
@@ -24,15 +23,16 @@ def parse_size(text: str) -> int:
     return int(float(value) * base ** "_KMGT".index(unit.upper() or "_"))
 
 
-def _bar(total: int, what: str) -> tqdm:
+def _bar(total: int | None, what: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
 
 
 def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None) -> QwenVLConfig:
     cfg = QwenVLConfig.from_file(hf_dir)
-    total = sum(t.nbytes for t in SafetensorsReader(hf_dir).tensors.values())
-    with _bar(total, "convert") as bar:
-        save_stjax(out_dir, cfg, hf_params(cfg, hf_dir, dtype, bar.update))
+    with _bar(None, "convert") as bar:
+        params = hf_params(cfg, hf_dir, dtype, bar.update)
+        bar.total = sum(t.nbytes for t in next(iter(params.values())).reader.tensors.values())
+        save_stjax(out_dir, cfg, params)
     copy_side_files(hf_dir, out_dir)
     return cfg
 

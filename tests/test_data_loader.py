@@ -58,20 +58,15 @@ def test_resume_and_worker_processes_give_the_same_batches(data):
     cfg = LoaderConfig(batch_size=2, seed=5, num_epochs=2, shard_index=0, shard_count=1, **BUCKETS)
     full, _ = run(make_loader(samples, processor, cfg))
     assert len(full) == len(samples)  # 2 epochs of 12 in batches of 2
-    it = iter(make_loader(samples, processor, cfg))
-    head = [next(it) for _ in range(3)]
-    state = it.get_state()
-    it.close()
-    tail, _ = run(make_loader(samples, processor, cfg), state)
-    assert same(head + tail, full)
-    # Two worker processes: same batches, and the state taken there resumes there too.
-    workers = dataclasses.replace(cfg, num_workers=2)
-    it = iter(make_loader(samples, processor, workers))
-    head = [next(it) for _ in range(3)]
-    state = it.get_state()
-    it.close()
-    tail, _ = run(make_loader(samples, processor, workers), state)
-    assert same(head + tail, full)
+    # In process, then with two worker processes: same batches, and a state taken after 3 batches
+    # resumes with exactly the rest.
+    for setting in (cfg, dataclasses.replace(cfg, num_workers=2)):
+        it = iter(make_loader(samples, processor, setting))
+        head = [next(it) for _ in range(3)]
+        state = it.get_state()
+        it.close()
+        tail, _ = run(make_loader(samples, processor, setting), state)
+        assert same(head + tail, full)
 
 
 class _IdProcessor:

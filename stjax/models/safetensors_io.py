@@ -100,6 +100,18 @@ class SafetensorsReader:
             raise SafetensorsError(f"{info.file}: tensor {name} is truncated ({got} of {info.nbytes} bytes)")
 
 
+def differing_tensors(a: str | Path, b: str | Path) -> list[str]:
+    """Names of the tensors that differ between two model directories in name, shape, dtype or bytes
+    (empty when they hold the same tensors), read one tensor at a time."""
+    ra, rb = SafetensorsReader(a), SafetensorsReader(b)
+    differ = sorted(set(ra.tensors) ^ set(rb.tensors))
+    for name in sorted(set(ra.tensors) & set(rb.tensors)):
+        x, y = ra.read(name), rb.read(name)
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            differ.append(name)
+    return differ
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """A tensor to write: its metadata now, its bytes from `make()` when its turn comes."""
