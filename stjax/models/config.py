@@ -100,6 +100,7 @@ class QwenVLConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.0  # on the adapters' input, in training steps that pass a dropout key
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ group size (patches per frame). Window groups are exactly (window side * merge)^
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from typing import Optional
 
 import jax
@@ -52,6 +53,15 @@ class VisionGroups:
 
 @struct.dataclass
 class VisionInputs:
+    """The vision pass of a batch, in one of two layouts.
+
+    Flat (below): the patches of all prompts in one sequence, one vision pass; `token_index` points
+    into the merged features of the whole batch (inference: `prepare_inputs`).
+    Per sample: every field has a leading batch axis and `token_index` points into the sample's own
+    features, so a data-parallel step keeps each sample's vision work on its own shard (training:
+    `stjax.train.batch`).
+    """
+
     patches: np.ndarray  # (N, C*T*P*P) in processing order (window order for Qwen2.5-VL)
     rotary_positions: np.ndarray  # (N, 2) patch (row, col)
     frames: VisionGroups  # one group per temporal slice
@@ -92,6 +102,38 @@ def _as_grid(grid: Optional[np.ndarray]) -> np.ndarray:
     return np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
 
 
+@dataclass(frozen=True)
+class VisionSizes:
+    """The static shapes of a `VisionInputs`: patch rows, frame groups (count x size), window groups."""
+
+    rows: int
+    frame_count: int
+    frame_size: int
+    window_count: int  # 0 for Qwen2-VL
+
+    def max(self, other: "VisionSizes") -> "VisionSizes":
+        return VisionSizes(*np.maximum(astuple(self), astuple(other)).tolist())
+
+
+def _processing_order(cfg: QwenVLConfig, grids: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Merged-token order of the vision pass (window order for Qwen2.5-VL) and window lengths in patches."""
+    v = cfg.vision
+    if not cfg.is_qwen2_5:
+        return np.arange(int(grids.prod(axis=1).sum()) // v.spatial_merge_size**2), None
+    order, window_lengths = window_order(grids, v.spatial_merge_size, v.window_merged)
+    return order, window_lengths * v.spatial_merge_size**2
+
+
+def vision_sizes(cfg: QwenVLConfig, grids: np.ndarray) -> VisionSizes:
+    """The bucketed shapes `prepare_vision` gives these grids (a batch takes the maximum of its rows)."""
+    grids = _as_grid(grids)
+    _, window_lengths = _processing_order(cfg, grids)
+    frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
+    return VisionSizes(rows=bucket(int(grids.prod(axis=1).sum()), minimum=64),
+                       frame_count=bucket(len(frame_lengths), 4), frame_size=bucket(frame_lengths.max()),
+                       window_count=0 if window_lengths is None else bucket(len(window_lengths), 4))
+
+
 def prepare_vision(
     cfg: QwenVLConfig,
     input_ids: np.ndarray,
@@ -99,8 +141,13 @@ def prepare_vision(
     image_grid_thw: Optional[np.ndarray],
     pixel_values_videos: Optional[np.ndarray],
     video_grid_thw: Optional[np.ndarray],
+    sizes: Optional[VisionSizes] = None,
 ) -> Optional[VisionInputs]:
-    """Patches of all images then all videos, in one padded pass of the vision tower."""
+    """Patches of all images then all videos, in one padded pass of the vision tower.
+
+    `sizes` (at least `vision_sizes` of the grids) pads to given shapes, so that the samples of a
+    batch, prepared one by one, stack.
+    """
     v = cfg.vision
     merge_unit = v.spatial_merge_size**2
     grids = np.concatenate([_as_grid(image_grid_thw), _as_grid(video_grid_thw)])
@@ -112,7 +159,6 @@ def prepare_vision(
     if pixels.shape != (patches_per_item.sum(), v.patch_dim):
         raise InputError(f"pixel values have shape {pixels.shape} but the grids {grids.tolist()} need "
                          f"({patches_per_item.sum()}, {v.patch_dim})")
-    merged = int(patches_per_item.sum()) // merge_unit
     counts = {name: int((input_ids == tok).sum()) for name, tok in
               (("image", cfg.image_token_id), ("video", cfg.video_token_id))}
     need = {"image": int(_as_grid(image_grid_thw).prod(axis=1).sum()) // merge_unit,
@@ -121,26 +167,25 @@ def prepare_vision(
         if counts[name] != need[name]:
             raise InputError(f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
                              f"{need[name]} features (t*h*w/{merge_unit} per item)")
+    least = vision_sizes(cfg, grids)
+    sizes = least if sizes is None else sizes
+    if sizes.max(least) != sizes:
+        raise InputError(f"vision sizes {sizes} are smaller than these grids need ({least})")
 
-    # Processing order: Qwen2.5-VL permutes merged tokens into window order.
-    if cfg.is_qwen2_5:
-        order, window_lengths = window_order(grids, v.spatial_merge_size, v.window_merged)
-    else:
-        order, window_lengths = np.arange(merged), None
+    order, window_lengths = _processing_order(cfg, grids)
     patch_order = (order[:, None] * merge_unit + np.arange(merge_unit)).reshape(-1)
-    rows = bucket(len(patch_order), minimum=64)
+    rows = sizes.rows
     patches = np.zeros((rows, v.patch_dim), pixels.dtype)
     patches[: len(patch_order)] = pixels[patch_order]
     rotary = np.zeros((rows, 2), np.int32)
     rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
 
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
-    frames = make_groups(frame_lengths, bucket(frame_lengths.max()), bucket(len(frame_lengths), 4), rows)
+    frames = make_groups(frame_lengths, sizes.frame_size, sizes.frame_count, rows)
     windows = None
     if window_lengths is not None:
-        window_lengths = window_lengths * merge_unit
         side = v.window_merged * v.spatial_merge_size
-        windows = make_groups(window_lengths, side * side, bucket(len(window_lengths), 4), rows)
+        windows = make_groups(window_lengths, side * side, sizes.window_count, rows)
 
     # Feature k (original order) sits at processed row position[k]; pads take features in order.
     position = np.empty_like(order)

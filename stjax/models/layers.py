@@ -25,11 +25,13 @@ class LoRAParam(nnx.Param):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (+ scale * x @ lora_a @ lora_b); kernel is (in, out), the transpose
-    of torch's Linear.weight. The adapter starts at zero (lora_b = 0), so it starts as the base."""
+    """y = x @ kernel (+ bias) (+ scale * dropout(x) @ lora_a @ lora_b); kernel is (in, out), the
+    transpose of torch's Linear.weight. The adapter starts at zero (lora_b = 0), so it starts as the
+    base. Dropout (as peft's lora_dropout) applies only when a `dropout_key` is passed."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], *, bias: bool, std: float,
-                 param_dtype, compute_dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0):
+                 param_dtype, compute_dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0,
+                 lora_dropout: float = 0.0):
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if bias else None
@@ -39,14 +41,18 @@ class Linear(nnx.Module):
             self.lora_scale = lora_alpha / lora_rank
         else:
             self.lora_a = self.lora_b = None
+        self.lora_dropout = lora_dropout
         self.compute_dtype = compute_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.compute_dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora_a is not None:
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
             low = jnp.dot(x, self.lora_a[...].astype(self.compute_dtype))
             y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.compute_dtype))
         return y

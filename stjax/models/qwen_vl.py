@@ -38,14 +38,18 @@ class QwenVLForConditionalGeneration(nnx.Module):
         """Token embeddings with the vision features in the image / video pad slots."""
         x = self.model.embed(inputs.input_ids)
         vis = inputs.vision
-        if vis is not None:
-            features = self.visual(vis).astype(x.dtype)
-            x = jnp.where(vis.token_mask[..., None], features[vis.token_index], x)
-        return x
+        if vis is None:
+            return x
+        if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row
+            features = jax.vmap(self.visual)(vis).astype(x.dtype)  # (B, M, hidden)
+            slots = jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
+        else:
+            slots = self.visual(vis).astype(x.dtype)[vis.token_index]
+        return jnp.where(vis.token_mask[..., None], slots, x)
 
-    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final-norm hidden states (B, L, hidden) of the decoder."""
-        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask)
+    def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
+        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -53,9 +57,9 @@ class QwenVLForConditionalGeneration(nnx.Module):
             return jnp.einsum("bld,vd->blv", hidden, table).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def forward(self, inputs: ModelInputs) -> jax.Array:
+    def forward(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, L, vocab) in float32."""
-        return self.logits(self.hidden_states(inputs))
+        return self.logits(self.hidden_states(inputs, dropout_key))
 
     def __call__(
         self,

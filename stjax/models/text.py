@@ -54,7 +54,8 @@ class DecoderLayer(nnx.Module):
         kv = t.num_kv_heads * t.head_dim
 
         def linear(name: str, din: int, dout: int, axes: tuple[str, str], bias: bool) -> Linear:
-            lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha) if name in cfg.lora_targets else {}
+            lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        lora_dropout=cfg.lora_dropout) if name in cfg.lora_targets else {}
             return Linear(din, dout, axes, bias=bias, std=cfg.initializer_range, rngs=rngs, **kw, **lora)
 
         self.input_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
@@ -71,15 +72,17 @@ class DecoderLayer(nnx.Module):
         self.backend = cfg.attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+                 dropout_key: jax.Array | None = None):
         """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, segments, index)` of this
         layer, attention sees the cached slots plus the new tokens placed at `index`, and
-        (x, (new k, new v)) is returned for the caller to store."""
+        (x, (new k, new v)) is returned for the caller to store. `dropout_key` turns on LoRA dropout."""
         b, l, _ = x.shape
+        keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
         h = self.input_layernorm(x)
-        q = self.q_proj(h).reshape(b, l, self.heads, self.head_dim)
-        k = self.k_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(b, l, self.kv_heads, self.head_dim)
+        q = self.q_proj(h, keys[0]).reshape(b, l, self.heads, self.head_dim)
+        k = self.k_proj(h, keys[1]).reshape(b, l, self.kv_heads, self.head_dim)
+        v = self.v_proj(h, keys[2]).reshape(b, l, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             attn = attend(q, k, v, segments, segments, True, self.backend)
@@ -89,9 +92,9 @@ class DecoderLayer(nnx.Module):
             all_k = jax.lax.dynamic_update_slice(cache_k, k, (0, index, 0, 0))
             all_v = jax.lax.dynamic_update_slice(cache_v, v, (0, index, 0, 0))
             attn = attend(q, all_k, all_v, segments, cache_segments, True, self.backend, q_offset=index)
-        x = x + self.o_proj(attn.reshape(b, l, -1))
+        x = x + self.o_proj(attn.reshape(b, l, -1), keys[3])
         h = self.post_attention_layernorm(x)
-        x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        x = x + self.down_proj(self.act(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
         return x if cache is None else (x, (k, v))
 
 
@@ -113,10 +116,12 @@ class TextModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids].astype(self.compute_dtype)
 
-    def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
-        step = lambda layer, x, _: layer(x, cos, sin, attention_mask)
-        x = scan_layers(self.layers, x, step, remat=self.remat)
+        step = lambda layer, x, key: layer(x, cos, sin, attention_mask, dropout_key=key)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
+        x = scan_layers(self.layers, x, step, xs=keys, remat=self.remat)
         return self.norm(x)
 
     def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,

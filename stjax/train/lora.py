@@ -23,9 +23,9 @@ def _flat(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
 
 def with_lora(model: QwenVLForConditionalGeneration, rank: int, alpha: float = 8.0,
               targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-              seed: int = 0) -> QwenVLForConditionalGeneration:
+              seed: int = 0, dropout: float = 0.0) -> QwenVLForConditionalGeneration:
     """The model with fresh adapters on `targets` (lora_b = 0: it computes what the base computes)."""
-    cfg = model.config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    cfg = model.config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets), lora_dropout=dropout)
     graphdef, state = nnx.split(abstract_model(cfg))
     base = _flat(model)
     std = cfg.initializer_range

@@ -52,6 +52,7 @@ class TrainState:
     step: jax.Array
     params: nnx.State  # master copy, `master_dtype`
     opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data (checkpointable); step k uses fold_in(rng, k) for dropout
 
 
 @struct.dataclass
@@ -68,15 +69,16 @@ def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
     return nnx.split(model, trainable, ...)
 
 
-def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float32) -> TrainState:
+def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float32, seed: int = 0) -> TrainState:
     """A fresh state; the master parameters are copies (the step donates its state)."""
     params = jax.tree.map(lambda x: jnp.array(x, master_dtype, copy=True), trainable)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.optimizer().init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.optimizer().init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
-            loss_mask: jax.Array, average: str) -> jax.Array:
-    logits = nnx.merge(graphdef, params, frozen).forward(inputs)
+            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None) -> jax.Array:
+    logits = nnx.merge(graphdef, params, frozen).forward(inputs, dropout_key)
     return sft_loss(logits, inputs.input_ids, loss_mask, average)
 
 
@@ -85,15 +87,18 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     """One optimizer update from the mean gradient of the micro-batches (jit it with
     `static_argnums=(0, 1)` and `static_argnames="average"`; see `compiled_train_step`)."""
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    count = batch.loss_mask.shape[0]
 
-    def accumulate(carry, micro):
+    def accumulate(carry, micro_and_index):
+        micro, index = micro_and_index
         loss_sum, grad_sum = carry
-        loss, grads = grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average)
+        key = jax.random.fold_in(step_key, index)  # unused (and compiled away) without LoRA dropout
+        loss, grads = grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key)
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), batch)
-    count = batch.loss_mask.shape[0]
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (batch, jnp.arange(count)))
     loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optim.optimizer().update(grads, state.opt_state, state.params)
@@ -101,9 +106,10 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state))
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": optim.schedule()(state.step),
-               "skipped": 1 - finite.astype(jnp.int32)}
+               "skipped": 1 - finite.astype(jnp.int32), "tokens": jnp.sum(batch.inputs.attention_mask),
+               "target_tokens": jnp.sum(batch.loss_mask)}
     return new_state, metrics
 
 

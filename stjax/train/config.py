@@ -1,0 +1,226 @@
+"""The training run's configuration: nested dataclasses filled from a YAML file and `--set` overrides.
+
+    python -m stjax.train --stage sft --config configs/sft/qwen2-vl-7b-h100x4.yaml --set optim.learning_rate=1e-5
+
+Every key of the YAML file must name a field below (a typo is an error, not a silently ignored
+setting); `--set a.b=value` overrides one field, the value read as YAML (numbers, lists, true/false).
+`check` validates the whole run against the devices before anything is loaded or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from stjax.sharding import mesh_shape, parse_mesh
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; raised before any compilation."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    # A preset name (configs/models/*.json, random weights), a Hugging Face directory or a stjax
+    # checkpoint directory. Empty: the embedded default, a tiny random model matching the tokenizer.
+    init: str = ""
+    arch: str = "qwen2_vl"  # architecture of the embedded default model
+    param_dtype: str = "float32"  # dtype of the stored (frozen) weights; trained ones keep fp32 masters
+    compute_dtype: str = "float32"
+    attention: str = "xla"  # xla | dot_product | pallas_tpu
+    remat: str = "none"  # none | full | dots
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    format: str = "synthetic"  # synthetic | st_r1 | plain
+    path: str = ""  # the JSONL file (synthetic: where to render; default <out_dir>/data)
+    video_root: str = ""  # base directory of relative video paths (st_r1, plain)
+    tokenizer: str = ""  # tokenizer directory; default: the model directory, or the synthetic one
+    synthetic_walks: int = 4  # synthetic data: walks to render (6 questions each)
+    template: str = "sft"
+    loss_rule: str = "assistant"  # assistant | release
+    num_frames: int = 8
+    fps: float = 1.0
+    max_pixels: int = 360 * 420
+    shuffle: bool = True
+    num_workers: int = 0
+    token_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    patch_buckets: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Defaults: the release's SFT recipe (lr 8e-5, cosine, warmup 0.1, max grad norm 0.3)."""
+
+    learning_rate: float = 8e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 100  # steps between saves (0: only at the end and on SIGTERM)
+    keep: int = 3  # checkpoints kept (the oldest are deleted)
+    async_save: bool = True  # write in the background while training goes on
+    export_hf: bool = True  # write <out_dir>/hf (LoRA merged) at the end
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    """Multi-host: left empty, SLURM and TPU VMs are detected from the environment."""
+
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "sft"
+    out_dir: str = "runs/sft"
+    seed: int = 0
+    steps: int = 0  # optimizer steps; 0: epochs over the data
+    epochs: int = 1
+    batch_size: int = 4  # samples per optimizer step, over all devices
+    micro_batch_size: int = 0  # samples per forward/backward over all devices; 0: batch_size
+    loss_average: str = "token"  # token | sequence
+    mesh: str = "fsdp=-1"  # data=..,fsdp=..,tensor=..; -1: the remaining devices
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    peak_flops: float = 0.0  # per-device peak for MFU; 0: look the device up
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """A YAML value as the field's type (ints for floats, lists for tuples), or a ConfigError."""
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section; give it a mapping, not {value!r}")
+        return from_dict(kind, value, key + ".")
+    origin = getattr(kind, "__origin__", None)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} takes a list, got {value!r}")
+        return tuple(_coerce(v, kind.__args__[0], key) for v in value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-5 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} takes a {kind.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """The dataclass `cls` from a (nested) mapping; unknown keys are errors that list the known ones."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; {prefix or 'the top level '}takes "
+                          f"{', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` strings applied to a nested mapping (values read as YAML)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        *parents, name = key.strip().split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[name] = yaml.safe_load(text)
+    return values
+
+
+def load(path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> TrainConfig:
+    """The run's config: the YAML file (or the defaults), then `fixed` top-level values, then overrides."""
+    values: dict = {}
+    if path:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+    values.update(fixed)
+    return from_dict(TrainConfig, apply_overrides(values, list(overrides)))
+
+
+def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+    """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
+    choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": ("none", "full", "dots"),
+               "model.attention": ("xla", "dot_product", "pallas_tpu"), "data.format": ("synthetic", "st_r1", "plain"),
+               "data.loss_rule": ("assistant", "release"),
+               "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16")}
+    for key, allowed in choices.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            hint = " (GRPO is not available yet)" if value == "grpo" else ""
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
+    try:
+        mesh = mesh_shape(parse_mesh(cfg.mesh), num_devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh={cfg.mesh!r}: {e}") from None
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.batch_size <= 0 or micro <= 0 or cfg.batch_size % micro:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of micro_batch_size={micro}")
+    shards = mesh["data"] * mesh["fsdp"]
+    if micro % shards:
+        raise ConfigError(f"micro-batch of {micro} samples does not divide over data x fsdp = {shards} devices "
+                          f"of mesh {mesh}; use a multiple of {shards}")
+    if micro % num_processes:
+        raise ConfigError(f"micro-batch of {micro} samples does not divide over {num_processes} processes")
+    if cfg.lora.rank < 0 or not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.rank must be >= 0 and lora.dropout in [0, 1), got {cfg.lora.rank}, {cfg.lora.dropout}")
+    unknown = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
+    if unknown:
+        raise ConfigError(f"lora.targets {unknown} are not decoder projections; choose from {', '.join(LORA_TARGETS)}")
+    if cfg.max_bad_steps < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
+        raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every >= 0")
+    if cfg.data.format != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.format={cfg.data.format} needs data.path")
+    return mesh

@@ -1,0 +1,186 @@
+"""Training metrics: FLOP counts for MFU, accelerator peaks, and a logger that writes every step to
+JSONL, TensorBoard and a progress bar.
+
+FLOP convention (PaLM, Chowdhery et al. 2022, appendix B): a training step costs 3x the forward
+(forward + backward for activations and weights), and a matmul with an (in, out) kernel costs
+2 * in * out FLOPs per row. So one row costs 6 * (matmul parameters) + the attention matmuls
+(QK^T and AV: 2 * 2 * keys * width forward, x3 for training). Causal attention is NOT halved: every
+query is counted against all `seq_len` keys, as in PaLM, so numbers compare with published MFU;
+this overstates the decoder's attention by up to 2x next to a kernel that skips masked blocks.
+Norms, activations, softmax, rotary and the embedding lookup are left out (they are not matmuls),
+and so are LoRA adapters; frozen weights are still counted as 6 * N (the convention, even though
+their weight gradients are not computed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from types import TracebackType
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from stjax.models.config import QwenVLConfig
+
+# Dense bf16 peak FLOP/s per chip, keyed by a lower-case piece of `jax.Device.device_kind`.
+DEVICE_PEAK_FLOPS: dict[str, float] = {
+    "h100": 989e12,  # SXM
+    "h100 pcie": 756e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,  # v5p reports itself as "TPU v5"
+    "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+}
+
+
+def model_flops_per_token(cfg: QwenVLConfig, seq_len: int) -> float:
+    """Training FLOPs per text token of the decoder and LM head at sequence length `seq_len`.
+
+    The LM head counts hidden * vocab even with tied embeddings (the matmul runs either way); the
+    embedding lookup is a gather and costs nothing here.
+    """
+    t = cfg.text
+    q_width, kv_width = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    attention = 2 * t.hidden_size * q_width + 2 * t.hidden_size * kv_width  # q, o; k, v
+    mlp = 3 * t.hidden_size * t.intermediate_size  # gate, up, down
+    params = t.num_layers * (attention + mlp) + t.hidden_size * t.vocab_size
+    return float(6 * params + 12 * t.num_layers * seq_len * q_width)
+
+
+def vision_flops_per_patch(cfg: QwenVLConfig, group_size: int) -> float:
+    """Training FLOPs per patch of the vision tower, for attention groups of `group_size` patches
+    (the patches of one frame).
+
+    Qwen2.5-VL's windowed blocks attend over min(window, group_size) patches (windows at a frame's
+    edge are smaller, so this is an upper bound); its `fullatt_block_indexes` blocks and every
+    Qwen2-VL block attend over the whole group. The merger runs once per spatial_merge_size**2
+    patches, so its parameters count divided by that.
+    """
+    v = cfg.vision
+    merge = v.spatial_merge_size**2
+    mlp = (3 if cfg.is_qwen2_5 else 2) * v.hidden_size * v.intermediate_size  # gated (3) or fc1, fc2
+    block = 4 * v.hidden_size**2 + mlp  # qkv (3 d^2) and proj (d^2)
+    merger = (v.hidden_size * merge) ** 2 + v.hidden_size * merge * v.out_hidden_size
+    params = v.patch_dim * v.hidden_size + v.depth * block + merger // merge
+    window = min((v.window_merged * v.spatial_merge_size) ** 2, group_size)
+    keys = sum(group_size if i in v.fullatt_block_indexes or not cfg.is_qwen2_5 else window for i in range(v.depth))
+    return float(6 * params + 12 * keys * v.hidden_size)
+
+
+def device_peak_flops(device: jax.Device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one chip: `override` when given, else the longest DEVICE_PEAK_FLOPS key in the
+    device kind (so "TPU v5 lite" is not read as "TPU v5"), else None (CPU, unknown chips)."""
+    if override is not None:
+        return override
+    kind = device.device_kind.lower()
+    key = max((k for k in DEVICE_PEAK_FLOPS if k in kind), key=len, default=None)
+    return None if key is None else DEVICE_PEAK_FLOPS[key]
+
+
+def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices together."""
+    return flops_per_step / (step_time_s * num_devices * peak)
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no NaN or Infinity: non-finite values are written as null."""
+    return x if math.isfinite(x) else None
+
+
+class MetricsLogger:
+    """Per-step metrics to out_dir/metrics.jsonl, TensorBoard (out_dir/tensorboard) and a tqdm bar.
+
+    `step` is the number of steps done including the one logged, so the bar reads step / total and
+    a resumed run passes the steps already done as `start_step`. The bar shows the `loss` and
+    `tokens_per_s` metrics; `summary` also sums `skipped`. Non-finite values are written to the
+    JSONL (and summary.json) as null, which every JSON reader accepts; TensorBoard gets them as is.
+    The JSONL is appended to, one flushed line per step, so a killed or resumed run keeps its lines.
+    Only process 0 logs by default; a disabled logger does nothing.
+    """
+
+    def __init__(self, out_dir: Path | None, total_steps: int, start_step: int = 0, enabled: bool | None = None,
+                 tensorboard: bool = True, progress: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.start_step = self.last_step = start_step
+        self.records: list[dict[str, float]] = []
+        self.started = time.time()
+        self.jsonl = self.writer = self.bar = None
+        if not self.enabled:
+            return
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float | jax.Array]) -> None:
+        if not self.enabled:
+            return
+        values = {name: float(value) for name, value in metrics.items()}
+        self.records.append(values)
+        self.last_step = step
+        if self.jsonl is not None:
+            record = {"step": step, **{k: _finite_or_none(x) for k, x in values.items()}, "time": time.time()}
+            self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+        if self.bar is not None:
+            postfix = {}
+            if "loss" in values:
+                postfix["loss"] = f"{values['loss']:.4f}"
+            if "tokens_per_s" in values:
+                postfix["tok/s"] = f"{values['tokens_per_s']:,.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Totals of this run, saved to out_dir/summary.json and printed; call it once, at the end.
+
+        `steps` is the last logged step minus `start_step`; the other values cover the logged steps
+        (log every step for exact sums) and are None where nothing was logged or not finite.
+        """
+        if not self.enabled:
+            return {}
+        column = lambda name: [r[name] for r in self.records if name in r]
+        losses, speeds = column("loss"), column("tokens_per_s")
+        recent = [x for x in losses[-10:] if math.isfinite(x)]  # skipped steps have no loss
+        summary = {
+            "steps": self.last_step - self.start_step,
+            "skipped_steps": int(sum(column("skipped"))),
+            "final_loss": _finite_or_none(losses[-1]) if losses else None,
+            "mean_loss_last_10": sum(recent) / len(recent) if recent else None,
+            "mean_tokens_per_s": _finite_or_none(sum(speeds) / len(speeds)) if speeds else None,
+            "wall_time_s": time.time() - self.started,
+        }
+        text = json.dumps(summary, allow_nan=False)
+        if self.out_dir is not None:
+            (self.out_dir / "summary.json").write_text(text + "\n")
+        tqdm.write(f"summary: {text}")
+        return summary
+
+    def close(self) -> None:
+        for handle in (self.bar, self.writer, self.jsonl):
+            if handle is not None:
+                handle.close()
+        self.jsonl = self.writer = self.bar = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,243 @@
+"""The SFT stage: one loop from a laptop CPU to a multi-host mesh.
+
+    config -> check against the devices -> model (+ LoRA) on the mesh -> train state -> data iterator
+    -> [restore the latest checkpoint] -> steps (metrics, periodic async saves, SIGTERM save)
+    -> final checkpoint -> Hugging Face export (LoRA merged)
+
+Everything a resumed run needs is in the checkpoint (parameters, optimizer state, step, PRNG key,
+data position), so rerunning the same command after a stop continues the run exactly. Non-finite
+steps are skipped by the step itself; `max_bad_steps` of them in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from stjax.data.formats import read_plain_jsonl, read_st_r1_jsonl
+from stjax.data.loader import LoaderConfig, make_loader
+from stjax.data.processor import Processor
+from stjax.data.video import MediaConfig
+from stjax.models.config import PRESETS_DIR, QwenVLConfig
+from stjax.models.loading import copy_side_files, load_pretrained, save_hf
+from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
+from stjax.sharding import make_mesh, shard_model
+from stjax.train import distributed
+from stjax.train.batch import global_batch, host_batch
+from stjax.train.checkpoint import Checkpointer, abstract_like
+from stjax.train.config import ConfigError, TrainConfig, check, to_dict
+from stjax.train.lora import merge_lora, with_lora
+from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
+from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row; the last good state was saved."""
+
+
+def _on_process_zero(make, what: Path) -> None:
+    """Let process 0 create `what` (if missing) while the others wait for it."""
+    if jax.process_index() == 0 and not what.exists():
+        make()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"made {what}")
+
+
+def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list, Path]:
+    """The training samples and the tokenizer directory (rendering the synthetic set if asked)."""
+    d = cfg.data
+    if d.format == "synthetic":
+        from stjax.data.synthetic import generate
+
+        root = Path(d.path or out / "data")
+        _on_process_zero(lambda: generate(root, d.synthetic_walks, cfg.seed), root / "plain.jsonl")
+        result = read_plain_jsonl(root / "plain.jsonl")
+        tokenizer = Path(d.tokenizer or root / "tokenizer")
+    else:
+        reader = read_st_r1_jsonl if d.format == "st_r1" else read_plain_jsonl
+        result = reader(d.path, video_root=d.video_root or None)
+        tokenizer = Path(d.tokenizer or cfg.model.init)
+    for reason, count in result.reasons().items():
+        log.warning("%d records of %s skipped: %s", count, d.path or "the synthetic set", reason)
+    if not result.samples:
+        raise ConfigError(f"no usable samples in {d.path or d.format}")
+    return result.samples, tokenizer
+
+
+def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
+    """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
+    m = cfg.model
+    policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    source = m.init
+    if not source:  # the embedded default: a tiny random model for the tokenizer, made once
+        from stjax.demo import tiny_model_dir
+
+        source = out / "base-model"
+        _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
+    if Path(source).is_dir():
+        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy)
+    elif (PRESETS_DIR / f"{source}.json").exists():  # random weights of a preset's shape
+        model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
+        model = shard_model(init_model(model_cfg, cfg.seed), mesh)
+    else:
+        raise ConfigError(f"model.init={source!r} is neither a model directory nor a preset in {PRESETS_DIR}")
+    if cfg.lora.rank:
+        lora = cfg.lora
+        model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
+    return model
+
+
+def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
+    spec = processor.rope_spec
+    ours = (spec.image_token_id, spec.video_token_id, spec.vision_start_token_id)
+    theirs = (model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id)
+    if ours != theirs:
+        raise ConfigError(f"the tokenizer's image/video/vision-start ids {ours} differ from the model's {theirs}")
+
+
+def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh) -> TrainState:
+    """A fresh train state made on the devices: optimizer moments sharded like their parameters."""
+    import optax
+
+    params_sharding = jax.tree.map(lambda x: x.sharding, trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda p: init_state(p, optim, seed=seed), trainable)
+    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
+                                         transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
+    return jax.jit(lambda p: init_state(p, optim, seed=seed), out_shardings=shardings)(trainable)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A global array on this host (gathered from the other processes when they hold parts)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path) -> None:
+    """The trained model as a Hugging Face directory (adapters merged), written by process 0."""
+    if model.config.lora_rank:
+        model = merge_lora(model)
+    cfg = model.config
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = {k: _host(v).astype(cfg.param_dtype) for k, v in params.items()}
+    if jax.process_index() == 0:
+        save_hf(target, cfg, params)
+        copy_side_files(tokenizer, target)
+
+
+def step_flops(model_cfg: QwenVLConfig, batch, tokens: float) -> float:
+    """Model FLOPs of one step: decoder per token at this length, vision per real patch."""
+    flops = model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) * tokens
+    vision = batch.inputs.vision
+    if vision is not None:
+        frames = vision.frames
+        flops += vision_flops_per_patch(model_cfg, frames.index.shape[-1]) * float(jnp.sum(frames.lengths))
+    return flops
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
+    distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
+    mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
+    out = Path(cfg.out_dir)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    samples, tokenizer_dir = prepare_data(cfg, out)
+    model = prepare_model(cfg, out, tokenizer_dir, mesh)
+    model_cfg = model.config
+    d = cfg.data
+    processor = Processor.from_pretrained(
+        tokenizer_dir, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels),
+        tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
+        loss_rule=d.loss_rule)
+    check_tokenizer(processor, model_cfg)
+
+    steps = cfg.steps or len(samples) * cfg.epochs // cfg.batch_size
+    if steps == 0:
+        raise ConfigError(f"{len(samples)} samples x {cfg.epochs} epochs do not fill one batch of {cfg.batch_size}")
+    epochs = max(cfg.epochs, math.ceil(steps * cfg.batch_size / len(samples)))
+    micro = cfg.micro_batch_size or cfg.batch_size
+    loader = make_loader(samples, processor, LoaderConfig(
+        batch_size=micro // jax.process_count(), seed=cfg.seed, num_epochs=epochs, shuffle=d.shuffle,
+        num_workers=d.num_workers, template=d.template, token_buckets=d.token_buckets,
+        patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1, images_per_sample=0))
+    data = iter(loader)
+
+    o = cfg.optim
+    optim = OptimConfig(learning_rate=o.learning_rate, total_steps=steps, warmup_ratio=o.warmup_ratio,
+                        weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+    graphdef, trainable, frozen = split_trainable(model)
+    state = placed_state(trainable, optim, cfg.seed, mesh)
+    del model, trainable  # the state holds the trained copies
+    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    start = checkpoints.latest_step or 0
+    if start:
+        state = checkpoints.restore(start, abstract_like(state), data)
+        log.info("resumed from step %d", start)
+
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average),
+                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    stop = {}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    peak = device_peak_flops(jax.devices()[0], cfg.peak_flops or None)
+    bad_in_a_row, step, saved = 0, start, start
+    try:
+        with MetricsLogger(out, steps, start_step=start) as logger:
+            while step < steps and not stop:
+                try:
+                    micro_batches = [next(data) for _ in range(cfg.accumulation)]
+                except StopIteration:
+                    log.warning("the data ran out after %d steps (skipped samples: %d)", step, len(data.skipped))
+                    break
+                batch = global_batch(host_batch(model_cfg, micro_batches), mesh)
+                began = time.perf_counter()
+                state, metrics = step_fn(state, frozen, batch)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                seconds = time.perf_counter() - began
+                step += 1
+                metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
+                if peak:
+                    metrics["mfu"] = mfu(step_flops(model_cfg, batch, metrics["tokens"]), seconds, jax.device_count(), peak)
+                logger.log(step, metrics)
+                bad_in_a_row = bad_in_a_row + 1 if metrics["skipped"] else 0
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    checkpoints.save(step, state, data)  # skipped steps left the state as it was: the last good one
+                    checkpoints.wait()
+                    raise TrainingStopped(f"{bad_in_a_row} non-finite steps in a row (up to step {step}); "
+                                          f"the last good state is saved in {out / 'checkpoints' / str(step)}")
+                if checkpoints.due(step):
+                    checkpoints.save(step, state, data)
+                    saved = step
+            summary = logger.summary()
+        if step > saved:
+            checkpoints.save(step, state, data)
+        checkpoints.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpoints.close()
+    if stop:
+        log.warning("stopped by SIGTERM at step %d; checkpoint saved; rerun the same command to resume", step)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    if cfg.checkpoint.export_hf:
+        trained = nnx.merge(graphdef, state.params, frozen)
+        export_hf(trained, out / "hf", tokenizer_dir)
+        log.info("exported the trained model to %s", out / "hf")
+    return summary

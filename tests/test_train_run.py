@@ -1,0 +1,203 @@
+"""The SFT run as users start it (`python -m stjax.train`): exact resume after SIGTERM, after kill -9
+between saves and after kill -9 during an asynchronous save; 2 processes x 2 devices against
+1 process x 4 devices; the K-in-a-row guard; config errors raised before anything is compiled.
+
+One small synthetic set and one tiny base model are made once for the module and shared."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from stjax.train import config as train_config
+from stjax.train import sft
+from stjax.train.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(synthetic data dir, tiny base model dir), made once."""
+    from stjax.data.synthetic import generate
+    from stjax.demo import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("train-assets")
+    data = generate(root / "data", 2, seed=0, sheet=0)
+    model = tiny_model_dir(data / "tokenizer", root / "model", "qwen2_vl", seed=0)
+    return data, model
+
+
+def settings(out: Path, assets, **changes) -> list[str]:
+    data, model = assets
+    values = {"out_dir": out, "steps": STEPS, "batch_size": 2, "model.init": model, "data.path": data,
+              "data.max_pixels": 12544, "data.token_buckets": "[256, 512]", "data.patch_buckets": "[256, 512]",
+              "optim.learning_rate": 3e-3, "optim.max_grad_norm": 1.0, "checkpoint.every": 0,
+              "checkpoint.export_hf": "false", "mesh": "fsdp=-1"}
+    values.update(changes)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def start(out: Path, assets, devices: int = 1, env: dict | None = None, **changes) -> subprocess.Popen:
+    args = [sys.executable, "-m", "stjax.train", "--stage", "sft"]
+    for item in settings(out, assets, **changes):
+        args += ["--set", item]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           **(env or {})}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, output[-3000:]
+    return output
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step (a resumed run repeats the steps after its checkpoint)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before the condition held:\n{proc.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """Per-step losses of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    finish(start(out, assets))
+    result = losses(out)
+    assert sorted(result) == list(range(1, STEPS + 1))
+    assert result[STEPS] < result[1] - 1.0, result  # it learns
+    return result
+
+
+def test_sigterm_saves_and_the_rerun_continues_the_exact_run(assets, reference, tmp_path):
+    proc = start(tmp_path, assets, **{"checkpoint.every": 5})
+    wait_for(lambda: logged_steps(tmp_path) >= 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc, expect=sft.PREEMPTED_EXIT_CODE)
+    assert "stopped by SIGTERM" in output
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] >= 7 and saved[-1] % 5  # the SIGTERM checkpoint, not a periodic one
+    finish(start(tmp_path, assets, **{"checkpoint.every": 5}))
+    assert losses(tmp_path) == reference  # bit for bit
+
+
+def test_kill_between_saves_resumes_from_the_last_checkpoint(assets, reference, tmp_path):
+    proc = start(tmp_path, assets, **{"checkpoint.every": 4})
+    wait_for(lambda: logged_steps(tmp_path) >= 10, proc)
+    proc.kill()
+    proc.wait()
+    assert logged_steps(tmp_path) < STEPS
+    finish(start(tmp_path, assets, **{"checkpoint.every": 4}))
+    assert losses(tmp_path) == reference
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint(assets, reference, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    proc = start(tmp_path, assets, **{"checkpoint.every": 4})
+    wait_for(lambda: (checkpoints / "4").is_dir(), proc)
+    partial = lambda: [p for p in checkpoints.iterdir() if "tmp" in p.name and not p.name.startswith("4")]
+    wait_for(lambda: bool(partial()), proc, poll=0.0005)
+    proc.kill()
+    proc.wait()
+    left = partial()
+    assert left, "the kill came after the save finished"
+    complete = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    output = finish(start(tmp_path, assets, **{"checkpoint.every": 4}))
+    assert f"resumed from step {complete[-1]}" in output
+    assert losses(tmp_path) == reference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
+    common = {"steps": 3, "batch_size": 4, "mesh": "fsdp=-1"}
+    single = tmp_path / "single"
+    finish(start(single, assets, devices=4, **common))
+    multi = tmp_path / "multi"
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [start(multi, assets, devices=2, **common, **{"distributed.coordinator": coordinator,
+                                                             "distributed.num_processes": 2,
+                                                             "distributed.process_id": i}) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    a, b = losses(single), losses(multi)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    # The same samples, gathered in another order: equal up to float summation order.
+    np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=1e-5)
+
+
+def config(tmp_path, assets, **changes):
+    """An in-process run's config (this test process has 8 devices)."""
+    return train_config.load(None, settings(tmp_path, assets, **{"mesh": "fsdp=2,tensor=4", **changes}))
+
+
+def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved(assets, tmp_path, monkeypatch):
+    from stjax.train import batch as batch_lib
+
+    real = batch_lib.host_batch
+
+    def poisoned(model_cfg, micro_batches):
+        b = real(model_cfg, micro_batches)
+        return b.replace(inputs=b.inputs.replace(vision=b.inputs.vision.replace(
+            patches=np.full_like(b.inputs.vision.patches, np.nan))))
+
+    monkeypatch.setattr(sft, "host_batch", poisoned)
+    cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.rank": 4})
+    with pytest.raises(sft.TrainingStopped, match="3 non-finite steps in a row"):
+        sft.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [1, 1, 1]
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"optim.learning_rte": 1e-3}, "unknown config key optim.learning_rte"),
+    ({"mesh": "fsdp=3,tensor=-1"}, "does not divide 8 devices"),
+    ({"mesh": "fsdp=4"}, "needs 4 devices, but 8 are available"),
+    ({"mesh": "fsdp=8", "batch_size": 4}, "does not divide over data x fsdp = 8"),
+    ({"batch_size": 6, "micro_batch_size": 4}, "multiple of micro_batch_size"),
+    ({"stage": "grpo"}, "GRPO is not available yet"),
+    ({"lora.targets": "[q_proj, qkv]"}, "lora.targets"),
+    ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
+])
+def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, monkeypatch, changes, message):
+    def too_far(*args, **kwargs):
+        raise AssertionError("the run went past its checks")
+
+    monkeypatch.setattr(sft, "prepare_data", too_far)
+    monkeypatch.setattr(jax, "jit", too_far)
+    with pytest.raises(ConfigError, match=message):
+        sft.run(config(tmp_path, assets, **changes))
+
+
+def test_set_needs_key_equals_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        train_config.load(None, ["steps"])
