@@ -60,3 +60,27 @@ def test_lora_trains_only_the_adapters_and_merges_into_the_base():
     ours = np.asarray(compiled_forward(trained, model_inputs))
     np.testing.assert_allclose(np.asarray(compiled_forward(merged, model_inputs)), ours,
                                atol=1e-5 * np.abs(ours).max())
+
+
+def test_lora_dropout_drops_the_adapter_input_only_and_only_in_training():
+    """With A = B = I and scale 1 the adapter path returns dropout(x): each entry 0 or x / (1 - p),
+    a fraction p of them 0 (binomial, 4 sigma); the base path and calls without a key are untouched."""
+    import jax
+
+    from stjax.models.layers import Linear
+
+    d, p, n = 16, 0.25, 4000
+    layer = Linear(d, d, ("embed", "embed"), bias=False, std=0.1, param_dtype="float32", compute_dtype="float32",
+                   rngs=nnx.Rngs(0), lora_rank=d, lora_alpha=float(d), lora_dropout=p)
+    layer.lora_a[...] = np.eye(d, dtype=np.float32)
+    layer.lora_b[...] = np.eye(d, dtype=np.float32)
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (n, d)).astype(np.float32)
+    base = x @ np.asarray(layer.kernel[...])
+    np.testing.assert_allclose(np.asarray(layer(x)) - base, x, rtol=1e-5)  # no key: no dropout
+    adapter = np.asarray(layer(x, jax.random.key(1))) - base
+    dropped = np.abs(adapter) < 1e-3
+    np.testing.assert_allclose(adapter[~dropped], x[~dropped] / (1 - p), rtol=1e-4)
+    sigma = np.sqrt(p * (1 - p) / dropped.size)
+    assert abs(dropped.mean() - p) < 4 * sigma, dropped.mean()
+    other = np.abs(np.asarray(layer(x, jax.random.key(2))) - base) < 1e-3
+    assert (other != dropped).any()  # a new key draws a new mask
