@@ -83,14 +83,37 @@ def logged_steps(out: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):
-    """Per-step losses of an uninterrupted run."""
+def uninterrupted(assets, tmp_path_factory):
+    """The directory of an uninterrupted run (exported to out_dir/hf at its end)."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    finish(start(out, assets))
-    result = losses(out)
+    finish(start(out, assets, **{"checkpoint.export_hf": "true"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """Per-step losses of the uninterrupted run."""
+    result = losses(uninterrupted)
     assert sorted(result) == list(range(1, STEPS + 1))
     assert result[STEPS] < result[1] - 1.0, result  # it learns
     return result
+
+
+def test_export_on_request_equals_the_end_of_run_export(uninterrupted, tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from stjax.train.export import export_checkpoint
+
+    out = export_checkpoint(uninterrupted, out=tmp_path / "hf")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "hf" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    assert (out / "tokenizer.json").exists()
+    Qwen2VLForConditionalGeneration.from_pretrained(out)  # a directory transformers loads
+    with pytest.raises(ConfigError, match="no checkpoint 7"):
+        export_checkpoint(uninterrupted, step=7)
 
 
 def test_sigterm_saves_and_the_rerun_continues_the_exact_run(assets, reference, tmp_path):

@@ -1,0 +1,60 @@
+"""Export a training checkpoint to a Hugging Face directory (LoRA merged), on request:
+
+    python -m stjax.train.export RUN_DIR [--step N] [--out DIR]
+
+RUN_DIR is a run's out_dir (its config.json says how the model was built); the default step is the
+latest checkpoint and the default target RUN_DIR/hf-<step>. Runs also export at their end
+(`checkpoint.export_hf`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flax import nnx
+
+from stjax.sharding import make_mesh
+from stjax.train.checkpoint import Checkpointer, abstract_like
+from stjax.train.config import ConfigError, TrainConfig, from_dict
+from stjax.train.sft import export_hf, placed_state, prepare_data, prepare_model
+from stjax.train.step import OptimConfig, split_trainable
+
+
+def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    try:
+        cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
+    except OSError as e:
+        raise ConfigError(f"{run_dir} is not a training run directory: {e}") from None
+    checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep)
+    step = step or checkpoints.latest_step
+    if step is None or step not in checkpoints.manager.all_steps():
+        raise ConfigError(f"no checkpoint {step if step else ''} in {run_dir / 'checkpoints'} "
+                          f"(there are {list(checkpoints.manager.all_steps())})")
+    mesh = make_mesh({"fsdp": -1})
+    _, tokenizer = prepare_data(cfg, run_dir)
+    graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
+    target = abstract_like(placed_state(trainable, OptimConfig(), cfg.seed, mesh))
+    state = checkpoints.restore(step, target, None)
+    checkpoints.close()
+    out = Path(out or run_dir / f"hf-{step}")
+    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stjax.train.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the run's out_dir")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", help="target directory (default: RUN_DIR/hf-<step>)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"exported to {export_checkpoint(args.run_dir, args.step, args.out)}")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
