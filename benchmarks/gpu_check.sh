@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"):
 #   parity in fp32 and bf16 against transformers on the same GPU, attention backends compared,
-#   forward latency against transformers, and compile time against depth.
+#   forward latency against transformers, compile time against depth, the SFT train step's MFU and
+#   the largest model that trains on one card (bench_train_gpu.py; about 4 minutes of the GPU).
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
@@ -25,4 +26,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
   timeout 80 python3 benchmarks/bench_sampler.py --repeats 3
   echo "== compile time vs depth (7B shapes)"
   timeout 80 python3 benchmarks/bench_compile.py --layers 4 28
+  echo "== SFT train step, one GPU: MFU of a 1.5B Qwen2.5-VL-shaped model, 1 x 4096 tokens, bf16 + fp32 masters"
+  timeout 110 python3 benchmarks/bench_train_gpu.py --part mfu --mfu-timeout 100 --json "$out/train_mfu.json"
+  echo "== largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)"
+  timeout 130 python3 benchmarks/bench_train_gpu.py --part largest --budget 120 --trial-timeout 75 \
+    --json "$out/train_largest.json"
 } 2>&1 | grep -v -i "warn" | tee "$out/gpu_check.log"
