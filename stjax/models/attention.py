@@ -1,7 +1,8 @@
 """Attention backends. Every backend computes the same function; `xla` is the reference.
 
 - `xla`: explicit einsums with a float32 softmax; runs everywhere.
-- `dot_product`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere).
+- `dot_product`: `jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in bf16/fp16, XLA
+  elsewhere (see `_dot_product`).
 - `pallas_tpu`: the Pallas TPU flash-attention kernel (on TPU; in interpret mode elsewhere, which
   is slow and meant for tests).
 
@@ -14,6 +15,7 @@ padding keys, never to nothing (an empty softmax row gives NaN in some kernels).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,18 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * l, s)
     out = jnp.einsum("bkqs,bskd->bkqd", probs, v).reshape(b, kv, g, l, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
+
+
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
+    becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
+    (jax picks XLA unless the implementation is named)."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except (ValueError, NotImplementedError) as e:  # raised while tracing: head size, layout, ...
+            logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
@@ -84,7 +98,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     only serves offset 0 and decoding falls back to `xla` there.
     """
     if backend == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_q, segment_k, causal, q_offset))
+        return _dot_product(q, k, v, segment_mask(segment_q, segment_k, causal, q_offset))
     if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
         return _pallas_tpu(q, k, v, segment_q, segment_k, causal)
     if backend in BACKENDS:
