@@ -32,7 +32,8 @@ class ModelSection:
     # checkpoint directory. Empty: the embedded default, a tiny random model matching the tokenizer.
     init: str = ""
     arch: str = "qwen2_vl"  # architecture of the embedded default model
-    param_dtype: str = "float32"  # dtype of the stored (frozen) weights; trained ones keep fp32 masters
+    param_dtype: str = "float32"  # dtype the weights are loaded in (the frozen ones stay so)
+    master_dtype: str = "float32"  # the optimizer's copy of the trained weights
     compute_dtype: str = "float32"
     attention: str = "xla"  # xla | dot_product | pallas_tpu
     remat: str = "none"  # none | full | dots
@@ -193,7 +194,8 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": ("none", "full", "dots"),
                "model.attention": ("xla", "dot_product", "pallas_tpu"), "data.format": ("synthetic", "st_r1", "plain"),
                "data.loss_rule": ("assistant", "release"),
-               "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16")}
+               "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
+               "model.master_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):

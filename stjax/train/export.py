@@ -36,7 +36,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     mesh = make_mesh({"fsdp": -1})
     _, tokenizer = prepare_data(cfg, run_dir)
     graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
-    target = abstract_like(placed_state(trainable, OptimConfig(), cfg.seed, mesh))
+    target = abstract_like(placed_state(trainable, OptimConfig(), cfg.seed, mesh, cfg.model.master_dtype))
     state = checkpoints.restore(step, target, None)
     checkpoints.close()
     out = Path(out or run_dir / f"hf-{step}")

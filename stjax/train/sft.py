@@ -110,17 +110,19 @@ def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
         raise ConfigError(f"the tokenizer's image/video/vision-start ids {ours} differ from the model's {theirs}")
 
 
-def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh) -> TrainState:
+def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh,
+                 master_dtype: str = "float32") -> TrainState:
     """A fresh train state made on the devices: optimizer moments sharded like their parameters."""
     import optax
 
+    make = lambda p: init_state(p, optim, master_dtype, seed)
     params_sharding = jax.tree.map(lambda x: x.sharding, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.eval_shape(lambda p: init_state(p, optim, seed=seed), trainable)
+    abstract = jax.eval_shape(make, trainable)
     opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
                                          transform_non_params=lambda _: replicated)
     shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
-    return jax.jit(lambda p: init_state(p, optim, seed=seed), out_shardings=shardings)(trainable)
+    return jax.jit(make, out_shardings=shardings)(trainable)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -184,7 +186,7 @@ def run(cfg: TrainConfig) -> dict:
     optim = OptimConfig(learning_rate=o.learning_rate, total_steps=steps, warmup_ratio=o.warmup_ratio,
                         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
     graphdef, trainable, frozen = split_trainable(model)
-    state = placed_state(trainable, optim, cfg.seed, mesh)
+    state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del model, trainable  # the state holds the trained copies
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = checkpoints.latest_step or 0
