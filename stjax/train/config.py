@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from stjax.sharding import mesh_shape, parse_mesh
+from stjax.train.step import OptimConfig
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,19 +67,6 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class OptimSection:
-    """Defaults: the release's SFT recipe (lr 8e-5, cosine, warmup 0.1, max grad norm 0.3)."""
-
-    learning_rate: float = 8e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-
-
-@dataclass(frozen=True)
 class CheckpointSection:
     every: int = 100  # steps between saves (0: only at the end and on SIGTERM)
     keep: int = 3  # checkpoints kept (the oldest are deleted)
@@ -111,7 +99,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
     data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 

@@ -19,7 +19,7 @@ from stjax.sharding import make_mesh
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
 from stjax.train.sft import export_hf, placed_state, prepare_data, prepare_model
-from stjax.train.step import OptimConfig, split_trainable
+from stjax.train.step import split_trainable
 
 
 def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
@@ -36,7 +36,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     mesh = make_mesh({"fsdp": -1})
     _, tokenizer = prepare_data(cfg, run_dir)
     graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
-    target = abstract_like(placed_state(trainable, OptimConfig(), cfg.seed, mesh, cfg.model.master_dtype))
+    target = abstract_like(placed_state(trainable, cfg.optim, cfg.seed, mesh, cfg.model.master_dtype))
     state = checkpoints.restore(step, target, None)
     checkpoints.close()
     out = Path(out or run_dir / f"hf-{step}")

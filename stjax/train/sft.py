@@ -11,6 +11,7 @@ steps are skipped by the step itself; `max_bad_steps` of them in a row stop the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -182,9 +183,7 @@ def run(cfg: TrainConfig) -> dict:
         patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1, images_per_sample=0))
     data = iter(loader)
 
-    o = cfg.optim
-    optim = OptimConfig(learning_rate=o.learning_rate, total_steps=steps, warmup_ratio=o.warmup_ratio,
-                        weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2, eps=o.eps)
+    optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=steps)
     graphdef, trainable, frozen = split_trainable(model)
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del model, trainable  # the state holds the trained copies

@@ -23,10 +23,11 @@ from stjax.train.loss import sft_loss
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Defaults follow the release's SFT recipe (lr 8e-5, cosine, warmup 0.1, max grad norm 0.3)."""
+    """Defaults follow the release's SFT recipe (lr 8e-5, cosine, warmup 0.1, max grad norm 0.3).
+    `total_steps` is the schedule's length (a training run sets it to its own length when 0)."""
 
     learning_rate: float = 8e-5
-    total_steps: int = 1000
+    total_steps: int = 0
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
