@@ -234,3 +234,20 @@ def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, mo
 def test_set_needs_key_equals_value():
     with pytest.raises(ConfigError, match="key=value"):
         train_config.load(None, ["steps"])
+
+
+def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, tmp_path):
+    data, _ = assets
+    rows = (data / "plain.jsonl").read_text().splitlines()
+    broken = json.loads(rows[0])
+    broken.update(id="broken-sample", video=str(tmp_path / "missing.mp4"))
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps(broken)] + rows[:3]) + "\n")
+    cfg = config(tmp_path / "run", assets, steps=1, **{
+        "data.format": "plain", "data.path": path, "data.video_root": data / "synth", "data.tokenizer": data / "tokenizer",
+        "data.shuffle": "false"})
+    summary = sft.run(cfg)
+    assert summary["steps"] == 1
+    skipped = json.loads((tmp_path / "run" / "skipped_samples.0.json").read_text())
+    assert [s["id"] for s in skipped] == ["broken-sample"]
+    assert "missing.mp4" in skipped[0]["reason"]

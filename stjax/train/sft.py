@@ -234,6 +234,8 @@ def run(cfg: TrainConfig) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         checkpoints.close()
+        skipped = [{"id": sample_id, "reason": reason} for sample_id, reason in data.skipped]
+        (out / f"skipped_samples.{jax.process_index()}.json").write_text(json.dumps(skipped, indent=1))
     if stop:
         log.warning("stopped by SIGTERM at step %d; checkpoint saved; rerun the same command to resume", step)
         raise SystemExit(PREEMPTED_EXIT_CODE)
