@@ -102,12 +102,16 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (batch, jnp.arange(count)))
     loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optim.optimizer().update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+
+    def update(_):
+        updates, opt_state = optim.optimizer().update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    # A branch rather than a select: a select would hold both the new and the old copies at once.
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
+                           rng=state.rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": optim.schedule()(state.step),
                "skipped": 1 - finite.astype(jnp.int32), "tokens": jnp.sum(batch.inputs.attention_mask),
                "target_tokens": jnp.sum(batch.loss_mask)}
