@@ -127,7 +127,10 @@ def _processing_order(cfg: QwenVLConfig, grids: np.ndarray) -> tuple[np.ndarray,
 def vision_sizes(cfg: QwenVLConfig, grids: np.ndarray) -> VisionSizes:
     """The bucketed shapes `prepare_vision` gives these grids (a batch takes the maximum of its rows)."""
     grids = _as_grid(grids)
-    _, window_lengths = _processing_order(cfg, grids)
+    return _sizes(grids, _processing_order(cfg, grids)[1])
+
+
+def _sizes(grids: np.ndarray, window_lengths: Optional[np.ndarray]) -> VisionSizes:
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     return VisionSizes(rows=bucket(int(grids.prod(axis=1).sum()), minimum=64),
                        frame_count=bucket(len(frame_lengths), 4), frame_size=bucket(frame_lengths.max()),
@@ -167,12 +170,12 @@ def prepare_vision(
         if counts[name] != need[name]:
             raise InputError(f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
                              f"{need[name]} features (t*h*w/{merge_unit} per item)")
-    least = vision_sizes(cfg, grids)
+    order, window_lengths = _processing_order(cfg, grids)
+    least = _sizes(grids, window_lengths)
     sizes = least if sizes is None else sizes
     if sizes.max(least) != sizes:
         raise InputError(f"vision sizes {sizes} are smaller than these grids need ({least})")
 
-    order, window_lengths = _processing_order(cfg, grids)
     patch_order = (order[:, None] * merge_unit + np.arange(merge_unit)).reshape(-1)
     rows = sizes.rows
     patches = np.zeros((rows, v.patch_dim), pixels.dtype)
