@@ -234,7 +234,7 @@ def child_run(spec: dict) -> dict:
             (times if i >= spec["warmup"] else out.setdefault("warmup_s", [])).append(time.perf_counter() - began)
             out["phase"] = "steps"
         out.update(step_s=times, loss=metrics["loss"], skipped=int(metrics["skipped"]), tokens=metrics["tokens"],
-                   flops=step_flops(cfg, batch, metrics["tokens"]), peak_flops=device_peak_flops(device, spec["peak_flops"]),
+                   flops=step_flops(cfg, batch, metrics), peak_flops=device_peak_flops(device, spec["peak_flops"]),
                    ok=True, **memory_figures())
     except Exception as e:  # noqa: BLE001 - reported to the parent (out of memory is an expected answer)
         text = f"{type(e).__name__}: {e}"

@@ -243,7 +243,7 @@ def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, t
     broken.update(id="broken-sample", video=str(tmp_path / "missing.mp4"))
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join([json.dumps(broken)] + rows[:3]) + "\n")
-    cfg = config(tmp_path / "run", assets, steps=1, **{
+    cfg = config(tmp_path / "run", assets, steps=1, peak_flops=1e12, **{
         "data.format": "plain", "data.path": path, "data.video_root": data / "synth", "data.tokenizer": data / "tokenizer",
         "data.shuffle": "false"})
     summary = sft.run(cfg)
@@ -251,3 +251,6 @@ def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, t
     skipped = json.loads((tmp_path / "run" / "skipped_samples.0.json").read_text())
     assert [s["id"] for s in skipped] == ["broken-sample"]
     assert "missing.mp4" in skipped[0]["reason"]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["patches"] == 2 * 4 * 8 * 8  # 2 samples x (8 frames / 2) x (112 / 14)^2 patches
+    assert 0 < record["mfu"] < 1  # logged once a device peak is known

@@ -142,10 +142,6 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """`key.sub=value` strings applied to a nested mapping (values read as YAML)."""
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}

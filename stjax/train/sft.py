@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
@@ -38,7 +37,7 @@ from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed
 from stjax.train.batch import global_batch, host_batch
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, check, to_dict
+from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
@@ -143,13 +142,13 @@ def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Pa
         copy_side_files(tokenizer, target)
 
 
-def step_flops(model_cfg: QwenVLConfig, batch, tokens: float) -> float:
-    """Model FLOPs of one step: decoder per token at this length, vision per real patch."""
-    flops = model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) * tokens
-    vision = batch.inputs.vision
-    if vision is not None:
-        frames = vision.frames
-        flops += vision_flops_per_patch(model_cfg, frames.index.shape[-1]) * float(jnp.sum(frames.lengths))
+def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:
+    """Model FLOPs of one step from the step's token and patch counts (decoder per token at the
+    batch's length, vision per real patch at its frame-group size)."""
+    flops = model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) * metrics["tokens"]
+    if batch.inputs.vision is not None:
+        group = batch.inputs.vision.frames.index.shape[-1]
+        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
     return flops
 
 
@@ -160,7 +159,7 @@ def run(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     samples, tokenizer_dir = prepare_data(cfg, out)
     model = prepare_model(cfg, out, tokenizer_dir, mesh)
@@ -216,7 +215,7 @@ def run(cfg: TrainConfig) -> dict:
                 step += 1
                 metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
                 if peak:
-                    metrics["mfu"] = mfu(step_flops(model_cfg, batch, metrics["tokens"]), seconds, jax.device_count(), peak)
+                    metrics["mfu"] = mfu(step_flops(model_cfg, batch, metrics), seconds, jax.device_count(), peak)
                 logger.log(step, metrics)
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped"] else 0
                 if bad_in_a_row >= cfg.max_bad_steps:

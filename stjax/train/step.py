@@ -115,6 +115,8 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": optim.schedule()(state.step),
                "skipped": 1 - finite.astype(jnp.int32), "tokens": jnp.sum(batch.inputs.attention_mask),
                "target_tokens": jnp.sum(batch.loss_mask)}
+    if batch.inputs.vision is not None:
+        metrics["patches"] = jnp.sum(batch.inputs.vision.frames.lengths)  # real patches, for MFU
     return new_state, metrics
 
 
