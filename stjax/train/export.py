@@ -18,7 +18,7 @@ from flax import nnx
 from stjax.sharding import make_mesh
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
-from stjax.train.sft import export_hf, placed_state, prepare_data, prepare_model
+from stjax.train.sft import export_hf, placed_state, prepare_model, tokenizer_dir
 from stjax.train.step import split_trainable
 
 
@@ -34,7 +34,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         raise ConfigError(f"no checkpoint {step if step else ''} in {run_dir / 'checkpoints'} "
                           f"(there are {list(checkpoints.manager.all_steps())})")
     mesh = make_mesh({"fsdp": -1})
-    _, tokenizer = prepare_data(cfg, run_dir)
+    tokenizer = tokenizer_dir(cfg, run_dir)
     graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
     target = abstract_like(placed_state(trainable, cfg.optim, cfg.seed, mesh, cfg.model.master_dtype))
     state = checkpoints.restore(step, target, None)

@@ -58,8 +58,16 @@ def _on_process_zero(make, what: Path) -> None:
         multihost_utils.sync_global_devices(f"made {what}")
 
 
-def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list, Path]:
-    """The training samples and the tokenizer directory (rendering the synthetic set if asked)."""
+def tokenizer_dir(cfg: TrainConfig, out: Path) -> Path:
+    """data.tokenizer, else the synthetic set's tokenizer, else the model directory's."""
+    d = cfg.data
+    if d.tokenizer:
+        return Path(d.tokenizer)
+    return Path(d.path or out / "data") / "tokenizer" if d.format == "synthetic" else Path(cfg.model.init)
+
+
+def prepare_data(cfg: TrainConfig, out: Path) -> list:
+    """The training samples (rendering the synthetic set first if asked)."""
     d = cfg.data
     if d.format == "synthetic":
         from stjax.data.synthetic import generate
@@ -67,16 +75,14 @@ def prepare_data(cfg: TrainConfig, out: Path) -> tuple[list, Path]:
         root = Path(d.path or out / "data")
         _on_process_zero(lambda: generate(root, d.synthetic_walks, cfg.seed), root / "plain.jsonl")
         result = read_plain_jsonl(root / "plain.jsonl")
-        tokenizer = Path(d.tokenizer or root / "tokenizer")
     else:
         reader = read_st_r1_jsonl if d.format == "st_r1" else read_plain_jsonl
         result = reader(d.path, video_root=d.video_root or None)
-        tokenizer = Path(d.tokenizer or cfg.model.init)
     for reason, count in result.reasons().items():
         log.warning("%d records of %s skipped: %s", count, d.path or "the synthetic set", reason)
     if not result.samples:
         raise ConfigError(f"no usable samples in {d.path or d.format}")
-    return result.samples, tokenizer
+    return result.samples
 
 
 def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
@@ -161,12 +167,13 @@ def run(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
-    samples, tokenizer_dir = prepare_data(cfg, out)
-    model = prepare_model(cfg, out, tokenizer_dir, mesh)
+    samples = prepare_data(cfg, out)
+    tokenizer = tokenizer_dir(cfg, out)
+    model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
     processor = Processor.from_pretrained(
-        tokenizer_dir, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels),
+        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels),
         tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
         loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
@@ -240,6 +247,6 @@ def run(cfg: TrainConfig) -> dict:
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
-        export_hf(trained, out / "hf", tokenizer_dir)
+        export_hf(trained, out / "hf", tokenizer)
         log.info("exported the trained model to %s", out / "hf")
     return summary
