@@ -136,6 +136,8 @@ def test_kill_between_saves_resumes_from_the_last_checkpoint(assets, reference, 
     assert logged_steps(tmp_path) < STEPS
     finish(start(tmp_path, assets, **{"checkpoint.every": 4}))
     assert losses(tmp_path) == reference
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [16, 20, 24]  # checkpoint.keep = 3: the older ones were deleted
 
 
 def test_kill_during_an_async_save_leaves_the_previous_checkpoint(assets, reference, tmp_path):
