@@ -17,10 +17,10 @@ trained. The batch is `--batch` rows of `--seq` tokens, text only (the decoder's
 (the training loop's own MFU: `metrics.model_flops_per_token`, 6 N + attention, plus the vision
 tower per real patch), MFU = FLOPs / (median step time x peak), the peak from
 `metrics.device_peak_flops` or `--peak-flops`. `--remat` takes a list: the first policy that fits
-is reported (the others are tried only after an out-of-memory failure). The default starts at
-`dots` (matmul outputs kept, attention recomputed) because `dot_product` calls
-jax.nn.dot_product_attention without an implementation, which in jax 0.10.2 is XLA's attention
-(L x L scores per head), not cuDNN's fused kernel. The issue's target is MFU >= 40%.
+is reported (the others are tried only after an out-of-memory failure); the default tries
+`none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's elsewhere). The loss makes
+logits `--loss-chunk` tokens at a time (`stjax.train.loss.chunked_sft_loss`), as the trainer does.
+`--breakdown` also times the loss alone and loss + gradients, so the optimizer's share shows. The issue's target is MFU >= 40%.
 
 Largest model: for each of LoRA (rank 8 on q, k, v, o; bf16 frozen base) and full fine-tuning,
 the sizes are tried from the largest down, each in a fresh process bounded by `--trial-timeout`,
@@ -206,7 +206,7 @@ def child_run(spec: dict) -> dict:
     from stjax.train.lora import with_lora
     from stjax.train.metrics import device_peak_flops
     from stjax.train.sft import step_flops
-    from stjax.train.step import OptimConfig, init_state, split_trainable, train_step
+    from stjax.train.step import OptimConfig, init_state, loss_fn, split_trainable, train_step
 
     device = jax.devices()[0]
     out = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "phase": "init"}
@@ -224,7 +224,8 @@ def child_run(spec: dict) -> dict:
         jax.block_until_ready(state)
         out.update(init_s=time.perf_counter() - t0, phase="compile and first step",
                    trainable=sum(int(x.size) for x in jax.tree.leaves(state.params)))
-        step = jax.jit(functools.partial(train_step, graphdef, optim, average="token"), donate_argnums=0)
+        step = jax.jit(functools.partial(train_step, graphdef, optim, average="token", loss_chunk=spec["loss_chunk"]),
+                       donate_argnums=0)
         batch = jax.device_put(make_batch(cfg, spec["batch"], spec["seq"], parse_video(spec["video"])))
         times = []
         for i in range(spec["warmup"] + spec["steps"]):
@@ -236,6 +237,16 @@ def child_run(spec: dict) -> dict:
         out.update(step_s=times, loss=metrics["loss"], skipped=int(metrics["skipped"]), tokens=metrics["tokens"],
                    flops=step_flops(cfg, batch, metrics), peak_flops=device_peak_flops(device, spec["peak_flops"]),
                    ok=True, **memory_figures())
+        if spec.get("breakdown"):  # the same micro-batch through the loss alone, then loss and gradients
+            micro = jax.tree.map(lambda x: x[0], batch)
+            args = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
+            for name, fn in (("loss_s", loss_fn), ("grad_s", jax.value_and_grad(loss_fn, argnums=1))):
+                compiled = jax.jit(fn, static_argnums=(0, 5, 7))
+                jax.block_until_ready(compiled(*args))
+                began = time.perf_counter()
+                for _ in range(3):
+                    jax.block_until_ready(compiled(*args))
+                out[name] = (time.perf_counter() - began) / 3
     except Exception as e:  # noqa: BLE001 - reported to the parent (out of memory is an expected answer)
         text = f"{type(e).__name__}: {e}"
         out.update(ok=False, error=text[:600], oom="RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower())
@@ -330,10 +341,11 @@ def part_mfu(args, report: dict) -> None:
     what = "text only" if not video else f"a {video[0]}-frame {video[1]}x{video[1]} video prompt + text"
     print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
           f"(decoder {si(total - vision)}, vision {si(vision)}), all trained; bf16 params and "
-          f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what})")
+          f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); loss chunk {args.loss_chunk}")
     for remat in args.remat.split(","):
         spec = dict(size=args.mfu_size, attention=args.attention, remat=remat, lora_rank=0, batch=args.batch,
-                    seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops)
+                    seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
+                    loss_chunk=args.loss_chunk, breakdown=args.breakdown)
         r = run_child(spec, args.mfu_timeout, args)
         report.setdefault("mfu", []).append(dict(spec, **r))
         if not r["ok"]:
@@ -356,6 +368,9 @@ def part_mfu(args, report: dict) -> None:
         print(f"  peak {r['memory_kind']} memory {gib(r['peak_bytes'])}"
               + (f" of {gib(r['limit_bytes'])}" if r["limit_bytes"] else "")
               + f"; loss {r['loss']:.3f}, skipped steps {r['skipped']}")
+        if "grad_s" in r:
+            print(f"  breakdown (mean of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
+                  f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms")
         report["device_memory"] = r["limit_bytes"] or report.get("device_memory", 0)
         break
 
@@ -387,7 +402,8 @@ def part_largest(args, report: dict) -> None:
                 print(head + f"not tried: the --budget of {args.budget:.0f} s is spent")
                 continue
             spec = dict(size=size, attention=args.attention, remat="full", lora_rank=args.lora_rank if mode == "lora" else 0,
-                        batch=1, seq=args.largest_seq, video="", steps=1, warmup=1, peak_flops=args.peak_flops)
+                        batch=1, seq=args.largest_seq, video="", steps=1, warmup=1, peak_flops=args.peak_flops,
+                        loss_chunk=args.loss_chunk)
             r = run_child(spec, min(args.trial_timeout, left), args)
             row.update(r)
             if r.get("limit_bytes") and not args.device_memory_gb:
@@ -413,9 +429,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row (MFU)")
     parser.add_argument("--batch", type=int, default=1, help="rows per step (MFU)")
     parser.add_argument("--video", default="", help="FRAMESxSIZE: a video prompt in every row (MFU), e.g. 8x336")
-    parser.add_argument("--remat", default="dots,full", help="remat policies for MFU, first that fits (none, dots, full)")
+    parser.add_argument("--remat", default="none,dots,full", help="remat policies for MFU, first that fits (none, dots, full)")
     parser.add_argument("--attention", default="dot_product", help="attention backend (xla, dot_product, pallas_tpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MFU)")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per slice of logits in the loss (0: all)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the loss alone and loss + gradients (MFU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (MFU)")
     parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s (default: looked up)")
     parser.add_argument("--mfu-timeout", type=float, default=150.0, help="seconds for each MFU child process")

@@ -1,8 +1,12 @@
-"""SFT loss and gradients against transformers' PyTorch loss and autograd.
+"""SFT loss and gradients against transformers' PyTorch loss and autograd, for the full-logits loss
+and the chunked one (logits a slice of tokens at a time, gradients made in the same pass).
 
 Tolerances: relative error <= 1e-4 on the loss and <= 1e-3 on every gradient tensor
 (max |ours - torch| / max |torch|), gradients mapped to HF tensor names through the converter table.
+Chunked vs full logits (fp32): loss to 1e-6 relative, gradients to 1e-5 of their largest entry.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from reference import make_batch
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.weights import canonical_name, hf_tensors
-from stjax.train.loss import sft_loss
+from stjax.train.loss import chunked_sft_loss, sft_loss
 
 
 def loss_mask_for(batch, start: int) -> np.ndarray:
@@ -25,8 +29,8 @@ def loss_mask_for(batch, start: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
-def test_loss_and_gradients_match_transformers(hf_dirs, arch):
+@pytest.mark.parametrize("arch,chunk", [("qwen2_vl", 0), ("qwen2_5_vl", 0), ("qwen2_5_vl", 7)])
+def test_loss_and_gradients_match_transformers(hf_dirs, arch, chunk):
     path, ref = hf_dirs(arch)
     model, cfg = load_pretrained(path)
     batch = make_batch(cfg, [[3, ("video", 2, 8, 8), 12], [2, ("video", 2, 4, 8), 6, ("image", 1, 4, 4), 9]])
@@ -45,8 +49,12 @@ def test_loss_and_gradients_match_transformers(hf_dirs, arch):
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss_fn(p):
-        logits = nnx.merge(graphdef, p).forward(inputs)[:, :length]
-        return sft_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(mask))
+        model = nnx.merge(graphdef, p)
+        ids, loss_mask = jnp.asarray(batch["input_ids"]), jnp.asarray(mask)
+        if chunk:  # 7 tokens a slice: the last slice is padded
+            hidden = model.hidden_states(inputs)[:, :length]
+            return chunked_sft_loss(hidden, model.output_table(), ids, loss_mask, chunk=chunk)
+        return sft_loss(model.forward(inputs)[:, :length], ids, loss_mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     assert abs(float(loss) - ref_loss.item()) / abs(ref_loss.item()) <= 1e-4
@@ -71,3 +79,52 @@ def test_sequence_average_weights_each_sequence_equally():
     np.testing.assert_allclose(float(sft_loss(logits, ids, mask, "token")), by_token, rtol=1e-6)
     np.testing.assert_allclose(float(sft_loss(logits, ids, mask, "sequence")), by_sequence, rtol=1e-6)
     assert abs(by_token - by_sequence) > 1e-3  # the two rules really differ here
+
+
+@pytest.mark.parametrize("average", ["token", "sequence"])
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_chunked_loss_equals_full_logits_loss(average, chunk):
+    """Value and gradients (hidden states and table) of the chunked loss equal those of the loss on
+    full logits; chunks of 4 divide the 2 x 6 tokens, 5 leave a padded slice, 64 is one slice."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(13, 8)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 13, (2, 6)))
+    mask = jnp.asarray([[0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+    def full(h, t):
+        return sft_loss(jnp.einsum("bld,vd->blv", h, t), ids, mask, average)
+
+    def chunked(h, t):
+        return chunked_sft_loss(h, t, ids, mask, average, chunk)
+
+    (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (full, chunked))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(chunked)(hidden, table)), float(want), rtol=1e-6)  # no gradient asked
+    for g, w in zip(got_grads, want_grads):
+        assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * np.abs(np.asarray(w)).max()
+    scaled = jax.grad(lambda h, t: 3.0 * chunked(h, t))(hidden, table)  # the cotangent scales the gradient
+    np.testing.assert_allclose(np.asarray(scaled), 3 * np.asarray(got_grads[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_loss_fn_chunked_equals_full_logits(tied):
+    """`step.loss_fn` with `loss_chunk` gives the full-logits loss and gradients for tied embeddings
+    (the table is the embedding) and an untied lm_head (its kernel transposed)."""
+    from reference import tiny_config
+    from stjax.models.qwen_vl import init_model
+    from stjax.train.step import loss_fn
+
+    cfg = tiny_config("qwen2_5_vl")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=tied))
+    model = init_model(cfg)
+    batch = make_batch(cfg, [[3, ("image", 1, 4, 4), 9], [12]])
+    inputs = prepare_inputs(cfg, **batch)
+    mask = jnp.asarray(loss_mask_for(batch, start=4))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    want, want_grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, frozen, inputs, mask, "token")
+    got, got_grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, frozen, inputs, mask, "token",
+                                                            loss_chunk=5)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * max(np.abs(np.asarray(w)).max(), 1e-12)

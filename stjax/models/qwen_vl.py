@@ -51,6 +51,13 @@ class QwenVLForConditionalGeneration(nnx.Module):
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
         return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key)
 
+    def output_table(self) -> jax.Array:
+        """The output projection as a (vocab, hidden) table in the compute dtype (the tied embedding
+        or lm_head's kernel transposed), for losses that make logits a slice at a time."""
+        if self.lm_head is None:
+            return self.model.embed_tokens[...].astype(self.config.compute_dtype)
+        return self.lm_head.kernel[...].astype(self.config.compute_dtype).T
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
             table = self.model.embed_tokens[...].astype(hidden.dtype)

@@ -93,6 +93,7 @@ class TrainConfig:
     batch_size: int = 4  # samples per optimizer step, over all devices
     micro_batch_size: int = 0  # samples per forward/backward over all devices; 0: batch_size
     loss_average: str = "token"  # token | sequence
+    loss_chunk: int = 1024  # tokens whose logits are made at once (less memory, same loss); 0: all
     mesh: str = "fsdp=-1"  # data=..,fsdp=..,tensor=..; -1: the remaining devices
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     peak_flops: float = 0.0  # per-device peak for MFU; 0: look the device up
@@ -205,8 +206,8 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     unknown = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
     if unknown:
         raise ConfigError(f"lora.targets {unknown} are not decoder projections; choose from {', '.join(LORA_TARGETS)}")
-    if cfg.max_bad_steps < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
-        raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every >= 0")
+    if cfg.max_bad_steps < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0 or cfg.loss_chunk < 0:
+        raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every and loss_chunk >= 0")
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.format={cfg.data.format} needs data.path")
     return mesh

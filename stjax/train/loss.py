@@ -1,4 +1,11 @@
-"""Losses of the SFT stage: token cross-entropy under a loss mask."""
+"""Losses of the SFT stage: token cross-entropy under a loss mask.
+
+Two ways to the same number: `sft_loss` from full logits (B, L, vocab), and `chunked_sft_loss` from the
+final hidden states and the output table, a chunk of tokens at a time. With a 152k vocabulary the full
+float32 logits and their gradient take more memory than a 1.5B model's activations (4 x 4096 tokens:
+10 GB each); the chunked loss never holds more than one chunk's logits and computes their gradient in
+the same pass, so the backward recomputes nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +15,93 @@ import jax.numpy as jnp
 AVERAGES = ("token", "sequence")
 
 
+def loss_weights(loss_mask: jax.Array, average: str) -> jax.Array:
+    """(B, L) float32 weights on the predicting positions: position i predicts token i + 1 and weighs
+    in when `loss_mask[:, i + 1]` marks a target; the last position predicts nothing.
+
+    average="token": every target token of the batch weighs the same (transformers' default);
+    average="sequence": every sequence with targets weighs the same, its tokens equally within it.
+    """
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    if average == "token":
+        weights = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    elif average == "sequence":
+        per_row = jnp.sum(mask, axis=1, keepdims=True)
+        rows = jnp.sum((per_row > 0).astype(jnp.float32))
+        weights = mask / jnp.maximum(per_row, 1.0) / jnp.maximum(rows, 1.0)
+    else:
+        raise ValueError(f"unknown loss average {average!r}; choose from {AVERAGES}")
+    return jnp.pad(weights, ((0, 0), (0, 1)))
+
+
+def next_tokens(input_ids: jax.Array) -> jax.Array:
+    """The target of each position (the last one's is a placeholder with weight 0)."""
+    return jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+
+
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log p(target) per position, in float32. logits (B, L, V), targets (B, L)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    """-log p(target) per position, in float32. logits (..., V), targets (...)."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, average: str = "token") -> jax.Array:
-    """Next-token cross-entropy where `loss_mask` (aligned with input_ids) marks the targets.
+    """Next-token cross-entropy from full logits (B, L, V); `loss_mask` (aligned with input_ids) marks
+    the targets."""
+    return jnp.sum(loss_weights(loss_mask, average) * token_nll(logits, next_tokens(input_ids)))
 
-    average="token": mean over every target token of the batch (transformers' default);
-    average="sequence": mean over tokens within each sequence, then over sequences.
-    """
-    nll = token_nll(logits[:, :-1], input_ids[:, 1:])
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    if average == "token":
-        return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    if average == "sequence":
-        per_sequence = jnp.sum(nll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-        has_targets = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
-        return jnp.sum(per_sequence * has_targets) / jnp.maximum(jnp.sum(has_targets), 1.0)
-    raise ValueError(f"unknown loss average {average!r}; choose from {AVERAGES}")
+
+def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                     average: str = "token", chunk: int = 1024) -> jax.Array:
+    """`sft_loss(hidden @ table.T, ...)` without the full logits. hidden (B, L, D) final-norm states,
+    table (V, D) the output projection (the tied embedding or lm_head's kernel transposed), `chunk`
+    tokens per slice (padded with weight-0 tokens)."""
+    b, l, d = hidden.shape
+    n = b * l
+    pad = -n % chunk
+    flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), ((0, pad),) + ((0, 0),) * (x.ndim - 2))
+    h = flat(hidden).reshape(-1, chunk, d)
+    targets = flat(next_tokens(input_ids)).reshape(-1, chunk)
+    weights = flat(loss_weights(loss_mask, average)).reshape(-1, chunk)
+    return _weighted_nll(h, table, targets, weights)
+
+
+def _chunk_logits(h: jax.Array, table: jax.Array) -> jax.Array:
+    return jnp.einsum("cd,vd->cv", h, table, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _weighted_nll(h: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(weights * nll) over chunks (n, c, ...); the loss alone (no gradient wanted)."""
+    def body(total, xs):
+        h_c, t_c, w_c = xs
+        return total + jnp.sum(w_c * token_nll(_chunk_logits(h_c, table), t_c)), None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, weights))[0]
+
+
+def _weighted_nll_fwd(h, table, targets, weights):
+    """The loss and its gradients in one pass: d nll / d logits = softmax - onehot(target)."""
+    def body(carry, xs):
+        total, d_table = carry
+        h_c, t_c, w_c = xs
+        logits = _chunk_logits(h_c, table)
+        total = total + jnp.sum(w_c * token_nll(logits, t_c))
+        d_logits = jax.nn.softmax(logits, axis=-1)
+        d_logits = d_logits.at[jnp.arange(t_c.shape[0]), t_c].add(-1.0) * w_c[:, None]
+        d_logits = d_logits.astype(h_c.dtype)
+        d_table = d_table + jnp.einsum("cv,cd->vd", d_logits, h_c, preferred_element_type=jnp.float32)
+        return (total, d_table), jnp.einsum("cv,vd->cd", d_logits, table)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
+    (total, d_table), d_h = jax.lax.scan(body, init, (h, targets, weights))
+    return total, (d_h, d_table.astype(table.dtype))
+
+
+def _weighted_nll_bwd(grads, g):
+    d_h, d_table = grads
+    return (g * d_h).astype(d_h.dtype), (g * d_table).astype(d_table.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)

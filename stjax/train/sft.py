@@ -200,7 +200,8 @@ def run(cfg: TrainConfig) -> dict:
         log.info("resumed from step %d", start)
 
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average),
+    step_fn = jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average,
+                                        loss_chunk=cfg.loss_chunk),
                       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     stop = {}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))

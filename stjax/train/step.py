@@ -18,7 +18,7 @@ from flax import nnx, struct
 
 from stjax.models.inputs import ModelInputs
 from stjax.models.layers import LoRAParam
-from stjax.train.loss import sft_loss
+from stjax.train.loss import chunked_sft_loss, sft_loss
 
 
 @dataclass(frozen=True)
@@ -78,29 +78,37 @@ def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float3
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
-            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None) -> jax.Array:
-    logits = nnx.merge(graphdef, params, frozen).forward(inputs, dropout_key)
-    return sft_loss(logits, inputs.input_ids, loss_mask, average)
+            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0) -> jax.Array:
+    """The SFT loss; `loss_chunk` > 0 makes the logits that many tokens at a time (`chunked_sft_loss`)."""
+    model = nnx.merge(graphdef, params, frozen)
+    if loss_chunk:
+        hidden = model.hidden_states(inputs, dropout_key)
+        return chunked_sft_loss(hidden, model.output_table(), inputs.input_ids, loss_mask, average, loss_chunk)
+    return sft_loss(model.forward(inputs, dropout_key), inputs.input_ids, loss_mask, average)
 
 
 def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
-               average: str = "token") -> tuple[TrainState, dict[str, jax.Array]]:
+               average: str = "token", loss_chunk: int = 1024) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the mean gradient of the micro-batches (jit it with
-    `static_argnums=(0, 1)` and `static_argnames="average"`; see `compiled_train_step`)."""
+    `static_argnums=(0, 1)` and `static_argnames=("average", "loss_chunk")`; see `compiled_train_step`)."""
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     count = batch.loss_mask.shape[0]
 
-    def accumulate(carry, micro_and_index):
-        micro, index = micro_and_index
-        loss_sum, grad_sum = carry
+    def grads_of(index):
+        micro = jax.tree.map(lambda x: x[index], batch)
         key = jax.random.fold_in(step_key, index)  # unused (and compiled away) without LoRA dropout
-        loss, grads = grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        return grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (batch, jnp.arange(count)))
-    loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
+    # The first micro-batch starts the sums (no zero-filled copy of the gradients); the rest add in.
+    loss, grads = grads_of(0)
+    if count > 1:
+        def accumulate(carry, index):
+            loss_i, grads_i = grads_of(index)
+            return (carry[0] + loss_i, jax.tree.map(jnp.add, carry[1], grads_i)), None
+
+        (loss, grads), _ = jax.lax.scan(accumulate, (loss, grads), jnp.arange(1, count))
+        loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -120,4 +128,5 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     return new_state, metrics
 
 
-compiled_train_step = jax.jit(train_step, static_argnums=(0, 1), static_argnames="average", donate_argnums=2)
+compiled_train_step = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("average", "loss_chunk"),
+                              donate_argnums=2)
