@@ -237,6 +237,14 @@ def child_run(spec: dict) -> dict:
         out.update(step_s=times, loss=metrics["loss"], skipped=int(metrics["skipped"]), tokens=metrics["tokens"],
                    flops=step_flops(cfg, batch, metrics), peak_flops=device_peak_flops(device, spec["peak_flops"]),
                    ok=True, **memory_figures())
+        if spec.get("profile"):  # two more steps under the profiler, summarised here
+            from profile_summary import summary
+
+            with jax.profiler.trace(spec["profile"]):
+                for _ in range(2):
+                    state, metrics = step(state, frozen, batch)
+                    jax.block_until_ready(metrics)
+            out["profile"] = summary(spec["profile"], top=15, steps=2)
         if spec.get("breakdown"):  # the same micro-batch through the loss alone, then loss and gradients
             micro = jax.tree.map(lambda x: x[0], batch)
             args = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
@@ -345,7 +353,7 @@ def part_mfu(args, report: dict) -> None:
     for remat in args.remat.split(","):
         spec = dict(size=args.mfu_size, attention=args.attention, remat=remat, lora_rank=0, batch=args.batch,
                     seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
-                    loss_chunk=args.loss_chunk, breakdown=args.breakdown)
+                    loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile)
         r = run_child(spec, args.mfu_timeout, args)
         report.setdefault("mfu", []).append(dict(spec, **r))
         if not r["ok"]:
@@ -368,6 +376,7 @@ def part_mfu(args, report: dict) -> None:
         print(f"  peak {r['memory_kind']} memory {gib(r['peak_bytes'])}"
               + (f" of {gib(r['limit_bytes'])}" if r["limit_bytes"] else "")
               + f"; loss {r['loss']:.3f}, skipped steps {r['skipped']}")
+        print("\n".join("  " + line for line in r.get("profile", [])))
         if "grad_s" in r:
             print(f"  breakdown (mean of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
                   f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms")
@@ -433,6 +442,7 @@ def main() -> None:
     parser.add_argument("--attention", default="dot_product", help="attention backend (xla, dot_product, pallas_tpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MFU)")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per slice of logits in the loss (0: all)")
+    parser.add_argument("--profile", default="", help="trace two more steps into this folder and print the top operations (MFU)")
     parser.add_argument("--breakdown", action="store_true", help="also time the loss alone and loss + gradients (MFU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (MFU)")
     parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s (default: looked up)")
