@@ -56,9 +56,10 @@ def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, 
                      average: str = "token", chunk: int = 1024) -> jax.Array:
     """`sft_loss(hidden @ table.T, ...)` without the full logits. hidden (B, L, D) final-norm states,
     table (V, D) the output projection (the tied embedding or lm_head's kernel transposed), `chunk`
-    tokens per slice (padded with weight-0 tokens)."""
+    tokens per slice at most (the slices are made equal, the last padded with weight-0 tokens)."""
     b, l, d = hidden.shape
     n = b * l
+    chunk = -(-n // -(-n // chunk))  # ceil(n / slices) for the fewest slices of at most `chunk` tokens
     pad = -n % chunk
     flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), ((0, pad),) + ((0, 0),) * (x.ndim - 2))
     h = flat(hidden).reshape(-1, chunk, d)
