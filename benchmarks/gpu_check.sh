@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"), most important first:
 #   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
-#   (is cuDNN's fused kernel really in the program?), the SFT train step's MFU with cuDNN and with XLA
-#   attention, the largest model that trains on one card, then forward latency against transformers.
+#   (is cuDNN's fused kernel really in the program?), the SFT train step's MFU (one row: with its
+#   breakdown and a profile of its top operations; four rows), the largest model that trains on one
+#   card, then forward latency against transformers.
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
 # Missing Python packages travel as wheels in .whl/ (see /work/.library/device/README.md).
@@ -36,18 +37,18 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
     python3 benchmarks/gpu_parity.py --scale 2
   part 110 "SFT train step MFU, 1.5B Qwen2.5-VL-shaped, 1 x 4096 tokens, bf16 + fp32 masters, cuDNN attention" \
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots --mfu-timeout 100 \
-    --json "$out/train_mfu_cudnn.json"
-  part 100 "the same step with XLA attention" \
-    python3 benchmarks/bench_train_gpu.py --part mfu --attention xla --remat none,dots --mfu-timeout 90 \
-    --json "$out/train_mfu_xla.json"
+    --breakdown --profile /tmp/train_profile --json "$out/train_mfu_cudnn.json"
+  part 100 "the same step, 4 rows x 4096 tokens" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 4 --remat none,dots \
+    --mfu-timeout 45 --json "$out/train_mfu_b4.json"
   part 160 "largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)" \
     python3 benchmarks/bench_train_gpu.py --part largest --budget 150 --trial-timeout 80 \
     --json "$out/train_largest.json"
   for backend in xla dot_product; do
-    part 60 "forward latency, bf16, Qwen2.5-VL, stjax ($backend) vs transformers (sdpa)" \
-      python3 benchmarks/bench_forward.py --arch qwen2_5_vl --dtype bfloat16 --scale 4 --repeats 10 --attention $backend
+    part 90 "forward latency, bf16, Qwen2.5-VL, stjax ($backend) vs transformers (sdpa)" \
+      python3 benchmarks/bench_forward.py --arch qwen2_5_vl --dtype bfloat16 --scale 2 --repeats 10 --attention $backend
   done
 } 2>&1 | tee "$out/gpu_check.log"
 echo "== summary"
-grep -E "^== |stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|cuDNN attention unavailable|Error" \
+grep -E "^== |ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|cuDNN attention unavailable|Error" \
   "$out/gpu_check.log" | cut -c1-240
