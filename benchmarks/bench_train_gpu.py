@@ -441,7 +441,7 @@ def main() -> None:
     parser.add_argument("--remat", default="none,dots,full", help="remat policies for MFU, first that fits (none, dots, full)")
     parser.add_argument("--attention", default="dot_product", help="attention backend (xla, dot_product, pallas_tpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MFU)")
-    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per slice of logits in the loss (0: all)")
+    parser.add_argument("--loss-chunk", type=int, default=512, help="positions per slice of logits in the loss (0: all)")
     parser.add_argument("--profile", default="", help="trace two more steps into this folder and print the top operations (MFU)")
     parser.add_argument("--breakdown", action="store_true", help="also time the loss alone and loss + gradients (MFU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (MFU)")

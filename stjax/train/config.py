@@ -93,7 +93,7 @@ class TrainConfig:
     batch_size: int = 4  # samples per optimizer step, over all devices
     micro_batch_size: int = 0  # samples per forward/backward over all devices; 0: batch_size
     loss_average: str = "token"  # token | sequence
-    loss_chunk: int = 1024  # tokens whose logits are made at once (less memory, same loss); 0: all
+    loss_chunk: int = 512  # positions of each row whose logits are made at once (less memory, same loss); 0: all
     mesh: str = "fsdp=-1"  # data=..,fsdp=..,tensor=..; -1: the remaining devices
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     peak_flops: float = 0.0  # per-device peak for MFU; 0: look the device up

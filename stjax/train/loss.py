@@ -1,10 +1,10 @@
 """Losses of the SFT stage: token cross-entropy under a loss mask.
 
 Two ways to the same number: `sft_loss` from full logits (B, L, vocab), and `chunked_sft_loss` from the
-final hidden states and the output table, a chunk of tokens at a time. With a 152k vocabulary the full
-float32 logits and their gradient take more memory than a 1.5B model's activations (4 x 4096 tokens:
-10 GB each); the chunked loss never holds more than one chunk's logits and computes their gradient in
-the same pass, so the backward recomputes nothing.
+final hidden states and the output table, a slice of positions at a time. With a 152k vocabulary the
+full float32 logits and their gradient take more memory than a 1.5B model's activations (4 x 4096
+tokens: 10 GB each); the chunked loss never holds more than one slice's logits and computes their
+gradient in the same pass, so the backward recomputes nothing.
 """
 
 from __future__ import annotations
@@ -53,31 +53,35 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, aver
 
 
 def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                     average: str = "token", chunk: int = 1024) -> jax.Array:
+                     average: str = "token", chunk: int = 512) -> jax.Array:
     """`sft_loss(hidden @ table.T, ...)` without the full logits. hidden (B, L, D) final-norm states,
-    table (V, D) the output projection (the tied embedding or lm_head's kernel transposed), `chunk`
-    tokens per slice at most (the slices are made equal, the last padded with weight-0 tokens)."""
-    b, l, d = hidden.shape
-    n = b * l
-    chunk = -(-n // -(-n // chunk))  # ceil(n / slices) for the fewest slices of at most `chunk` tokens
-    pad = -n % chunk
-    flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), ((0, pad),) + ((0, 0),) * (x.ndim - 2))
-    h = flat(hidden).reshape(-1, chunk, d)
-    targets = flat(next_tokens(input_ids)).reshape(-1, chunk)
-    weights = flat(loss_weights(loss_mask, average)).reshape(-1, chunk)
-    return _weighted_nll(h, table, targets, weights)
+    table (V, D) the output projection (the tied embedding or lm_head's kernel transposed).
+
+    A slice is at most `chunk` sequence positions of every row: the batch axis stays whole, so a batch
+    sharded over devices stays sharded. The slices are made equal, the last padded with weight-0 positions.
+    """
+    b, l, _ = hidden.shape
+    slices = -(-l // chunk)
+    chunk = -(-l // slices)
+    pad = slices * chunk - l
+
+    def split(x: jax.Array) -> jax.Array:  # (B, L, ...) -> (slices, B, chunk, ...)
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, slices, chunk, *x.shape[2:]), 1, 0)
+
+    return _weighted_nll(split(hidden), table, split(next_tokens(input_ids)), split(loss_weights(loss_mask, average)))
 
 
-def _chunk_logits(h: jax.Array, table: jax.Array) -> jax.Array:
-    return jnp.einsum("cd,vd->cv", h, table, preferred_element_type=jnp.float32)
+def _slice_logits(h: jax.Array, table: jax.Array) -> jax.Array:
+    return jnp.einsum("bcd,vd->bcv", h, table, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
 def _weighted_nll(h: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum(weights * nll) over chunks (n, c, ...); the loss alone (no gradient wanted)."""
+    """sum(weights * nll) over slices (S, B, c, ...); the loss alone (no gradient wanted)."""
     def body(total, xs):
-        h_c, t_c, w_c = xs
-        return total + jnp.sum(w_c * token_nll(_chunk_logits(h_c, table), t_c)), None
+        h_s, t_s, w_s = xs
+        return total + jnp.sum(w_s * token_nll(_slice_logits(h_s, table), t_s)), None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, weights))[0]
 
@@ -86,14 +90,14 @@ def _weighted_nll_fwd(h, table, targets, weights):
     """The loss and its gradients in one pass: d nll / d logits = softmax - onehot(target)."""
     def body(carry, xs):
         total, d_table = carry
-        h_c, t_c, w_c = xs
-        logits = _chunk_logits(h_c, table)
-        total = total + jnp.sum(w_c * token_nll(logits, t_c))
-        d_logits = jax.nn.softmax(logits, axis=-1)
-        d_logits = d_logits.at[jnp.arange(t_c.shape[0]), t_c].add(-1.0) * w_c[:, None]
-        d_logits = d_logits.astype(h_c.dtype)
-        d_table = d_table + jnp.einsum("cv,cd->vd", d_logits, h_c, preferred_element_type=jnp.float32)
-        return (total, d_table), jnp.einsum("cv,vd->cd", d_logits, table)
+        h_s, t_s, w_s = xs
+        logits = _slice_logits(h_s, table)
+        total = total + jnp.sum(w_s * token_nll(logits, t_s))
+        rows, cols = jnp.indices(t_s.shape)
+        d_logits = jax.nn.softmax(logits, axis=-1).at[rows, cols, t_s].add(-1.0) * w_s[..., None]
+        d_logits = d_logits.astype(h_s.dtype)
+        d_table = d_table + jnp.einsum("bcv,bcd->vd", d_logits, h_s, preferred_element_type=jnp.float32)
+        return (total, d_table), jnp.einsum("bcv,vd->bcd", d_logits, table)
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32))
     (total, d_table), d_h = jax.lax.scan(body, init, (h, targets, weights))

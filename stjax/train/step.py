@@ -79,7 +79,7 @@ def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float3
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
             loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0) -> jax.Array:
-    """The SFT loss; `loss_chunk` > 0 makes the logits that many tokens at a time (`chunked_sft_loss`)."""
+    """The SFT loss; `loss_chunk` > 0 makes the logits that many positions at a time (`chunked_sft_loss`)."""
     model = nnx.merge(graphdef, params, frozen)
     if loss_chunk:
         hidden = model.hidden_states(inputs, dropout_key)
@@ -88,7 +88,7 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs
 
 
 def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
-               average: str = "token", loss_chunk: int = 1024) -> tuple[TrainState, dict[str, jax.Array]]:
+               average: str = "token", loss_chunk: int = 512) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the mean gradient of the micro-batches (jit it with
     `static_argnums=(0, 1)` and `static_argnames=("average", "loss_chunk")`; see `compiled_train_step`)."""
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
