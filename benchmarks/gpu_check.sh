@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"), most important first:
 #   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
-#   (is cuDNN's fused kernel really in the program?), the SFT train step's MFU (one row: with its
-#   breakdown and a profile of its top operations; four rows), the largest model that trains on one
-#   card, then forward latency against transformers.
+#   (is cuDNN's fused kernel really in the program?), causal attention alone (fwd, fwd + bwd), the SFT
+#   train step's MFU (one row: with its breakdown and a profile of its top operations; four rows),
+#   the largest model that trains on one card, then forward latency against transformers.
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
 # Missing Python packages travel as wheels in .whl/ (see /work/.library/device/README.md).
@@ -35,6 +35,8 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
   part 130 "parity (fp32, bf16) vs transformers and attention backends" \
     python3 benchmarks/gpu_parity.py --scale 2
+  part 60 "causal attention alone, 1 x 4096 tokens, 12 heads: mask as a bias vs cuDNN told is_causal" \
+    python3 benchmarks/bench_attention_gpu.py
   part 110 "SFT train step MFU, 1.5B Qwen2.5-VL-shaped, 1 x 4096 tokens, bf16 + fp32 masters, cuDNN attention" \
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots --mfu-timeout 100 \
     --breakdown --profile /tmp/train_profile --json "$out/train_mfu_cudnn.json"
@@ -50,5 +52,5 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
   done
 } 2>&1 | tee "$out/gpu_check.log"
 echo "== summary"
-grep -E "^== |ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|cuDNN attention unavailable|Error" \
+grep -E "^== |ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
   "$out/gpu_check.log" | cut -c1-240
