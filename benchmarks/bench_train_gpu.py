@@ -18,9 +18,11 @@ trained. The batch is `--batch` rows of `--seq` tokens, text only (the decoder's
 tower per real patch), MFU = FLOPs / (median step time x peak), the peak from
 `metrics.device_peak_flops` or `--peak-flops`. `--remat` takes a list: the first policy that fits
 is reported (the others are tried only after an out-of-memory failure); the default tries
-`none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's elsewhere). The loss makes
-logits `--loss-chunk` tokens at a time (`stjax.train.loss.chunked_sft_loss`), as the trainer does.
-`--breakdown` also times the loss alone and loss + gradients, so the optimizer's share shows. The issue's target is MFU >= 40%.
+`none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's elsewhere). The loss
+makes logits `--loss-chunk` positions of every row at a time (`stjax.train.loss.chunked_sft_loss`),
+as the trainer does. `--breakdown` also times the loss alone and loss + gradients, so the
+optimizer's share shows; `--profile DIR` prints the step's top operations. The issue's target is
+MFU >= 40%.
 
 Largest model: for each of LoRA (rank 8 on q, k, v, o; bf16 frozen base) and full fine-tuning,
 the sizes are tried from the largest down, each in a fresh process bounded by `--trial-timeout`,
@@ -247,13 +249,13 @@ def child_run(spec: dict) -> dict:
             out["profile"] = summary(spec["profile"], top=15, steps=2)
         if spec.get("breakdown"):  # the same micro-batch through the loss alone, then loss and gradients
             micro = jax.tree.map(lambda x: x[0], batch)
-            args = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
+            call = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
             for name, fn in (("loss_s", loss_fn), ("grad_s", jax.value_and_grad(loss_fn, argnums=1))):
                 compiled = jax.jit(fn, static_argnums=(0, 5, 7))
-                jax.block_until_ready(compiled(*args))
+                jax.block_until_ready(compiled(*call))
                 began = time.perf_counter()
                 for _ in range(3):
-                    jax.block_until_ready(compiled(*args))
+                    jax.block_until_ready(compiled(*call))
                 out[name] = (time.perf_counter() - began) / 3
     except Exception as e:  # noqa: BLE001 - reported to the parent (out of memory is an expected answer)
         text = f"{type(e).__name__}: {e}"
@@ -349,7 +351,8 @@ def part_mfu(args, report: dict) -> None:
     what = "text only" if not video else f"a {video[0]}-frame {video[1]}x{video[1]} video prompt + text"
     print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
           f"(decoder {si(total - vision)}, vision {si(vision)}), all trained; bf16 params and "
-          f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); loss chunk {args.loss_chunk}")
+          f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
+          f"loss chunk {args.loss_chunk}")
     for remat in args.remat.split(","):
         spec = dict(size=args.mfu_size, attention=args.attention, remat=remat, lora_rank=0, batch=args.batch,
                     seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
