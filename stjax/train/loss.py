@@ -92,10 +92,12 @@ def _weighted_nll_fwd(h, table, targets, weights):
         total, d_table = carry
         h_s, t_s, w_s = xs
         logits = _slice_logits(h_s, table)
-        total = total + jnp.sum(w_s * token_nll(logits, t_s))
-        rows, cols = jnp.indices(t_s.shape)
-        d_logits = jax.nn.softmax(logits, axis=-1).at[rows, cols, t_s].add(-1.0) * w_s[..., None]
-        d_logits = d_logits.astype(h_s.dtype)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        target_logit = jnp.take_along_axis(logits, t_s[..., None], axis=-1)
+        total = total + jnp.sum(w_s * (lse - target_logit)[..., 0])
+        # softmax - onehot as one element-wise pass (a compare with the target, no scatter)
+        one_hot = jax.nn.one_hot(t_s, logits.shape[-1], dtype=logits.dtype)
+        d_logits = ((jnp.exp(logits - lse) - one_hot) * w_s[..., None]).astype(h_s.dtype)
         d_table = d_table + jnp.einsum("bcv,bcd->vd", d_logits, h_s, preferred_element_type=jnp.float32)
         return (total, d_table), jnp.einsum("bcv,vd->bcd", d_logits, table)
 
