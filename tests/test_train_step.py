@@ -1,10 +1,12 @@
-"""The compiled SFT step: it fits a tiny synthetic set, accumulates gradients exactly, and skips
-non-finite steps."""
+"""The compiled SFT step: it fits a tiny synthetic set, accumulates gradients exactly, skips
+non-finite steps, and its AdamW update equals optax's (clip_by_global_norm + adamw) to 1e-6."""
 
 import numpy as np
+import optax
 from flax import nnx
 
 import jax
+import jax.numpy as jnp
 from reference import make_batch, rope_index, tiny_config
 from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model
@@ -92,3 +94,20 @@ def test_a_non_finite_step_is_skipped():
     assert int(metrics["skipped"]) == 1 and int(after.step) == 0
     for x, y in zip(jax.tree.leaves(after.params), jax.tree.leaves(kept)):
         np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_adamw_update_equals_optax_chain():
+    """`OptimConfig.apply` against optax's clip_by_global_norm + adamw, 5 steps through warmup and
+    decay, with weight decay, gradients both under and over the clipping norm."""
+    optim = OptimConfig(learning_rate=1e-2, total_steps=10, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=1.0)
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=5), jnp.float32)}}
+    ours, theirs = (params, optim.init(params)), (params, optim.optimizer().init(params))
+    for scale in (0.01, 3.0, 0.1, 10.0, 1.0):  # global norms about 0.04 to 40: clipped and not
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)
+        ours = jax.jit(optim.apply)(grads, ours[1], ours[0], optax.tree.norm(grads))
+        updates, state = optim.optimizer().update(grads, theirs[1], theirs[0])
+        theirs = (optax.apply_updates(theirs[0], updates), state)
+    for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(theirs[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(ours[0]["a"]), np.asarray(params["a"]), atol=1e-3)  # it did move them

@@ -40,7 +40,7 @@ from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
-from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
+from stjax.train.step import AdamState, OptimConfig, TrainState, init_state, split_trainable, train_step
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
@@ -119,14 +119,10 @@ def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
 def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh,
                  master_dtype: str = "float32") -> TrainState:
     """A fresh train state made on the devices: optimizer moments sharded like their parameters."""
-    import optax
-
     make = lambda p: init_state(p, optim, master_dtype, seed)
     params_sharding = jax.tree.map(lambda x: x.sharding, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.eval_shape(make, trainable)
-    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
-                                         transform_non_params=lambda _: replicated)
+    opt_sharding = AdamState(count=replicated, mu=params_sharding, nu=params_sharding)
     shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
     return jax.jit(make, out_shardings=shardings)(trainable)
 

@@ -44,15 +44,47 @@ class OptimConfig:
                                                   end_value=0.0)
 
     def optimizer(self) -> optax.GradientTransformation:
+        """The update `apply` computes, as an optax chain (the reference its test compares with)."""
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm),
                            optax.adamw(self.schedule(), self.b1, self.b2, self.eps, weight_decay=self.weight_decay))
+
+    def init(self, params: nnx.State) -> "AdamState":
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return AdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+    def apply(self, grads: nnx.State, state: "AdamState", params: nnx.State,
+              grad_norm: jax.Array) -> tuple[nnx.State, "AdamState"]:
+        """Global-norm clipping and AdamW as element-wise maps that XLA fuses per parameter: the
+        update of `optimizer()` without optax's clipped-gradient and update trees as intermediates
+        (less peak memory; `grad_norm` is the one the step already computed)."""
+        count = state.count + 1
+        lr = self.schedule()(state.count)
+        clip = jnp.where(grad_norm < self.max_grad_norm, 1.0, self.max_grad_norm / grad_norm)
+        mu_scale, nu_scale = 1 / (1 - self.b1 ** count), 1 / (1 - self.b2 ** count)
+
+        grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
+        mu = jax.tree.map(lambda m, g: self.b1 * m + (1 - self.b1) * g, state.mu, grads)
+        nu = jax.tree.map(lambda v, g: self.b2 * v + (1 - self.b2) * g * g, state.nu, grads)
+
+        def update(p, m, v):
+            step = (m * mu_scale) / (jnp.sqrt(v * nu_scale) + self.eps) + self.weight_decay * p
+            return (p - lr * step).astype(p.dtype)
+
+        return jax.tree.map(update, params, mu, nu), AdamState(count=count, mu=mu, nu=nu)
+
+
+@struct.dataclass
+class AdamState:
+    count: jax.Array  # updates applied (the schedule's position)
+    mu: nnx.State  # first moment, shaped and sharded like the parameters
+    nu: nnx.State  # second moment
 
 
 @struct.dataclass
 class TrainState:
     step: jax.Array
     params: nnx.State  # master copy, `master_dtype`
-    opt_state: optax.OptState
+    opt_state: AdamState
     rng: jax.Array  # raw uint32 key data (checkpointable); step k uses fold_in(rng, k) for dropout
 
 
@@ -73,7 +105,7 @@ def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
 def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float32, seed: int = 0) -> TrainState:
     """A fresh state; the master parameters are copies (the step donates its state)."""
     params = jax.tree.map(lambda x: jnp.array(x, master_dtype, copy=True), trainable)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.optimizer().init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
@@ -113,8 +145,7 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(_):
-        updates, opt_state = optim.optimizer().update(grads, state.opt_state, state.params)
-        return optax.apply_updates(state.params, updates), opt_state
+        return optim.apply(grads, state.opt_state, state.params, grad_norm)
 
     # A branch rather than a select: a select would hold both the new and the old copies at once.
     params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
