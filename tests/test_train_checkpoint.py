@@ -1,7 +1,9 @@
 """A train state saved on one mesh restores, unchanged, onto another mesh shape."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from reference import make_batch, tiny_config
 from stjax.models.inputs import prepare_inputs
@@ -42,3 +44,15 @@ def test_a_checkpoint_saved_on_fsdp8_restores_on_fsdp2_tensor2(tmp_path):
     assert kernel.addressable_shards[0].data.shape == (layers, hidden // 2, heads // 2)
     mu = restored.opt_state.mu["model"]["layers"]["q_proj"]["kernel"][...]
     assert mu.addressable_shards[0].data.shape == (layers, hidden // 2, heads // 2)  # moments follow
+
+
+def test_restoring_a_checkpoint_of_another_layout_names_the_checkpoint(tmp_path):
+    """A state tree with another structure (a different LoRA or optimizer layout) or another shape
+    (another model size) is refused with the checkpoint's path in the message."""
+    checkpoints = Checkpointer(tmp_path / "ck", every=1, keep=1)
+    checkpoints.save(3, {"a": jnp.ones((3,)), "b": {"c": jnp.zeros((2, 2))}}, None)
+    checkpoints.wait()
+    for other in ({"a": jnp.ones((3,)), "b": {"d": jnp.zeros((2, 2))}}, {"a": jnp.ones((4,)), "b": {"c": jnp.zeros((2, 2))}}):
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'ck' / '3'} does not match"):
+            checkpoints.restore(3, abstract_like(other), None)
+    checkpoints.close()

@@ -22,8 +22,9 @@ class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         """`every`: save when the step is a multiple of it (0: only forced saves); keep the last `keep`."""
         self.every = every
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     @property
     def latest_step(self) -> int | None:
@@ -44,7 +45,12 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except ValueError as e:  # orbax: tree structure or shape disagreements
+            reason = str(e).strip().splitlines()[0]
+            raise ValueError(f"checkpoint {self.directory / str(step)} does not match this run's train state (model "
+                             f"config, LoRA settings, optimizer): {reason}") from e
 
     def wait(self) -> None:
         """Block until the background writes are done (before exiting or reading the files)."""
