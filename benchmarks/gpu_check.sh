@@ -6,7 +6,7 @@
 #   the largest model that trains on one card, then forward latency against transformers.
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
-# Missing Python packages travel as wheels in .whl/ (see /work/.library/device/README.md).
+# Missing Python packages (grain, tensorboardX) travel as wheels in .whl/, which is git-ignored.
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
