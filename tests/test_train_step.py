@@ -102,11 +102,13 @@ def test_adamw_update_equals_optax_chain():
     optim = OptimConfig(learning_rate=1e-2, total_steps=10, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=1.0)
     rng = np.random.default_rng(0)
     params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=5), jnp.float32)}}
-    ours, theirs = (params, optim.init(params)), (params, optim.optimizer().init(params))
+    reference = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm),
+                            optax.adamw(optim.schedule(), optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay))
+    ours, theirs = (params, optim.init(params)), (params, reference.init(params))
     for scale in (0.01, 3.0, 0.1, 10.0, 1.0):  # global norms about 0.04 to 40: clipped and not
         grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)
         ours = jax.jit(optim.apply)(grads, ours[1], ours[0], optax.tree.norm(grads))
-        updates, state = optim.optimizer().update(grads, theirs[1], theirs[0])
+        updates, state = reference.update(grads, theirs[1], theirs[0])
         theirs = (optax.apply_updates(theirs[0], updates), state)
     for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(theirs[0])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -43,20 +43,16 @@ class OptimConfig:
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1),
                                                   end_value=0.0)
 
-    def optimizer(self) -> optax.GradientTransformation:
-        """The update `apply` computes, as an optax chain (the reference its test compares with)."""
-        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm),
-                           optax.adamw(self.schedule(), self.b1, self.b2, self.eps, weight_decay=self.weight_decay))
-
     def init(self, params: nnx.State) -> "AdamState":
+        """Zero moments shaped like the parameters."""
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return AdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
 
     def apply(self, grads: nnx.State, state: "AdamState", params: nnx.State,
               grad_norm: jax.Array) -> tuple[nnx.State, "AdamState"]:
         """Global-norm clipping and AdamW as element-wise maps that XLA fuses per parameter: the
-        update of `optimizer()` without optax's clipped-gradient and update trees as intermediates
-        (less peak memory; `grad_norm` is the one the step already computed)."""
+        update of optax's `chain(clip_by_global_norm, adamw)` without its clipped-gradient and update
+        trees as intermediates (less peak memory; `grad_norm` is the one the step already computed)."""
         count = state.count + 1
         lr = self.schedule()(state.count)
         clip = jnp.where(grad_norm < self.max_grad_norm, 1.0, self.max_grad_norm / grad_norm)
