@@ -52,17 +52,14 @@ class QwenVLForConditionalGeneration(nnx.Module):
         return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key)
 
     def output_table(self) -> jax.Array:
-        """The output projection as a (vocab, hidden) table in the compute dtype (the tied embedding
-        or lm_head's kernel transposed), for losses that make logits a slice at a time."""
+        """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding
+        or lm_head's kernel transposed (also what losses that make logits a slice at a time use)."""
         if self.lm_head is None:
             return self.model.embed_tokens[...].astype(self.config.compute_dtype)
         return self.lm_head.kernel[...].astype(self.config.compute_dtype).T
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            table = self.model.embed_tokens[...].astype(hidden.dtype)
-            return jnp.einsum("bld,vd->blv", hidden, table).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+        return jnp.einsum("bld,vd->blv", hidden, self.output_table()).astype(jnp.float32)
 
     def forward(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, L, vocab) in float32."""
