@@ -16,25 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def timed(fn, *args, repeats: int = 10) -> float:
-    """Median seconds of `fn(*args)` after two warm-up calls (the first compiles)."""
-    import jax
-    import numpy as np
-
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - began)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -54,6 +38,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench_forward import interleaved_medians
     from stjax.models.attention import attend
 
     b, l, h, kv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
@@ -77,7 +62,8 @@ def main() -> None:
         grads = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
         out = np.asarray(forward(q, k, v), np.float32)
         err = np.abs(out - reference).max() / np.abs(reference).max()
-        t_fwd, t_both = timed(forward, q, k, v), timed(grads, q, k, v)
+        t_fwd, t_both = interleaved_medians([lambda: jax.block_until_ready(forward(q, k, v)),
+                                             lambda: jax.block_until_ready(grads(q, k, v))], 10)
         print(f"  {name:40s} forward {t_fwd * 1e3:8.2f} ms ({flops / t_fwd / 1e12:6.1f} TFLOP/s)  "
               f"forward + backward {t_both * 1e3:8.2f} ms ({3.5 * flops / t_both / 1e12:6.1f} TFLOP/s)  "
               f"backward / forward {(t_both - t_fwd) / t_fwd:4.1f}  vs xla {err:.1e}")

@@ -248,15 +248,13 @@ def child_run(spec: dict) -> dict:
                     jax.block_until_ready(metrics)
             out["profile"] = summary(spec["profile"], top=15, steps=2)
         if spec.get("breakdown"):  # the same micro-batch through the loss alone, then loss and gradients
+            from bench_forward import interleaved_medians
+
             micro = jax.tree.map(lambda x: x[0], batch)
             call = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
-            for name, fn in (("loss_s", loss_fn), ("grad_s", jax.value_and_grad(loss_fn, argnums=1))):
-                compiled = jax.jit(fn, static_argnums=(0, 5, 7))
-                jax.block_until_ready(compiled(*call))
-                began = time.perf_counter()
-                for _ in range(3):
-                    jax.block_until_ready(compiled(*call))
-                out[name] = (time.perf_counter() - began) / 3
+            runs = [lambda fn=jax.jit(fn, static_argnums=(0, 5, 7)): jax.block_until_ready(fn(*call))
+                    for fn in (loss_fn, jax.value_and_grad(loss_fn, argnums=1))]
+            out["loss_s"], out["grad_s"] = interleaved_medians(runs, 3)
     except Exception as e:  # noqa: BLE001 - reported to the parent (out of memory is an expected answer)
         text = f"{type(e).__name__}: {e}"
         out.update(ok=False, error=text[:600], oom="RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower())
@@ -381,7 +379,7 @@ def part_mfu(args, report: dict) -> None:
               + f"; loss {r['loss']:.3f}, skipped steps {r['skipped']}")
         print("\n".join("  " + line for line in r.get("profile", [])))
         if "grad_s" in r:
-            print(f"  breakdown (mean of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
+            print(f"  breakdown (median of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
                   f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms")
         report["device_memory"] = r["limit_bytes"] or report.get("device_memory", 0)
         break
