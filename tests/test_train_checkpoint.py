@@ -45,7 +45,7 @@ def test_a_checkpoint_saved_on_fsdp8_restores_on_fsdp2_tensor2(tmp_path):
     assert kernel.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 2}
     layers, hidden, heads = kernel.shape
     assert kernel.addressable_shards[0].data.shape == (layers, hidden // 2, heads // 2)
-    mu = restored.opt_state.mu["model"]["layers"]["q_proj"]["kernel"][...]
+    mu = restored.opt_state[0].mu["model"]["layers"]["q_proj"]["kernel"][...]
     assert mu.addressable_shards[0].data.shape == (layers, hidden // 2, heads // 2)  # moments follow
 
 

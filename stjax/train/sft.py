@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -40,7 +41,7 @@ from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
-from stjax.train.step import AdamState, OptimConfig, TrainState, init_state, split_trainable, train_step
+from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
@@ -122,7 +123,9 @@ def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh
     make = lambda p: init_state(p, optim, master_dtype, seed)
     params_sharding = jax.tree.map(lambda x: x.sharding, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sharding = AdamState(count=replicated, mu=params_sharding, nu=params_sharding)
+    abstract = jax.eval_shape(make, trainable)
+    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
+                                         transform_non_params=lambda _: replicated)
     shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
     return jax.jit(make, out_shardings=shardings)(trainable)
 

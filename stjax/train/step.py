@@ -43,44 +43,28 @@ class OptimConfig:
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1),
                                                   end_value=0.0)
 
-    def init(self, params: nnx.State) -> "AdamState":
-        """Zero moments shaped like the parameters."""
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        return AdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+    def optimizer(self) -> optax.GradientTransformation:
+        """optax AdamW on the schedule; clipping is done by `apply` with the step's gradient norm."""
+        return optax.adamw(self.schedule(), self.b1, self.b2, self.eps, weight_decay=self.weight_decay)
 
-    def apply(self, grads: nnx.State, state: "AdamState", params: nnx.State,
-              grad_norm: jax.Array) -> tuple[nnx.State, "AdamState"]:
-        """Global-norm clipping and AdamW as element-wise maps that XLA fuses per parameter: the
-        update of optax's `chain(clip_by_global_norm, adamw)` without its clipped-gradient and update
-        trees as intermediates (less peak memory; `grad_norm` is the one the step already computed)."""
-        count = state.count + 1
-        lr = self.schedule()(state.count)
+    def init(self, params: nnx.State) -> optax.OptState:
+        return self.optimizer().init(params)
+
+    def apply(self, grads: nnx.State, state: optax.OptState, params: nnx.State,
+              grad_norm: jax.Array) -> tuple[nnx.State, optax.OptState]:
+        """Global-norm clipping with the norm the step already computed (optax's clip_by_global_norm
+        would compute it again), then AdamW and the update, all element-wise maps XLA fuses."""
         clip = jnp.where(grad_norm < self.max_grad_norm, 1.0, self.max_grad_norm / grad_norm)
-        mu_scale, nu_scale = 1 / (1 - self.b1 ** count), 1 / (1 - self.b2 ** count)
-
         grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
-        mu = jax.tree.map(lambda m, g: self.b1 * m + (1 - self.b1) * g, state.mu, grads)
-        nu = jax.tree.map(lambda v, g: self.b2 * v + (1 - self.b2) * g * g, state.nu, grads)
-
-        def update(p, m, v):
-            step = (m * mu_scale) / (jnp.sqrt(v * nu_scale) + self.eps) + self.weight_decay * p
-            return (p - lr * step).astype(p.dtype)
-
-        return jax.tree.map(update, params, mu, nu), AdamState(count=count, mu=mu, nu=nu)
-
-
-@struct.dataclass
-class AdamState:
-    count: jax.Array  # updates applied (the schedule's position)
-    mu: nnx.State  # first moment, shaped and sharded like the parameters
-    nu: nnx.State  # second moment
+        updates, state = self.optimizer().update(grads, state, params)
+        return optax.apply_updates(params, updates), state
 
 
 @struct.dataclass
 class TrainState:
     step: jax.Array
     params: nnx.State  # master copy, `master_dtype`
-    opt_state: AdamState
+    opt_state: optax.OptState
     rng: jax.Array  # raw uint32 key data (checkpointable); step k uses fold_in(rng, k) for dropout
 
 
