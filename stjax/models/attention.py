@@ -5,6 +5,8 @@
   elsewhere (see `_dot_product`).
 - `pallas_tpu`: the Pallas TPU flash-attention kernel (on TPU; in interpret mode elsewhere, which
   is slow and meant for tests).
+- `cpu_flash`: stjax's fused CPU kernel (`cpu_attention`), float32 inside; `xla` elsewhere, for
+  decoding steps (fewer than 16 queries), and where the kernel cannot be built.
 
 The mask is given as segment ids, which every kernel understands: a query attends to keys of the
 same segment (and, when causal, not to later ones). Text uses segment 1 for real tokens and 0 for
@@ -20,7 +22,9 @@ import logging
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "dot_product", "pallas_tpu")
+from stjax.models import cpu_attention
+
+BACKENDS = ("xla", "dot_product", "pallas_tpu", "cpu_flash")
 _PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
 
 
@@ -99,6 +103,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     """
     if backend == "dot_product":
         return _dot_product(q, k, v, segment_mask(segment_q, segment_k, causal, q_offset))
+    if backend == "cpu_flash" and cpu_attention.supports(q):
+        return cpu_attention.attention(q, k, v, segment_q, segment_k, causal, q_offset)
     if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
         return _pallas_tpu(q, k, v, segment_q, segment_k, causal)
     if backend in BACKENDS:

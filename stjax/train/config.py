@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from stjax.models.attention import BACKENDS
 from stjax.sharding import mesh_shape, parse_mesh
 from stjax.train.step import OptimConfig
 
@@ -36,7 +37,7 @@ class ModelSection:
     param_dtype: str = "float32"  # dtype the weights are loaded in (the frozen ones stay so)
     master_dtype: str = "float32"  # the optimizer's copy of the trained weights
     compute_dtype: str = "float32"
-    attention: str = "xla"  # xla | dot_product | pallas_tpu
+    attention: str = "xla"  # xla | dot_product | pallas_tpu | cpu_flash
     remat: str = "none"  # none | full | dots
 
 
@@ -177,7 +178,7 @@ def load(path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> Tr
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
     choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": ("none", "full", "dots"),
-               "model.attention": ("xla", "dot_product", "pallas_tpu"), "data.format": ("synthetic", "st_r1", "plain"),
+               "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
                "data.loss_rule": ("assistant", "release"),
                "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
                "model.master_dtype": ("float32", "bfloat16")}

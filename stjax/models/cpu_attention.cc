@@ -1,0 +1,367 @@
+// Fused ("flash") attention for XLA:CPU, called through the XLA FFI; see cpu_attention.py.
+//
+// XLA's CPU backend has no fused attention: it writes the full score matrix, runs the softmax
+// over it and reads it back, at a third of the speed of a fused kernel. Here scores live only in
+// a 48 x 48 tile: queries and keys go in tiles, the softmax is kept online (running max and sum
+// per query), and the backward recomputes a tile's probabilities from the saved log-sum-exp
+// instead of storing them. Tiles are held transposed (keys x queries), so K, V, dO and the
+// outputs are read and written in place, the softmax runs along vectors of queries, and every
+// product is one register-blocked micro-kernel (`Gemm`) written with GCC vector extensions: the
+// compiler emits the widest vectors of the machine it is built on (built with -march=native).
+//
+// Layouts (row-major): q (B, L, H, D); k, v (B, S, KV, D) with H a multiple of KV; segments
+// (B, L) and (B, S) int32; q_offset a scalar: query i sits at key slot q_offset + i. A query
+// sees keys of its own segment and, when causal, at or before its slot. Queries that see no key
+// get a zero output and a +inf log-sum-exp (zero gradient).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+constexpr int kMR = 6;     // micro-kernel rows
+constexpr int kNR = 16;    // micro-kernel columns (two vectors)
+constexpr int kTile = 48;  // keys and queries per tile; a multiple of kNR
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline v8f Load(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f Splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// R rows x kNR columns of c += op(a) @ b, the accumulators held in registers.
+template <int R, bool kTransA>
+inline void MicroKernel(int k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                        int64_t ldc) {
+  v8f acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = Load(c + r * ldc);
+    acc[r][1] = Load(c + r * ldc + 8);
+  }
+  for (int p = 0; p < k; ++p) {
+    const v8f b0 = Load(b + p * ldb), b1 = Load(b + p * ldb + 8);
+    for (int r = 0; r < R; ++r) {
+      const v8f x = Splat(kTransA ? a[p * lda + r] : a[r * lda + p]);
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Store(c + r * ldc, acc[r][0]);
+    Store(c + r * ldc + 8, acc[r][1]);
+  }
+}
+
+// c (m x n) += op(a) (m x k) @ b (k x n), row-major with leading dimensions; op(a) is a, or the
+// transpose of a (k x m) when kTransA. n must be a multiple of kNR.
+template <bool kTransA>
+void Gemm(int m, int n, int k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc) {
+  for (int i = 0; i < m; i += kMR) {
+    const float* ai = kTransA ? a + i : a + i * lda;
+    for (int j = 0; j < n; j += kNR) {
+      float* cij = c + i * ldc + j;
+      switch (std::min(kMR, m - i)) {
+        case 6: MicroKernel<6, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 5: MicroKernel<5, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 4: MicroKernel<4, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 3: MicroKernel<3, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 2: MicroKernel<2, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        default: MicroKernel<1, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+      }
+    }
+  }
+}
+
+// exp of 8 floats: 2^n * exp(r) with n = round(x / ln 2), Cephes' polynomial (about 1 ulp).
+// Inputs below -87 give about 1e-38 instead of 0 (callers zero masked entries themselves).
+v8f Exp(v8f x) {
+  const v8f lo = Splat(-87.3f), hi = Splat(88.3f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v8f magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v8f t = x * Splat(1.44269504088896341f) + magic;
+  const v8f n = t - magic;
+  const v8i ni = (v8i)t - (v8i)magic;
+  const v8f r = x - n * Splat(0.693359375f) - n * Splat(-2.12194440e-4f);
+  v8f p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * r * r + r + Splat(1.0f);
+  return p * (v8f)((ni + 127) << 23);
+}
+
+// Runs fn(i) for i in [0, n) on the caller and the XLA intra-op pool's threads. The caller
+// waits for the items, never for helpers to start (a busy pool then just leaves the work to
+// the caller); a helper that starts late finds no item left and touches only the shared state.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, n, f = &fn] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*f)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));
+  run();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+struct Shape {
+  int64_t b, l, s, h, kv, d;
+  int64_t group() const { return h / kv; }
+  int64_t q_tiles() const { return (l + kTile - 1) / kTile; }
+  int64_t q_row() const { return h * d; }   // elements between consecutive queries
+  int64_t k_row() const { return kv * d; }  // elements between consecutive keys
+};
+
+Shape GetShape(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k) {
+  return Shape{q[0], q[1], k[1], q[2], k[2], q[3]};
+}
+
+ffi::Error CheckShape(const Shape& sh) {
+  if (sh.kv <= 0 || sh.h % sh.kv != 0) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
+  if (sh.d % kNR != 0) return ffi::Error::InvalidArgument("head size must be a multiple of 16");
+  return ffi::Error::Success();
+}
+
+// Which queries see which keys in the tile of keys [k0, k0 + kTile) x queries [q0, q0 + kTile).
+// Most tiles see everything (one segment, before the causal diagonal, no sequence tail) and
+// skip the per-element test.
+struct TileMask {
+  bool all_visible;
+  bool visible[kTile][kTile];  // [key][query]
+
+  TileMask(const Shape& sh, const int32_t* seg_q, const int32_t* seg_k, int64_t offset, bool causal,
+           int64_t q0, int64_t k0) {
+    all_visible = q0 + kTile <= sh.l && k0 + kTile <= sh.s && (!causal || k0 + kTile - 1 <= offset + q0);
+    for (int i = 0; all_visible && i < kTile; ++i)
+      all_visible = seg_q[q0 + i] == seg_q[q0] && seg_k[k0 + i] == seg_q[q0];
+    if (all_visible) return;
+    for (int j = 0; j < kTile; ++j) {
+      const int64_t kj = k0 + j;
+      for (int i = 0; i < kTile; ++i) {
+        const int64_t qi = q0 + i;
+        visible[j][i] = qi < sh.l && kj < sh.s && seg_q[qi] == seg_k[kj] && (!causal || kj <= offset + qi);
+      }
+    }
+  }
+
+  void Apply(float* scores, int keys) const {  // masked scores become -inf
+    if (all_visible) return;
+    for (int j = 0; j < keys; ++j)
+      for (int i = 0; i < kTile; ++i)
+        if (!visible[j][i]) scores[j * kTile + i] = -kInf;
+  }
+};
+
+// The key tiles that queries [q0, q0 + kTile) see: all, or (causal) none past the last query.
+int64_t KeyEnd(const Shape& sh, int64_t offset, bool causal, int64_t q0) {
+  if (!causal) return sh.s;
+  return std::clamp<int64_t>(offset + std::min(q0 + kTile, sh.l), 0, sh.s);
+}
+
+// A tile of queries [q0, q0 + kTile) of head h, transposed (d x kTile) and scaled; zero past l.
+void PackTransposed(const Shape& sh, const float* x, int64_t b, int64_t h, int64_t q0, float scale,
+                    float* tile) {
+  std::fill(tile, tile + sh.d * kTile, 0.0f);
+  for (int64_t i = 0; i < kTile && q0 + i < sh.l; ++i) {
+    const float* row = x + (b * sh.l + q0 + i) * sh.q_row() + h * sh.d;
+    for (int64_t c = 0; c < sh.d; ++c) tile[c * kTile + i] = row[c] * scale;
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                   ffi::Buffer<ffi::S32> q_offset, bool causal, float scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape sh = GetShape(q.dimensions(), k.dimensions());
+  if (auto error = CheckShape(sh); error.failure()) return error;
+  const int64_t offset = q_offset.typed_data()[0];
+
+  ParallelFor(pool, sh.b * sh.h * sh.q_tiles(), [&](int64_t item) {
+    const int64_t q0 = item % sh.q_tiles() * kTile, h = item / sh.q_tiles() % sh.h, b = item / sh.q_tiles() / sh.h;
+    const float* keys = k.typed_data() + b * sh.s * sh.k_row() + h / sh.group() * sh.d;
+    const float* values = v.typed_data() + b * sh.s * sh.k_row() + h / sh.group() * sh.d;
+    const int32_t* sq = seg_q.typed_data() + b * sh.l;
+    const int32_t* sk = seg_k.typed_data() + b * sh.s;
+    alignas(32) float m[kTile], l[kTile], alpha[kTile];
+    std::fill_n(m, kTile, -kInf);
+    std::fill_n(l, kTile, 0.0f);
+    std::vector<float> q_t(sh.d * kTile), o_t(sh.d * kTile, 0.0f), s(kTile * kTile);
+    PackTransposed(sh, q.typed_data(), b, h, q0, scale, q_t.data());
+    for (int64_t k0 = 0; k0 < KeyEnd(sh, offset, causal, q0); k0 += kTile) {
+      const int nk = std::min<int64_t>(kTile, sh.s - k0);
+      std::fill(s.begin(), s.end(), 0.0f);
+      Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t.data(), kTile, s.data(), kTile);
+      TileMask(sh, sq, sk, offset, causal, q0, k0).Apply(s.data(), nk);
+      // Online softmax, 8 queries at a time: rescale what came before to the new running max.
+      for (int i = 0; i < kTile; i += 8) {
+        const v8f m_old = Load(m + i);
+        v8f mx = m_old;
+        for (int j = 0; j < nk; ++j) {
+          const v8f x = Load(&s[j * kTile + i]);
+          mx = x > mx ? x : mx;
+        }
+        v8f sum = Splat(0.0f);
+        for (int j = 0; j < nk; ++j) {
+          const v8f x = Load(&s[j * kTile + i]);
+          const v8f p = x == Splat(-kInf) ? Splat(0.0f) : Exp(x - mx);
+          Store(&s[j * kTile + i], p);
+          sum += p;
+        }
+        const v8f a = m_old == Splat(-kInf) ? Splat(0.0f) : Exp(m_old - mx);
+        Store(alpha + i, a);
+        Store(l + i, Load(l + i) * a + sum);
+        Store(m + i, mx);
+      }
+      for (int64_t c = 0; c < sh.d; ++c)
+        for (int i = 0; i < kTile; i += 8) Store(&o_t[c * kTile + i], Load(&o_t[c * kTile + i]) * Load(alpha + i));
+      Gemm<true>(sh.d, kTile, nk, values + k0 * sh.k_row(), sh.k_row(), s.data(), kTile, o_t.data(), kTile);
+    }
+    for (int64_t i = 0; i < kTile && q0 + i < sh.l; ++i) {
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      float* dst = out->typed_data() + (b * sh.l + q0 + i) * sh.q_row() + h * sh.d;
+      for (int64_t c = 0; c < sh.d; ++c) dst[c] = o_t[c * kTile + i] * inv;
+      lse->typed_data()[(b * sh.h + h) * sh.l + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kInf;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Gradients of Forward, given its log-sum-exp and delta = rowsum(d_out * out) per query (B, H, L).
+// One work item per (batch, KV head): it owns dk and dv of that head and dq of its query heads,
+// so no two threads write the same element.
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                    ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> delta, bool causal, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const Shape sh = GetShape(q.dimensions(), k.dimensions());
+  if (auto error = CheckShape(sh); error.failure()) return error;
+  const int64_t offset = q_offset.typed_data()[0], padded_l = sh.q_tiles() * kTile;
+
+  ParallelFor(pool, sh.b * sh.kv, [&](int64_t item) {
+    const int64_t b = item / sh.kv, kvh = item % sh.kv, g = sh.group();
+    const int64_t k_base = b * sh.s * sh.k_row() + kvh * sh.d;
+    const float* keys = k.typed_data() + k_base;
+    const float* values = v.typed_data() + k_base;
+    float* dkeys = dk->typed_data() + k_base;
+    float* dvalues = dv->typed_data() + k_base;
+    const int32_t* sq = seg_q.typed_data() + b * sh.l;
+    const int32_t* sk = seg_k.typed_data() + b * sh.s;
+    // Per query head of the group: queries and d_out transposed in tiles, lse and delta padded
+    // (lse +inf past l, so padded queries get zero probability).
+    const int64_t tile = sh.d * kTile;
+    std::vector<float> q_t(g * sh.q_tiles() * tile), do_t(g * sh.q_tiles() * tile);
+    std::vector<float> lse_p(g * padded_l, kInf), delta_p(g * padded_l, 0.0f);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const int64_t h = kvh * g + gi;
+      for (int64_t t = 0; t < sh.q_tiles(); ++t) {
+        PackTransposed(sh, q.typed_data(), b, h, t * kTile, scale, &q_t[(gi * sh.q_tiles() + t) * tile]);
+        PackTransposed(sh, d_out.typed_data(), b, h, t * kTile, 1.0f, &do_t[(gi * sh.q_tiles() + t) * tile]);
+      }
+      std::copy_n(lse.typed_data() + (b * sh.h + h) * sh.l, sh.l, &lse_p[gi * padded_l]);
+      std::copy_n(delta.typed_data() + (b * sh.h + h) * sh.l, sh.l, &delta_p[gi * padded_l]);
+      for (int64_t i = 0; i < sh.l; ++i)
+        std::fill_n(dq->typed_data() + (b * sh.l + i) * sh.q_row() + h * sh.d, sh.d, 0.0f);
+    }
+    for (int64_t j = 0; j < sh.s; ++j) {
+      std::fill_n(dkeys + j * sh.k_row(), sh.d, 0.0f);
+      std::fill_n(dvalues + j * sh.k_row(), sh.d, 0.0f);
+    }
+    std::vector<float> p(kTile * kTile), ds(kTile * kTile);  // both keys x queries
+    for (int64_t k0 = 0; k0 < sh.s; k0 += kTile) {
+      const int nk = std::min<int64_t>(kTile, sh.s - k0);
+      const int64_t first_q = causal ? std::max<int64_t>(0, k0 - offset) / kTile * kTile : 0;
+      for (int64_t gi = 0; gi < g; ++gi) {
+        const int64_t h = kvh * g + gi;
+        for (int64_t q0 = first_q; q0 < sh.l; q0 += kTile) {
+          const int nq = std::min<int64_t>(kTile, sh.l - q0);
+          const int64_t t = gi * sh.q_tiles() + q0 / kTile;
+          const float* queries = q.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
+          const float* grads = d_out.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
+          std::fill(p.begin(), p.end(), 0.0f);
+          Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), &q_t[t * tile], kTile, p.data(), kTile);
+          TileMask(sh, sq, sk, offset, causal, q0, k0).Apply(p.data(), nk);
+          std::fill(ds.begin(), ds.end(), 0.0f);
+          Gemm<false>(nk, kTile, sh.d, values + k0 * sh.k_row(), sh.k_row(), &do_t[t * tile], kTile, ds.data(), kTile);
+          for (int j = 0; j < nk; ++j) {  // p = exp(s - lse); ds = p * (dp - delta)
+            for (int i = 0; i < kTile; i += 8) {
+              const v8f x = Load(&p[j * kTile + i]);
+              const v8f pr = x == Splat(-kInf) ? Splat(0.0f) : Exp(x - Load(&lse_p[gi * padded_l + q0 + i]));
+              Store(&p[j * kTile + i], pr);
+              Store(&ds[j * kTile + i], pr * (Load(&ds[j * kTile + i]) - Load(&delta_p[gi * padded_l + q0 + i])));
+            }
+          }
+          Gemm<false>(nk, sh.d, nq, p.data(), kTile, grads, sh.q_row(), dvalues + k0 * sh.k_row(), sh.k_row());
+          Gemm<false>(nk, sh.d, nq, ds.data(), kTile, queries, sh.q_row(), dkeys + k0 * sh.k_row(), sh.k_row());
+          Gemm<true>(nq, sh.d, nk, ds.data(), kTile, keys + k0 * sh.k_row(), sh.k_row(),
+                     dq->typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d, sh.q_row());
+        }
+      }
+    }
+    // The scores were scale * q.k: both gradients carry the scale once.
+    for (int64_t j = 0; j < sh.s; ++j)
+      for (int64_t c = 0; c < sh.d; ++c) dkeys[j * sh.k_row() + c] *= scale;
+    for (int64_t gi = 0; gi < g; ++gi)
+      for (int64_t i = 0; i < sh.l; ++i)
+        for (int64_t c = 0; c < sh.d; ++c) dq->typed_data()[(b * sh.l + i) * sh.q_row() + (kvh * g + gi) * sh.d + c] *= scale;
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StjaxFlashForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_q
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_k
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StjaxFlashBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_q
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_k
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Attr<bool>("causal")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
