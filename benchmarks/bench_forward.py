@@ -1,10 +1,11 @@
 """Forward latency, steady state after compilation: stjax (JAX) vs transformers (PyTorch), same
 weights, same inputs, same device, fp32.
 
-    python benchmarks/bench_forward.py [--arch qwen2_5_vl] [--frames 8] [--size 336] [--text 64]
+    python benchmarks/bench_forward.py [--arch qwen2_5_vl] [--attention xla,cpu_flash] [--frames 8] ...
 
 Default config: text hidden 512 x 4 layers, vision hidden 256 x depth 4, an 8-frame 336x336 video
-plus 64 text tokens. Prints both latencies and the ratio torch / stjax (> 1: stjax is faster).
+plus 64 text tokens. Prints the latencies (each stjax attention backend named, timed in turn with
+torch) and the ratios torch / stjax (> 1: stjax is faster).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
     parser.add_argument("--text", type=int, default=64, help="text tokens around the video")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--attention", default="xla", help="stjax attention backend")
+    parser.add_argument("--attention", default="cpu_flash", help="stjax attention backends, comma-separated (each timed)")
     parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     parser.add_argument("--scale", type=int, default=1, help="multiply widths and depths (GPU runs)")
@@ -77,11 +78,12 @@ def main() -> None:
     ref.set_attn_implementation(args.torch_attention)
     grid = args.size // 14
     batch = make_batch(cfg, [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]])
+    backends = args.attention.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        model, _ = load_pretrained(tmp, attention=args.attention)
+        models = [load_pretrained(tmp, attention=backend)[0] for backend in backends]
     inputs = jax.device_put(prepare_inputs(cfg, **batch))
-    ours = lambda: compiled_forward(model, inputs).block_until_ready()
+    ours = [lambda model=model: compiled_forward(model, inputs).block_until_ready() for model in models]
     torch_batch = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items() if k != "second_per_grid_ts"}
     for k in ("pixel_values", "pixel_values_videos"):
         if k in torch_batch:
@@ -94,19 +96,21 @@ def main() -> None:
             torch.cuda.synchronize()
         return logits
 
-    logits = np.asarray(ours())[:, : batch["input_ids"].shape[1]]
     ref_logits = theirs().float().cpu().numpy()
-    err = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+    errs = [np.abs(np.asarray(fn())[:, : batch["input_ids"].shape[1]] - ref_logits).max() / np.abs(ref_logits).max()
+            for fn in ours]
 
-    t_jax, t_torch = interleaved_medians([ours, theirs], args.repeats)
+    *t_jax, t_torch = interleaved_medians([*ours, theirs], args.repeats)
     tokens = batch["input_ids"].shape[1]
     print(f"device: jax {jax.devices()[0].device_kind}, torch {device} ({torch.get_num_threads()} threads), "
           f"{args.dtype}")
     print(f"{args.arch}: {args.frames} frames {args.size}x{args.size}, {tokens} tokens "
-          f"({cfg.vision.depth} vision / {cfg.text.num_layers} text layers), relative logit error {err:.1e}")
-    print(f"stjax  forward: {t_jax * 1e3:8.1f} ms  (attention={args.attention})")
+          f"({cfg.vision.depth} vision / {cfg.text.num_layers} text layers)")
+    for backend, t, err in zip(backends, t_jax, errs):
+        print(f"stjax  forward: {t * 1e3:8.1f} ms  (attention={backend}; relative logit error {err:.1e})")
     print(f"torch  forward: {t_torch * 1e3:8.1f} ms  (attn_implementation={args.torch_attention})")
-    print(f"speed-up stjax vs torch: {t_torch / t_jax:.2f}x")
+    for backend, t in zip(backends, t_jax):
+        print(f"speed-up stjax ({backend}) vs torch: {t_torch / t:.2f}x")
 
 
 if __name__ == "__main__":
