@@ -16,10 +16,11 @@ from stjax.models import cpu_attention
 from stjax.models.attention import attend
 
 # (batch, queries, keys, heads, kv heads, head size, causal, q_offset): lengths that are not
-# multiples of the kernel's 48-wide tiles, GQA, head size 80 (the Qwen vision towers), and
+# multiples of the kernel's 48- or 32-wide tiles, GQA, head size 80 (the Qwen vision towers), and
 # queries placed inside a longer key sequence as a prefill after a cached prefix would be.
 CASES = {
-    "vision groups": (3, 100, 100, 4, 4, 32, False, 0),
+    "vision groups": (3, 100, 100, 4, 4, 32, False, 0),  # 32-wide tiles (they pad less here)
+    "windows": (4, 64, 64, 2, 2, 16, False, 0),  # Qwen2.5-VL's 64-patch windows: 32-wide tiles
     "causal gqa": (2, 130, 130, 8, 2, 16, True, 0),
     "head size 80": (2, 70, 70, 6, 3, 80, True, 0),
     "offset": (1, 40, 90, 4, 2, 64, True, 50),

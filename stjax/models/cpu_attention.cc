@@ -2,9 +2,9 @@
 //
 // XLA's CPU backend has no fused attention: it writes the full score matrix, runs the softmax
 // over it and reads it back, at a third of the speed of a fused kernel. Here scores live only in
-// a 48 x 48 tile: queries and keys go in tiles, the softmax is kept online (running max and sum
-// per query), and the backward recomputes a tile's probabilities from the saved log-sum-exp
-// instead of storing them. Tiles are held transposed (keys x queries), so K, V, dO and the
+// a 48 x 48 tile (32 x 32 where that pads less): queries and keys go in tiles, the softmax is kept
+// online (running max and sum per query), and the backward recomputes a tile's probabilities from
+// the saved log-sum-exp instead of storing them. Tiles are held transposed (keys x queries), so K, V, dO and the
 // outputs are read and written in place, the softmax runs along vectors of queries, and every
 // product is one register-blocked micro-kernel (`Gemm`) written with GCC vector extensions: the
 // compiler emits the widest vectors of the machine it is built on (built with -march=native).
@@ -35,7 +35,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 constexpr int kMR = 6;     // micro-kernel rows
 constexpr int kNR = 16;    // micro-kernel columns (two vectors)
-constexpr int kTile = 48;  // keys and queries per tile; a multiple of kNR
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline v8f Load(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
@@ -131,7 +130,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 struct Shape {
   int64_t b, l, s, h, kv, d;
   int64_t group() const { return h / kv; }
-  int64_t q_tiles() const { return (l + kTile - 1) / kTile; }
   int64_t q_row() const { return h * d; }   // elements between consecutive queries
   int64_t k_row() const { return kv * d; }  // elements between consecutive keys
 };
@@ -149,6 +147,7 @@ ffi::Error CheckShape(const Shape& sh) {
 // Which queries see which keys in the tile of keys [k0, k0 + kTile) x queries [q0, q0 + kTile).
 // Most tiles see everything (one segment, before the causal diagonal, no sequence tail) and
 // skip the per-element test.
+template <int kTile>
 struct TileMask {
   bool all_visible;
   bool visible[kTile][kTile];  // [key][query]
@@ -177,12 +176,14 @@ struct TileMask {
 };
 
 // The key tiles that queries [q0, q0 + kTile) see: all, or (causal) none past the last query.
+template <int kTile>
 int64_t KeyEnd(const Shape& sh, int64_t offset, bool causal, int64_t q0) {
   if (!causal) return sh.s;
   return std::clamp<int64_t>(offset + std::min(q0 + kTile, sh.l), 0, sh.s);
 }
 
 // A tile of queries [q0, q0 + kTile) of head h, transposed (d x kTile) and scaled; zero past l.
+template <int kTile>
 void PackTransposed(const Shape& sh, const float* x, int64_t b, int64_t h, int64_t q0, float scale,
                     float* tile) {
   std::fill(tile, tile + sh.d * kTile, 0.0f);
@@ -192,16 +193,15 @@ void PackTransposed(const Shape& sh, const float* x, int64_t b, int64_t h, int64
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
-                   ffi::Buffer<ffi::S32> q_offset, bool causal, float scale,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const Shape sh = GetShape(q.dimensions(), k.dimensions());
-  if (auto error = CheckShape(sh); error.failure()) return error;
-  const int64_t offset = q_offset.typed_data()[0];
+template <int kTile>
+void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                  int64_t offset, bool causal, float scale, ffi::ResultBuffer<ffi::F32> out,
+                  ffi::ResultBuffer<ffi::F32> lse) {
+  const int64_t q_tiles = (sh.l + kTile - 1) / kTile;
 
-  ParallelFor(pool, sh.b * sh.h * sh.q_tiles(), [&](int64_t item) {
-    const int64_t q0 = item % sh.q_tiles() * kTile, h = item / sh.q_tiles() % sh.h, b = item / sh.q_tiles() / sh.h;
+  ParallelFor(pool, sh.b * sh.h * q_tiles, [&](int64_t item) {
+    const int64_t q0 = item % q_tiles * kTile, h = item / q_tiles % sh.h, b = item / q_tiles / sh.h;
     const float* keys = k.typed_data() + b * sh.s * sh.k_row() + h / sh.group() * sh.d;
     const float* values = v.typed_data() + b * sh.s * sh.k_row() + h / sh.group() * sh.d;
     const int32_t* sq = seg_q.typed_data() + b * sh.l;
@@ -210,12 +210,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     std::fill_n(m, kTile, -kInf);
     std::fill_n(l, kTile, 0.0f);
     std::vector<float> q_t(sh.d * kTile), o_t(sh.d * kTile, 0.0f), s(kTile * kTile);
-    PackTransposed(sh, q.typed_data(), b, h, q0, scale, q_t.data());
-    for (int64_t k0 = 0; k0 < KeyEnd(sh, offset, causal, q0); k0 += kTile) {
+    PackTransposed<kTile>(sh, q.typed_data(), b, h, q0, scale, q_t.data());
+    for (int64_t k0 = 0; k0 < KeyEnd<kTile>(sh, offset, causal, q0); k0 += kTile) {
       const int nk = std::min<int64_t>(kTile, sh.s - k0);
       std::fill(s.begin(), s.end(), 0.0f);
       Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t.data(), kTile, s.data(), kTile);
-      TileMask(sh, sq, sk, offset, causal, q0, k0).Apply(s.data(), nk);
+      TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(s.data(), nk);
       // Online softmax, 8 queries at a time: rescale what came before to the new running max.
       for (int i = 0; i < kTile; i += 8) {
         const v8f m_old = Load(m + i);
@@ -247,20 +247,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       lse->typed_data()[(b * sh.h + h) * sh.l + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kInf;
     }
   });
-  return ffi::Error::Success();
 }
 
 // Gradients of Forward, given its log-sum-exp and delta = rowsum(d_out * out) per query (B, H, L).
 // One work item per (batch, KV head): it owns dk and dv of that head and dq of its query heads,
 // so no two threads write the same element.
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
-                    ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> delta, bool causal, float scale, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const Shape sh = GetShape(q.dimensions(), k.dimensions());
-  if (auto error = CheckShape(sh); error.failure()) return error;
-  const int64_t offset = q_offset.typed_data()[0], padded_l = sh.q_tiles() * kTile;
+template <int kTile>
+void BackwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                   int64_t offset, ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> delta, bool causal, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const int64_t q_tiles = (sh.l + kTile - 1) / kTile, padded_l = q_tiles * kTile;
 
   ParallelFor(pool, sh.b * sh.kv, [&](int64_t item) {
     const int64_t b = item / sh.kv, kvh = item % sh.kv, g = sh.group();
@@ -274,13 +272,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     // Per query head of the group: queries and d_out transposed in tiles, lse and delta padded
     // (lse +inf past l, so padded queries get zero probability).
     const int64_t tile = sh.d * kTile;
-    std::vector<float> q_t(g * sh.q_tiles() * tile), do_t(g * sh.q_tiles() * tile);
+    std::vector<float> q_t(g * q_tiles * tile), do_t(g * q_tiles * tile);
     std::vector<float> lse_p(g * padded_l, kInf), delta_p(g * padded_l, 0.0f);
     for (int64_t gi = 0; gi < g; ++gi) {
       const int64_t h = kvh * g + gi;
-      for (int64_t t = 0; t < sh.q_tiles(); ++t) {
-        PackTransposed(sh, q.typed_data(), b, h, t * kTile, scale, &q_t[(gi * sh.q_tiles() + t) * tile]);
-        PackTransposed(sh, d_out.typed_data(), b, h, t * kTile, 1.0f, &do_t[(gi * sh.q_tiles() + t) * tile]);
+      for (int64_t t = 0; t < q_tiles; ++t) {
+        PackTransposed<kTile>(sh, q.typed_data(), b, h, t * kTile, scale, &q_t[(gi * q_tiles + t) * tile]);
+        PackTransposed<kTile>(sh, d_out.typed_data(), b, h, t * kTile, 1.0f, &do_t[(gi * q_tiles + t) * tile]);
       }
       std::copy_n(lse.typed_data() + (b * sh.h + h) * sh.l, sh.l, &lse_p[gi * padded_l]);
       std::copy_n(delta.typed_data() + (b * sh.h + h) * sh.l, sh.l, &delta_p[gi * padded_l]);
@@ -299,12 +297,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         const int64_t h = kvh * g + gi;
         for (int64_t q0 = first_q; q0 < sh.l; q0 += kTile) {
           const int nq = std::min<int64_t>(kTile, sh.l - q0);
-          const int64_t t = gi * sh.q_tiles() + q0 / kTile;
+          const int64_t t = gi * q_tiles + q0 / kTile;
           const float* queries = q.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
           const float* grads = d_out.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
           std::fill(p.begin(), p.end(), 0.0f);
           Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), &q_t[t * tile], kTile, p.data(), kTile);
-          TileMask(sh, sq, sk, offset, causal, q0, k0).Apply(p.data(), nk);
+          TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(p.data(), nk);
           std::fill(ds.begin(), ds.end(), 0.0f);
           Gemm<false>(nk, kTile, sh.d, values + k0 * sh.k_row(), sh.k_row(), &do_t[t * tile], kTile, ds.data(), kTile);
           for (int j = 0; j < nk; ++j) {  // p = exp(s - lse); ds = p * (dp - delta)
@@ -329,6 +327,42 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int64_t i = 0; i < sh.l; ++i)
         for (int64_t c = 0; c < sh.d; ++c) dq->typed_data()[(b * sh.l + i) * sh.q_row() + (kvh * g + gi) * sh.d + c] *= scale;
   });
+}
+
+// Tiles of 48 queries and keys, or of 32 where that pads less (Qwen2.5-VL's 64-patch windows).
+int TileSize(const Shape& sh) {
+  const auto padding = [&](int64_t tile) { return (-sh.l % tile + tile) % tile + (-sh.s % tile + tile) % tile; };
+  return padding(32) < padding(48) ? 32 : 48;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                   ffi::Buffer<ffi::S32> q_offset, bool causal, float scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape sh = GetShape(q.dimensions(), k.dimensions());
+  if (auto error = CheckShape(sh); error.failure()) return error;
+  const int64_t offset = q_offset.typed_data()[0];
+  if (TileSize(sh) == 32) {
+    ForwardTiled<32>(pool, sh, q, k, v, seg_q, seg_k, offset, causal, scale, out, lse);
+  } else {
+    ForwardTiled<48>(pool, sh, q, k, v, seg_q, seg_k, offset, causal, scale, out, lse);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
+                    ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> delta, bool causal, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const Shape sh = GetShape(q.dimensions(), k.dimensions());
+  if (auto error = CheckShape(sh); error.failure()) return error;
+  const int64_t offset = q_offset.typed_data()[0];
+  if (TileSize(sh) == 32) {
+    BackwardTiled<32>(pool, sh, q, k, v, seg_q, seg_k, offset, d_out, lse, delta, causal, scale, dq, dk, dv);
+  } else {
+    BackwardTiled<48>(pool, sh, q, k, v, seg_q, seg_k, offset, d_out, lse, delta, causal, scale, dq, dk, dv);
+  }
   return ffi::Error::Success();
 }
 
