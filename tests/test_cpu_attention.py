@@ -108,3 +108,23 @@ print("fell back")
     assert done.returncode == 0, done.stderr
     assert "fell back" in done.stdout
     assert "cpu_flash attention unavailable" in done.stderr and "cpu_attention.cc" in done.stderr
+
+
+def test_on_a_mesh_the_kernel_runs_replicated_and_agrees():
+    """XLA cannot split the custom call: on 8 devices it runs replicated, with the same values."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+    q, k, v, seg_q, seg_k = _inputs(8, 40, 40, 4, 2, 16)
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    placed = [put(x, "data", None, "tensor") for x in (q, k, v)] + [put(s, "data") for s in (seg_q, seg_k)]
+
+    def loss(q, k, v, seg_q, seg_k, backend):
+        return jnp.sum(attend(q, k, v, seg_q, seg_k, True, backend) ** 2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(*placed, "cpu_flash")
+    ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg_q, seg_k, "xla")
+    for g, r in zip(grads, ref):
+        assert _rel(g, r) <= 1e-5

@@ -175,7 +175,7 @@ struct TileMask {
   }
 };
 
-// The key tiles that queries [q0, q0 + kTile) see: all, or (causal) none past the last query.
+// Where the keys seen by queries [q0, q0 + kTile) end: at s, or (causal) after the last query's slot.
 template <int kTile>
 int64_t KeyEnd(const Shape& sh, int64_t offset, bool causal, int64_t q0) {
   if (!causal) return sh.s;
@@ -193,6 +193,7 @@ void PackTransposed(const Shape& sh, const float* x, int64_t b, int64_t h, int64
   }
 }
 
+// One work item per (batch, query head, query tile), each writing its own rows of out and lse.
 template <int kTile>
 void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg_q, ffi::Buffer<ffi::S32> seg_k,
@@ -366,31 +367,29 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The inputs both handlers take first: q, k, v, segment_q, segment_k, q_offset.
+auto BindAttentionInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StjaxFlashForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_q
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_k
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset
+                              BindAttentionInputs()
                                   .Attr<bool>("causal")
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StjaxFlashBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_q
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // segment_k
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset
+                              BindAttentionInputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // delta

@@ -6,7 +6,8 @@ backward) that keeps scores in small tiles. It is compiled on first use with the
 compiler (`$CXX`, else `c++`) for this machine's CPU (`-march=native`) into a cache directory
 (`$STJAX_CACHE_DIR`, default `~/.cache/stjax`), once per kernel source, jaxlib version and CPU
 model. Where it cannot be built, `available()` is False and `attend` falls back to `xla` with a
-warning.
+warning. On a mesh XLA cannot split the custom call: it runs replicated (correct, tested on 8
+simulated devices, but without the sharding's speed-up), so it is meant for one-device CPU runs.
 """
 
 from __future__ import annotations
