@@ -5,8 +5,10 @@ decoder's `attend` with each backend, against `jax.nn.dot_product_attention` tol
     python benchmarks/bench_attention_gpu.py [--batch 1] [--seq 4096] [--heads 12] [--kv-heads 2] [--head-dim 128]
     python benchmarks/bench_attention_gpu.py --smoke      # small shapes, any device
 
-The SFT step on an H100 spends 2.9x its forward in the backward (BENCHMARKS.md); this tells how much
-of that is attention, and whether telling cuDNN "causal" instead of passing a mask would pay.
+The SFT step on an H100 spent 2.9x its forward in the backward (BENCHMARKS.md, third session);
+this tells how much of that is attention. Since the fourth session `attend`'s `dot_product` tells
+cuDNN "causal" itself (skipping the tiles past the diagonal) and passes the segments as a bias, so
+the difference to the plain `is_causal` call is what the segment bias costs.
 FLOPs: 4 B H L^2 D forward (QK and PV), counted in full although causal attention needs half;
 forward + backward 3.5x that (the backward recomputes the scores). Outputs are checked against the
 `xla` backend (bf16: max abs difference over max abs output).

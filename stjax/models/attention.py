@@ -55,16 +55,16 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
-def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, is_causal: bool) -> jax.Array:
     """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
     becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
-    (jax picks XLA unless the implementation is named)."""
+    (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask."""
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
         except (ValueError, NotImplementedError) as e:  # raised while tracing: head size, layout, ...
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
 
 def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
@@ -102,7 +102,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     only serves offset 0 and decoding falls back to `xla` there.
     """
     if backend == "dot_product":
-        return _dot_product(q, k, v, segment_mask(segment_q, segment_k, causal, q_offset))
+        # Told that the mask is causal, cuDNN skips the key tiles past the diagonal (half the work
+        # of a long causal row); the segments then ride along as the bias. Only for a full
+        # sequence: the kernel's causal mask knows no query offset.
+        fused_causal = causal and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+        mask = segment_mask(segment_q, segment_k, causal and not fused_causal, q_offset)
+        return _dot_product(q, k, v, mask, is_causal=fused_causal)
     if backend == "cpu_flash" and cpu_attention.supports(q):
         return cpu_attention.attention(q, k, v, segment_q, segment_k, causal, q_offset)
     if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
