@@ -41,14 +41,14 @@ inline v8f Load(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v;
 inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 inline v8f Splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
-// R rows x kNR columns of c += op(a) @ b, the accumulators held in registers.
-template <int R, bool kTransA>
+// R rows x kNR columns of c = op(a) @ b, or c += op(a) @ b, the accumulators held in registers.
+template <int R, bool kTransA, bool kAccumulate>
 inline void MicroKernel(int k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                         int64_t ldc) {
   v8f acc[R][2];
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = Load(c + r * ldc);
-    acc[r][1] = Load(c + r * ldc + 8);
+    acc[r][0] = kAccumulate ? Load(c + r * ldc) : Splat(0.0f);
+    acc[r][1] = kAccumulate ? Load(c + r * ldc + 8) : Splat(0.0f);
   }
   for (int p = 0; p < k; ++p) {
     const v8f b0 = Load(b + p * ldb), b1 = Load(b + p * ldb + 8);
@@ -64,9 +64,9 @@ inline void MicroKernel(int k, const float* a, int64_t lda, const float* b, int6
   }
 }
 
-// c (m x n) += op(a) (m x k) @ b (k x n), row-major with leading dimensions; op(a) is a, or the
-// transpose of a (k x m) when kTransA. n must be a multiple of kNR.
-template <bool kTransA>
+// c (m x n) = op(a) (m x k) @ b (k x n), or += with kAccumulate; row-major with leading
+// dimensions; op(a) is a, or the transpose of a (k x m) when kTransA. n must be a multiple of kNR.
+template <bool kTransA, bool kAccumulate = true>
 void Gemm(int m, int n, int k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
           int64_t ldc) {
   for (int i = 0; i < m; i += kMR) {
@@ -74,15 +74,22 @@ void Gemm(int m, int n, int k, const float* a, int64_t lda, const float* b, int6
     for (int j = 0; j < n; j += kNR) {
       float* cij = c + i * ldc + j;
       switch (std::min(kMR, m - i)) {
-        case 6: MicroKernel<6, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
-        case 5: MicroKernel<5, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
-        case 4: MicroKernel<4, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
-        case 3: MicroKernel<3, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
-        case 2: MicroKernel<2, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
-        default: MicroKernel<1, kTransA>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 6: MicroKernel<6, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 5: MicroKernel<5, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 4: MicroKernel<4, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 3: MicroKernel<3, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        case 2: MicroKernel<2, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
+        default: MicroKernel<1, kTransA, kAccumulate>(k, ai, lda, b + j, ldb, cij, ldc); break;
       }
     }
   }
+}
+
+// A per-thread buffer of at least `size` floats that keeps its capacity between work items.
+float* Scratch(int slot, size_t size) {
+  thread_local std::vector<float> buffers[3];
+  if (buffers[slot].size() < size) buffers[slot].resize(size);
+  return buffers[slot].data();
 }
 
 // exp of 8 floats: 2^n * exp(r) with n = round(x / ln 2), Cephes' polynomial (about 1 ulp).
@@ -210,13 +217,15 @@ void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> 
     alignas(32) float m[kTile], l[kTile], alpha[kTile];
     std::fill_n(m, kTile, -kInf);
     std::fill_n(l, kTile, 0.0f);
-    std::vector<float> q_t(sh.d * kTile), o_t(sh.d * kTile, 0.0f), s(kTile * kTile);
-    PackTransposed<kTile>(sh, q.typed_data(), b, h, q0, scale, q_t.data());
+    float* q_t = Scratch(0, sh.d * kTile);
+    float* o_t = Scratch(1, sh.d * kTile);
+    float* s = Scratch(2, kTile * kTile);
+    std::fill_n(o_t, sh.d * kTile, 0.0f);
+    PackTransposed<kTile>(sh, q.typed_data(), b, h, q0, scale, q_t);
     for (int64_t k0 = 0; k0 < KeyEnd<kTile>(sh, offset, causal, q0); k0 += kTile) {
       const int nk = std::min<int64_t>(kTile, sh.s - k0);
-      std::fill(s.begin(), s.end(), 0.0f);
-      Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t.data(), kTile, s.data(), kTile);
-      TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(s.data(), nk);
+      Gemm<false, false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t, kTile, s, kTile);
+      TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(s, nk);
       // Online softmax, 8 queries at a time: rescale what came before to the new running max.
       for (int i = 0; i < kTile; i += 8) {
         const v8f m_old = Load(m + i);
@@ -239,7 +248,7 @@ void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> 
       }
       for (int64_t c = 0; c < sh.d; ++c)
         for (int i = 0; i < kTile; i += 8) Store(&o_t[c * kTile + i], Load(&o_t[c * kTile + i]) * Load(alpha + i));
-      Gemm<true>(sh.d, kTile, nk, values + k0 * sh.k_row(), sh.k_row(), s.data(), kTile, o_t.data(), kTile);
+      Gemm<true>(sh.d, kTile, nk, values + k0 * sh.k_row(), sh.k_row(), s, kTile, o_t, kTile);
     }
     for (int64_t i = 0; i < kTile && q0 + i < sh.l; ++i) {
       const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
@@ -301,11 +310,10 @@ void BackwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32>
           const int64_t t = gi * q_tiles + q0 / kTile;
           const float* queries = q.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
           const float* grads = d_out.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
-          std::fill(p.begin(), p.end(), 0.0f);
-          Gemm<false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), &q_t[t * tile], kTile, p.data(), kTile);
+          Gemm<false, false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), &q_t[t * tile], kTile, p.data(), kTile);
           TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(p.data(), nk);
-          std::fill(ds.begin(), ds.end(), 0.0f);
-          Gemm<false>(nk, kTile, sh.d, values + k0 * sh.k_row(), sh.k_row(), &do_t[t * tile], kTile, ds.data(), kTile);
+          Gemm<false, false>(nk, kTile, sh.d, values + k0 * sh.k_row(), sh.k_row(), &do_t[t * tile], kTile, ds.data(),
+                             kTile);
           for (int j = 0; j < nk; ++j) {  // p = exp(s - lse); ds = p * (dp - delta)
             for (int i = 0; i < kTile; i += 8) {
               const v8f x = Load(&p[j * kTile + i]);
