@@ -480,7 +480,7 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=8.0)
     parser.add_argument("--remat", default="none", help="stjax remat policies to time, comma-separated (none,dots,full)")
-    parser.add_argument("--attention", default="xla", help="stjax attention backend")
+    parser.add_argument("--attention", default="cpu_flash", help="stjax attention backend")
     parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--torch-adamw", default="default",
                         help="torch AdamW implementations to time, comma-separated: default (for-loop on CPU), foreach, fused")

@@ -1,5 +1,8 @@
 """Attention backends. Every backend computes the same function; `xla` is the reference.
 
+- `auto` (the default): the platform's fused kernel: `cpu_flash` on CPUs, `dot_product` on GPUs,
+  `xla` on TPUs (there `pallas_tpu` is opt-in until it has been checked on a TPU).
+
 - `xla`: explicit einsums with a float32 softmax; runs everywhere.
 - `dot_product`: `jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU in bf16/fp16, XLA
   elsewhere (see `_dot_product`).
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 
 from stjax.models import cpu_attention
 
-BACKENDS = ("xla", "dot_product", "pallas_tpu", "cpu_flash")
+BACKENDS = ("auto", "xla", "dot_product", "pallas_tpu", "cpu_flash")
 _PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
 
 
@@ -101,6 +104,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
     only serves offset 0 and decoding falls back to `xla` there.
     """
+    if backend == "auto":
+        backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
     if backend == "dot_product":
         # Told that the mask is causal, cuDNN skips the key tiles past the diagonal (half the work
         # of a long causal row); the segments then ride along as the bias. Only for a full

@@ -94,7 +94,7 @@ class QwenVLConfig:
     # Run-time policy: not part of the checkpoint.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    attention: str = "xla"  # see stjax.models.attention.BACKENDS
+    attention: str = "auto"  # see stjax.models.attention.BACKENDS
     remat: str = "none"  # none | full | dots
     # LoRA adapters on the decoder's projections (0: off). scale = lora_alpha / lora_rank.
     lora_rank: int = 0

@@ -37,7 +37,7 @@ class ModelSection:
     param_dtype: str = "float32"  # dtype the weights are loaded in (the frozen ones stay so)
     master_dtype: str = "float32"  # the optimizer's copy of the trained weights
     compute_dtype: str = "float32"
-    attention: str = "xla"  # xla | dot_product | pallas_tpu | cpu_flash
+    attention: str = "auto"  # see stjax.models.attention.BACKENDS
     remat: str = "none"  # none | full | dots
 
 
