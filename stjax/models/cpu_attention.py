@@ -28,7 +28,7 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
-MIN_QUERIES = 16  # fewer queries (a decoding step) leave the kernel's 48-query tiles mostly empty
+MIN_QUERIES = 16  # fewer queries (a decoding step) leave the kernel's 32- or 48-query tiles mostly empty
 _log = logging.getLogger(__name__)
 
 
@@ -54,6 +54,7 @@ def _build() -> Path:
     fd, partial = tempfile.mkstemp(dir=cache, suffix=".so.partial")
     os.close(fd)
     command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", partial]
+    _log.info("compiling the cpu_flash attention kernel for this CPU (once): %s", library)
     try:
         subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(partial, library)
