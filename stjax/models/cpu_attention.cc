@@ -222,7 +222,8 @@ void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> 
     float* s = Scratch(2, kTile * kTile);
     std::fill_n(o_t, sh.d * kTile, 0.0f);
     PackTransposed<kTile>(sh, q.typed_data(), b, h, q0, scale, q_t);
-    for (int64_t k0 = 0; k0 < KeyEnd<kTile>(sh, offset, causal, q0); k0 += kTile) {
+    const int64_t key_end = KeyEnd<kTile>(sh, offset, causal, q0);
+    for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
       const int nk = std::min<int64_t>(kTile, sh.s - k0);
       Gemm<false, false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t, kTile, s, kTile);
       TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(s, nk);
@@ -314,12 +315,15 @@ void BackwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32>
           TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(p.data(), nk);
           Gemm<false, false>(nk, kTile, sh.d, values + k0 * sh.k_row(), sh.k_row(), &do_t[t * tile], kTile, ds.data(),
                              kTile);
-          for (int j = 0; j < nk; ++j) {  // p = exp(s - lse); ds = p * (dp - delta)
+          // p = exp(s - lse); ds = scale * p * (dp - delta): the scores were scale * q.k, so both
+          // dq = ds k and dk = ds^T q carry the scale once.
+          for (int j = 0; j < nk; ++j) {
             for (int i = 0; i < kTile; i += 8) {
               const v8f x = Load(&p[j * kTile + i]);
               const v8f pr = x == Splat(-kInf) ? Splat(0.0f) : Exp(x - Load(&lse_p[gi * padded_l + q0 + i]));
+              const v8f dp = Load(&ds[j * kTile + i]) - Load(&delta_p[gi * padded_l + q0 + i]);
               Store(&p[j * kTile + i], pr);
-              Store(&ds[j * kTile + i], pr * (Load(&ds[j * kTile + i]) - Load(&delta_p[gi * padded_l + q0 + i])));
+              Store(&ds[j * kTile + i], Splat(scale) * pr * dp);
             }
           }
           Gemm<false>(nk, sh.d, nq, p.data(), kTile, grads, sh.q_row(), dvalues + k0 * sh.k_row(), sh.k_row());
@@ -329,12 +333,6 @@ void BackwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32>
         }
       }
     }
-    // The scores were scale * q.k: both gradients carry the scale once.
-    for (int64_t j = 0; j < sh.s; ++j)
-      for (int64_t c = 0; c < sh.d; ++c) dkeys[j * sh.k_row() + c] *= scale;
-    for (int64_t gi = 0; gi < g; ++gi)
-      for (int64_t i = 0; i < sh.l; ++i)
-        for (int64_t c = 0; c < sh.d; ++c) dq->typed_data()[(b * sh.l + i) * sh.q_row() + (kvh * g + gi) * sh.d + c] *= scale;
   });
 }
 
