@@ -7,8 +7,9 @@ decoder's `attend` with each backend, against `jax.nn.dot_product_attention` tol
 
 The SFT step on an H100 spent 2.9x its forward in the backward (BENCHMARKS.md, third session);
 this tells how much of that is attention. Since the fourth session `attend`'s `dot_product` tells
-cuDNN "causal" itself (skipping the tiles past the diagonal) and passes the segments as a bias, so
-the difference to the plain `is_causal` call is what the segment bias costs.
+cuDNN "causal" itself (skipping the tiles past the diagonal) and passes the segments as a bias;
+since the fifth, rows known to be right-padded (`right_padded=True`, the trainer's batches) go
+without the bias, which should time as the plain `is_causal` call.
 FLOPs: 4 B H L^2 D forward (QK and PV), counted in full although causal attention needs half;
 forward + backward 3.5x that (the backward recomputes the scores). Outputs are checked against the
 `xla` backend (bf16: max abs difference over max abs output).
@@ -51,6 +52,8 @@ def main() -> None:
     segments = jnp.ones((b, l), jnp.int32)
     variants = {f"attend backend={name}": (lambda q, k, v, name=name: attend(q, k, v, segments, segments, True, name))
                 for name in ("xla", "dot_product")}
+    variants["attend backend=dot_product right_padded"] = (
+        lambda q, k, v: attend(q, k, v, segments, segments, True, "dot_product", right_padded=True))
     cudnn = jax.default_backend() == "gpu" and args.dtype == "bfloat16"
     variants["dot_product_attention is_causal" + (" (cuDNN)" if cudnn else "")] = (
         lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None))
@@ -66,7 +69,7 @@ def main() -> None:
         err = np.abs(out - reference).max() / np.abs(reference).max()
         t_fwd, t_both = interleaved_medians([lambda: jax.block_until_ready(forward(q, k, v)),
                                              lambda: jax.block_until_ready(grads(q, k, v))], 10)
-        print(f"  {name:40s} forward {t_fwd * 1e3:8.2f} ms ({flops / t_fwd / 1e12:6.1f} TFLOP/s)  "
+        print(f"  {name:45s} forward {t_fwd * 1e3:8.2f} ms ({flops / t_fwd / 1e12:6.1f} TFLOP/s)  "
               f"forward + backward {t_both * 1e3:8.2f} ms ({3.5 * flops / t_both / 1e12:6.1f} TFLOP/s)  "
               f"backward / forward {(t_both - t_fwd) / t_fwd:4.1f}  vs xla {err:.1e}")
 

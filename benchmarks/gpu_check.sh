@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"), most important first:
 #   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
-#   (is cuDNN's fused kernel really in the program?), causal attention alone (fwd, fwd + bwd), the SFT
-#   train step's MFU (one row: with its breakdown and a profile of its top operations; four rows),
-#   the largest model that trains on one card, then forward latency against transformers.
+#   (is cuDNN's fused kernel really in the program? left- and right-padded batches), the SFT train
+#   step's MFU (four rows per step, remat `dots_attention` and `dots`; one row with its breakdown
+#   and a profile of its top operations; eight rows), causal attention alone (fwd, fwd + bwd);
+#   with FULL=1 also the largest model that trains on one card and forward latency against
+#   transformers (both last measured 2026-11-26 and untouched since).
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
 # Missing Python packages (grain, tensorboardX) travel as wheels in .whl/, which is git-ignored.
-# Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT_DIR]
+# Usage (from the repository root): [FULL=1] [BUDGET_S=540] bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$out"
@@ -33,24 +35,30 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
-  part 130 "parity (fp32, bf16) vs transformers and attention backends" \
+  part 120 "parity (fp32, bf16) vs transformers and attention backends" \
     python3 benchmarks/gpu_parity.py --scale 2
-  part 60 "causal attention alone, 1 x 4096 tokens, 12 heads: mask as a bias vs cuDNN told is_causal" \
+  mfu="SFT train step MFU, 1.5B Qwen2.5-VL-shaped, bf16 + fp32 masters, cuDNN attention (no mask: full rows)"
+  part 150 "$mfu, 4 rows x 4096 tokens, remat dots_attention and dots" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 4 --remat dots_attention,dots \
+    --every-remat --mfu-timeout 70 --json "$out/train_mfu_b4.json"
+  part 100 "$mfu, 1 row x 4096 tokens, with its breakdown and profile" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots_attention --mfu-timeout 90 \
+    --breakdown --profile /tmp/train_profile --json "$out/train_mfu_b1.json"
+  part 80 "$mfu, 8 rows x 4096 tokens" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 8 --remat dots_attention,dots \
+    --mfu-timeout 75 --json "$out/train_mfu_b8.json"
+  part 50 "causal attention alone, 1 x 4096 tokens, 12 heads: mask as a bias, right-padded (no mask), plain is_causal" \
     python3 benchmarks/bench_attention_gpu.py
-  part 110 "SFT train step MFU, 1.5B Qwen2.5-VL-shaped, 1 x 4096 tokens, bf16 + fp32 masters, cuDNN attention" \
-    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots --mfu-timeout 100 \
-    --breakdown --profile /tmp/train_profile --json "$out/train_mfu_cudnn.json"
-  part 100 "the same step, 4 rows x 4096 tokens" \
-    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 4 --remat none,dots \
-    --mfu-timeout 45 --json "$out/train_mfu_b4.json"
-  part 160 "largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)" \
-    python3 benchmarks/bench_train_gpu.py --part largest --budget 150 --trial-timeout 80 \
-    --json "$out/train_largest.json"
-  for backend in xla dot_product; do
-    part 90 "forward latency, bf16, Qwen2.5-VL, stjax ($backend) vs transformers (sdpa)" \
-      python3 benchmarks/bench_forward.py --arch qwen2_5_vl --dtype bfloat16 --scale 2 --repeats 10 --attention $backend
-  done
+  if [ "${FULL:-0}" = 1 ]; then
+    part 160 "largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)" \
+      python3 benchmarks/bench_train_gpu.py --part largest --budget 150 --trial-timeout 80 \
+      --json "$out/train_largest.json"
+    for backend in xla dot_product; do
+      part 90 "forward latency, bf16, Qwen2.5-VL, stjax ($backend) vs transformers (sdpa)" \
+        python3 benchmarks/bench_forward.py --arch qwen2_5_vl --dtype bfloat16 --scale 2 --repeats 10 --attention $backend
+    done
+  fi
 } 2>&1 | tee "$out/gpu_check.log"
 echo "== summary"
 grep -E "^== |ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
-  "$out/gpu_check.log" | cut -c1-240
+  "$out/gpu_check.log" | cut -c1-330

@@ -6,7 +6,8 @@ backends against each other (logits and time).
 For each architecture, prints the relative logit error (max |a - b| / max |reference|) of
   stjax fp32 vs torch fp32 (TF32 off on both sides),
   stjax bf16 vs torch fp32, next to torch bf16 vs torch fp32 (what bf16 costs the reference),
-  each stjax attention backend vs `xla` in bf16, with its forward time.
+  each stjax attention backend vs `xla` in bf16, with its forward time, and again on the batch
+  right-padded (the trainer's layout, where `dot_product` runs causal attention without a mask).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> None:
     rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
     for arch in ("qwen2_vl", "qwen2_5_vl"):
         cfg = mid_config(arch, args.scale)
-        batch = make_batch(cfg, [[40, ("video", 4, 24, 24), 24], [16, ("video", 4, 16, 20), 8]])
+        prompts = [[40, ("video", 4, 24, 24), 24], [16, ("video", 4, 16, 20), 8]]
+        batch = make_batch(cfg, prompts)
         length = batch["input_ids"].shape[1]
         real = batch["attention_mask"].astype(bool)
         ref32 = hf_model(cfg).to(device)
@@ -79,6 +81,14 @@ def main() -> None:
             backend = name.split(" ")[1] if " " in name else "xla"
             print(f"  backend {backend:12s} vs xla: {rel(logits[name], logits['bf16']):.2e}, forward {t * 1e3:7.2f} ms"
                   f"; fused attention kernels in the compiled program: {fused_attention_calls(models[name], inputs[name])}")
+        # The trainer's layout: padding after the real tokens, so `dot_product` drops the mask.
+        right = make_batch(cfg, prompts, padding_side="right")
+        for backend in args.backends:
+            model = models[f"bf16 {backend}"]
+            placed = jax.device_put(prepare_inputs(model.config, **right))
+            out = np.asarray(compiled_forward(model, placed))[:, :length][right["attention_mask"].astype(bool)]
+            print(f"  backend {backend:12s} on the right-padded batch (right_padded={placed.right_padded}) vs xla: "
+                  f"{rel(out, logits['bf16']):.2e}; fused attention kernels: {fused_attention_calls(model, placed)}")
 
 
 def fused_attention_calls(model, inputs) -> int:

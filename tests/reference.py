@@ -103,16 +103,18 @@ def make_prompt(cfg: QwenVLConfig, rng: np.random.Generator, parts: list, vocab_
     return ids
 
 
-def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0) -> dict:
-    """A left-padded batch with random pixels for every vision block, in transformers' argument names."""
+def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0, padding_side: str = "left") -> dict:
+    """A padded batch (left by default, as for generation) with random pixels for every vision
+    block, in transformers' argument names."""
     rng = np.random.default_rng(seed)
     rows = [make_prompt(cfg, rng, p) for p in prompts]
     L = max(len(r) for r in rows)
     input_ids = np.zeros((len(rows), L), np.int64)
     mask = np.zeros((len(rows), L), np.int64)
     for b, r in enumerate(rows):
-        input_ids[b, L - len(r):] = r
-        mask[b, L - len(r):] = 1
+        real = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        input_ids[b, real] = r
+        mask[b, real] = 1
     blocks = [part for p in prompts for part in p if not isinstance(part, int)]
     images = [b[1:] for b in blocks if b[0] == "image"]
     videos = [b[1:] for b in blocks if b[0] == "video"]

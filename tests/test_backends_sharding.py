@@ -7,8 +7,9 @@ import pytest
 
 from reference import make_batch
 from stjax import sharding
+from stjax.models import attention
 from stjax.models.attention import BACKENDS, attend
-from stjax.models.inputs import prepare_inputs
+from stjax.models.inputs import is_right_padded, prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
 
@@ -41,6 +42,46 @@ def test_attention_kernels_agree_with_xla(backend):
         ref = attend(q, k, v, seg, seg, causal, "xla")
         out = attend(q, k, v, seg, seg, causal, backend)
         assert float(jnp.abs(out - ref).max()) <= 1e-5
+
+
+def test_right_padded_rows_need_no_mask_for_dot_product(monkeypatch):
+    """Rows whose padding comes last: `dot_product` drops the padding mask (cuDNN then runs with no
+    bias), and the real queries' outputs are still those of `xla`; any other layout keeps it."""
+    assert is_right_padded(np.array([[1, 1, 0], [1, 1, 1], [0, 0, 0]]))
+    assert not is_right_padded(np.array([[0, 1, 1], [1, 1, 1]]))
+    assert not is_right_padded(np.array([[1, 0, 1]]))
+    masks = []
+    inner = attention._dot_product
+    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal: (
+        masks.append(mask), inner(q, k, v, mask, is_causal))[1])
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
+    seg = (np.arange(40)[None] < np.array([[40], [27]])).astype(np.int32)
+    ref = attend(q, k, v, seg, seg, True, "xla")
+    out = attend(q, k, v, seg, seg, True, "dot_product", right_padded=True)
+    assert masks.pop() is None
+    real = seg.astype(bool)
+    assert float(jnp.abs(out - ref)[real].max()) <= 1e-5
+    assert float(jnp.abs(out - ref)[~real].max()) > 1e-3  # the padding queries do see real keys now
+    attend(q, k, v, seg, seg, True, "dot_product")
+    assert masks.pop() is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_right_padded_batch_keeps_the_logits(hf_dirs, arch):
+    """A right-padded batch (the trainer's layout) through `dot_product` gives `xla`'s logits at
+    the real positions, which are the left-padded batch's."""
+    path = hf_dirs(arch)[0]
+    ref_model, cfg = load_pretrained(path)
+    model, _ = load_pretrained(path, attention="dot_product")
+    left = make_batch(cfg, BATCH_OF_FOUR[:2])
+    right = make_batch(cfg, BATCH_OF_FOUR[:2], padding_side="right")
+    inputs = prepare_inputs(cfg, **right)
+    assert inputs.right_padded and not prepare_inputs(cfg, **left).right_padded
+    out = np.asarray(compiled_forward(model, inputs))[:, :right["input_ids"].shape[1]]
+    ref = np.asarray(ref_model(**left))
+    np.testing.assert_allclose(out[right["attention_mask"] == 1], ref[left["attention_mask"] == 1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
@@ -111,7 +152,7 @@ def test_fp32_weights_with_bf16_compute_is_within_2e_2_of_fp32(hf_dirs, arch):
     assert 0 < err <= 2e-2  # nonzero: the compute really ran in bf16
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_attention"])
 def test_remat_policies_give_the_same_gradients(hf_dirs, remat):
     from flax import nnx
 

@@ -128,3 +128,35 @@ def test_on_a_mesh_the_kernel_runs_replicated_and_agrees():
     ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg_q, seg_k, "xla")
     for g, r in zip(grads, ref):
         assert _rel(g, r) <= 1e-5
+
+
+def test_dots_attention_remat_keeps_the_kernel_outputs():
+    """Under `dots` the backward pass of a scanned stack runs each layer's attention forward again;
+    `dots_attention` saves the kernel's outputs, so the gradient holds as many forward calls as
+    without remat, and the same gradients."""
+    from flax import nnx
+
+    from stjax.models.layers import scan_layers, stack_layers
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (64, 64)) * 0.1)
+
+        def __call__(self, x):
+            q = (x @ self.w[...]).reshape(1, 48, 4, 16)
+            return x + attend(q, q[:, :, :2], q[:, :, 2:], seg, seg, True, "cpu_flash").reshape(1, 48, 64)
+
+    seg = jnp.ones((1, 48), jnp.int32)
+    layers = stack_layers(Layer, 3, nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 48, 64)), jnp.float32)
+    graphdef, state = nnx.split(layers)
+
+    def grad(remat):
+        loss = lambda s: jnp.sum(jnp.sin(scan_layers(nnx.merge(graphdef, s), x, lambda l, c, _: l(c), remat=remat)))
+        forward_calls = str(jax.make_jaxpr(jax.grad(loss))(state)).count("StjaxFlashForward")
+        return forward_calls, jax.grad(loss)(state)
+
+    (plain, g0), (dots, g1), (saved, g2) = grad("none"), grad("dots"), grad("dots_attention")
+    assert saved == plain < dots, (plain, dots, saved)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -58,7 +58,7 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
-def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, is_causal: bool) -> jax.Array:
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool) -> jax.Array:
     """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
     becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
     (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask."""
@@ -98,19 +98,25 @@ def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
-           causal: bool, backend: str, q_offset=0) -> jax.Array:
+           causal: bool, backend: str, q_offset=0, right_padded: bool = False) -> jax.Array:
     """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S).
 
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
-    only serves offset 0 and decoding falls back to `xla` there.
+    only serves offset 0 and decoding falls back to `xla` there. `right_padded` (static) promises
+    that each row's real tokens come first: causal attention then gives the real tokens their
+    outputs without a padding mask (padding queries see real keys too; their outputs are never
+    used), which `dot_product` exploits.
     """
     if backend == "auto":
         backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
     if backend == "dot_product":
         # Told that the mask is causal, cuDNN skips the key tiles past the diagonal (half the work
-        # of a long causal row); the segments then ride along as the bias. Only for a full
-        # sequence: the kernel's causal mask knows no query offset.
+        # of a long causal row); the segments then ride along as the bias, unless the rows are
+        # right-padded: then there is no bias at all (cuDNN neither reads one nor computes its
+        # gradient). Only for a full sequence: the kernel's causal mask knows no query offset.
         fused_causal = causal and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+        if fused_causal and right_padded:
+            return _dot_product(q, k, v, None, is_causal=True)
         mask = segment_mask(segment_q, segment_k, causal and not fused_causal, q_offset)
         return _dot_product(q, k, v, mask, is_causal=fused_causal)
     if backend == "cpu_flash" and cpu_attention.supports(q):

@@ -76,6 +76,15 @@ class ModelInputs:
     attention_mask: np.ndarray  # (B, L), 1 real, 0 padding
     position_ids: np.ndarray  # (3, B, L)
     vision: Optional[VisionInputs] = None
+    # Static: every row's real tokens come first and its padding after (see `is_right_padded`).
+    # Causal attention then needs no padding mask, which lets cuDNN run without a bias.
+    right_padded: bool = struct.field(pytree_node=False, default=False)
+
+
+def is_right_padded(attention_mask: np.ndarray) -> bool:
+    """True when each row of the (B, L) mask is ones then zeros (no padding before a real token)."""
+    mask = np.asarray(attention_mask)
+    return bool(np.all(mask == (np.arange(mask.shape[-1]) < mask.sum(-1, keepdims=True))))
 
 
 def cast_floats(inputs: ModelInputs, dtype) -> ModelInputs:
@@ -238,9 +247,11 @@ def prepare_inputs(
     if vision is not None:
         vision = vision.replace(token_index=np.pad(vision.token_index, ((0, 0), (0, pad))),
                                 token_mask=np.pad(vision.token_mask, ((0, 0), (0, pad))))
+    mask = np.pad(mask, ((0, 0), (0, pad)))
     return ModelInputs(
         input_ids=np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32),
-        attention_mask=np.pad(mask, ((0, 0), (0, pad))),
+        attention_mask=mask,
         position_ids=np.pad(position_ids, ((0, 0), (0, 0), (0, pad))).astype(np.int32),
         vision=vision,
+        right_padded=is_right_padded(mask),
     )

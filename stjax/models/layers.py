@@ -13,10 +13,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+
+
+def _dots_and_fused_attention(prim, *args, **params) -> bool:
+    """Save what `dots` saves plus the outputs of the fused attention kernels (cuDNN's forward,
+    `cpu_flash`'s): `dots` alone re-runs each layer's attention forward in the backward pass,
+    since a kernel call is no matmul to the policy."""
+    if prim.name.startswith("dot_product_attention_fwd"):  # jax's cuDNN primitives
+        return True
+    if prim.name == "ffi_call" and params.get("target_name") == "StjaxFlashForward":
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": _dots_and_fused_attention,
 }
 
 

@@ -49,7 +49,8 @@ class QwenVLForConditionalGeneration(nnx.Module):
 
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
-        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key)
+        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key,
+                          right_padded=inputs.right_padded)
 
     def output_table(self) -> jax.Array:
         """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding

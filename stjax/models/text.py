@@ -73,10 +73,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-                 dropout_key: jax.Array | None = None):
+                 dropout_key: jax.Array | None = None, right_padded: bool = False):
         """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, segments, index)` of this
         layer, attention sees the cached slots plus the new tokens placed at `index`, and
-        (x, (new k, new v)) is returned for the caller to store. `dropout_key` turns on LoRA dropout."""
+        (x, (new k, new v)) is returned for the caller to store. `dropout_key` turns on LoRA dropout;
+        `right_padded` (static) says every row's padding comes after its real tokens."""
         b, l, _ = x.shape
         keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
         h = self.input_layernorm(x)
@@ -85,7 +86,7 @@ class DecoderLayer(nnx.Module):
         v = self.v_proj(h, keys[2]).reshape(b, l, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
-            attn = attend(q, k, v, segments, segments, True, self.backend)
+            attn = attend(q, k, v, segments, segments, True, self.backend, right_padded=right_padded)
         else:
             cache_k, cache_v, cache_segments, index = cache
             k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
@@ -117,9 +118,9 @@ class TextModel(nnx.Module):
         return self.embed_tokens[...][input_ids].astype(self.compute_dtype)
 
     def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, right_padded: bool = False) -> jax.Array:
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
-        step = lambda layer, x, key: layer(x, cos, sin, attention_mask, dropout_key=key)
+        step = lambda layer, x, key: layer(x, cos, sin, attention_mask, dropout_key=key, right_padded=right_padded)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         x = scan_layers(self.layers, x, step, xs=keys, remat=self.remat)
         return self.norm(x)

@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.inputs import ModelInputs, VisionInputs, VisionSizes, make_groups, prepare_vision, vision_sizes
+from stjax.models.inputs import (ModelInputs, VisionInputs, VisionSizes, is_right_padded, make_groups, prepare_vision,
+                                 vision_sizes)
 from stjax.sharding import batch_sharding
 from stjax.train.step import Batch
 
@@ -92,7 +93,8 @@ def micro_batch_inputs(cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: 
         vision = jax.tree.map(lambda *x: np.stack(x), *rows)
         vision = vision.replace(token_index=vision.token_index[:, 0], token_mask=vision.token_mask[:, 0])
     inputs = ModelInputs(input_ids=input_ids.astype(np.int32), attention_mask=attention_mask.astype(np.int32),
-                         position_ids=text(batch["position_ids"], 1).astype(np.int32), vision=vision)
+                         position_ids=text(batch["position_ids"], 1).astype(np.int32), vision=vision,
+                         right_padded=is_right_padded(attention_mask))
     return inputs, text(batch["loss_mask"]).astype(np.int32)
 
 

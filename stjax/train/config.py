@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from stjax.models.attention import BACKENDS
+from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
 from stjax.train.step import OptimConfig
 
@@ -38,7 +39,7 @@ class ModelSection:
     master_dtype: str = "float32"  # the optimizer's copy of the trained weights
     compute_dtype: str = "float32"
     attention: str = "auto"  # see stjax.models.attention.BACKENDS
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # see stjax.models.layers.REMAT_POLICIES
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def load(path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> Tr
 
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
-    choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": ("none", "full", "dots"),
+    choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
                "data.loss_rule": ("assistant", "release"),
                "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
