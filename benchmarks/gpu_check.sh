@@ -3,7 +3,7 @@
 #   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
 #   (is cuDNN's fused kernel really in the program? left- and right-padded batches), the SFT train
 #   step's MFU (four rows per step, remat `dots_attention` and `dots`; one row with its breakdown
-#   and a profile of its top operations; eight rows), causal attention alone (fwd, fwd + bwd);
+#   and a profile of its top operations; six rows), causal attention alone (fwd, fwd + bwd);
 #   with FULL=1 also the largest model that trains on one card and forward latency against
 #   transformers (both last measured 2026-11-26 and untouched since).
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
@@ -35,18 +35,20 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
-  part 120 "parity (fp32, bf16) vs transformers and attention backends" \
+  part 240 "parity (fp32, bf16) vs transformers and attention backends" \
     python3 benchmarks/gpu_parity.py --scale 2
   mfu="SFT train step MFU, 1.5B Qwen2.5-VL-shaped, bf16 + fp32 masters, cuDNN attention (no mask: full rows)"
   part 150 "$mfu, 4 rows x 4096 tokens, remat dots_attention and dots" \
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 4 --remat dots_attention,dots \
     --every-remat --mfu-timeout 70 --json "$out/train_mfu_b4.json"
-  part 100 "$mfu, 1 row x 4096 tokens, with its breakdown and profile" \
+  # Command buffers off, so that the profile names XLA's operations (on, it shows only the buffers).
+  part 100 "$mfu, 1 row x 4096 tokens, with its breakdown and profile (command buffers off)" \
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots_attention --mfu-timeout 90 \
-    --breakdown --profile /tmp/train_profile --json "$out/train_mfu_b1.json"
-  part 80 "$mfu, 8 rows x 4096 tokens" \
-    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 8 --remat dots_attention,dots \
-    --mfu-timeout 75 --json "$out/train_mfu_b8.json"
+    --breakdown --profile /tmp/train_profile --child-xla-flags=--xla_gpu_enable_command_buffer= \
+    --json "$out/train_mfu_b1.json"
+  part 80 "$mfu, 6 rows x 4096 tokens (8 rows do not fit)" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 6 --remat dots_attention,dots \
+    --mfu-timeout 75 --json "$out/train_mfu_b6.json"
   part 50 "causal attention alone, 1 x 4096 tokens, 12 heads: mask as a bias, right-padded (no mask), plain is_causal" \
     python3 benchmarks/bench_attention_gpu.py
   if [ "${FULL:-0}" = 1 ]; then
