@@ -29,6 +29,7 @@ import numpy as np
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 MIN_QUERIES = 16  # fewer queries (a decoding step) leave the kernel's 32- or 48-query tiles mostly empty
+FORWARD_TARGET, BACKWARD_TARGET = "StjaxFlashForward", "StjaxFlashBackward"  # the FFI handlers in cpu_attention.cc
 _log = logging.getLogger(__name__)
 
 
@@ -72,7 +73,7 @@ def available() -> bool:
         detail = getattr(e, "stderr", "") or e
         _log.warning("cpu_flash attention unavailable, using xla: could not build %s: %s", _SOURCE, detail)
         return False
-    for name in ("StjaxFlashForward", "StjaxFlashBackward"):
+    for name in (FORWARD_TARGET, BACKWARD_TARGET):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
 
@@ -86,7 +87,7 @@ def supports(q: jax.Array) -> bool:
 def _forward(q, k, v, segment_q, segment_k, q_offset, causal):
     b, l, h, d = q.shape
     out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
-    call = jax.ffi.ffi_call("StjaxFlashForward", out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call(FORWARD_TARGET, out_types, vmap_method="sequential")
     return call(q, k, v, segment_q, segment_k, q_offset, causal=causal, scale=np.float32(d**-0.5))
 
 
@@ -104,7 +105,7 @@ def _attention_bwd(causal, residuals, d_out):
     q, k, v, segment_q, segment_k, q_offset, out, lse = residuals
     delta = jnp.einsum("blhd,blhd->bhl", d_out, out)  # the softmax gradient's row term
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    call = jax.ffi.ffi_call("StjaxFlashBackward", out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
     dq, dk, dv = call(q, k, v, segment_q, segment_k, q_offset, d_out, lse, delta, causal=causal,
                       scale=np.float32(q.shape[-1] ** -0.5))
     return dq, dk, dv, None, None, None

@@ -225,7 +225,8 @@ def prepare_inputs(
     """Everything the jitted forward needs, as NumPy arrays of bucketed static shape.
 
     The text is right-padded (attention_mask 0) to `length`, or to bucket(L) when not given;
-    padding never changes the outputs at real positions.
+    padding never changes the outputs at real positions. `right_padded` records whether all
+    padding, the caller's included, comes after the real tokens.
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim == 1:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stjax.models.cpu_attention import FORWARD_TARGET
 
 
 def _dots_and_fused_attention(prim, *args, **params) -> bool:
@@ -21,7 +22,7 @@ def _dots_and_fused_attention(prim, *args, **params) -> bool:
     since a kernel call is no matmul to the policy."""
     if prim.name.startswith("dot_product_attention_fwd"):  # jax's cuDNN primitives
         return True
-    if prim.name == "ffi_call" and params.get("target_name") == "StjaxFlashForward":
+    if prim.name == "ffi_call" and params.get("target_name") == FORWARD_TARGET:
         return True
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
 
