@@ -5,7 +5,10 @@ weights, same inputs, same device, fp32.
 
 Default config: text hidden 512 x 4 layers, vision hidden 256 x depth 4, an 8-frame 336x336 video
 plus 64 text tokens. Prints the latencies (each stjax attention backend named, timed in turn with
-torch) and the ratios torch / stjax (> 1: stjax is faster).
+torch) and the ratios torch / stjax (> 1: stjax is faster). On a CPU it also prints a floor: the
+forward's FLOPs (the decoder's causal attention at half, real tokens only) at the best
+matrix-product rate this machine shows in the same run (a 2048^3 float32 product, the fastest
+run of XLA's and PyTorch's), which no implementation beats, and so the largest speed-up over torch possible.
 """
 
 from __future__ import annotations
@@ -49,6 +52,35 @@ def interleaved_medians(fns: list, repeats: int) -> list[float]:
             fn()
             bucket.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+def forward_flops(cfg, tokens: int, patches: int, group: int) -> float:
+    """FLOPs of one forward: a third of the training count (`stjax.train.metrics`), with the
+    decoder's causal attention at half (the work a kernel that skips the masked half does)."""
+    from stjax.train.metrics import model_flops_per_token, vision_flops_per_patch
+
+    t = cfg.text
+    text = model_flops_per_token(cfg, tokens) / 3 - 2 * t.num_layers * tokens * t.num_heads * t.head_dim
+    return tokens * text + patches * vision_flops_per_patch(cfg, group) / 3
+
+
+def best_matmul_rate(repeats: int = 15) -> float:
+    """FLOP/s of a 2048^3 float32 matrix product: the fastest of `repeats` runs each of XLA and
+    PyTorch (the fastest, not the median: what the cores can do when nothing else runs)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+    x, ta = jnp.asarray(a), torch.from_numpy(a)
+    matmul = jax.jit(jnp.matmul)
+    best = np.inf
+    for fn in [lambda: matmul(x, x).block_until_ready(), lambda: ta @ ta] * repeats:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -111,6 +143,14 @@ def main() -> None:
     print(f"torch  forward: {t_torch * 1e3:8.1f} ms  (attn_implementation={args.torch_attention})")
     for backend, t in zip(backends, t_jax):
         print(f"speed-up stjax ({backend}) vs torch: {t_torch / t:.2f}x")
+    if jax.default_backend() == "cpu":
+        patches = int(np.prod(batch["video_grid_thw"][0]))
+        flops = forward_flops(cfg, tokens, patches, group=patches // int(batch["video_grid_thw"][0][0]))
+        rate = best_matmul_rate()
+        floor = flops / rate
+        print(f"floor: {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix product "
+              f"here) take {floor * 1e3:.0f} ms: at most {t_torch / floor:.2f}x faster than torch; stjax runs at "
+              f"{flops / min(t_jax) / 1e9:.0f} GFLOP/s, {100 * floor / min(t_jax):.0f}% of that rate")
 
 
 if __name__ == "__main__":
