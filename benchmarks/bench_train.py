@@ -275,7 +275,7 @@ def throughput(args) -> None:
     import jax
     import torch
 
-    from bench_forward import mid_config
+    from bench_forward import best_matmul_rate, forward_flops, mid_config
     from reference import hf_model
     from stjax.models.loading import load_pretrained
     from stjax.train.lora import with_lora
@@ -303,7 +303,9 @@ def throughput(args) -> None:
           f"text hidden {cfg.text.hidden_size}, vocab {cfg.text.vocab_size}); {args.frames} frames "
           f"{args.size}x{args.size}, {tokens} tokens ({args.answer} answer tokens in the loss; stjax bucket {length})")
 
-    def run(label: str, ours: dict, theirs: dict) -> None:
+    def run(label: str, ours: dict, theirs: dict, flops: float = 0.0) -> None:
+        """Time the variants in turn; `flops` (when given) prints the floor of a step at the best
+        matrix-product rate measured here (`bench_forward.best_matmul_rate`)."""
         steps = {**{f"stjax {n}": f for n, f in ours.items()}, **{f"torch {n}": f for n, f in theirs.items()}}
         t0 = time.perf_counter()
         runs = interleaved_times(list(steps.values()), args.steps, args.warmup, args.quiet, args.max_rounds)
@@ -326,13 +328,22 @@ def throughput(args) -> None:
                   f"loss {fn.loss():.6f} after {fn.steps} steps")
         print(f"  stjax/torch tokens/s (against the fastest torch variant, {best_torch.split(' ', 1)[1]}): "
               + ", ".join(f"{n.split(' ', 1)[1]} {times[best_torch] / times[n]:.2f}x" for n in steps if n.startswith("stjax")))
+        if flops:
+            rate = best_matmul_rate()
+            floor, fastest = flops / rate, min(times[n] for n in steps if n.startswith("stjax"))
+            print(f"  floor: {flops / 1e9:.1f} GFLOP per step at {rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix "
+                  f"product here) take {floor * 1e3:.0f} ms: at most {times[best_torch] / floor:.2f}x faster than torch; "
+                  f"stjax runs at {flops / fastest / 1e9:.0f} GFLOP/s, torch at {flops / times[best_torch] / 1e9:.0f}")
 
     adamws = args.torch_adamw.split(",")
     torch_name = lambda a: f"attn={args.torch_attention} adamw={a}"
     if not args.lora_only:
         ours = {f"remat={r} attn={args.attention}": StjaxStep(models[r], optim, batch) for r in remats}
         theirs = {torch_name(a): TorchStep(copy.deepcopy(ref), optim, row, a) for a in adamws}
-        run("full fine-tuning", ours, theirs)
+        grid = row["video_grid_thw"][0]
+        # A training step is three forwards' worth of FLOPs (the backward two).
+        flops = 3 * forward_flops(cfg, tokens, int(np.prod(grid)), group=int(np.prod(grid)) // int(grid[0]))
+        run("full fine-tuning", ours, theirs, flops)
         del ours, theirs
     if args.lora or args.lora_only:
         lora_models = {r: with_lora(models[r], args.lora_rank, alpha=args.lora_alpha) for r in remats}
