@@ -103,7 +103,8 @@ def make_prompt(cfg: QwenVLConfig, rng: np.random.Generator, parts: list, vocab_
     return ids
 
 
-def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0, padding_side: str = "left") -> dict:
+def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0,
+               padding_side: str = "left") -> dict:
     """A padded batch (left by default, as for generation) with random pixels for every vision
     block, in transformers' argument names."""
     rng = np.random.default_rng(seed)

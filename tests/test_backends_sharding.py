@@ -73,7 +73,7 @@ def test_right_padded_batch_keeps_the_logits(hf_dirs, arch):
     """A right-padded batch (the trainer's layout) through `dot_product` gives `xla`'s logits at
     the real positions, which are the left-padded batch's."""
     path = hf_dirs(arch)[0]
-    ref_model, cfg = load_pretrained(path)
+    ref_model, cfg = load_pretrained(path, attention="xla")
     model, _ = load_pretrained(path, attention="dot_product")
     left = make_batch(cfg, BATCH_OF_FOUR[:2])
     right = make_batch(cfg, BATCH_OF_FOUR[:2], padding_side="right")
@@ -88,7 +88,7 @@ def test_right_padded_batch_keeps_the_logits(hf_dirs, arch):
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_model_backends_agree(hf_dirs, arch, backend):
     path = hf_dirs(arch)[0]
-    ref_model, cfg = load_pretrained(path)
+    ref_model, cfg = load_pretrained(path, attention="xla")  # the default (`auto`) is a fused kernel
     model, _ = load_pretrained(path, attention=backend)
     batch = make_batch(cfg, BATCH_OF_FOUR[:2])
     assert np.abs(np.asarray(model(**batch)) - np.asarray(ref_model(**batch))).max() <= 1e-5
