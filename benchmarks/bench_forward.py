@@ -54,14 +54,16 @@ def interleaved_medians(fns: list, repeats: int) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def forward_flops(cfg, tokens: int, patches: int, group: int) -> float:
-    """FLOPs of one forward: a third of the training count (`stjax.train.metrics`), with the
-    decoder's causal attention at half (the work a kernel that skips the masked half does)."""
+def forward_flops(cfg, tokens: int, video_grid) -> float:
+    """FLOPs of one forward of `tokens` tokens with one video of grid (t, h, w): a third of the
+    training count (`stjax.train.metrics`), with the decoder's causal attention at half (the work
+    a kernel that skips the masked half does)."""
     from stjax.train.metrics import model_flops_per_token, vision_flops_per_patch
 
     t = cfg.text
+    patches = int(np.prod(video_grid))
     text = model_flops_per_token(cfg, tokens) / 3 - 2 * t.num_layers * tokens * t.num_heads * t.head_dim
-    return tokens * text + patches * vision_flops_per_patch(cfg, group) / 3
+    return tokens * text + patches * vision_flops_per_patch(cfg, patches // int(video_grid[0])) / 3
 
 
 def best_matmul_rate(repeats: int = 15) -> float:
@@ -143,9 +145,8 @@ def main() -> None:
     print(f"torch  forward: {t_torch * 1e3:8.1f} ms  (attn_implementation={args.torch_attention})")
     for backend, t in zip(backends, t_jax):
         print(f"speed-up stjax ({backend}) vs torch: {t_torch / t:.2f}x")
-    if jax.default_backend() == "cpu":
-        patches = int(np.prod(batch["video_grid_thw"][0]))
-        flops = forward_flops(cfg, tokens, patches, group=patches // int(batch["video_grid_thw"][0][0]))
+    if jax.default_backend() == "cpu" and args.dtype == "float32":
+        flops = forward_flops(cfg, tokens, batch["video_grid_thw"][0])
         rate = best_matmul_rate()
         floor = flops / rate
         print(f"floor: {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix product "

@@ -95,7 +95,7 @@ class QwenVLConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "auto"  # see stjax.models.attention.BACKENDS
-    remat: str = "none"  # none | full | dots | dots_attention (stjax.models.layers)
+    remat: str = "none"  # see stjax.models.layers.REMAT_POLICIES
     # LoRA adapters on the decoder's projections (0: off). scale = lora_alpha / lora_rank.
     lora_rank: int = 0
     lora_alpha: float = 8.0
