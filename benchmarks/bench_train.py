@@ -11,7 +11,9 @@ Throughput: bench_forward's mid-size config (text hidden 512 x 4 layers, vocab 8
 the answer (loss mask); AdamW (same lr / betas / eps, no weight decay, warmup + cosine) with
 global-norm clipping on both sides; transformers with `sdpa` attention, torch.set_num_threads(cores).
 The defaults give 704 tokens, exactly a stjax shape bucket (no padding). tokens/s counts the real
-tokens of the row. `--lora` also times LoRA rank 8 on the decoder's q, k, v, o (stjax `with_lora`;
+tokens of the row. stjax makes logits only at the positions that predict an answer token, as its
+trainer does (`stjax.train.batch.loss_positions`; `--all-logits` also times logits everywhere, as
+transformers does with `labels`). `--lora` also times LoRA rank 8 on the decoder's q, k, v, o (stjax `with_lora`;
 torch: a hand-written adapter with the same initial A and B, since peft is not installed here).
 
 Timing: after --warmup untimed steps each, the variants (stjax ones, then torch ones) take steps in
@@ -99,14 +101,17 @@ def stjax_batch(cfg, row: dict):
     import jax
 
     from stjax.models.inputs import prepare_inputs
+    from stjax.train.batch import loss_bucket, loss_positions
     from stjax.train.step import Batch
 
     args = {k: v for k, v in row.items() if k != "loss_mask"}
     inputs = prepare_inputs(cfg, **args)
     length = inputs.input_ids.shape[1]
     loss_mask = np.pad(row["loss_mask"], ((0, 0), (0, length - row["loss_mask"].shape[1])))
+    size = loss_bucket(int(loss_mask[:, 1:].sum(axis=1).max()), length)  # as the trainer's `host_batch`
+    positions = None if size is None else loss_positions(loss_mask, size)
     stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-    return jax.device_put(Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))), length
+    return jax.device_put(Batch(inputs=stack(inputs), loss_mask=stack(loss_mask), loss_positions=stack(positions))), length
 
 
 class StjaxStep:
@@ -339,6 +344,9 @@ def throughput(args) -> None:
     torch_name = lambda a: f"attn={args.torch_attention} adamw={a}"
     if not args.lora_only:
         ours = {f"remat={r} attn={args.attention}": StjaxStep(models[r], optim, batch) for r in remats}
+        if args.all_logits:  # the trainer's default makes logits at the loss positions only
+            ours.update({f"remat={r} attn={args.attention} all logits": StjaxStep(
+                models[r], optim, batch.replace(loss_positions=None)) for r in remats})
         theirs = {torch_name(a): TorchStep(copy.deepcopy(ref), optim, row, a) for a in adamws}
         # A training step is three forwards' worth of FLOPs (the backward two).
         run("full fine-tuning", ours, theirs, 3 * forward_flops(cfg, tokens, row["video_grid_thw"][0]))
@@ -490,6 +498,8 @@ def main() -> None:
     parser.add_argument("--lora-alpha", type=float, default=8.0)
     parser.add_argument("--remat", default="none", help="stjax remat policies to time, comma-separated (none,dots,full)")
     parser.add_argument("--attention", default="cpu_flash", help="stjax attention backend")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="also time stjax making logits at every position, not only where the loss needs them")
     parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--torch-adamw", default="default",
                         help="torch AdamW implementations to time, comma-separated: default (for-loop on CPU), foreach, fused")

@@ -90,3 +90,29 @@ def test_a_batch_split_over_the_mesh_gives_the_same_logits():
     graphdef, state = nnx.split(shard_model(model, mesh))
     sharded = np.asarray(_forward(graphdef, state, jax.tree.map(lambda x: x[0], placed.inputs)))
     np.testing.assert_allclose(sharded, single, atol=1e-5 * np.abs(single).max())
+
+
+def test_a_step_on_the_loss_positions_equals_a_step_on_every_position():
+    """Replies of 3 tokens in rows of 256: `host_batch` lists each row's predicting positions (padded to 64), and
+    the step that makes logits there alone gives the loss and gradient norm (to 1e-6 relative) and
+    the update (to 1e-4 of the learning rate) of the step with logits everywhere."""
+    from stjax.train.step import OptimConfig, compiled_train_step, init_state, split_trainable
+
+    cfg = tiny_config("qwen2_5_vl")
+    items = loader_items(cfg, PROMPTS)
+    for item in items:
+        real = np.flatnonzero(item["attention_mask"])
+        item["loss_mask"] = np.zeros_like(item["loss_mask"])
+        item["loss_mask"][real[-3:]] = 1
+    batch = host_batch(cfg, [pad_batch(items, LOADER.__class__(**{**LOADER.__dict__, "token_buckets": (256,)}), 0)])
+    assert batch.loss_positions.shape == (1, 4, 64) and batch.loss_mask.shape == (1, 4, 256)
+    everywhere = batch.replace(loss_positions=None)
+    # a large Adam eps keeps the update linear in the gradient (see test_train_step's accumulation test)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3)
+    graphdef, params, frozen = split_trainable(init_model(cfg, seed=6))
+    a, ma = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, batch)
+    b, mb = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, everywhere)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-4 * optim.learning_rate)

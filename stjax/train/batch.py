@@ -8,7 +8,11 @@ batch axis is split over the mesh's (data, fsdp) axes, each process contributing
 
 With several processes the shapes are agreed first (one small all-gather of a few integers), since
 every process must build arrays of the same shape. Shapes come from buckets, so the step compiles
-once per (text bucket, vision sizes) pair, not per batch.
+once per (text bucket, vision sizes, loss positions) triple, not per batch.
+
+The loss positions: the step makes logits only at the positions that predict a target, listed per
+row (`loss_positions`) and padded to a power of two (`loss_bucket`), so a reply after a long video
+prompt costs the output projection only the reply's rows.
 """
 
 from __future__ import annotations
@@ -49,9 +53,30 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool))
 
 
-def step_shapes(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) -> tuple[int, VisionSizes | None]:
-    """Text length and vision sizes that fit every sample of the step (this process only)."""
+def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:
+    """How many positions per row get logits when no row has more than `targets` targets: the
+    smallest power of two that holds them (at least `smallest`), or None (all positions) once that
+    reaches the text length. A few sizes per text bucket, so a few compiled steps."""
+    size = max(smallest, 1 << max(targets - 1, 0).bit_length())
+    return size if size < length else None
+
+
+def loss_positions(loss_mask: np.ndarray, size: int) -> np.ndarray:
+    """(..., size) int32: per row, in order, the positions i that predict a target (loss_mask[..., i + 1]
+    set), then the last position as padding (it predicts nothing, so it weighs 0 in the loss)."""
+    predicting = loss_mask[..., 1:] != 0
+    counts = predicting.sum(axis=-1, keepdims=True)
+    if counts.max(initial=0) > size:
+        raise ValueError(f"a row has {counts.max()} target tokens, more than the {size} loss positions")
+    order = np.argsort(~predicting, axis=-1, kind="stable")[..., :size]  # predicting positions first, in order
+    return np.where(np.arange(size) < counts, order, loss_mask.shape[-1] - 1).astype(np.int32)
+
+
+def step_shapes(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) -> tuple[int, int, VisionSizes | None]:
+    """Text length, most targets in a row, and vision sizes that fit every sample of the step (this
+    process only)."""
     length = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    targets = max(int(mb["loss_mask"][:, 1:].sum(axis=1).max(initial=0)) for mb in micro_batches)
     sizes = None
     for mb in micro_batches:
         for b in range(len(mb["input_ids"])):
@@ -59,16 +84,16 @@ def step_shapes(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) -
             if len(grids):
                 need = vision_sizes(cfg, grids)
                 sizes = need if sizes is None else sizes.max(need)
-    return length, sizes
+    return length, targets, sizes
 
 
-def agree_shapes(length: int, sizes: VisionSizes | None) -> tuple[int, VisionSizes | None]:
+def agree_shapes(length: int, targets: int, sizes: VisionSizes | None) -> tuple[int, int, VisionSizes | None]:
     """The largest shapes over all processes (a no-op with one process)."""
     if jax.process_count() == 1:
-        return length, sizes
-    mine = np.array([length, *(astuple(sizes) if sizes else (0, 0, 0, 0))], np.int64)
+        return length, targets, sizes
+    mine = np.array([length, targets, *(astuple(sizes) if sizes else (0, 0, 0, 0))], np.int64)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine)).max(axis=0)
-    return int(every[0]), (VisionSizes(*every[1:].tolist()) if every[1] > 0 else None)
+    return int(every[0]), int(every[1]), (VisionSizes(*every[2:].tolist()) if every[2] > 0 else None)
 
 
 def micro_batch_inputs(cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: int,
@@ -100,10 +125,13 @@ def micro_batch_inputs(cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: 
 
 def host_batch(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) -> Batch:
     """This process's share of one step: the micro-batches stacked on a leading axis."""
-    length, sizes = agree_shapes(*step_shapes(cfg, micro_batches))
+    length, targets, sizes = agree_shapes(*step_shapes(cfg, micro_batches))
     parts = [micro_batch_inputs(cfg, mb, length, sizes) for mb in micro_batches]
     stack = lambda *x: np.stack(x)
-    return Batch(inputs=jax.tree.map(stack, *[p[0] for p in parts]), loss_mask=np.stack([p[1] for p in parts]))
+    loss_mask = np.stack([p[1] for p in parts])
+    size = loss_bucket(targets, length)
+    return Batch(inputs=jax.tree.map(stack, *[p[0] for p in parts]), loss_mask=loss_mask,
+                 loss_positions=None if size is None else loss_positions(loss_mask, size))
 
 
 def global_batch(batch: Batch, mesh: Mesh) -> Batch:

@@ -4,7 +4,9 @@ Two ways to the same number: `sft_loss` from full logits (B, L, vocab), and `chu
 final hidden states and the output table, a slice of positions at a time. With a 152k vocabulary the
 full float32 logits and their gradient take more memory than a 1.5B model's activations (4 x 4096
 tokens: 10 GB each); the chunked loss never holds more than one slice's logits and computes their
-gradient in the same pass, so the backward recomputes nothing.
+gradient in the same pass, so the backward recomputes nothing. Given the positions that predict a
+target, it makes logits at those alone: a reply after a long video prompt costs the output projection
+only the reply's rows.
 """
 
 from __future__ import annotations
@@ -53,13 +55,20 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, aver
 
 
 def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                     average: str = "token", chunk: int = 512) -> jax.Array:
+                     average: str = "token", chunk: int = 512, positions: jax.Array | None = None) -> jax.Array:
     """`sft_loss(hidden @ table.T, ...)` without the full logits. hidden (B, L, D) final-norm states,
     table (V, D) the output projection (the tied embedding or lm_head's kernel transposed).
 
     A slice is at most `chunk` sequence positions of every row: the batch axis stays whole, so a batch
     sharded over devices stays sharded. The slices are made equal, the last padded with weight-0 positions.
+    `positions` (B, K), when given, lists every position of each row that predicts a target
+    (`stjax.train.batch.loss_positions`; its padding points at the last position, which weighs 0):
+    only those rows of logits are made, the others weighing 0 anyway.
     """
+    targets, weights = next_tokens(input_ids), loss_weights(loss_mask, average)
+    if positions is not None:
+        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        targets, weights = (jnp.take_along_axis(x, positions, axis=1) for x in (targets, weights))
     b, l, _ = hidden.shape
     slices = -(-l // chunk)
     chunk = -(-l // slices)
@@ -69,7 +78,7 @@ def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, 
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, slices, chunk, *x.shape[2:]), 1, 0)
 
-    return _weighted_nll(split(hidden), table, split(next_tokens(input_ids)), split(loss_weights(loss_mask, average)))
+    return _weighted_nll(split(hidden), table, split(targets), split(weights))
 
 
 def _slice_logits(h: jax.Array, table: jax.Array) -> jax.Array:

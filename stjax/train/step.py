@@ -74,6 +74,8 @@ class Batch:
 
     inputs: ModelInputs
     loss_mask: jax.Array  # (accum, B, L) aligned with input_ids
+    # (accum, B, K): the positions that predict a target (`batch.loss_positions`); None: logits everywhere
+    loss_positions: jax.Array | None = None
 
 
 def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -90,12 +92,15 @@ def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float3
 
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
-            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0) -> jax.Array:
-    """The SFT loss; `loss_chunk` > 0 makes the logits that many positions at a time (`chunked_sft_loss`)."""
+            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0,
+            loss_positions: jax.Array | None = None) -> jax.Array:
+    """The SFT loss; `loss_chunk` > 0 makes the logits that many positions at a time, `loss_positions`
+    only at the positions that predict a target (`chunked_sft_loss`)."""
     model = nnx.merge(graphdef, params, frozen)
-    if loss_chunk:
+    if loss_chunk or loss_positions is not None:
         hidden = model.hidden_states(inputs, dropout_key)
-        return chunked_sft_loss(hidden, model.output_table(), inputs.input_ids, loss_mask, average, loss_chunk)
+        return chunked_sft_loss(hidden, model.output_table(), inputs.input_ids, loss_mask, average,
+                                loss_chunk or hidden.shape[1], loss_positions)
     return sft_loss(model.forward(inputs, dropout_key), inputs.input_ids, loss_mask, average)
 
 
@@ -110,7 +115,8 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     def grads_of(index):
         micro = jax.tree.map(lambda x: x[index], batch)
         key = jax.random.fold_in(step_key, index)  # unused (and compiled away) without LoRA dropout
-        return grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk)
+        return grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk,
+                       micro.loss_positions)
 
     # The first micro-batch starts the sums (no zero-filled copy of the gradients); the rest add in.
     loss, grads = grads_of(0)
