@@ -52,8 +52,8 @@ def test_right_padded_rows_need_no_mask_for_dot_product(monkeypatch):
     assert not is_right_padded(np.array([[1, 0, 1]]))
     masks = []
     inner = attention._dot_product
-    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal: (
-        masks.append(mask), inner(q, k, v, mask, is_causal))[1])
+    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, key_lengths=None: (
+        masks.append(mask), inner(q, k, v, mask, is_causal, key_lengths))[1])
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
@@ -66,6 +66,29 @@ def test_right_padded_rows_need_no_mask_for_dot_product(monkeypatch):
     assert float(jnp.abs(out - ref)[~real].max()) > 1e-3  # the padding queries do see real keys now
     attend(q, k, v, seg, seg, True, "dot_product")
     assert masks.pop() is not None
+
+
+def test_right_padded_groups_are_masked_by_key_counts_for_dot_product(monkeypatch):
+    """Vision groups (no causal mask, real slots first): `dot_product` gets each group's count of
+    real keys instead of a mask (cuDNN's padding mask, no bias), at least 1 for a group of padding
+    alone; the real queries' outputs are those of `xla`."""
+    calls = []
+    inner = attention._dot_product
+    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, key_lengths=None: (
+        calls.append((mask, key_lengths)), inner(q, k, v, mask, is_causal, key_lengths))[1])
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 24, 4, 16)), jnp.float32) for _ in range(3))
+    seg = (np.arange(24)[None] < np.array([[24], [9], [0]])).astype(np.int32)
+    ref = attend(q, k, v, seg, seg, False, "xla")
+    out = attend(q, k, v, seg, seg, False, "dot_product", right_padded=True)
+    mask, lengths = calls.pop()
+    assert mask is None and np.asarray(lengths).tolist() == [24, 9, 1]
+    real = seg.astype(bool)
+    assert float(jnp.abs(out - ref)[real].max()) <= 1e-5
+    assert bool(jnp.isfinite(out).all())
+    assert float(jnp.abs(out - ref)[1, 9:].max()) > 1e-3  # the padding queries do see real keys now
+    attend(q, k, v, seg, seg, False, "dot_product")
+    assert calls.pop()[0] is not None
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])

@@ -244,3 +244,19 @@ def test_resumed_run_appends_and_starts_the_bar_at_start_step(tmp_path):
         assert logger.summary()["steps"] == 3
     rows = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_step_flops_count_the_lm_head_where_logits_are_made():
+    """With loss positions the LM head runs at the target tokens only: the step's FLOPs drop by
+    6 x hidden x vocab per token that is not a target, and by nothing else."""
+    from types import SimpleNamespace
+
+    from stjax.train.sft import step_flops
+
+    cfg = QwenVLConfig.from_file("tiny-qwen2-vl")
+    inputs = SimpleNamespace(input_ids=np.zeros((1, 2, 100), np.int32), vision=None)
+    metrics = {"tokens": 180.0, "target_tokens": 30.0}
+    everywhere = step_flops(cfg, SimpleNamespace(inputs=inputs, loss_positions=None), metrics)
+    targets_only = step_flops(cfg, SimpleNamespace(inputs=inputs, loss_positions=np.zeros((1, 2, 64))), metrics)
+    assert everywhere == model_flops_per_token(cfg, 100) * 180
+    assert everywhere - targets_only == 6 * 64 * 512 * (180 - 30)  # tiny-qwen2-vl: hidden 64, vocab 512

@@ -58,16 +58,19 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
-def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool) -> jax.Array:
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool,
+                 key_lengths: jax.Array | None = None) -> jax.Array:
     """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
     becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
-    (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask."""
+    (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask;
+    `key_lengths` (B,) keeps each row's first keys only (cuDNN's padding mask: no bias)."""
+    kw = dict(mask=mask, is_causal=is_causal, key_value_seq_lengths=key_lengths)
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, **kw, implementation="cudnn")
         except (ValueError, NotImplementedError) as e:  # raised while tracing: head size, layout, ...
             logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    return jax.nn.dot_product_attention(q, k, v, **kw)
 
 
 def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
@@ -103,9 +106,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
 
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
     only serves offset 0 and decoding falls back to `xla` there. `right_padded` (static) promises
-    that each row's real tokens come first: causal attention then gives the real tokens their
-    outputs without a padding mask (padding queries see real keys too; their outputs are never
-    used), which `dot_product` exploits.
+    that each row's real tokens come first, which `dot_product` exploits: causal attention then
+    gives the real tokens their outputs without a padding mask, and attention without the causal
+    mask (the vision groups) masks by each row's count of real keys. Either way padding queries
+    see real keys; their outputs are never used.
     """
     if backend == "auto":
         backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
@@ -117,6 +121,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
         fused_causal = causal and isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
         if fused_causal and right_padded:
             return _dot_product(q, k, v, None, is_causal=True)
+        if not causal and right_padded:
+            # A group of padding alone keeps one key, so that no softmax row is empty.
+            lengths = jnp.maximum(jnp.sum(segment_k != 0, axis=1), 1).astype(jnp.int32)
+            return _dot_product(q, k, v, None, is_causal=False, key_lengths=lengths)
         mask = segment_mask(segment_q, segment_k, causal and not fused_causal, q_offset)
         return _dot_product(q, k, v, mask, is_causal=fused_causal)
     if backend == "cpu_flash" and cpu_attention.supports(q):

@@ -24,8 +24,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: VisionGr
     n, heads, hd = q.shape
     count, size = groups.index.shape
     gq, gk, gv = (x[groups.index] for x in (q, k, v))  # (G, T, heads, hd)
-    real = (jnp.arange(size)[None, :] < groups.lengths[:, None]).astype(jnp.int32)
-    out = attend(gq, gk, gv, real, real, causal=False, backend=backend)
+    real = (jnp.arange(size)[None, :] < groups.lengths[:, None]).astype(jnp.int32)  # real slots first
+    out = attend(gq, gk, gv, real, real, causal=False, backend=backend, right_padded=True)
     flat = out.reshape(count * size, heads * hd)
     # Rows that belong to no group (bucket padding) read an appended zero row.
     flat = jnp.concatenate([flat, jnp.zeros((1, heads * hd), flat.dtype)])

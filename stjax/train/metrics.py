@@ -42,6 +42,11 @@ DEVICE_PEAK_FLOPS: dict[str, float] = {
 }
 
 
+def lm_head_flops_per_token(cfg: QwenVLConfig) -> float:
+    """Training FLOPs of the LM head for one row of logits."""
+    return float(6 * cfg.text.hidden_size * cfg.text.vocab_size)
+
+
 def model_flops_per_token(cfg: QwenVLConfig, seq_len: int) -> float:
     """Training FLOPs per text token of the decoder and LM head at sequence length `seq_len`.
 
@@ -52,8 +57,8 @@ def model_flops_per_token(cfg: QwenVLConfig, seq_len: int) -> float:
     q_width, kv_width = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     attention = 2 * t.hidden_size * q_width + 2 * t.hidden_size * kv_width  # q, o; k, v
     mlp = 3 * t.hidden_size * t.intermediate_size  # gate, up, down
-    params = t.num_layers * (attention + mlp) + t.hidden_size * t.vocab_size
-    return float(6 * params + 12 * t.num_layers * seq_len * q_width)
+    return float(6 * t.num_layers * (attention + mlp) + lm_head_flops_per_token(cfg)
+                 + 12 * t.num_layers * seq_len * q_width)
 
 
 def vision_flops_per_patch(cfg: QwenVLConfig, group_size: int) -> float:

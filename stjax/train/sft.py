@@ -40,7 +40,8 @@ from stjax.train.batch import global_batch, host_batch
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
-from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
+from stjax.train.metrics import (MetricsLogger, device_peak_flops, lm_head_flops_per_token, mfu, model_flops_per_token,
+                                 vision_flops_per_patch)
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,11 @@ def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Pa
 
 def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:
     """Model FLOPs of one step from the step's token and patch counts (decoder per token at the
-    batch's length, vision per real patch at its frame-group size)."""
-    flops = model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) * metrics["tokens"]
+    batch's length, vision per real patch at its frame-group size). The LM head counts at every
+    token, or at the target tokens alone when the step makes logits only there (`loss_positions`)."""
+    head = lm_head_flops_per_token(model_cfg)
+    rows = metrics["tokens"] if batch.loss_positions is None else metrics["target_tokens"]
+    flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics["tokens"] + head * rows
     if batch.inputs.vision is not None:
         group = batch.inputs.vision.frames.index.shape[-1]
         flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
