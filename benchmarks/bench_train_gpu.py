@@ -21,7 +21,8 @@ figure with it at half is printed beside), MFU = FLOPs / (median step time x pea
 is reported (the others are tried only after an out-of-memory failure; `--every-remat` times
 them all); the default tries `none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's elsewhere). The loss
 makes logits `--loss-chunk` positions of every row at a time (`stjax.train.loss.chunked_sft_loss`),
-as the trainer does. `--breakdown` also times the loss alone and loss + gradients, so the
+and only at the positions that predict a target, as the trainer does (`--all-logits`: everywhere;
+the MFU counts the LM head where it runs). `--breakdown` also times the loss alone and loss + gradients, so the
 optimizer's share shows; `--profile DIR` prints the step's top operations. The issue's target is
 MFU >= 40%.
 
@@ -158,12 +159,14 @@ def init_weights(cfg, seed: int = 0):
     return nnx.merge(graphdef, state)
 
 
-def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: int = 0):
+def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: int = 0, all_logits: bool = False):
     """`batch` rows of `seq` tokens: random text, or a video prompt then random text; the loss
-    covers the second half of each row. Returns the step's Batch (one micro-batch) on the host."""
+    covers the second half of each row, whose logits alone are made (as the trainer's batches do)
+    unless `all_logits`. Returns the step's Batch (one micro-batch) on the host."""
     import jax
 
     from stjax.models.inputs import prepare_inputs
+    from stjax.train.batch import loss_bucket, loss_positions
     from stjax.train.step import Batch
 
     rng = np.random.default_rng(seed)
@@ -187,7 +190,9 @@ def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: i
     inputs = prepare_inputs(cfg, ids, np.ones((batch, seq), np.int32), length=seq, **extra)
     loss_mask = np.zeros((batch, seq), np.int32)
     loss_mask[:, seq // 2:] = 1
-    return Batch(inputs=jax.tree.map(lambda x: np.asarray(x)[None], inputs), loss_mask=loss_mask[None])
+    size = None if all_logits else loss_bucket(seq - seq // 2, seq)
+    return Batch(inputs=jax.tree.map(lambda x: np.asarray(x)[None], inputs), loss_mask=loss_mask[None],
+                 loss_positions=None if size is None else loss_positions(loss_mask, size)[None])
 
 
 def memory_figures() -> dict:
@@ -229,7 +234,8 @@ def child_run(spec: dict) -> dict:
                    trainable=sum(int(x.size) for x in jax.tree.leaves(state.params)))
         step = jax.jit(functools.partial(train_step, graphdef, optim, average="token", loss_chunk=spec["loss_chunk"]),
                        donate_argnums=0)
-        batch = jax.device_put(make_batch(cfg, spec["batch"], spec["seq"], parse_video(spec["video"])))
+        batch = jax.device_put(make_batch(cfg, spec["batch"], spec["seq"], parse_video(spec["video"]),
+                                          all_logits=spec.get("all_logits", False)))
         times = []
         for i in range(spec["warmup"] + spec["steps"]):
             began = time.perf_counter()
@@ -255,7 +261,8 @@ def child_run(spec: dict) -> dict:
             from bench_forward import interleaved_medians
 
             micro = jax.tree.map(lambda x: x[0], batch)
-            call = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"])
+            call = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"],
+                    micro.loss_positions)
             runs = [lambda fn=jax.jit(fn, static_argnums=(0, 5, 7)): jax.block_until_ready(fn(*call))
                     for fn in (loss_fn, jax.value_and_grad(loss_fn, argnums=1))]
             out["loss_s"], out["grad_s"] = interleaved_medians(runs, 3)
@@ -358,7 +365,8 @@ def part_mfu(args, report: dict) -> None:
     for remat in args.remat.split(","):
         spec = dict(size=args.mfu_size, attention=args.attention, remat=remat, lora_rank=0, batch=args.batch,
                     seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
-                    loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile)
+                    loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile,
+                    all_logits=args.all_logits)
         r = run_child(spec, args.mfu_timeout, args)
         report.setdefault("mfu", []).append(dict(spec, **r))
         if not r["ok"]:
@@ -451,6 +459,8 @@ def main() -> None:
     parser.add_argument("--attention", default="dot_product", help="attention backend (xla, dot_product, pallas_tpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MFU)")
     parser.add_argument("--loss-chunk", type=int, default=512, help="positions per slice of logits in the loss (0: all)")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="make logits at every position, not only where the loss needs them (MFU)")
     parser.add_argument("--profile", default="", help="trace two more steps into this folder and print the top operations (MFU)")
     parser.add_argument("--breakdown", action="store_true", help="also time the loss alone and loss + gradients (MFU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (MFU)")
