@@ -3,7 +3,8 @@
 #   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
 #   (is cuDNN's fused kernel really in the program? left- and right-padded batches), the SFT train
 #   step's MFU (four rows per step, remat `dots_attention` and `dots`; one row with its breakdown
-#   and a profile of its top operations; six rows), causal attention alone (fwd, fwd + bwd);
+#   and a profile of its top operations; four rows with a video each; six rows; logits at the loss
+#   positions, the second half of each row, as the trainer makes them), causal attention alone (fwd, fwd + bwd);
 #   with FULL=1 also the largest model that trains on one card and forward latency against
 #   transformers (both last measured 2026-11-26 and untouched since).
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
@@ -46,6 +47,9 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --remat none,dots_attention --mfu-timeout 90 \
     --breakdown --profile /tmp/train_profile --child-xla-flags=--xla_gpu_enable_command_buffer= \
     --json "$out/train_mfu_b1.json"
+  part 70 "$mfu, 4 rows x 4096 tokens with an 8-frame 336x336 video each (vision groups by key counts)" \
+    python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 4 --video 8x336 \
+    --remat dots_attention --mfu-timeout 65 --json "$out/train_mfu_video.json"
   part 80 "$mfu, 6 rows x 4096 tokens (8 rows do not fit)" \
     python3 benchmarks/bench_train_gpu.py --part mfu --attention dot_product --batch 6 --remat dots_attention,dots \
     --mfu-timeout 75 --json "$out/train_mfu_b6.json"
