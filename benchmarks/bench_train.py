@@ -13,8 +13,9 @@ global-norm clipping on both sides; transformers with `sdpa` attention, torch.se
 The defaults give 704 tokens, exactly a stjax shape bucket (no padding). tokens/s counts the real
 tokens of the row. stjax makes logits only at the positions that predict an answer token, as its
 trainer does (`stjax.train.batch.loss_positions`; `--all-logits` also times logits everywhere, as
-transformers does with `labels`). `--lora` also times LoRA rank 8 on the decoder's q, k, v, o (stjax `with_lora`;
-torch: a hand-written adapter with the same initial A and B, since peft is not installed here).
+transformers does with `labels`). `--lora` also times LoRA rank 8 on the decoder's q, k, v, o
+(stjax `with_lora`; torch: a hand-written adapter with the same initial A and B, since peft is not
+installed here).
 
 Timing: after --warmup untimed steps each, the variants (stjax ones, then torch ones) take steps in
 turn. The machine may be shared: a step during which other processes used more than --quiet of the

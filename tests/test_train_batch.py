@@ -93,9 +93,9 @@ def test_a_batch_split_over_the_mesh_gives_the_same_logits():
 
 
 def test_a_step_on_the_loss_positions_equals_a_step_on_every_position():
-    """Replies of 3 tokens in rows of 256: `host_batch` lists each row's predicting positions (padded to 64), and
-    the step that makes logits there alone gives the loss and gradient norm (to 1e-6 relative) and
-    the update (to 1e-4 of the learning rate) of the step with logits everywhere."""
+    """Replies of 3 tokens in rows of 256: `host_batch` lists each row's predicting positions
+    (padded to 64), and the step that makes logits there alone gives the loss and gradient norm (to
+    1e-6 relative) and the update (to 1e-4 of the learning rate) of the step with logits everywhere."""
     from stjax.train.step import OptimConfig, compiled_train_step, init_state, split_trainable
 
     cfg = tiny_config("qwen2_5_vl")
