@@ -359,11 +359,13 @@ def part_mfu(args, report: dict) -> None:
     video = parse_video(args.video)
     what = "text only" if not video else f"a {video[0]}-frame {video[1]}x{video[1]} video prompt + text"
     print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
-          f"(decoder {si(total - vision)}, vision {si(vision)}), all trained; bf16 params and "
+          f"(decoder {si(total - vision)}, vision {si(vision)}), "
+          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; bf16 params and "
           f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
           f"loss chunk {args.loss_chunk}")
     for remat in args.remat.split(","):
-        spec = dict(size=args.mfu_size, attention=args.attention, remat=remat, lora_rank=0, batch=args.batch,
+        spec = dict(size=args.mfu_size, attention=args.attention, remat=remat,
+                    lora_rank=args.lora_rank if args.mfu_lora else 0, batch=args.batch,
                     seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
                     loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile,
                     all_logits=args.all_logits)
@@ -451,6 +453,9 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=["all", "mfu", "largest"])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device exists (CPU: < 1 minute)")
     parser.add_argument("--mfu-size", default="1.5b", choices=sorted(SIZES))
+    parser.add_argument("--mfu-lora", action="store_true",
+                        help="train LoRA adapters (rank --lora-rank on q, k, v, o) on a frozen bf16 base (MFU; the "
+                             "FLOPs still count the base's weight gradients, which LoRA skips: read the step time)")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row (MFU)")
     parser.add_argument("--batch", type=int, default=1, help="rows per step (MFU)")
     parser.add_argument("--video", default="", help="FRAMESxSIZE: a video prompt in every row (MFU), e.g. 8x336")

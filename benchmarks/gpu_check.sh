@@ -5,8 +5,9 @@
 #   step's MFU (four rows per step, remat `dots_attention` and `dots`; one row with its breakdown
 #   and a profile of its top operations; four rows with a video each; six rows; logits at the loss
 #   positions, the second half of each row, as the trainer makes them), causal attention alone (fwd, fwd + bwd);
-#   with FULL=1 also the largest model that trains on one card and forward latency against
-#   transformers (both last measured 2026-11-26 and untouched since).
+#   with FULL=1 also a 7B LoRA step with a video row (does remat dots_attention fit?), the largest
+#   model that trains on one card and forward latency against transformers (both last measured
+#   2026-11-26 and untouched since).
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
 # Missing Python packages (grain, tensorboardX) travel as wheels in .whl/, which is git-ignored.
@@ -56,6 +57,10 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
   part 50 "causal attention alone, 1 x 4096 tokens, 12 heads: mask as a bias, right-padded (no mask), plain is_causal" \
     python3 benchmarks/bench_attention_gpu.py
   if [ "${FULL:-0}" = 1 ]; then
+    # The 7B H100 configs keep remat full until this says dots_attention fits with a video row.
+    part 150 "7B LoRA step, 1 row x 4096 tokens with an 8-frame 336x336 video, remat dots_attention and full" \
+      python3 benchmarks/bench_train_gpu.py --part mfu --mfu-size 7b --mfu-lora --video 8x336 --attention dot_product \
+      --remat dots_attention,full --every-remat --mfu-timeout 70 --json "$out/train_7b_lora.json"
     part 160 "largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)" \
       python3 benchmarks/bench_train_gpu.py --part largest --budget 150 --trial-timeout 80 \
       --json "$out/train_largest.json"
