@@ -60,7 +60,7 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
     # The 7B H100 configs keep remat full until this says dots_attention fits with a video row.
     part 150 "7B LoRA step, 1 row x 4096 tokens with an 8-frame 336x336 video, remat dots_attention and full" \
       python3 benchmarks/bench_train_gpu.py --part mfu --mfu-size 7b --mfu-lora --video 8x336 --attention dot_product \
-      --remat dots_attention,full --every-remat --mfu-timeout 70 --json "$out/train_7b_lora.json"
+      --remat dots_attention,full --every-remat --steps 3 --warmup 1 --mfu-timeout 70 --json "$out/train_7b_lora.json"
     part 160 "largest model that trains on one GPU, LoRA and full fine-tuning (1 x 2048 tokens, remat full)" \
       python3 benchmarks/bench_train_gpu.py --part largest --budget 150 --trial-timeout 80 \
       --json "$out/train_largest.json"
