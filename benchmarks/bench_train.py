@@ -102,17 +102,16 @@ def stjax_batch(cfg, row: dict):
     import jax
 
     from stjax.models.inputs import prepare_inputs
-    from stjax.train.batch import loss_bucket, loss_positions
+    from stjax.train.batch import target_positions
     from stjax.train.step import Batch
 
     args = {k: v for k, v in row.items() if k != "loss_mask"}
     inputs = prepare_inputs(cfg, **args)
     length = inputs.input_ids.shape[1]
     loss_mask = np.pad(row["loss_mask"], ((0, 0), (0, length - row["loss_mask"].shape[1])))
-    size = loss_bucket(int(loss_mask[:, 1:].sum(axis=1).max()), length)  # as the trainer's `host_batch`
-    positions = None if size is None else loss_positions(loss_mask, size)
     stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-    return jax.device_put(Batch(inputs=stack(inputs), loss_mask=stack(loss_mask), loss_positions=stack(positions))), length
+    return jax.device_put(Batch(inputs=stack(inputs), loss_mask=stack(loss_mask),
+                                loss_positions=stack(target_positions(loss_mask)))), length
 
 
 class StjaxStep:

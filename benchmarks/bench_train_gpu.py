@@ -166,7 +166,7 @@ def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: i
     import jax
 
     from stjax.models.inputs import prepare_inputs
-    from stjax.train.batch import loss_bucket, loss_positions
+    from stjax.train.batch import target_positions
     from stjax.train.step import Batch
 
     rng = np.random.default_rng(seed)
@@ -190,9 +190,9 @@ def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: i
     inputs = prepare_inputs(cfg, ids, np.ones((batch, seq), np.int32), length=seq, **extra)
     loss_mask = np.zeros((batch, seq), np.int32)
     loss_mask[:, seq // 2:] = 1
-    size = None if all_logits else loss_bucket(seq - seq // 2, seq)
-    return Batch(inputs=jax.tree.map(lambda x: np.asarray(x)[None], inputs), loss_mask=loss_mask[None],
-                 loss_positions=None if size is None else loss_positions(loss_mask, size)[None])
+    stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
+    return Batch(inputs=stack(inputs), loss_mask=loss_mask[None],
+                 loss_positions=None if all_logits else stack(target_positions(loss_mask)))
 
 
 def memory_figures() -> dict:

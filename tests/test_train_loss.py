@@ -20,7 +20,7 @@ from reference import make_batch
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.weights import canonical_name, hf_tensors
-from stjax.train.batch import loss_bucket, loss_positions
+from stjax.train.batch import loss_bucket, loss_positions, target_positions
 from stjax.train.loss import chunked_sft_loss, sft_loss
 
 
@@ -151,6 +151,11 @@ def test_loss_positions_list_the_predicting_positions():
         assert listed.tolist() == want + [len(row) - 1] * (size - len(want))
     with pytest.raises(ValueError, match="39 target tokens, more than the 38 loss positions"):
         loss_positions(mask, 38)
+    # What a batch holds: none for rows shorter than the smallest bucket, else the bucket's positions.
+    assert target_positions(mask) is None
+    long = np.pad(mask, ((0, 0), (0, 160)))
+    np.testing.assert_array_equal(target_positions(long), loss_positions(long, 64))
+    np.testing.assert_array_equal(target_positions(long, targets=100), loss_positions(long, 128))
 
 
 def test_loss_bucket_is_a_power_of_two_that_holds_the_targets():

@@ -61,6 +61,19 @@ def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:
     return size if size < length else None
 
 
+def target_count(loss_mask: np.ndarray) -> int:
+    """The most positions in a row that predict a target (a target at position 0 has none)."""
+    return int(np.asarray(loss_mask)[..., 1:].sum(axis=-1).max(initial=0))
+
+
+def target_positions(loss_mask: np.ndarray, targets: int | None = None) -> np.ndarray | None:
+    """What `Batch.loss_positions` holds for this (..., L) loss mask: `loss_positions` padded to
+    `loss_bucket`, or None (logits everywhere). `targets` sizes the bucket (default: the mask's own
+    `target_count`; the trainer passes the count agreed over processes)."""
+    size = loss_bucket(target_count(loss_mask) if targets is None else targets, loss_mask.shape[-1])
+    return None if size is None else loss_positions(loss_mask, size)
+
+
 def loss_positions(loss_mask: np.ndarray, size: int) -> np.ndarray:
     """(..., size) int32: per row, in order, the positions i that predict a target (loss_mask[..., i + 1]
     set), then the last position as padding (it predicts nothing, so it weighs 0 in the loss)."""
@@ -76,7 +89,7 @@ def step_shapes(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) -
     """Text length, most targets in a row, and vision sizes that fit every sample of the step (this
     process only)."""
     length = max(mb["input_ids"].shape[1] for mb in micro_batches)
-    targets = max(int(mb["loss_mask"][:, 1:].sum(axis=1).max(initial=0)) for mb in micro_batches)
+    targets = max(target_count(mb["loss_mask"]) for mb in micro_batches)
     sizes = None
     for mb in micro_batches:
         for b in range(len(mb["input_ids"])):
@@ -129,9 +142,8 @@ def host_batch(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) ->
     parts = [micro_batch_inputs(cfg, mb, length, sizes) for mb in micro_batches]
     stack = lambda *x: np.stack(x)
     loss_mask = np.stack([p[1] for p in parts])
-    size = loss_bucket(targets, length)
     return Batch(inputs=jax.tree.map(stack, *[p[0] for p in parts]), loss_mask=loss_mask,
-                 loss_positions=None if size is None else loss_positions(loss_mask, size))
+                 loss_positions=target_positions(loss_mask, targets))
 
 
 def global_batch(batch: Batch, mesh: Mesh) -> Batch:
