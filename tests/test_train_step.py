@@ -3,6 +3,7 @@ non-finite steps, and its AdamW update equals optax's (clip_by_global_norm + ada
 
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import jax
@@ -56,28 +57,42 @@ def test_a_tiny_model_fits_and_greedy_decoding_reproduces_the_answers():
     np.testing.assert_array_equal(np.asarray(out.tokens), answers)
 
 
-def test_accumulating_two_micro_batches_equals_one_batch_of_both():
-    """With equal target counts per row, the mean of the two micro-batch gradients is the batch's."""
+@pytest.mark.parametrize("average", ["token", "sequence"])
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(average):
+    """Rows with 1 and 6 target tokens, as one batch of 2 or as two accumulated micro-batches of 1:
+    the same loss, gradient norm and update (1e-5), for both averages. Every target token of the step
+    weighs the same under the token average (transformers' `num_items_in_batch`); a mean of per
+    micro-batch averages (the old step: loss 12.065 vs 11.923, gradient norm 18.54 vs 32.99 in the
+    issue's case) fails this."""
     cfg = tiny_config("qwen2_5_vl")
     model = init_model(cfg, seed=1)
     _, _, inputs, loss_mask = sft_batch(cfg, seed=2, prompts=[[9], [7]])  # text: rows split cleanly
+    loss_mask[0, : np.flatnonzero(loss_mask[0])[-1]] = 0  # row 0 keeps its last target only
+    assert loss_mask[:, 1:].sum(axis=1).tolist() == [1, ANSWER]
     row = lambda i: inputs.replace(input_ids=inputs.input_ids[i:i + 1], attention_mask=inputs.attention_mask[i:i + 1],
                                    position_ids=inputs.position_ids[:, i:i + 1])
     # A real update at step 0; a large Adam eps keeps the update linear in tiny gradients, whose
     # float rounding would otherwise be blown up to +-lr by the normalisation.
-    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3, max_grad_norm=1e3)
     graphdef, params, frozen = split_trainable(model)
     whole = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
     split = Batch(inputs=stack(row(0), row(1)), loss_mask=stack(loss_mask[:1], loss_mask[1:]))
-    a, ma = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, whole)
-    b, mb = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, split)
-    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
-    np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-5)
+    a, ma = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, whole, average=average)
+    b, mb = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, split, average=average)
+    np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(mb["grad_norm"]), float(ma["grad_norm"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-3 * optim.learning_rate)
     moved = [np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in
              zip(jax.tree.leaves(a.params), jax.tree.leaves(nnx.state(model, nnx.Param)))]
     assert max(moved) > 1e-4  # the step really updated the weights
+    # The whole batch's loss is the average the option names, from the per-token losses of the rows.
+    logits = np.asarray(model.forward(inputs), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp[:, :-1], inputs.input_ids[:, 1:, None].astype(int), -1)[..., 0]
+    mask = loss_mask[:, 1:].astype(bool)
+    want = nll[mask].mean() if average == "token" else np.mean([nll[r][mask[r]].mean() for r in range(2)])
+    np.testing.assert_allclose(float(ma["loss"]), want, rtol=1e-5)
 
 
 def test_a_non_finite_step_is_skipped():

@@ -9,7 +9,9 @@ the state unchanged and reports `skipped = 1`, so one bad batch cannot poison th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from flax import nnx, struct
 
 from stjax.models.inputs import ModelInputs
 from stjax.models.layers import LoRAParam
-from stjax.train.loss import chunked_sft_loss, sft_loss
+from stjax.train.loss import chunked_sft_loss, loss_totals, sft_loss
 
 
 @dataclass(frozen=True)
@@ -93,56 +95,77 @@ def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float3
 
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
             loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0,
-            loss_positions: jax.Array | None = None) -> jax.Array:
+            loss_positions: jax.Array | None = None, totals: jax.Array | None = None) -> jax.Array:
     """The SFT loss; `loss_chunk` > 0 makes the logits that many positions at a time, `loss_positions`
-    only at the positions that predict a target (`chunked_sft_loss`)."""
+    only at the positions that predict a target (`chunked_sft_loss`); `totals` are the whole step's
+    target and sequence counts (`loss.loss_totals`), default this batch's."""
     model = nnx.merge(graphdef, params, frozen)
     if loss_chunk or loss_positions is not None:
         hidden = model.hidden_states(inputs, dropout_key)
         return chunked_sft_loss(hidden, model.output_table(), inputs.input_ids, loss_mask, average,
-                                loss_chunk or hidden.shape[1], loss_positions)
-    return sft_loss(model.forward(inputs, dropout_key), inputs.input_ids, loss_mask, average)
+                                loss_chunk or hidden.shape[1], loss_positions, totals)
+    return sft_loss(model.forward(inputs, dropout_key), inputs.input_ids, loss_mask, average, totals)
 
 
-def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
-               average: str = "token", loss_chunk: int = 512) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from the mean gradient of the micro-batches (jit it with
-    `static_argnums=(0, 1)` and `static_argnames=("average", "loss_chunk")`; see `compiled_train_step`)."""
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
+# (graphdef, params, frozen, micro-batch, whole step's batch, dropout key) -> (loss, metrics to sum).
+# A micro-batch's loss is its share of the step's loss: the step sums them, so normalisers that span
+# the step (target tokens, sequences) come from the whole batch, never from one micro-batch.
+MicroLoss = Callable[[nnx.GraphDef, nnx.State, nnx.State, Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+def sft_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, micro: Batch, batch: Batch,
+                   key: jax.Array, average: str = "token", loss_chunk: int = 512) -> tuple[jax.Array, dict]:
+    loss = loss_fn(graphdef, params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk,
+                   micro.loss_positions, loss_totals(batch.loss_mask))
+    return loss, {}
+
+
+def update(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Any,
+           micro_loss: MicroLoss) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from the gradient of the sum of the micro-batches' losses (every leaf of
+    `batch` is (accum, ...)); the state is left as it was when the loss or gradient is not finite."""
+    grad_fn = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    count = batch.loss_mask.shape[0]
+    count = jax.tree.leaves(batch)[0].shape[0]
 
     def grads_of(index):
         micro = jax.tree.map(lambda x: x[index], batch)
         key = jax.random.fold_in(step_key, index)  # unused (and compiled away) without LoRA dropout
-        return grad_fn(graphdef, state.params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk,
-                       micro.loss_positions)
+        return grad_fn(graphdef, state.params, frozen, micro, batch, key)
 
     # The first micro-batch starts the sums (no zero-filled copy of the gradients); the rest add in.
-    loss, grads = grads_of(0)
+    (loss, aux), grads = grads_of(0)
     if count > 1:
         def accumulate(carry, index):
-            loss_i, grads_i = grads_of(index)
-            return (carry[0] + loss_i, jax.tree.map(jnp.add, carry[1], grads_i)), None
+            return jax.tree.map(jnp.add, carry, grads_of(index)), None
 
-        (loss, grads), _ = jax.lax.scan(accumulate, (loss, grads), jnp.arange(1, count))
-        loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
+        ((loss, aux), grads), _ = jax.lax.scan(accumulate, ((loss, aux), grads), jnp.arange(1, count))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def update(_):
+    def apply(_):
         return optim.apply(grads, state.opt_state, state.params, grad_norm)
 
     # A branch rather than a select: a select would hold both the new and the old copies at once.
-    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
     new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
                            rng=state.rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": optim.schedule()(state.step),
-               "skipped": 1 - finite.astype(jnp.int32), "tokens": jnp.sum(batch.inputs.attention_mask),
-               "target_tokens": jnp.sum(batch.loss_mask)}
+               "skipped": 1 - finite.astype(jnp.int32), **aux}
+    return new_state, metrics
+
+
+def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
+               average: str = "token", loss_chunk: int = 512) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SFT update (jit it with `static_argnums=(0, 1)` and `static_argnames=("average", "loss_chunk")`;
+    see `compiled_train_step`). Every target token of the step weighs the same under the token
+    average, however the step is split into micro-batches and processes."""
+    micro_loss = functools.partial(sft_micro_loss, average=average, loss_chunk=loss_chunk)
+    state, metrics = update(graphdef, optim, state, frozen, batch, micro_loss)
+    metrics.update(tokens=jnp.sum(batch.inputs.attention_mask), target_tokens=jnp.sum(batch.loss_mask))
     if batch.inputs.vision is not None:
         metrics["patches"] = jnp.sum(batch.inputs.vision.frames.lengths)  # real patches, for MFU
-    return new_state, metrics
+    return state, metrics
 
 
 compiled_train_step = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("average", "loss_chunk"),
