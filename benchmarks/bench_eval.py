@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 
 from stjax.data.synthetic import generate
-from stjax.demo import tiny_model_dir
+from stjax.models.tiny import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate
 
 

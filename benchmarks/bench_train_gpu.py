@@ -13,7 +13,7 @@ The model ("1.5b") is the Qwen2.5-1.5B decoder (hidden 1536, 28 layers, 12 heads
 MLP 8960, vocab 151936, tied embeddings) with the vision tower of Qwen2.5-VL-3B; all of it is
 trained. The batch is `--batch` rows of `--seq` tokens, text only (the decoder's figure), or with
 `--video FRAMESxSIZE` a video prompt (FRAMES frames of SIZE x SIZE pixels) followed by text up to
-`--seq`. The loss covers the second half of each row. FLOPs per step are `stjax.train.sft.step_flops`
+`--seq`. The loss covers the second half of each row. FLOPs per step are `stjax.train.metrics.step_flops`
 (the training loop's own MFU: `metrics.model_flops_per_token`, 6 N + attention, plus the vision
 tower per real patch; the decoder's causal attention counted in full, as PaLM's MFU does; the
 figure with it at half is printed beside), MFU = FLOPs / (median step time x peak), the peak from
@@ -213,7 +213,7 @@ def child_run(spec: dict) -> dict:
 
     from stjax.train.lora import with_lora
     from stjax.train.metrics import device_peak_flops
-    from stjax.train.sft import step_flops
+    from stjax.train.metrics import step_flops
     from stjax.train.step import OptimConfig, init_state, loss_fn, split_trainable, train_step
 
     device = jax.devices()[0]

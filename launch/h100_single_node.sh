@@ -59,4 +59,4 @@ export XLA_FLAGS="$flags${XLA_FLAGS:+ $XLA_FLAGS}"
 
 echo "$(hostname): XLA_FLAGS=$XLA_FLAGS; memory fraction ${XLA_CLIENT_MEM_FRACTION:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-}}" \
   "preallocate $XLA_PYTHON_CLIENT_PREALLOCATE" >&2
-exec "$python" -m stjax.train --stage sft --config "$config" "$@"
+exec "$python" -m stjax.train --config "$config" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SFT on a Cloud TPU VM, one host or a multi-host slice: the same command on every worker at once
+# Training (the config's stage: SFT or GRPO) on a Cloud TPU VM, one host or a multi-host slice: the same command on every worker at once
 # through `gcloud compute tpus tpu-vm ssh --worker=all`.
 #
 #   TPU_NAME=my-v5p-32 ZONE=us-east5-a launch/tpu_pod.sh CONFIG.yaml [--set key=value ...]
@@ -55,7 +55,7 @@ mesh=${MESH:-fsdp=-1}
 python=${PYTHON:-python3}
 
 # The script every worker runs: the variable part quoted here, the rest taken as written.
-args=$(printf '%q ' --stage sft --config "$config" --set model.attention=pallas_tpu --set "mesh=$mesh" "$@")
+args=$(printf '%q ' --config "$config" --set model.attention=pallas_tpu --set "mesh=$mesh" "$@")
 remote="set -euo pipefail
 cd $(printf %q "$dir")
 python=$(printf %q "$python")

@@ -161,7 +161,7 @@ def test_the_prefill_runs_once_whatever_the_number_of_samples(models):
     many), then the cache is broadcast to the samples."""
     from flax import nnx
 
-    from stjax.sampling.sampler import _generate
+    from stjax.sampling.sampler import sample
 
     model, _ = models["qwen2_vl"]
     batch = make_batch(model.config, PROMPTS[:2], fps=4.0)
@@ -170,8 +170,8 @@ def test_the_prefill_runs_once_whatever_the_number_of_samples(models):
     patch_dim = model.config.vision.patch_dim
     rows = inputs.vision.patches.shape[0]
     for n in (1, 4):
-        hlo = _generate.lower(graphdef, SamplingConfig(max_new_tokens=4, num_samples=n), state, inputs,
-                              jax.numpy.int32(0), jax.numpy.zeros((2,), jax.numpy.int32), jax.random.key(0)).as_text()
+        hlo = sample.lower(graphdef, SamplingConfig(max_new_tokens=4, num_samples=n), state, inputs,
+                           jax.numpy.int32(0), jax.numpy.zeros((2,), jax.numpy.int32), jax.random.key(0)).as_text()
         dots = [line for line in hlo.splitlines() if "dot_general" in line and f"x{patch_dim}x" in line]
         assert len(dots) == 1 and f"<{rows}x{patch_dim}x" in dots[0], dots
 
@@ -198,15 +198,15 @@ def test_sharded_sampling_gives_the_same_tokens(hf_dirs):
 def test_new_weights_reuse_the_compiled_program(models):
     from flax import nnx
 
-    from stjax.sampling.sampler import _generate
+    from stjax.sampling.sampler import sample
 
     model, _ = models["qwen2_5_vl"]
     batch = make_batch(model.config, PROMPTS[:1], fps=4.0)
     sampling = SamplingConfig(max_new_tokens=6)
     first = run(model, batch, sampling)
-    compiled = _generate._cache_size()
+    compiled = sample._cache_size()
     changed = nnx.clone(model)
     changed.lm_head.kernel[...] = changed.lm_head.kernel[...] * -1.0  # other weights, same shapes
     second = run(changed, batch, sampling)
-    assert _generate._cache_size() == compiled
+    assert sample._cache_size() == compiled
     assert not np.array_equal(np.asarray(first.tokens), np.asarray(second.tokens))

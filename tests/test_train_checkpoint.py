@@ -13,7 +13,7 @@ from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model
 from stjax.sharding import make_mesh, shard_model
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.sft import placed_state
+from stjax.train.loop import placed_state
 from stjax.train.step import Batch, OptimConfig, compiled_train_step, split_trainable
 
 

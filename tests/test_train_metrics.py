@@ -251,7 +251,7 @@ def test_step_flops_count_the_lm_head_where_logits_are_made():
     6 x hidden x vocab per token that is not a target, and by nothing else."""
     from types import SimpleNamespace
 
-    from stjax.train.sft import step_flops
+    from stjax.train.metrics import step_flops
 
     cfg = QwenVLConfig.from_file("tiny-qwen2-vl")
     inputs = SimpleNamespace(input_ids=np.zeros((1, 2, 100), np.int32), vision=None)

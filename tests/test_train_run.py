@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from stjax.train import config as train_config
-from stjax.train import sft
+from stjax.train import loop, sft
 from stjax.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ STEPS = 24
 def assets(tmp_path_factory):
     """(synthetic data dir, tiny base model dir), made once."""
     from stjax.data.synthetic import generate
-    from stjax.demo import tiny_model_dir
+    from stjax.models.tiny import tiny_model_dir
 
     root = tmp_path_factory.mktemp("train-assets")
     data = generate(root / "data", 2, seed=0, sheet=0)
@@ -47,8 +47,9 @@ def settings(out: Path, assets, **changes) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def start(out: Path, assets, devices: int = 1, env: dict | None = None, **changes) -> subprocess.Popen:
-    args = [sys.executable, "-m", "stjax.train", "--stage", "sft"]
+def start(out: Path, assets, devices: int = 1, env: dict | None = None, stage: str = "sft",
+          **changes) -> subprocess.Popen:
+    args = [sys.executable, "-m", "stjax.train", "--stage", stage]
     for item in settings(out, assets, **changes):
         args += ["--set", item]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
@@ -62,10 +63,11 @@ def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 600) -> str
     return output
 
 
-def losses(out: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step (a resumed run repeats the steps after its checkpoint)."""
+def losses(out: Path, name: str = "loss") -> dict[int, float]:
+    """step -> loss (or another metric), the last record of each step (a resumed run repeats the
+    steps after its checkpoint)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r[name] for r in records}
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.005) -> None:
@@ -120,7 +122,7 @@ def test_sigterm_saves_and_the_rerun_continues_the_exact_run(assets, reference, 
     proc = start(tmp_path, assets, **{"checkpoint.every": 5})
     wait_for(lambda: logged_steps(tmp_path) >= 7, proc)
     proc.send_signal(signal.SIGTERM)
-    output = finish(proc, expect=sft.PREEMPTED_EXIT_CODE)
+    output = finish(proc, expect=loop.PREEMPTED_EXIT_CODE)
     assert "stopped by SIGTERM" in output
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] >= 7 and saved[-1] % 5  # the SIGTERM checkpoint, not a periodic one
@@ -206,7 +208,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
 
     monkeypatch.setattr(sft, "host_batch", poisoned)
     cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.rank": 4})
-    with pytest.raises(sft.TrainingStopped, match="3 non-finite steps in a row"):
+    with pytest.raises(loop.TrainingStopped, match="3 non-finite steps in a row"):
         sft.run(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [1, 1, 1]
@@ -219,7 +221,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     ({"mesh": "fsdp=4"}, "needs 4 devices, but 8 are available"),
     ({"mesh": "fsdp=8", "batch_size": 4}, "does not divide over data x fsdp = 8"),
     ({"batch_size": 6, "micro_batch_size": 4}, "multiple of micro_batch_size"),
-    ({"stage": "grpo"}, "GRPO is not available yet"),
+    ({"stage": "ppo"}, "stage='ppo' is not one of sft, grpo"),
     ({"lora.targets": "[q_proj, qkv]"}, "lora.targets"),
     ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
 ])
@@ -227,7 +229,7 @@ def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, mo
     def too_far(*args, **kwargs):
         raise AssertionError("the run went past its checks")
 
-    monkeypatch.setattr(sft, "prepare_data", too_far)
+    monkeypatch.setattr(loop, "prepare_data", too_far)
     monkeypatch.setattr(jax, "jit", too_far)
     with pytest.raises(ConfigError, match=message):
         sft.run(config(tmp_path, assets, **changes))

@@ -12,7 +12,7 @@ position, so a resumed run yields the same batches it would have without the int
 Batch layout (leading axis = batch, unlike Hugging Face's flat patch list, so batches shard over data
 parallel devices): input_ids / attention_mask / loss_mask (B, L), position_ids (3, B, L),
 pixel_values_videos (B, P, 1176), video_grid_thw (B, V, 3), second_per_grid_ts (B, V), pixel_values
-(B, Pi, 1176), image_grid_thw (B, I, 3). Padded tokens have attention 0, loss 0, position 1; padded
+(B, Pi, 1176), image_grid_thw (B, I, 3), sample_id (B,) the records' ids. Padded tokens have attention 0, loss 0, position 1; padded
 patches are zeros after the sample's sum(t*h*w) patches; padded grid rows are (0, 0, 0).
 """
 
@@ -79,7 +79,7 @@ class _Encode:
                 raise SampleError("more videos than videos_per_sample", sample_id=sample.id)
             if len(out["image_grid_thw"]) > self.cfg.images_per_sample:
                 raise SampleError("more images than images_per_sample", sample_id=sample.id)
-            return out
+            return out | {"sample_id": sample.id}
         except SampleError as e:
             return {"skipped": str(e), "id": sample.id}
 
@@ -110,6 +110,7 @@ def pad_batch(items: list[dict], cfg: LoaderConfig, pad_id: int) -> dict[str, np
         "second_per_grid_ts": stack("second_per_grid_ts", v, 0, 0.0, np.float32),
         "pixel_values": stack("pixel_values", image_patches, 0, 0.0, np.float32),
         "image_grid_thw": stack("image_grid_thw", i, 0, 0, np.int32),
+        "sample_id": np.array([x["sample_id"] for x in items]),  # which record each row is (GRPO scores by it)
     }
 
 

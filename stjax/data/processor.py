@@ -21,7 +21,7 @@ from stjax.models.rope import RopeSpec, get_rope_index
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-Template = Literal["seed_mcq", "grpo", "sft"]
+Template = Literal["seed_mcq", "grpo", "sft", "problem"]
 LossRule = Literal["assistant", "release"]
 
 THINK_INSTRUCTION = (
@@ -36,13 +36,15 @@ def user_text(sample: Sample, template: Template) -> str:
     seed_mcq: the seed README's inference prompt (no space before "Options:" or "Output").
     grpo: the GRPO script's prompt, built on the release's `problem` text.
     sft: the cold-start prompt, the `problem` text alone (the target carries the reasoning).
+    problem: the same text as a prompt alone, without a target (GRPO on a model that only ever saw
+    the cold start's prompt, such as the tiny embedded one).
     """
     if template == "seed_mcq":
         return sample.question + "Options:" + "\n".join(sample.options) + MCQ_INSTRUCTION + THINK_INSTRUCTION
     problem = sample.problem or release_problem(sample.question, sample.options)
     if template == "grpo":
         return problem + " Please answer in English. " + THINK_INSTRUCTION + " "
-    if template == "sft":
+    if template in ("sft", "problem"):
         return problem
     raise ValueError(f"unknown template {template!r}")
 

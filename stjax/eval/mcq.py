@@ -49,7 +49,7 @@ PREDICTIONS = "predictions.jsonl"
 ACCURACY = "accuracy.json"
 RUN = "run.json"
 MODES = ("generate", "logits")
-TEMPLATES = ("seed_mcq", "grpo")
+TEMPLATES = ("seed_mcq", "grpo", "problem")
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -65,7 +65,7 @@ class EvalConfig:
     dtype: str | None = None  # parameter dtype; default the checkpoint's
     mode: Literal["generate", "logits"] = "generate"
     extract: Literal["default", "seed"] = "default"
-    template: Literal["seed_mcq", "grpo"] = "seed_mcq"
+    template: Literal["seed_mcq", "grpo", "problem"] = "seed_mcq"
     num_frames: int = 8
     fps: float = 1.0
     max_pixels: int = 360 * 420
@@ -350,7 +350,7 @@ def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[
 def embedded_default(cfg: EvalConfig) -> EvalConfig:
     """A synthetic benchmark and a tiny random model under the output folder (made once, then reused)."""
     from stjax.data.synthetic import generate as generate_benchmark
-    from stjax.demo import tiny_model_dir
+    from stjax.models.tiny import tiny_model_dir
 
     out = Path(cfg.out)
     if not (out / "data" / "plain.jsonl").exists():

@@ -86,20 +86,27 @@ class _Loop:
     out: SampleOutput
 
 
+def next_positions(attention_mask: np.ndarray, position_ids: np.ndarray, prompt_length: int) -> np.ndarray:
+    """(B,) M-RoPE position of each left-padded prompt's first generated token: its largest position + 1."""
+    real = np.asarray(attention_mask)[:, :prompt_length] == 1
+    positions = np.where(real[None], np.asarray(position_ids)[:, :, :prompt_length], -1)
+    return (positions.max(axis=(0, 2)) + 1).astype(np.int32)
+
+
 def generate(model, inputs: ModelInputs, prompt_length: int, key: jax.Array, cfg: SamplingConfig) -> SampleOutput:
     """Sample up to `cfg.max_new_tokens` tokens after each left-padded prompt (see module doc)."""
-    inputs = cast_floats(inputs, model.config.compute_dtype)
-    real = np.asarray(inputs.attention_mask)[:, :prompt_length] == 1
-    positions = np.where(real[None], np.asarray(inputs.position_ids)[:, :, :prompt_length], -1)
-    next_position = positions.max(axis=(0, 2)) + 1
+    next_position = next_positions(inputs.attention_mask, inputs.position_ids, prompt_length)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, cfg, state, inputs, jnp.int32(prompt_length - 1), jnp.asarray(next_position), key)
+    return sample(graphdef, cfg, state, inputs, jnp.int32(prompt_length - 1), jnp.asarray(next_position), key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(graphdef, cfg: SamplingConfig, state, inputs: ModelInputs, last: jax.Array,
-              next_position: jax.Array, key: jax.Array) -> SampleOutput:
+def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs: ModelInputs, last: jax.Array,
+           next_position: jax.Array, key: jax.Array) -> SampleOutput:
+    """`generate` on arrays already placed (global arrays in multi-process runs): the model's state
+    as an argument, `last` the prompts' last column, `next_position` from `next_positions`."""
     model = nnx.merge(graphdef, state)
+    inputs = cast_floats(inputs, model.config.compute_dtype)
     text = model.model
     batch, length = inputs.input_ids.shape
     slots = length + cfg.max_new_tokens

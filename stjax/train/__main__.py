@@ -1,8 +1,9 @@
-"""python -m stjax.train --stage sft [--config FILE.yaml] [--set key.sub=value ...]
+"""python -m stjax.train --stage sft|grpo [--config FILE.yaml] [--set key.sub=value ...]
 
 Without --config the stage runs on the embedded default: a tiny random model and the synthetic
-ego-centric set, both made locally under out_dir, on whatever devices exist. Rerunning the same
-command resumes from the latest checkpoint in out_dir.
+ego-centric set, both made locally under out_dir, on whatever devices exist (GRPO starts from the
+embedded SFT cold start, made first under <out_dir>/sft when missing). Rerunning the same command
+resumes from the latest checkpoint in out_dir.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m stjax.train", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (YAML keys, or --set key=value), with their defaults:\n" + "\n".join(config_keys()))
-    parser.add_argument("--stage", default="sft", help="training stage (sft)")
+    parser.add_argument("--stage", choices=["sft", "grpo"], help="training stage (default: the config's, else sft)")
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")
@@ -40,12 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
 
-    from stjax.train import config
-    from stjax.train.sft import TrainingStopped, run
+    from stjax.train import config, grpo, sft
+    from stjax.train.loop import TrainingStopped
 
     try:
-        cfg = config.load(args.config, args.set, stage=args.stage)
-        summary = run(cfg)
+        defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
+        cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
+        summary = (grpo.run if cfg.stage == "grpo" else sft.run)(cfg)
     except (ConfigError, TrainingStopped) as e:
         sys.exit(f"error: {e}")
     print(f"done: {summary}")

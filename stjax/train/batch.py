@@ -146,15 +146,31 @@ def host_batch(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) ->
                  loss_positions=target_positions(loss_mask, targets))
 
 
-def global_batch(batch: Batch, mesh: Mesh) -> Batch:
+def place_rows(x: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """One global array from each process's rows: `batch_axis` over (data, fsdp)."""
+    shape = list(x.shape)
+    shape[batch_axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, batch_axis), x, tuple(shape))
+
+
+def global_inputs(inputs: ModelInputs, mesh: Mesh, batch_axis: int = 0) -> ModelInputs:
+    """`ModelInputs` of this process's rows as global arrays (position_ids' batch axis is the next one)."""
+    placed = jax.tree.map(lambda x: place_rows(x, mesh, batch_axis), inputs.replace(position_ids=None))
+    return placed.replace(position_ids=place_rows(inputs.position_ids, mesh, batch_axis + 1))
+
+
+def global_batch(batch, mesh: Mesh):
     """One global array per leaf, batch axis over (data, fsdp); each process gives its own rows.
 
     Leaves are (accum, B, ...) except position_ids (accum, 3, B, L)."""
-    def place(x: np.ndarray, batch_axis: int) -> jax.Array:
-        shape = list(x.shape)
-        shape[batch_axis] *= jax.process_count()
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, batch_axis), x, tuple(shape))
+    rest = jax.tree.map(lambda x: place_rows(x, mesh, 1), batch.replace(inputs=None))
+    return rest.replace(inputs=global_inputs(batch.inputs, mesh, batch_axis=1))
 
-    rest = batch.replace(inputs=batch.inputs.replace(position_ids=None))
-    placed = jax.tree.map(lambda x: place(x, 1), rest)
-    return placed.replace(inputs=placed.inputs.replace(position_ids=place(batch.inputs.position_ids, 2)))
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array whose axis 0 is split over the processes (all of it
+    with one process): the inverse of `place_rows`."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas hold equal rows
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

@@ -10,6 +10,7 @@ setting); `--set a.b=value` overrides one field, the value read as YAML (numbers
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -57,7 +58,7 @@ class DataSection:
     video_root: str = ""  # base directory of relative video paths (st_r1, plain)
     tokenizer: str = ""  # tokenizer directory; default: the model directory, or the synthetic one
     synthetic_walks: int = 4  # synthetic data: walks to render (6 questions each)
-    template: str = "sft"
+    template: str = ""  # the prompt template (stjax.data.processor.user_text); empty: sft for SFT, grpo for GRPO
     loss_rule: str = "assistant"  # assistant | release
     num_frames: int = 8
     fps: float = 1.0
@@ -86,6 +87,34 @@ class DistributedSection:
 
 
 @dataclass(frozen=True)
+class GRPOSection:
+    """GRPO settings, named as TRL's `GRPOConfig` names them; defaults are the release's recipe
+    (where TRL's differ: beta 0.0, loss_type dapo). `batch_size` counts completions, as TRL's
+    effective batch does: a step samples batch_size / num_generations prompts."""
+
+    num_generations: int = 8  # G: completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    max_completion_length: int = 256
+    beta: float = 0.1  # KL to the reference model; 0 keeps no reference model at all
+    epsilon: float = 0.2  # ratio clipping below 1 (TRL's epsilon_low)
+    epsilon_high: float = 0.0  # ratio clipping above 1; 0: the same as epsilon
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    scale_rewards: str = "group"  # group | batch | none
+    num_iterations: int = 1  # optimizer updates per rollout batch
+    mask_truncated_completions: bool = False  # completions that hit the length limit weigh nothing
+    # Named rewards (stjax.train.rewards.REWARDS) or dotted paths to functions of one's own.
+    reward_funcs: tuple[str, ...] = ("accuracy",)
+    reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1
+    accuracy_rule: str = "release"  # release (first letter inside <answer>) | default (the evaluator's extractor)
+    rollout_mesh: str = ""  # the weights' placement for decoding (e.g. tensor=-1); empty: the training mesh
+    log_completions_steps: int = 10  # every k steps a few completions go to <out_dir>/completions.jsonl
+    num_completions_to_print: int = 4
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str = "sft"
     out_dir: str = "runs/sft"
@@ -104,6 +133,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 
     @property
@@ -162,9 +192,29 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load(path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> TrainConfig:
-    """The run's config: the YAML file (or the defaults), then `fixed` top-level values, then overrides."""
-    values: dict = {}
+# The embedded default run of each stage (`python -m stjax.train --stage S`, no --config): a tiny model
+# on the synthetic ego-centric set, sized to learn visibly on a laptop CPU in minutes. The dataclass
+# defaults above stay the release's recipe.
+EMBEDDED: dict[str, dict[str, Any]] = {
+    "sft": {"out_dir": "runs/sft", "steps": 60, "batch_size": 4,
+            "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
+                     "patch_buckets": [256, 512, 1024]},
+            "optim": {"learning_rate": 5e-3, "max_grad_norm": 1.0}, "checkpoint": {"every": 20, "keep": 2}},
+    "grpo": {"out_dir": "runs/grpo", "steps": 60, "batch_size": 32,
+             "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
+                      "patch_buckets": [256, 512, 1024],
+                      "template": "problem"},  # the cold start's prompt: a tiny model cannot follow another
+             "optim": {"learning_rate": 5e-4, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
+             "grpo": {"num_generations": 8, "max_completion_length": 96, "beta": 0.04,
+                      "reward_funcs": ["accuracy", "format"]},
+             "checkpoint": {"every": 10, "keep": 2}},
+}
+
+
+def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None, **fixed: Any) -> TrainConfig:
+    """The run's config: the YAML file (else `defaults`, else the dataclass defaults), then `fixed`
+    top-level values, then overrides."""
+    values: dict = json.loads(json.dumps(defaults or {}))  # a deep copy
     if path:
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
@@ -178,18 +228,20 @@ def load(path: str | Path | None, overrides: list[str] = (), **fixed: Any) -> Tr
 
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
-    choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
+    choices = {"stage": ("sft", "grpo"), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
-               "data.loss_rule": ("assistant", "release"),
+               "data.loss_rule": ("assistant", "release"), "data.template": ("", "sft", "grpo", "problem", "seed_mcq"),
                "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
-               "model.master_dtype": ("float32", "bfloat16")}
+               "model.master_dtype": ("float32", "bfloat16"),
+               "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
+               "grpo.importance_sampling_level": ("token", "sequence"),
+               "grpo.scale_rewards": ("group", "batch", "none"), "grpo.accuracy_rule": ("release", "default")}
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
         if value not in allowed:
-            hint = " (GRPO is not available yet)" if value == "grpo" else ""
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     try:
         mesh = mesh_shape(parse_mesh(cfg.mesh), num_devices)
     except ValueError as e:
@@ -212,4 +264,28 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every and loss_chunk >= 0")
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.format={cfg.data.format} needs data.path")
+    wrong_template = cfg.data.template not in ("", "sft") if cfg.stage == "sft" else cfg.data.template == "sft"
+    if wrong_template:
+        raise ConfigError(f"data.template={cfg.data.template!r} does not fit the {cfg.stage} stage (sft trains on the "
+                          "sft template's targets; grpo takes a prompt alone: grpo, problem or seed_mcq)")
+    if cfg.stage == "grpo":
+        check_grpo(cfg, shards, num_processes)
     return mesh
+
+
+def check_grpo(cfg: TrainConfig, shards: int, num_processes: int) -> None:
+    g = cfg.grpo
+    if g.num_generations < 2 or cfg.batch_size % g.num_generations:
+        raise ConfigError(f"batch_size={cfg.batch_size} counts completions: it must be a multiple of "
+                          f"grpo.num_generations={g.num_generations} (at least 2, for a group to compare)")
+    prompts = cfg.batch_size // g.num_generations
+    if prompts % shards or prompts % num_processes:
+        raise ConfigError(f"{prompts} prompts per step (batch_size / num_generations) must divide over data x fsdp "
+                          f"= {shards} devices and {num_processes} processes (each process samples whole groups)")
+    if g.max_completion_length < 1 or g.num_iterations < 1 or g.temperature <= 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError("grpo: max_completion_length and num_iterations must be >= 1, temperature > 0, "
+                          "top_p in (0, 1], top_k >= 0")
+    if g.beta < 0 or g.epsilon < 0 or g.epsilon_high < 0:
+        raise ConfigError("grpo: beta, epsilon and epsilon_high must be >= 0")
+    if not g.reward_funcs or (g.reward_weights and len(g.reward_weights) != len(g.reward_funcs)):
+        raise ConfigError(f"grpo.reward_weights needs one weight per reward function {list(g.reward_funcs)}")

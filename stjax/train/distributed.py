@@ -28,8 +28,8 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
-    if not coordinator and not _multi_host_environment():
-        return
+    if (not coordinator and not _multi_host_environment()) or jax.distributed.is_initialized():
+        return  # one process, or joined already (GRPO's embedded default runs the SFT stage first)
     # CPU processes (tests, debugging) exchange collectives through gloo; GPUs and TPUs ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:

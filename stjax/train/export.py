@@ -18,7 +18,7 @@ from flax import nnx
 from stjax.sharding import make_mesh
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
-from stjax.train.sft import export_hf, placed_state, prepare_model, tokenizer_dir
+from stjax.train.loop import export_hf, placed_state, prepare_model, tokenizer_dir
 from stjax.train.step import split_trainable
 
 

@@ -1,9 +1,11 @@
-"""The SFT stage: one loop from a laptop CPU to a multi-host mesh.
+"""The run loop that every training stage shares, from a laptop CPU to a multi-host mesh.
 
     config -> check against the devices -> model (+ LoRA) on the mesh -> train state -> data iterator
-    -> [restore the latest checkpoint] -> steps (metrics, periodic async saves, SIGTERM save)
+    -> [restore the latest checkpoint] -> stage steps (metrics, periodic async saves, SIGTERM save)
     -> final checkpoint -> Hugging Face export (LoRA merged)
 
+A stage (`stjax.train.sft.SFT`, `stjax.train.grpo.GRPO`) says only what differs: the prompt
+template its samples are encoded with, how many samples one step draws, and the step itself.
 Everything a resumed run needs is in the checkpoint (parameters, optimizer state, step, PRNG key,
 data position), so rerunning the same command after a stop continues the run exactly. Non-finite
 steps are skipped by the step itself; `max_bad_steps` of them in a row stop the run.
@@ -12,13 +14,13 @@ steps are skipped by the step itself; `max_bad_steps` of them in a row stop the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import signal
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -27,22 +29,20 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from stjax.data.formats import read_plain_jsonl, read_st_r1_jsonl
+from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
-from stjax.data.processor import Processor
+from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import copy_side_files, load_pretrained, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed
-from stjax.train.batch import global_batch, host_batch
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
-from stjax.train.metrics import (MetricsLogger, device_peak_flops, lm_head_flops_per_token, mfu, model_flops_per_token,
-                                 vision_flops_per_patch)
-from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
+from stjax.train.metrics import MetricsLogger, device_peak_flops
+from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
@@ -93,7 +93,7 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
     policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
     source = m.init
     if not source:  # the embedded default: a tiny random model for the tokenizer, made once
-        from stjax.demo import tiny_model_dir
+        from stjax.models.tiny import tiny_model_dir
 
         source = out / "base-model"
         _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
@@ -148,20 +148,48 @@ def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Pa
         copy_side_files(tokenizer, target)
 
 
-def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:
-    """Model FLOPs of one step from the step's token and patch counts (decoder per token at the
-    batch's length, vision per real patch at its frame-group size). The LM head counts at every
-    token, or at the target tokens alone when the step makes logits only there (`loss_positions`)."""
-    head = lm_head_flops_per_token(model_cfg)
-    rows = metrics["tokens"] if batch.loss_positions is None else metrics["target_tokens"]
-    flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics["tokens"] + head * rows
-    if batch.inputs.vision is not None:
-        group = batch.inputs.vision.frames.index.shape[-1]
-        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
-    return flops
+@dataclasses.dataclass
+class Run:
+    """What the loop sets up once and hands to the stage: the config, the mesh, the model split into
+    its traced structure and frozen weights, the processor and where outputs go."""
+
+    cfg: TrainConfig
+    mesh: Mesh
+    out: Path
+    model_cfg: QwenVLConfig
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    optim: OptimConfig
+    processor: Processor
+    tokenizer: Path
+    samples: dict[str, Sample]  # by id
+    steps: int
+    peak_flops: float | None  # per device, for MFU; None where unknown (CPUs)
 
 
-def run(cfg: TrainConfig) -> dict:
+class Stage(Protocol):
+    """A training stage: the parts of a run that differ between SFT and GRPO."""
+
+    name: str
+    template: Template  # the prompt template its samples are encoded with
+
+    def samples_per_step(self, cfg: TrainConfig) -> int:
+        """Samples (prompts) one step draws from the data, over all processes."""
+
+    def loader_batch(self, cfg: TrainConfig) -> int:
+        """Samples in one loader batch, over all processes."""
+
+    def updates_per_step(self, cfg: TrainConfig) -> int:
+        """Optimizer updates one step makes (the learning-rate schedule's length is steps x this)."""
+
+    def setup(self, run: Run, model: QwenVLForConditionalGeneration, state: TrainState) -> None:
+        """Compile, keep a reference model: whatever the steps need (called once, before any step)."""
+
+    def step(self, run: Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
+        """One step from `data` (StopIteration when it runs out); `step` counts the steps done before it."""
+
+
+def run(cfg: TrainConfig, stage: Stage) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
@@ -181,52 +209,45 @@ def run(cfg: TrainConfig) -> dict:
         loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
 
-    steps = cfg.steps or len(samples) * cfg.epochs // cfg.batch_size
+    per_step = stage.samples_per_step(cfg)
+    steps = cfg.steps or len(samples) * cfg.epochs // per_step
     if steps == 0:
-        raise ConfigError(f"{len(samples)} samples x {cfg.epochs} epochs do not fill one batch of {cfg.batch_size}")
-    epochs = max(cfg.epochs, math.ceil(steps * cfg.batch_size / len(samples)))
-    micro = cfg.micro_batch_size or cfg.batch_size
+        raise ConfigError(f"{len(samples)} samples x {cfg.epochs} epochs do not fill one step of {per_step}")
+    epochs = max(cfg.epochs, math.ceil(steps * per_step / len(samples)))
     loader = make_loader(samples, processor, LoaderConfig(
-        batch_size=micro // jax.process_count(), seed=cfg.seed, num_epochs=epochs, shuffle=d.shuffle,
-        num_workers=d.num_workers, template=d.template, token_buckets=d.token_buckets,
+        batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
+        shuffle=d.shuffle, num_workers=d.num_workers, template=d.template or stage.template, token_buckets=d.token_buckets,
         patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1, images_per_sample=0))
     data = iter(loader)
 
-    optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=steps)
+    updates = steps * stage.updates_per_step(cfg)
+    optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=updates)
     graphdef, trainable, frozen = split_trainable(model)
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
-    del model, trainable  # the state holds the trained copies
+    del trainable  # the state holds the trained copies
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = checkpoints.latest_step or 0
     if start:
         state = checkpoints.restore(start, abstract_like(state), data)
         log.info("resumed from step %d", start)
 
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average,
-                                        loss_chunk=cfg.loss_chunk),
-                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    context = Run(cfg=cfg, mesh=mesh, out=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
+                  processor=processor, tokenizer=tokenizer, samples={s.id: s for s in samples}, steps=steps,
+                  peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
+    stage.setup(context, model, state)
+    del model
     stop = {}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    peak = device_peak_flops(jax.devices()[0], cfg.peak_flops or None)
     bad_in_a_row, step, saved = 0, start, start
     try:
         with MetricsLogger(out, steps, start_step=start) as logger:
             while step < steps and not stop:
                 try:
-                    micro_batches = [next(data) for _ in range(cfg.accumulation)]
+                    state, metrics = stage.step(context, state, data, step)
                 except StopIteration:
                     log.warning("the data ran out after %d steps (skipped samples: %d)", step, len(data.skipped))
                     break
-                batch = global_batch(host_batch(model_cfg, micro_batches), mesh)
-                began = time.perf_counter()
-                state, metrics = step_fn(state, frozen, batch)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                seconds = time.perf_counter() - began
                 step += 1
-                metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
-                if peak:
-                    metrics["mfu"] = mfu(step_flops(model_cfg, batch, metrics), seconds, jax.device_count(), peak)
                 logger.log(step, metrics)
                 bad_in_a_row = bad_in_a_row + 1 if metrics["skipped"] else 0
                 if bad_in_a_row >= cfg.max_bad_steps:

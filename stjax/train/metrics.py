@@ -81,6 +81,19 @@ def vision_flops_per_patch(cfg: QwenVLConfig, group_size: int) -> float:
     return float(6 * params + 12 * keys * v.hidden_size)
 
 
+def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:
+    """Model FLOPs of one step from the step's token and patch counts (decoder per token at the
+    batch's length, vision per real patch at its frame-group size). The LM head counts at every
+    token, or at the target tokens alone when the step makes logits only there (`loss_positions`)."""
+    head = lm_head_flops_per_token(model_cfg)
+    rows = metrics["tokens"] if batch.loss_positions is None else metrics["target_tokens"]
+    flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics["tokens"] + head * rows
+    if batch.inputs.vision is not None:
+        group = batch.inputs.vision.frames.index.shape[-1]
+        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
+    return flops
+
+
 def device_peak_flops(device: jax.Device, override: float | None = None) -> float | None:
     """Peak FLOP/s of one chip: `override` when given, else the longest DEVICE_PEAK_FLOPS key in the
     device kind (so "TPU v5 lite" is not read as "TPU v5"), else None (CPU, unknown chips)."""
@@ -105,8 +118,8 @@ class MetricsLogger:
     """Per-step metrics to out_dir/metrics.jsonl, TensorBoard (out_dir/tensorboard) and a tqdm bar.
 
     `step` is the number of steps done including the one logged, so the bar reads step / total and
-    a resumed run passes the steps already done as `start_step`. The bar shows the `loss` and
-    `tokens_per_s` metrics; `summary` also sums `skipped`. Non-finite values are written to the
+    a resumed run passes the steps already done as `start_step`. The bar shows the `loss`, `reward`
+    (GRPO) and `tokens_per_s` metrics; `summary` also sums `skipped`. Non-finite values are written to the
     JSONL (and summary.json) as null, which every JSON reader accepts; TensorBoard gets them as is.
     The JSONL is appended to, one flushed line per step, so a killed or resumed run keeps its lines.
     Only process 0 logs by default; a disabled logger does nothing.
@@ -147,6 +160,8 @@ class MetricsLogger:
             postfix = {}
             if "loss" in values:
                 postfix["loss"] = f"{values['loss']:.4f}"
+            if "reward" in values:
+                postfix["reward"] = f"{values['reward']:.3f}"
             if "tokens_per_s" in values:
                 postfix["tok/s"] = f"{values['tokens_per_s']:,.0f}"
             self.bar.set_postfix(postfix, refresh=False)

@@ -1,0 +1,153 @@
+"""GRPO's verifiable rewards: named functions of the decoded completions and their records.
+
+A reward function takes TRL's arguments, `fn(prompts=..., completions=..., **columns)`, where
+`completions` are the decoded texts and `columns` the records' fields as lists (`answer`,
+`solution`, `options`, `question`, `direction`, `task`, `id`), and returns one float (or None:
+"does not apply") per completion. The config names them (`grpo.reward_funcs`, weighted by
+`grpo.reward_weights`, then summed as TRL does); a dotted path `package.module.function` names one
+of your own.
+
+Built in:
+- `accuracy`: the release's rule, 1 when the first character inside the first `<answer>...</answer>`
+  is the gold letter, else 0 (`rule="default"`: the evaluator's robust extractor instead).
+- `format`: 1 when the completion is one `<think>...</think>` then one `<answer>...</answer>` (the
+  release's pattern, whitespace around and between allowed; nested, repeated or trailing tags and
+  text outside them fail), else 0.
+- `reverse_thinking`: 1 when the completion's `<think>` restates the opposite-direction question's
+  answer correctly, in the release's reverse-thinking template ("Let's start by thinking reverse
+  <question>? <its answer> And then think about ..."), else 0; None for a record with no such gold
+  (its `solution` does not follow the template). The gold comes from the record's solution, which
+  both the ST-R1 rows and the synthetic set write in that template.
+
+A function that raises is retried one completion at a time; the completions it still raises on
+score 0 and are counted (`Scores.errors`), so a strange completion never stops a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stjax.data.formats import Sample
+from stjax.eval.extract import extract_answer
+
+log = logging.getLogger(__name__)
+
+RewardFunc = Callable[..., Sequence[float | None]]
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # text holding no think / answer tag
+_FORMAT = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.S)
+# The release's reverse-thinking template: the opposite question, "?", its answer, then "And then think about".
+_OPPOSITE_ANSWER = re.compile(r"Let's start by thinking (?:reverse|forward) .*?\?\s*(.*?)\s*And then", re.S)
+
+
+def accuracy(completions: Sequence[str], answer: Sequence[str], options: Sequence[list[str]],
+             rule: str = "release", **_) -> list[float]:
+    """1.0 where the completion's answer is the gold letter (see the module docstring for the rules)."""
+    if rule == "default":
+        return [float(extract_answer(c, o) == a) for c, a, o in zip(completions, answer, options)]
+    scores = []
+    for completion, gold in zip(completions, answer):
+        match = _ANSWER.search(completion)
+        chosen = match.group(1).strip()[:1] if match else ""
+        scores.append(float(chosen != "" and chosen == gold))
+    return scores
+
+
+def format_reward(completions: Sequence[str], **_) -> list[float]:
+    return [float(_FORMAT.fullmatch(c) is not None) for c in completions]
+
+
+def _normalize(text: str) -> str:
+    """Lower case, brackets, quotes and punctuation dropped, spaces collapsed: "['toy birdhouse']." ->
+    "toy birdhouse"."""
+    return " ".join(re.sub(r"[\[\]'\".,;:!?()]", " ", text.lower()).split())
+
+
+def opposite_answer(solution: str | None) -> str | None:
+    """The opposite-direction answer a reverse-thinking solution states, or None."""
+    match = _OPPOSITE_ANSWER.search(solution or "")
+    return _normalize(match.group(1)) or None if match else None
+
+
+def reverse_thinking(completions: Sequence[str], solution: Sequence[str | None], **_) -> list[float | None]:
+    scores = []
+    for completion, gold_solution in zip(completions, solution):
+        gold = opposite_answer(gold_solution)
+        if gold is None:
+            scores.append(None)
+            continue
+        start = completion.find("<think>")
+        end = completion.find("</think>", start)
+        think = "" if start < 0 else completion[start: end if end >= 0 else len(completion)]  # unclosed: to the end
+        scores.append(float(opposite_answer(think) == gold))
+    return scores
+
+
+REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy, "format": format_reward, "reverse_thinking": reverse_thinking}
+
+
+def resolve(name: str, accuracy_rule: str = "release") -> RewardFunc:
+    """A built-in reward by name, or a function of one's own by dotted path (`package.module.function`)."""
+    if name == "accuracy":
+        return functools.partial(accuracy, rule=accuracy_rule)
+    if name in REWARDS:
+        return REWARDS[name]
+    module, _, attr = name.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr) if module else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward function {name!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {name!r} is neither built in ({', '.join(REWARDS)}) nor a dotted path "
+                         "to a function")
+    return fn
+
+
+def columns(samples: Sequence[Sample]) -> dict[str, list]:
+    """The records' fields as TRL passes dataset columns: one list per field."""
+    names = ("id", "answer", "solution", "options", "question", "direction", "task")
+    return {n: [getattr(s, n) for s in samples] for n in names}
+
+
+@dataclass
+class Scores:
+    values: np.ndarray  # (N, F) float64, NaN where a function said None ("does not apply")
+    errors: np.ndarray  # (F,) completions each function raised on (scored 0)
+
+
+def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str],
+          samples: Sequence[Sample]) -> Scores:
+    """Every function on every completion; one that raises is retried one completion at a time."""
+    values = np.zeros((len(completions), len(funcs)))
+    errors = np.zeros(len(funcs), np.int64)
+    fields = columns(samples)
+
+    def call(fn: RewardFunc, rows: slice) -> np.ndarray:
+        out = list(fn(prompts=list(prompts[rows]), completions=list(completions[rows]),
+                      **{k: v[rows] for k, v in fields.items()}))
+        expected = len(completions[rows])
+        if len(out) != expected:
+            raise ValueError(f"returned {len(out)} rewards for {expected} completions")
+        return np.array([np.nan if v is None else float(v) for v in out], np.float64)
+
+    for f, fn in enumerate(funcs):
+        try:
+            values[:, f] = call(fn, slice(None))
+        except Exception:  # noqa: BLE001 - a reward must not stop the run: find the completions it fails on
+            for i in range(len(completions)):
+                try:
+                    values[i, f] = call(fn, slice(i, i + 1))[0]
+                except Exception as e:  # noqa: BLE001
+                    log.warning("reward %s failed on completion %d (sample %s), scored 0: %s",
+                                getattr(fn, "__name__", "function"), i, samples[i].id, e)
+                    errors[f] += 1
+                    values[i, f] = 0.0
+    return Scores(values=values, errors=errors)

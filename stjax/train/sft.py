@@ -1,0 +1,57 @@
+"""The SFT stage (the cold start): next-token loss on the reference replies, on the shared loop.
+
+Each step draws `batch_size` samples as `accumulation` micro-batches, makes them one global batch
+(`stjax.train.batch`) and runs the compiled step (`stjax.train.step.train_step`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from stjax.train import loop
+from stjax.train.batch import global_batch, host_batch
+from stjax.train.config import TrainConfig
+from stjax.train.metrics import mfu, step_flops
+from stjax.train.step import TrainState, train_step
+
+
+class SFT:
+    name = "sft"
+    template = "sft"
+
+    def samples_per_step(self, cfg: TrainConfig) -> int:
+        return cfg.batch_size
+
+    def loader_batch(self, cfg: TrainConfig) -> int:
+        return cfg.micro_batch_size or cfg.batch_size
+
+    def updates_per_step(self, cfg: TrainConfig) -> int:
+        return 1
+
+    def setup(self, run: loop.Run, model, state: TrainState) -> None:
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        self.step_fn = jax.jit(functools.partial(train_step, run.graphdef, run.optim, average=run.cfg.loss_average,
+                                                 loss_chunk=run.cfg.loss_chunk),
+                               out_shardings=(shardings, NamedSharding(run.mesh, PartitionSpec())), donate_argnums=0)
+
+    def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
+        micro_batches = [next(data) for _ in range(run.cfg.accumulation)]
+        batch = global_batch(host_batch(run.model_cfg, micro_batches), run.mesh)
+        began = time.perf_counter()
+        state, metrics = self.step_fn(state, run.frozen, batch)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        seconds = time.perf_counter() - began
+        metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
+        if run.peak_flops:
+            metrics["mfu"] = mfu(step_flops(run.model_cfg, batch, metrics), seconds, jax.device_count(), run.peak_flops)
+        return state, metrics
+
+
+def run(cfg: TrainConfig) -> dict:
+    """The SFT stage on the shared loop (`stjax.train.loop.run`)."""
+    return loop.run(cfg, SFT())

@@ -1,0 +1,179 @@
+"""GRPO on tiny models: the log-probs the loss uses, the LoRA reference, the rollout's placement,
+and the update step.
+
+The update rows are built as the stage builds them (`left_padded` prompts for the sampler, then
+`completion_rows` + `update_batch`), from loader batches of a small synthetic set with 8-frame
+videos, for both architectures."""
+
+import functools
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stjax.data.formats import read_plain_jsonl
+from stjax.data.loader import LoaderConfig, pad_batch
+from stjax.data.processor import Processor
+from stjax.data.video import MediaConfig
+from stjax.models.loading import load_pretrained
+from stjax.sampling.sampler import SamplingConfig, generate
+from stjax.sharding import make_mesh, shard_model
+from stjax.train import config as train_config
+from stjax.train.batch import micro_batch_inputs, step_shapes
+from stjax.train.grpo import (GRPO, LossSettings, batch_logps, completion_rows, grpo_update, left_padded,
+                              update_batch)
+from stjax.train.lora import with_lora
+from stjax.train.step import OptimConfig, init_state, split_trainable
+
+G, T = 2, 6  # completions per prompt, completion tokens
+MEDIA = MediaConfig(max_pixels=12544)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from stjax.data.synthetic import generate as generate_benchmark
+    from stjax.models.tiny import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("grpo-assets")
+    data = generate_benchmark(root / "data", 1, seed=0, sheet=0)
+    models = {arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in ("qwen2_vl", "qwen2_5_vl")}
+    return data, models
+
+
+def prompts(data, model_cfg, count: int = 2) -> tuple[dict, Processor]:
+    """A loader batch of `count` GRPO prompts with their videos (right-padded, as the loader gives)."""
+    processor = Processor.from_pretrained(data / "tokenizer", media=MEDIA, tokens_per_second=(
+        model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None))
+    samples = read_plain_jsonl(data / "plain.jsonl").samples[:count]
+    items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
+    cfg = LoaderConfig(batch_size=count, token_buckets=(256, 512), patch_buckets=(256, 512), image_patch_buckets=(0,))
+    return pad_batch(items, cfg, processor.tokenizer.pad_token_id), processor
+
+
+def rollout(model, batch: dict, processor: Processor, temperature: float = 1.0, key: int = 0):
+    """The stage's rollout without the mesh: left-padded prompts through `generate`."""
+    left = left_padded({k: v for k, v in batch.items() if k != "sample_id"})
+    length, _, sizes = step_shapes(model.config, [left])
+    inputs, _ = micro_batch_inputs(model.config, left, length, sizes)
+    eos = tuple(processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    out = generate(model, inputs, length, jax.random.key(key), SamplingConfig(
+        max_new_tokens=T, temperature=temperature, num_samples=G, eos_ids=eos, pad_id=processor.tokenizer.pad_token_id,
+        suppress_ids=(model.config.image_token_id, model.config.video_token_id)))
+    return out, eos
+
+
+def update_rows(model, batch: dict, out, eos, accumulation: int = 1):
+    rows, mask = completion_rows({k: v for k, v in batch.items() if k != "sample_id"}, np.asarray(out.tokens),
+                                 np.asarray(out.lengths), G, eos, mask_truncated=False)
+    advantages = np.linspace(-1, 1, len(mask)).astype(np.float32)
+    return update_batch(model.config, rows, mask, advantages, accumulation)
+
+
+SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_high=0.2,
+                        importance_sampling_level="token", max_completion_length=T, temperature=1.0, chunk=4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, arch):
+    """`batch_logps` (logits only at the completion positions, 4 at a time) equals the log-softmax
+    of a full forward of the update rows at each completion token (fp32, 1e-4), and the sampler's
+    `logp_model` of the same tokens (another path: the KV-cache decode of left-padded prompts)."""
+    data, dirs = assets
+    model, _ = load_pretrained(dirs[arch])
+    batch, processor = prompts(data, model.config)
+    out, eos = rollout(model, batch, processor)
+    host = update_rows(model, batch, out, eos)
+    graphdef, params, frozen = split_trainable(model)
+    got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=SETTINGS))(params, frozen, host))[0]
+
+    inputs = jax.tree.map(lambda x: x[0], host.inputs)
+    logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    positions = np.asarray(host.loss_positions[0])
+    targets = np.take_along_axis(np.asarray(inputs.input_ids), positions + 1, axis=1)
+    want = np.take_along_axis(np.take_along_axis(logp, positions[..., None], axis=1), targets[..., None], -1)[..., 0]
+    mask = np.asarray(host.completion_mask[0]) == 1
+    assert mask.sum() >= len(mask)  # every completion has tokens
+    np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
+    np.testing.assert_allclose(got[mask], np.asarray(out.logp_model)[mask], atol=1e-4)
+    # the rows really are prompt + completion: the targets are the sampled tokens
+    np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])
+
+
+def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
+    data, dirs = assets
+    base, _ = load_pretrained(dirs["qwen2_vl"])
+    batch, processor = prompts(data, base.config)
+    out, eos = rollout(base, batch, processor)
+    host = update_rows(base, batch, out, eos)
+    model = with_lora(base, rank=4, alpha=8.0, seed=1)
+    graphdef, params, frozen = split_trainable(model)
+    # adapters that change the output, as after some training
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+    logps = jax.jit(functools.partial(batch_logps, graphdef, settings=SETTINGS))
+    off = logps(jax.tree.map(jnp.zeros_like, params), frozen, host)  # the stage's reference: adapters off
+    base_graphdef, base_params, base_frozen = split_trainable(base)
+    want = jax.jit(functools.partial(batch_logps, base_graphdef, settings=SETTINGS))(base_params, base_frozen, host)
+    np.testing.assert_allclose(np.asarray(off), np.asarray(want), atol=1e-6)
+    assert np.abs(np.asarray(logps(params, frozen, host)) - np.asarray(want)).max() > 1e-3  # adapters on differ
+
+    optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    state = init_state(params, optim)
+    step = jax.jit(functools.partial(grpo_update, graphdef, optim, SETTINGS))
+    new, metrics = step(state, frozen, host.replace(ref_logp=off))
+    assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+             zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
+    assert min(moved) > 0  # every adapter moved; the frozen base is not part of the state at all
+    paths = [tuple(getattr(k, "key", k) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(new.params))[0]]
+    assert paths and all(p[-1] in ("lora_a", "lora_b") for p in paths)
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_update(assets):
+    """Completions of unequal lengths split into two micro-batches: the same loss and gradient norm
+    as one batch (1e-5), for the step-wide normalisers (dapo: tokens, grpo: sequences)."""
+    data, dirs = assets
+    model, _ = load_pretrained(dirs["qwen2_vl"])
+    batch, processor = prompts(data, model.config)
+    out, eos = rollout(model, batch, processor, key=3)
+    out = out.replace(lengths=jnp.array([T, 2, 4, 1]))  # as if EOS came early in three of them
+    graphdef, params, frozen = split_trainable(model)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=4, warmup_ratio=0.0, max_grad_norm=1e3)
+    for loss_type in ("dapo", "grpo"):
+        settings = LossSettings(**{**SETTINGS.__dict__, "loss_type": loss_type, "beta": 0.0})
+        step = jax.jit(functools.partial(grpo_update, graphdef, optim, settings))
+        results = [step(init_state(params, optim), frozen, update_rows(model, batch, out, eos, accumulation=a))[1]
+                   for a in (1, 2)]
+        for name in ("loss", "grad_norm"):
+            np.testing.assert_allclose(float(results[1][name]), float(results[0][name]), rtol=1e-5, err_msg=name)
+
+
+def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
+    """The weights trained under fsdp=8 are resharded (`jax.device_put`) onto a data=2,tensor=4
+    rollout mesh each step; both placements sample the same tokens with the same key."""
+    data, dirs = assets
+    model, _ = load_pretrained(dirs["qwen2_vl"])
+    batch, processor = prompts(data, model.config, count=8)
+    tokens = {}
+    for rollout_mesh in ("", "data=2,tensor=4"):
+        cfg = train_config.load(None, [f"grpo.rollout_mesh={rollout_mesh!r}", "grpo.num_generations=2",
+                                       "grpo.max_completion_length=6", "batch_size=16", "grpo.beta=0"], stage="grpo")
+        mesh = make_mesh({"fsdp": 8})
+        placed = shard_model(model, mesh)
+        graphdef, params, frozen = split_trainable(placed)
+        run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen,
+                              optim=OptimConfig(), processor=processor, out=tmp_path)
+        stage = GRPO()
+        state = init_state(params, OptimConfig())
+        stage.setup(run, placed, state)
+        weights = stage.rollout_weights(run, state)
+        if rollout_mesh:
+            assert jax.tree.leaves(weights)[0].sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
+        tokens[rollout_mesh] = stage.rollout(run, state, {k: v for k, v in batch.items() if k != "sample_id"}, 0)
+    for a, b in zip(tokens[""], tokens["data=2,tensor=4"]):
+        np.testing.assert_array_equal(a, b) if a.dtype.kind == "i" else np.testing.assert_allclose(a, b, atol=1e-4)

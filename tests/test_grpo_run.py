@@ -1,0 +1,90 @@
+"""The GRPO stage as users start it (`python -m stjax.train --stage grpo`): a run stopped by SIGTERM
+and rerun gives the uninterrupted run's per-step rewards and losses bit for bit; 2 processes x 2
+devices equal 1 process x 4 devices; config errors before any work; and (slow) the embedded default
+learns: the accuracy reward rises by 0.2 or more from the first quarter of the steps to the last."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from stjax.train import config as train_config
+from stjax.train import grpo, loop
+from stjax.train.config import ConfigError
+from test_train_run import assets, finish, free_port, logged_steps, losses, start, wait_for  # noqa: F401
+
+STEPS = 6
+GRPO = {"steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
+        "grpo.beta": 0.1, "grpo.reward_funcs": "[accuracy, format, reverse_thinking]", "optim.learning_rate": 1e-2,
+        "grpo.log_completions_steps": 2}
+
+
+def run_grpo(out, assets, **changes):
+    return start(out, assets, stage="grpo", **{**GRPO, **changes})
+
+
+def per_step(out):
+    return {name: losses(out, name) for name in ("loss", "reward", "rewards/format/mean", "completions/mean_length")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo-uninterrupted")
+    finish(run_grpo(out, assets))
+    return out
+
+
+def test_a_run_logs_what_a_user_watches(uninterrupted):
+    record = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
+    for name in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std", "rewards/reverse_thinking/mean",
+                 "rewards/accuracy/errors", "accuracy", "format_rate", "completions/mean_length",
+                 "completions/max_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "entropy",
+                 "frac_reward_zero_std", "rollout_time", "scoring_time", "update_time", "rollout_tokens_per_s",
+                 "learning_rate", "grad_norm"):
+        assert name in record, name
+    completions = [json.loads(line) for line in (uninterrupted / "completions.jsonl").read_text().splitlines()]
+    assert {c["step"] for c in completions} == {2, 4, 6}
+    assert set(completions[0]) == {"step", "prompt_id", "completion", "rewards", "reward"}
+    assert (uninterrupted / "hf" / "config.json").exists() is False  # export_hf off in these runs
+
+
+def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(assets, uninterrupted, tmp_path):
+    proc = run_grpo(tmp_path, assets, **{"checkpoint.every": 2})
+    wait_for(lambda: logged_steps(tmp_path) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert "stopped by SIGTERM" in finish(proc, expect=loop.PREEMPTED_EXIT_CODE)
+    assert logged_steps(tmp_path) < STEPS
+    finish(run_grpo(tmp_path, assets, **{"checkpoint.every": 2}))
+    assert per_step(tmp_path) == per_step(uninterrupted)
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
+    common = {"steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch"}
+    single = tmp_path / "single"
+    finish(run_grpo(single, assets, devices=4, **common))
+    multi = tmp_path / "multi"
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [run_grpo(multi, assets, devices=2, **common, **{"distributed.coordinator": coordinator,
+                                                               "distributed.num_processes": 2,
+                                                               "distributed.process_id": i}) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    a, b = per_step(single), per_step(multi)
+    for name in ("reward", "rewards/format/mean", "completions/mean_length"):  # the same completions
+        assert a[name] == b[name], name
+    np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 6, "grpo.num_generations": 4}, "multiple of grpo.num_generations"),
+    ({"batch_size": 6, "grpo.num_generations": 2}, "must divide over data x fsdp"),
+    ({"grpo.loss_type": "ppo"}, "grpo.loss_type='ppo' is not one of"),
+    ({"grpo.reward_weights": "[1.0, 2.0]"}, "one weight per reward function"),
+    ({"data.template": "sft"}, "does not fit the grpo stage"),
+])
+def test_config_errors_come_before_any_loading(assets, tmp_path, monkeypatch, changes, message):
+    monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
+    values = {**GRPO, "out_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}
+    with pytest.raises(ConfigError, match=message):
+        grpo.run(train_config.load(None, [f"{k}={v}" for k, v in values.items()], stage="grpo"))
