@@ -51,7 +51,7 @@ def test_a_run_logs_what_a_user_watches(uninterrupted):
 
 def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(assets, uninterrupted, tmp_path):
     proc = run_grpo(tmp_path, assets, **{"checkpoint.every": 2})
-    wait_for(lambda: logged_steps(tmp_path) >= 3, proc)
+    wait_for(lambda: logged_steps(tmp_path) >= 3, proc, timeout=900)
     proc.send_signal(signal.SIGTERM)
     assert "stopped by SIGTERM" in finish(proc, expect=loop.PREEMPTED_EXIT_CODE)
     assert logged_steps(tmp_path) < STEPS
@@ -88,3 +88,24 @@ def test_config_errors_come_before_any_loading(assets, tmp_path, monkeypatch, ch
     values = {**GRPO, "out_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}
     with pytest.raises(ConfigError, match=message):
         grpo.run(train_config.load(None, [f"{k}={v}" for k, v in values.items()], stage="grpo"))
+
+
+@pytest.mark.slow
+def test_the_embedded_default_learns(tmp_path):
+    """`python -m stjax.train --stage grpo` (the SFT cold start made first, then GRPO), seed 0: the
+    accuracy reward's mean over the last quarter of the steps exceeds the first quarter's by 0.2."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_run import ROOT
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "stjax.train", "--stage", "grpo", "--set", f"out_dir={tmp_path}",
+                           "--set", "checkpoint.export_hf=false"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    accuracy = np.array(list(losses(tmp_path, "rewards/accuracy/mean").values()))
+    quarter = len(accuracy) // 4
+    first, last = accuracy[:quarter].mean(), accuracy[-quarter:].mean()
+    assert last >= first + 0.2, (first, last, accuracy.round(2).tolist())

@@ -110,7 +110,7 @@ def pad_batch(items: list[dict], cfg: LoaderConfig, pad_id: int) -> dict[str, np
         "second_per_grid_ts": stack("second_per_grid_ts", v, 0, 0.0, np.float32),
         "pixel_values": stack("pixel_values", image_patches, 0, 0.0, np.float32),
         "image_grid_thw": stack("image_grid_thw", i, 0, 0, np.int32),
-        "sample_id": np.array([x["sample_id"] for x in items]),  # which record each row is (GRPO scores by it)
+        "sample_id": np.array([x.get("sample_id", "") for x in items]),  # which record each row is (GRPO scores by it)
     }
 
 

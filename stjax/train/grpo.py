@@ -266,7 +266,6 @@ def completion_rows(batch: dict[str, np.ndarray], tokens: np.ndarray, lengths: n
     repeat = lambda x, axis=0: np.repeat(x, group_size, axis=axis)
     rows = {k: repeat(v, 1 if k == "position_ids" else 0) for k, v in batch.items()}
     n, t = tokens.shape
-    length = rows["input_ids"].shape[1]
     prompt = rows["attention_mask"].sum(axis=1)
     steps = np.arange(t)
     completion_mask = (steps < lengths[:, None]).astype(np.int32)
@@ -281,9 +280,8 @@ def completion_rows(batch: dict[str, np.ndarray], tokens: np.ndarray, lengths: n
     live = steps < lengths[:, None]
     ids[row_index, where] = np.where(live, tokens, ids[row_index, where])
     attention[row_index, where] = live
-    loss[row_index, where] = live & (completion_mask == 1)
+    loss[row_index, where] = completion_mask
     positions[:, row_index, where] = np.where(live, start[:, None] + steps, 1)
-    assert ids.shape[1] == length + t
     return dict(rows, input_ids=ids, attention_mask=attention, loss_mask=loss, position_ids=positions), completion_mask
 
 
