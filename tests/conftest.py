@@ -31,3 +31,16 @@ def hf_dirs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_assets(tmp_path_factory):
+    """A small synthetic ego-centric set (2 walks, 12 questions) and tiny random base models matching its
+    tokenizer, made once: (data dir, {arch: HF model dir})."""
+    from stjax.data.synthetic import generate
+    from stjax.demo import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("synthetic-assets")
+    data = generate(root / "data", 2, seed=0, sheet=0)
+    models = {arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in ("qwen2_vl", "qwen2_5_vl")}
+    return data, models

@@ -148,3 +148,72 @@ class TestErrors:
         (tmp_path / "s" / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
         with pytest.raises(CheckpointError, match=r"model/layers/gate_proj/kernel: expected shape \(2, 64, 96\), got \(2, 64, 128\)"):
             stjax_to_hf(tmp_path / "s", tmp_path / "h")
+
+
+def safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory read by the `safetensors` package, shards through the index."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        meta = json.loads(index.read_text())
+        files = sorted(set(meta["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for file in files:
+        with safe_open(directory / file, framework="pt") as f:
+            for name in f.keys():
+                assert name not in out, f"{name} is in two shards"
+                out[name] = f.get_tensor(name)
+    if index.exists():
+        assert meta["weight_map"] == {name: file for file in files for name in safe_open(directory / file, "pt").keys()}
+        assert meta["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in out.values())
+    return out
+
+
+def export(how: str, stjax_dir: Path, out: Path, dtype: str) -> Path:
+    """A HF directory written from the stjax directory by one of the three exporters."""
+    shard = 100_000  # bytes: the tiny models (~1 MB) come out in several shards
+    if how == "library":  # stjax.convert.stjax_to_hf
+        stjax_to_hf(stjax_dir, out, dtype=dtype, max_shard_bytes=shard)
+    elif how == "command_line":  # convert/to_hf.py
+        subprocess.run([sys.executable, ROOT / "convert" / "to_hf.py", stjax_dir, out, "--dtype", dtype,
+                        "--max-shard-size", f"{shard}B"], capture_output=True, text=True, check=True)
+    else:  # save_hf on a loaded model's parameters, as the training run exports
+        from flax import nnx, traverse_util
+
+        from stjax.models.loading import save_hf
+
+        model, cfg = load_pretrained(stjax_dir, dtype=dtype)
+        params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()}, max_shard_bytes=shard)
+    return out
+
+
+@pytest.mark.parametrize("how", ["library", "command_line", "save_hf"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_sharded_exports_open_in_safetensors_and_transformers(hf_dirs, tmp_path, arch, dtype, how):
+    """Every tensor, read by `safetensors.safe_open` and by transformers' `from_pretrained`, equals the
+    source's (fp32 transformers weights, cast by torch where the export is bf16) bit for bit."""
+    src, ref_model = hf_dirs(arch)
+    hf_to_stjax(src, tmp_path / "stjax")
+    out = export(how, tmp_path / "stjax", tmp_path / "hf", dtype)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    want = getattr(torch, dtype)
+
+    source = safetensors_dir(src)
+    written = safetensors_dir(out)
+    assert sorted(written) == sorted(source)
+    for name, tensor in source.items():
+        assert written[name].dtype == want, name
+        assert torch.equal(written[name], tensor.to(want)), name
+
+    loaded = type(ref_model).from_pretrained(out, attn_implementation="eager")  # dtype from config.json
+    assert loaded.dtype == want
+    theirs = loaded.state_dict()
+    expected = ref_model.state_dict()
+    assert sorted(theirs) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(theirs[name], tensor.to(want)), name

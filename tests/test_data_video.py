@@ -12,6 +12,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+from transformers.video_utils import VideoMetadata
 
 from stjax.data.video import MediaConfig, SampleError, read_image, read_video
 
@@ -146,8 +147,10 @@ def test_indices_sizes_grid_match_reference(videos, backend):
         want_h, want_w = ref_size(h, w, n, cfg.max_pixels, cfg.total_pixels)
         assert clip.frame_indices.tolist() == want_idx, (path, total, fps)
         assert clip.frames.shape == (len(want_idx), want_h, want_w, 3), (path, w, h)
-        assert clip.sample_fps == pytest.approx(n / total * fps)
-        assert clip.second_per_grid_t == pytest.approx(2 / (n / total * fps))
+        # transformers' VideoMetadata.sampled_fps of the kept frames (the 8-frame rule's, not the n decoded)
+        kept_fps = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=want_idx).sampled_fps
+        assert clip.sample_fps == pytest.approx(kept_fps)
+        assert clip.second_per_grid_t == pytest.approx(2 / kept_fps)
         _, grid = vision_patches(clip.frames, cfg)
         assert grid.tolist() == [math.ceil(len(want_idx) / 2), want_h // 14, want_w // 14]
 

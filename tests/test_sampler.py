@@ -210,3 +210,115 @@ def test_new_weights_reuse_the_compiled_program(models):
     second = run(changed, batch, sampling)
     assert sample._cache_size() == compiled
     assert not np.array_equal(np.asarray(first.tokens), np.asarray(second.tokens))
+
+
+# Sampling under truncation, against an independent float64 NumPy statement of transformers'
+# `generate` warpers: TemperatureLogitsWarper, then TopKLogitsWarper, then TopPLogitsWarper.
+TRUNCATIONS = {
+    "temperature_0.6_top_p_0.8": dict(temperature=0.6, top_p=0.8),
+    "temperature_1.7_top_p_0.5": dict(temperature=1.7, top_p=0.5),
+    "top_k_12_top_p_0.6": dict(temperature=1.0, top_k=12, top_p=0.6),
+    "temperature_1.4_top_k_20_top_p_0.75": dict(temperature=1.4, top_k=20, top_p=0.75),
+    "temperature_0.8_top_k_6": dict(temperature=0.8, top_k=6),
+}
+
+
+def truncated_logp(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """log-probabilities of the truncated, renormalised distribution (-inf outside it), float64:
+    logits / T; drop what is below the k-th largest; sort ascending and drop the tokens whose
+    cumulative probability is <= 1 - top_p, always keeping the most likely one."""
+    x = logits.astype(np.float64) / temperature
+    if top_k:
+        x = np.where(x < np.sort(x, axis=-1)[..., -top_k, None], -np.inf, x)
+    if top_p < 1.0:
+        order = np.argsort(x, axis=-1)
+        ascending = np.take_along_axis(x, order, axis=-1)
+        p = np.exp(ascending - ascending.max(-1, keepdims=True))
+        cumulative = np.cumsum(p / p.sum(-1, keepdims=True), axis=-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False  # min_tokens_to_keep = 1
+        np.put_along_axis(x, order, np.where(drop, -np.inf, ascending), axis=-1)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def truncation_logits(seed: int = 0, rows: int = 3, vocab: int = 64) -> np.ndarray:
+    """Distinct random logits (no ties at a cut) of a peaked and a flat-ish row and one between."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(rows, vocab)) * np.array([[3.0], [1.0], [2.0]])[:rows]).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", TRUNCATIONS)
+def test_the_numpy_reference_is_transformers_warpers(case):
+    """The reference above equals transformers' own warpers, applied in generate()'s order."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    c = TRUNCATIONS[case]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(c["temperature"])]
+                                  + ([TopKLogitsWarper(c["top_k"])] if c.get("top_k") else [])
+                                  + ([TopPLogitsWarper(c["top_p"])] if c.get("top_p", 1.0) < 1 else []))
+    logits = truncation_logits()
+    theirs = torch.log_softmax(warpers(None, torch.from_numpy(logits).double()), dim=-1).numpy()
+    ours = truncated_logp(logits, **c)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", TRUNCATIONS)
+def test_truncated_log_probs_equal_the_reference(case):
+    """The kept set exactly, the renormalised log-probabilities to 1e-6 (float32 logits / T)."""
+    c = TRUNCATIONS[case]
+    logits = truncation_logits()
+    expected = truncated_logp(logits, **c)
+    ours = np.asarray(jax.nn.log_softmax(sampling_logits(jax.numpy.asarray(logits), SamplingConfig(**c)), axis=-1))
+    kept = np.isfinite(expected)
+    np.testing.assert_array_equal(np.isfinite(ours), kept)
+    assert 1 < kept.sum(-1).min() and kept.sum(-1).max() < logits.shape[-1]  # every row really cut
+    np.testing.assert_allclose(ours[kept], expected[kept], rtol=0, atol=1e-6)
+
+
+def test_the_truncations_apply_in_generates_order():
+    """Temperature before top-p and top-k before top-p keep other sets than the reverse orders,
+    so the test above tells the orders apart."""
+    logits = truncation_logits()
+    t_then_p = np.isfinite(truncated_logp(logits, temperature=1.7, top_p=0.5))
+    p_then_t = np.isfinite(truncated_logp(logits, temperature=1.0, top_p=0.5))
+    assert (t_then_p != p_then_t).any()
+    k_then_p = np.isfinite(truncated_logp(logits, temperature=1.0, top_k=12, top_p=0.6))
+    p_then_k = np.isfinite(truncated_logp(logits, temperature=1.0, top_p=0.6)) & np.isfinite(
+        truncated_logp(logits, temperature=1.0, top_k=12))
+    assert (k_then_p != p_then_k).any()
+
+
+@pytest.mark.parametrize("case", TRUNCATIONS)
+def test_choose_samples_the_truncated_distribution(case):
+    """`choose` on many copies of each row: every token inside the kept set, `logp_sampling` equal to
+    the reference's log-probability of the drawn token (1e-6), `logp_model` to the untruncated
+    log_softmax, and a chi-square of the counts under the critical value of false-failure
+    probability 1e-6 (fixed seed: deterministic). The same statistic rejects a 50% wrong temperature."""
+    from stjax.sampling.sampler import choose
+
+    c = TRUNCATIONS[case]
+    logits = truncation_logits()
+    draws = 20000
+    expected = truncated_logp(logits, **c)
+    tokens, logp_s, logp_m = jax.jit(choose, static_argnums=2)(
+        jax.numpy.asarray(np.repeat(logits, draws, axis=0)), jax.random.key(7), SamplingConfig(**c))
+    tokens = np.asarray(tokens).reshape(len(logits), draws)
+    rows = np.arange(len(logits))[:, None]
+    np.testing.assert_allclose(np.asarray(logp_s).reshape(tokens.shape), expected[rows, tokens], rtol=0, atol=1e-6)
+    model_logp = truncated_logp(logits, 1.0)
+    np.testing.assert_allclose(np.asarray(logp_m).reshape(tokens.shape), model_logp[rows, tokens], rtol=0, atol=1e-6)
+    for row in range(len(logits)):
+        counts = np.bincount(tokens[row], minlength=logits.shape[-1])
+        kept = np.isfinite(expected[row])
+        assert counts[~kept].sum() == 0
+
+        def chi2(logp):
+            e = np.exp(logp[kept]) * draws
+            return float(((counts[kept] - e) ** 2 / e).sum())
+
+        critical = chi_square_critical(int(kept.sum()) - 1, z=4.753)  # upper 1e-6 point
+        assert chi2(expected[row]) < critical
+        hotter = np.where(kept, truncated_logp(logits[row], 1.5 * c["temperature"]), -np.inf)
+        assert chi2(hotter - np.log(np.exp(hotter).sum())) > critical  # a 50% wrong temperature is seen

@@ -82,7 +82,9 @@ class VideoClip:
     frame_indices: np.ndarray  # (T,) index of each kept frame in the source video
     total_frames: int
     video_fps: float
-    sample_fps: float  # qwen-vl-utils' rate of the n sampled frames: n / total * video_fps
+    # The rate of the kept frames, len(frame_indices) / total * video_fps (transformers' VideoMetadata
+    # .sampled_fps): with the 8-frame rule, 8 frames spread over the whole video, not the n decoded first.
+    sample_fps: float
     second_per_grid_t: float  # temporal_patch_size / sample_fps (Qwen2.5-VL time positions)
 
 
@@ -220,7 +222,7 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
     except Exception as e:
         raise SampleError(f"cannot decode frames ({backend}, truncated?): {e}", sample_id=sample_id, path=path) from e
     height, width = video_size(frames.shape[1], frames.shape[2], n, cfg)
-    sample_fps = n / reader.total_frames * reader.video_fps
+    sample_fps = len(indices) / reader.total_frames * reader.video_fps
     return VideoClip(
         frames=resize_frames(frames, height, width),
         frame_indices=indices,

@@ -379,9 +379,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    check_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, cfg)
@@ -410,6 +408,19 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 # ---------------------------------------------------------------- command line
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Refuse options no run can use (a YAML file's values are not checked by the flag parser)."""
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for f in dataclasses.fields(EvalConfig):
+        value = getattr(cfg, f.name)
+        kinds = {int: (int,), float: (int, float)}.get(type(f.default))
+        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
+                             f"got {value!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:

@@ -10,6 +10,7 @@ the state unchanged and reports `skipped = 1`, so one bad batch cannot poison th
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,8 +39,9 @@ class OptimConfig:
     eps: float = 1e-8
 
     def schedule(self) -> optax.Schedule:
-        """Linear warmup from 0 over warmup_ratio * total_steps, then cosine decay to 0."""
-        warmup = int(self.warmup_ratio * self.total_steps)
+        """Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps (transformers' Trainer's
+        `get_warmup_steps`), then cosine decay to 0: `get_cosine_schedule_with_warmup`."""
+        warmup = math.ceil(self.total_steps * self.warmup_ratio)
         if warmup == 0:
             return optax.cosine_decay_schedule(self.learning_rate, max(self.total_steps, 1))
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1),

@@ -1,0 +1,110 @@
+"""Every file in configs/ loads and passes its checks; every training config runs one step of
+`stjax.train.sft.run` with its shapes shrunk to a tiny model (the same overrides a user would give
+with --set), so no shipped config can rot unseen.
+
+What the overrides keep: the config's dtypes, attention backend, remat policy, LoRA settings
+(dropout included), optimizer, loss settings, batch and micro-batch sizes (so its gradient
+accumulation) and its mesh where the 8 simulated devices can hold it. What they replace: the model
+(a tiny random one of the same architecture), the data (the synthetic set, frames cut to 112 x 112),
+the run length (1 step), the loader workers (in-process) and the final export."""
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from stjax.eval.mcq import EvalConfig, check_config, parse_config
+from stjax.models.config import QwenVLConfig
+from stjax.models.qwen_vl import abstract_model
+from stjax.train import config as train_config
+from stjax.train import sft
+from stjax.train.config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN = sorted(CONFIGS.glob("sft/*.yaml"))
+EVAL = sorted(CONFIGS.glob("eval/*.yaml"))
+MODELS = sorted(CONFIGS.glob("models/*.json"))
+
+
+def test_every_config_is_listed():
+    assert len(TRAIN) == 5 and len(EVAL) == 2 and len(MODELS) == 5
+    assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "eval", "models"}
+
+
+def architecture(cfg: train_config.TrainConfig) -> str:
+    """The config's architecture: named by its model directory, else `model.arch`."""
+    if not cfg.model.init:
+        return cfg.model.arch
+    return "qwen2_5_vl" if "2.5" in Path(cfg.model.init).name else "qwen2_vl"
+
+
+def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
+    """The config's mesh if the devices can hold it, else fsdp over as many devices as the
+    micro-batch divides and tensor parallelism over the rest."""
+    try:
+        train_config.check(cfg, devices)
+        return cfg.mesh
+    except ConfigError:
+        fsdp = math.gcd(cfg.micro_batch_size or cfg.batch_size, devices)
+        return f"fsdp={fsdp},tensor={devices // fsdp}"
+
+
+@pytest.mark.slow  # one compile of the sharded step per config: 15-60 s each on 2 cores
+@pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.stem)
+def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
+    data, models = synthetic_assets
+    cfg = train_config.load(path)
+    mesh = train_config.check(cfg, 8 if cfg.mesh.startswith("fsdp=8") else 4) if "=-1" not in cfg.mesh else None
+    assert mesh is None or math.prod(mesh.values()) in (4, 8)  # the config's own mesh fits its GPU count
+    shrunk = train_config.load(path, [
+        f"out_dir={tmp_path}", "steps=1", f"model.init={models[architecture(cfg)]}", "data.format=synthetic",
+        f"data.path={data}", "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
+        "data.patch_buckets=[1024, 2048]", "data.num_workers=0", "checkpoint.export_hf=false",
+        f"mesh={shrunk_mesh(cfg, jax.device_count())}"])
+    # what the overrides keep
+    kept = ("batch_size", "micro_batch_size", "loss_average", "loss_chunk", "optim", "lora")
+    assert all(getattr(shrunk, k) == getattr(cfg, k) for k in kept)
+    assert (shrunk.model.param_dtype, shrunk.model.master_dtype, shrunk.model.compute_dtype, shrunk.model.remat,
+            shrunk.model.attention) == (cfg.model.param_dtype, cfg.model.master_dtype, cfg.model.compute_dtype,
+                                        cfg.model.remat, cfg.model.attention)
+    train_config.check(shrunk, jax.device_count())
+    summary = sft.run(shrunk)
+    assert summary["steps"] == 1 and summary["skipped_steps"] == 0 and np.isfinite(summary["final_loss"])
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.parametrize("path", EVAL, ids=lambda p: p.stem)
+def test_eval_config_loads_and_validates(path):
+    cfg = parse_config(["--config", str(path)])
+    check_config(cfg)
+    assert cfg.model and cfg.data  # a complete run, not the embedded default
+
+
+def test_eval_config_check_refuses_bad_values():
+    with pytest.raises(SystemExit, match="--mode 'sample' is not one of"):
+        check_config(EvalConfig(mode="sample"))
+    with pytest.raises(SystemExit, match="--max-new-tokens takes an integer, got '512'"):
+        check_config(EvalConfig(max_new_tokens="512"))
+    with pytest.raises(SystemExit, match="--fps takes a number, got '1e-5'"):
+        check_config(EvalConfig(fps="1e-5"))
+
+
+HF_CLASSES = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+              "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_model_preset_has_transformers_parameter_count(path):
+    """Each preset loads, transformers reads its config, and the model built from it has exactly
+    transformers' parameter count and the same tensor shapes (built on the meta device: no memory)."""
+    cfg = QwenVLConfig.from_file(path)
+    hf_config = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+    with torch.device("meta"):
+        hf = HF_CLASSES[cfg.model_type]._from_config(hf_config)
+    theirs = sum(p.numel() for p in hf.parameters())
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(cfg)))
+    assert ours == theirs, (ours, theirs)
