@@ -11,11 +11,11 @@ import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
-from stjax.demo import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, parse_config, summarize
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
+from stjax.models.tiny import tiny_model_dir
 
 FAST = dict(max_new_tokens=6, batch_size=4)
 

@@ -31,9 +31,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A preset name (configs/models/*.json, random weights), a Hugging Face directory or a stjax
-    # checkpoint directory. Empty: the embedded default, a tiny random model matching the tokenizer.
+    # A Hugging Face or stjax model directory, a preset name (configs/models/*.json, random weights) or
+    # a hub id (Qwen/Qwen2.5-VL-7B-Instruct, through the Hugging Face cache), tried in that order.
+    # Empty: the embedded default, a tiny random model matching the tokenizer.
     init: str = ""
+    revision: str = ""  # hub id only: branch, tag or commit (default: main)
     arch: str = "qwen2_vl"  # architecture of the embedded default model
     param_dtype: str = "float32"  # dtype the weights are loaded in (the frozen ones stay so)
     master_dtype: str = "float32"  # the optimizer's copy of the trained weights
@@ -55,7 +57,7 @@ class DataSection:
     format: str = "synthetic"  # synthetic | st_r1 | plain
     path: str = ""  # the JSONL file (synthetic: where to render; default <out_dir>/data)
     video_root: str = ""  # base directory of relative video paths (st_r1, plain)
-    tokenizer: str = ""  # tokenizer directory; default: the model directory, or the synthetic one
+    tokenizer: str = ""  # tokenizer directory or hub id; default: the model's, or the synthetic one
     synthetic_walks: int = 4  # synthetic data: walks to render (6 questions each)
     template: str = "sft"
     loss_rule: str = "assistant"  # assistant | release
