@@ -126,6 +126,7 @@ TABLE = [
     (40, 8, 448, 56, MediaConfig()),  # 8:1 strip
     (60, 6, 200, 120, MediaConfig(fps=2.0, num_frames=None)),  # plain qwen-vl-utils, no 8-frame rule
     (60, 6, 320, 240, MediaConfig(fps=2.0, max_pixels=10**7, total_pixels=20 * 28 * 28 * 20)),  # tiny total budget: the 1.05*min floor binds
+    (100, 10, 64, 48, MediaConfig()),  # 10 s -> n = 10 -> 8 kept unevenly (0, 11, 22, 33, 55, 66, 77, 99)
 ]
 
 
@@ -150,6 +151,27 @@ def test_indices_sizes_grid_match_reference(videos, backend):
         assert clip.second_per_grid_t == pytest.approx(2 / (n / total * fps))
         _, grid = vision_patches(clip.frames, cfg)
         assert grid.tolist() == [math.ceil(len(want_idx) / 2), want_h // 14, want_w // 14]
+
+
+@pytest.mark.parametrize("rule", ["seed", "kept_frames"])
+def test_second_per_grid_t_follows_the_chosen_rule(videos, rule):
+    """seed: 2 / the rate of the n sampled frames; kept_frames: 2 x the mean time between the kept frames."""
+    for path, (total, fps, w, h, cfg) in zip(videos, TABLE):
+        clip = read_video(path, MediaConfig(**{**vars(cfg), "second_per_grid": rule}))
+        kept, n = ref_indices(total, fps, cfg.fps, cfg.num_frames)
+        seconds_apart = (kept[-1] - kept[0]) / (len(kept) - 1) / fps
+        want = 2 / (n / total * fps) if rule == "seed" else 2 * seconds_apart
+        assert clip.second_per_grid_t == pytest.approx(want, rel=1e-9), (path, total, fps)
+    # 100 frames at 10 fps, fps=1: n = 10 sampled at 0, 11, ..., 99 (1 per second); the 8 kept are
+    # 0, 11, 22, 33, 55, 66, 77, 99, i.e. 9.9 s / 7 apart on average (by hand).
+    (path,) = [p for p, (total, fps, *_) in zip(videos, TABLE) if (total, fps) == (100, 10)]
+    want = {"seed": 2.0, "kept_frames": 2 * 9.9 / 7}[rule]
+    assert read_video(path, MediaConfig(second_per_grid=rule)).second_per_grid_t == pytest.approx(want)
+
+
+def test_second_per_grid_rejects_unknown_rules():
+    with pytest.raises(ValueError, match="second_per_grid='frames' is not one of seed, kept_frames"):
+        MediaConfig(second_per_grid="frames")
 
 
 def test_pixels_match_float64_bicubic_reference(videos):

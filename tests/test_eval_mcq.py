@@ -164,6 +164,13 @@ def test_data_formats_are_detected_and_config_file_is_overridden_by_flags(bench,
         assert parse_config(["--config", str(shipped)]).model
 
 
+def test_second_per_grid_reaches_the_processor(bench):
+    _, model = bench
+    for rule in ("seed", "kept_frames"):
+        assert mcq.make_runner(EvalConfig(model=str(model), second_per_grid=rule)).processor.media.second_per_grid == rule
+    assert parse_config(["--second-per-grid", "kept_frames"]).second_per_grid == "kept_frames"
+
+
 def test_egost_videos_are_found_in_the_part_folder_under_videos(bench, tmp_path):
     data, _ = bench
     shutil.copy(data / "Synth_forward_mcq.json", tmp_path / "Part1_forward_mcq.json")

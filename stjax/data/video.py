@@ -11,6 +11,8 @@ PyTorch recipe feeds the checkpoint:
 4. Frames are resized bicubic with antialiasing (PIL BICUBIC on uint8 RGB).
 
 Only the frames kept in step 2 are decoded, which gives the same pixels as decoding all `n` first.
+Qwen2.5-VL's time positions also need the seconds per temporal patch: the recipe's value comes from
+the rate of the `n` frames, not of the 8 kept (`MediaConfig.second_per_grid` chooses).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -29,6 +31,8 @@ except ImportError:  # pragma: no cover - depends on the platform
     decord = None
 
 Backend = Literal["auto", "decord", "pyav"]
+SecondPerGrid = Literal["seed", "kept_frames"]
+SECOND_PER_GRID = get_args(SecondPerGrid)
 
 
 class SampleError(Exception):
@@ -67,6 +71,13 @@ class MediaConfig:
     merge_size: int = 2
     temporal_patch_size: int = 2
     backend: Backend = "auto"  # "auto" uses decord when importable, else PyAV
+    # Seconds per temporal patch, which spaces Qwen2.5-VL's time positions (see `second_per_grid_t`):
+    # "seed" from the rate of the n sampled frames, as the recipe; "kept_frames" from the frames kept.
+    second_per_grid: SecondPerGrid = "seed"
+
+    def __post_init__(self):
+        if self.second_per_grid not in SECOND_PER_GRID:
+            raise ValueError(f"second_per_grid={self.second_per_grid!r} is not one of {', '.join(SECOND_PER_GRID)}")
 
     @property
     def factor(self) -> int:
@@ -83,7 +94,7 @@ class VideoClip:
     total_frames: int
     video_fps: float
     sample_fps: float  # qwen-vl-utils' rate of the n sampled frames: n / total * video_fps
-    second_per_grid_t: float  # temporal_patch_size / sample_fps (Qwen2.5-VL time positions)
+    second_per_grid_t: float  # seconds per temporal patch (Qwen2.5-VL time positions), see second_per_grid_t()
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -134,6 +145,18 @@ def video_size(height: int, width: int, n: int, cfg: MediaConfig) -> tuple[int, 
     budget = max(min(cfg.video_max_pixels, cfg.total_pixels / n * cfg.temporal_patch_size), int(cfg.min_pixels * 1.05))
     budget = min(cfg.max_pixels, budget)
     return smart_resize(height, width, cfg.factor, cfg.min_pixels, budget)
+
+
+def second_per_grid_t(indices: np.ndarray, sample_fps: float, video_fps: float, cfg: MediaConfig) -> float:
+    """Seconds per temporal patch; Qwen2.5-VL's time position of grid t is floor(t * tokens_per_second * this).
+
+    "seed": temporal_patch_size / sample_fps, the rate of the n frames qwen-vl-utils sampled, which is what
+    the recipe's processor is told even after the 8-frame rule kept fewer. "kept_frames":
+    temporal_patch_size x the mean time between the frames kept, so positions follow the frames' real times.
+    """
+    if cfg.second_per_grid == "kept_frames" and len(indices) > 1:
+        return cfg.temporal_patch_size * float(indices[-1] - indices[0]) / ((len(indices) - 1) * video_fps)
+    return cfg.temporal_patch_size / sample_fps
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -227,7 +250,7 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
         total_frames=reader.total_frames,
         video_fps=reader.video_fps,
         sample_fps=sample_fps,
-        second_per_grid_t=cfg.temporal_patch_size / sample_fps,
+        second_per_grid_t=second_per_grid_t(indices, sample_fps, reader.video_fps, cfg),
     )
 
 

@@ -40,7 +40,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
-from stjax.data.video import MediaConfig, SampleError
+from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.tiny import tiny_model_dir
@@ -72,6 +72,7 @@ class EvalConfig:
     num_frames: int = 8
     fps: float = 1.0
     max_pixels: int = 360 * 420
+    second_per_grid: Literal["seed", "kept_frames"] = "seed"  # Qwen2.5-VL time spacing (see MediaConfig)
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy, the recipe
     top_p: float = 1.0
@@ -86,7 +87,7 @@ class EvalConfig:
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
 _RESULT_KEYS = ("model", "revision", "dtype", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
-                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
+                "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
 
 
 # ---------------------------------------------------------------- data
@@ -315,7 +316,8 @@ def make_runner(cfg: EvalConfig) -> Runner:
     except ModelNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     model, config = load_pretrained(model_dir, dtype=cfg.dtype, mesh=mesh)
-    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
+                        second_per_grid=cfg.second_per_grid)
     processor = Processor.from_pretrained(
         tokenizer_dir, media=media, tokens_per_second=config.vision.tokens_per_second if config.is_qwen2_5 else None)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -385,7 +387,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
+                          ("second_per_grid", SECOND_PER_GRID)):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     out = Path(cfg.out)
@@ -429,7 +432,8 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         if f.name in ("data", "videos"):
             continue
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
-        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES}.get(f.name)
+        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES,
+                   "second_per_grid": SECOND_PER_GRID}.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"default: {f.default!r}")
     args = vars(parser.parse_args(argv))

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from stjax.data.video import SECOND_PER_GRID
 from stjax.models.attention import BACKENDS
 from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
@@ -64,6 +65,7 @@ class DataSection:
     num_frames: int = 8
     fps: float = 1.0
     max_pixels: int = 360 * 420
+    second_per_grid: str = "seed"  # Qwen2.5-VL time spacing: seed | kept_frames (stjax.data.video.MediaConfig)
     shuffle: bool = True
     num_workers: int = 0
     token_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
@@ -182,7 +184,7 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
     choices = {"stage": ("sft",), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
-               "data.loss_rule": ("assistant", "release"),
+               "data.loss_rule": ("assistant", "release"), "data.second_per_grid": SECOND_PER_GRID,
                "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
                "model.master_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():

@@ -182,7 +182,8 @@ def run(cfg: TrainConfig) -> dict:
     model_cfg = model.config
     d = cfg.data
     processor = Processor.from_pretrained(
-        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels),
+        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels,
+                                     second_per_grid=d.second_per_grid),
         tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
         loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
