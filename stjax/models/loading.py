@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 from flax import nnx, traverse_util
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
 from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
@@ -51,9 +53,6 @@ def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
     """
     if Path(name).is_dir():
         return Path(name)
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-
     what = f"{name}" + (f" (revision {revision})" if revision else "")
     try:
         return Path(snapshot_download(str(name), revision=revision, allow_patterns=HUB_FILES))
