@@ -1,10 +1,11 @@
 """Convert a Hugging Face Qwen2-VL / Qwen2.5-VL directory into a stjax model directory.
 
-    python convert/to_stjax.py HF_DIR OUT_DIR [--dtype bfloat16]
+    python convert/to_stjax.py HF_DIR_OR_HUB_ID OUT_DIR [--revision REV] [--dtype bfloat16]
 
 Reads the safetensors (one file or shards with model.safetensors.index.json; on-disk or in-memory
 tensor names) one tensor at a time into stacked arrays, writes them as an orbax checkpoint with
-config.json, and copies the tokenizer and processor files along.
+config.json, and copies the tokenizer and processor files along. A hub id (Qwen/Qwen2-VL-7B-Instruct)
+comes from the Hugging Face cache, downloaded there first unless HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
 from stjax.convert import hf_to_stjax  # noqa: E402
+from stjax.models.loading import ModelNotFoundError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors) or hub id (owner/name)")
     parser.add_argument("out_dir", help="where to write the stjax model directory")
     parser.add_argument("--dtype", default=None,
                         help="cast parameters to this dtype (float32, bfloat16, ...); default: keep the checkpoint's")
+    parser.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    hf_to_stjax(args.hf_dir, args.out_dir, dtype=args.dtype)
+    try:
+        hf_to_stjax(args.hf_dir, args.out_dir, dtype=args.dtype, revision=args.revision)
+    except ModelNotFoundError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
 
 

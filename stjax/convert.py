@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.loading import copy_side_files, hf_params, save_hf, save_stjax, stjax_params
+from stjax.models.loading import copy_side_files, hf_params, resolve_model_dir, save_hf, save_stjax, stjax_params
 
 
 def parse_size(text: str) -> int:
@@ -27,7 +27,10 @@ def _bar(total: int | None, what: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
 
 
-def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None) -> QwenVLConfig:
+def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None,
+                revision: Optional[str] = None) -> QwenVLConfig:
+    """`hf_dir` may also be a hub id (`owner/name`, at `revision`): see `resolve_model_dir`."""
+    hf_dir = resolve_model_dir(hf_dir, revision)
     cfg = QwenVLConfig.from_file(hf_dir)
     with _bar(None, "convert") as bar:
         params = hf_params(cfg, hf_dir, dtype, bar.update)

@@ -1,12 +1,13 @@
-"""Every file in configs/ loads and passes its checks; every training config runs one step of
-`stjax.train.sft.run` with its shapes shrunk to a tiny model (the same overrides a user would give
+"""Every file in configs/ loads and passes its checks; every training config runs one step of its
+stage (`stjax.train.sft.run`, `stjax.train.grpo.run`) with its shapes shrunk to a tiny model (the same overrides a user would give
 with --set), so no shipped config can rot unseen.
 
 What the overrides keep: the config's dtypes, attention backend, remat policy, LoRA settings
 (dropout included), optimizer, loss settings, batch and micro-batch sizes (so its gradient
 accumulation) and its mesh where the 8 simulated devices can hold it. What they replace: the model
 (a tiny random one of the same architecture), the data (the synthetic set, frames cut to 112 x 112),
-the run length (1 step), the loader workers (in-process) and the final export."""
+the run length (1 step), GRPO's completion length (8 tokens), the loader workers (in-process) and the
+final export."""
 
 import math
 from pathlib import Path
@@ -21,25 +22,25 @@ from stjax.eval.mcq import EvalConfig, check_config, parse_config
 from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import abstract_model
 from stjax.train import config as train_config
-from stjax.train import sft
+from stjax.train import grpo, sft
 from stjax.train.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAIN = sorted(CONFIGS.glob("sft/*.yaml"))
+TRAIN = sorted(CONFIGS.glob("sft/*.yaml")) + sorted(CONFIGS.glob("grpo/*.yaml"))
 EVAL = sorted(CONFIGS.glob("eval/*.yaml"))
 MODELS = sorted(CONFIGS.glob("models/*.json"))
 
 
 def test_every_config_is_listed():
-    assert len(TRAIN) == 5 and len(EVAL) == 2 and len(MODELS) == 5
-    assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "eval", "models"}
+    assert len(TRAIN) == 9 and len(EVAL) == 2 and len(MODELS) == 5
+    assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "grpo", "eval", "models"}
 
 
 def architecture(cfg: train_config.TrainConfig) -> str:
     """The config's architecture: named by its model directory, else `model.arch`."""
     if not cfg.model.init:
         return cfg.model.arch
-    return "qwen2_5_vl" if "2.5" in Path(cfg.model.init).name else "qwen2_vl"
+    return "qwen2_5_vl" if "2.5" in cfg.model.init else "qwen2_vl"
 
 
 def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
@@ -49,7 +50,10 @@ def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
         train_config.check(cfg, devices)
         return cfg.mesh
     except ConfigError:
-        fsdp = math.gcd(cfg.micro_batch_size or cfg.batch_size, devices)
+        rows = cfg.micro_batch_size or cfg.batch_size
+        if cfg.stage == "grpo":  # whole prompts' groups per device
+            rows = math.gcd(rows, cfg.batch_size // cfg.grpo.num_generations)
+        fsdp = math.gcd(rows, devices)
         return f"fsdp={fsdp},tensor={devices // fsdp}"
 
 
@@ -64,7 +68,7 @@ def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
         f"out_dir={tmp_path}", "steps=1", f"model.init={models[architecture(cfg)]}", "data.format=synthetic",
         f"data.path={data}", "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
         "data.patch_buckets=[1024, 2048]", "data.num_workers=0", "checkpoint.export_hf=false",
-        f"mesh={shrunk_mesh(cfg, jax.device_count())}"])
+        f"mesh={shrunk_mesh(cfg, jax.device_count())}"] + (["grpo.max_completion_length=8"] if cfg.stage == "grpo" else []))
     # what the overrides keep
     kept = ("batch_size", "micro_batch_size", "loss_average", "loss_chunk", "optim", "lora")
     assert all(getattr(shrunk, k) == getattr(cfg, k) for k in kept)
@@ -72,7 +76,7 @@ def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
             shrunk.model.attention) == (cfg.model.param_dtype, cfg.model.master_dtype, cfg.model.compute_dtype,
                                         cfg.model.remat, cfg.model.attention)
     train_config.check(shrunk, jax.device_count())
-    summary = sft.run(shrunk)
+    summary = (grpo.run if cfg.stage == "grpo" else sft.run)(shrunk)
     assert summary["steps"] == 1 and summary["skipped_steps"] == 0 and np.isfinite(summary["final_loss"])
     assert (tmp_path / "checkpoints" / "1").is_dir()
 

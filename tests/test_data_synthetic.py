@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 from stjax.data.formats import read_egost_dir, read_plain_jsonl, read_st_r1_jsonl
-from stjax.data.synthetic import generate
+from stjax.data.synthetic import RenderConfig, camera_path, generate, make_walk, render, rgb_to_yuv420p, write_video
+from stjax.data.video import decord
 from stjax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
 
 N = 3
+REPO = Path(__file__).resolve().parents[1]
 # The release's long-CoT template (see shared/notes/st-r1-recipe.md).
 TEMPLATE = re.compile(
     r"^<think>Let's start by thinking (reverse|forward) (.+?)\? (.+) And then think about (.+?)\? "
@@ -85,15 +91,66 @@ def test_answers_match_scene_geometry(out):
             assert len(options) == 4 and len(set(options)) == 4
 
 
+# Generates a set in a fresh process, as CI and every training run do.
+GENERATE = "import sys; from stjax.data.synthetic import generate; generate(sys.argv[1], n=int(sys.argv[2]), seed=7, sheet=1)"
+
+
 def test_same_seed_gives_identical_bytes(out, tmp_path):
-    again = generate(tmp_path / "b", n=N, seed=7, sheet=1)
+    """The same seed in two more processes gives the same files, byte for byte (issue 14).
+
+    Each process fills fresh heap memory with another value (glibc's MALLOC_PERTURB_), so that a read of
+    memory never written (x264's AVX-512 mbtree code did that) changes the output every time, not 1 run in 5.
+    """
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert any(str(f).endswith(".mp4") for f in files) and Path("contact_sheet.png") in files
-    for f in files:
-        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+    for perturb in ("85", "170"):
+        again = tmp_path / f"perturb{perturb}"
+        env = {**os.environ, "MALLOC_PERTURB_": perturb}
+        subprocess.run([sys.executable, "-c", GENERATE, str(again), str(N)], check=True, env=env, cwd=REPO)
+        assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+        for f in files:
+            assert (out / f).read_bytes() == (again / f).read_bytes(), f"{f} differs with MALLOC_PERTURB_={perturb}"
     other = generate(tmp_path / "c", n=1, seed=8, sheet=0)
     assert (other / "synth/walk_0000.mp4").read_bytes() != (out / "synth/walk_0000.mp4").read_bytes()
+
+
+def test_rgb_to_yuv420p_matches_swscale():
+    """Our BT.601 limited-range 4:2:0 against libswscale's (area-averaged chroma): within 1 level."""
+    cfg = RenderConfig()
+    walk = make_walk(np.random.default_rng(3))
+    for pose in camera_path(walk, cfg)[::25]:
+        frame = render(walk, pose, cfg)
+        ours = rgb_to_yuv420p(frame).astype(np.int64)
+        ref = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+            format="yuv420p", interpolation="AREA", dst_colorspace="ITU601", dst_color_range="MPEG"
+        )
+        assert np.abs(ours - ref.to_ndarray().astype(np.int64)).max() <= 1
+    with pytest.raises(ValueError, match="even frame size"):
+        rgb_to_yuv420p(np.zeros((3, 4, 3), np.uint8))
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_written_video_decodes_close_to_the_frames(tmp_path, backend):
+    """Both readers get the rendered frames back: mean error under 2.5 levels, PSNR over 38 dB.
+
+    (The largest error is large, up to ~110 levels, on sharp colour edges: 4:2:0 halves the chroma.)
+    """
+    if backend == "decord" and decord is None:
+        pytest.skip("decord is not installed on this platform")
+    cfg = RenderConfig()
+    walk = make_walk(np.random.default_rng(3))
+    frames = np.stack([render(walk, pose, cfg) for pose in camera_path(walk, cfg)[:30]])
+    path = tmp_path / "walk.mp4"
+    write_video(list(frames), path, cfg.fps)
+    if backend == "decord":
+        decoded = decord.VideoReader(str(path), num_threads=1).get_batch(list(range(len(frames)))).asnumpy()
+    else:
+        with av.open(str(path)) as container:
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert decoded.shape == frames.shape
+    err = decoded.astype(np.float64) - frames
+    assert np.abs(err).mean() < 2.5
+    assert 10 * np.log10(255**2 / np.mean(err**2)) > 38
 
 
 def test_all_formats_load_and_agree(out):

@@ -127,6 +127,7 @@ TABLE = [
     (40, 8, 448, 56, MediaConfig()),  # 8:1 strip
     (60, 6, 200, 120, MediaConfig(fps=2.0, num_frames=None)),  # plain qwen-vl-utils, no 8-frame rule
     (60, 6, 320, 240, MediaConfig(fps=2.0, max_pixels=10**7, total_pixels=20 * 28 * 28 * 20)),  # tiny total budget: the 1.05*min floor binds
+    (100, 10, 64, 48, MediaConfig()),  # 10 s -> n = 10 -> 8 kept unevenly (0, 11, 22, 33, 55, 66, 77, 99)
 ]
 
 
@@ -147,12 +148,32 @@ def test_indices_sizes_grid_match_reference(videos, backend):
         want_h, want_w = ref_size(h, w, n, cfg.max_pixels, cfg.total_pixels)
         assert clip.frame_indices.tolist() == want_idx, (path, total, fps)
         assert clip.frames.shape == (len(want_idx), want_h, want_w, 3), (path, w, h)
-        # transformers' VideoMetadata.sampled_fps of the kept frames (the 8-frame rule's, not the n decoded)
-        kept_fps = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=want_idx).sampled_fps
-        assert clip.sample_fps == pytest.approx(kept_fps)
-        assert clip.second_per_grid_t == pytest.approx(2 / kept_fps)
+        assert clip.sample_fps == pytest.approx(n / total * fps)
+        assert clip.second_per_grid_t == pytest.approx(2 / (n / total * fps))
         _, grid = vision_patches(clip.frames, cfg)
         assert grid.tolist() == [math.ceil(len(want_idx) / 2), want_h // 14, want_w // 14]
+
+
+@pytest.mark.parametrize("rule", ["seed", "kept_frames"])
+def test_second_per_grid_t_follows_the_chosen_rule(videos, rule):
+    """seed: 2 / the rate of the n sampled frames; kept_frames: 2 / transformers' `VideoMetadata.sampled_fps`
+    of the kept frames."""
+    for path, (total, fps, w, h, cfg) in zip(videos, TABLE):
+        clip = read_video(path, MediaConfig(**{**vars(cfg), "second_per_grid": rule}))
+        kept, n = ref_indices(total, fps, cfg.fps, cfg.num_frames)
+        kept_fps = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=kept).sampled_fps
+        want = 2 / (n / total * fps) if rule == "seed" else 2 / kept_fps
+        assert clip.second_per_grid_t == pytest.approx(want, rel=1e-9), (path, total, fps)
+    # 100 frames at 10 fps, fps=1: n = 10 sampled at 0, 11, ..., 99 (1 per second), 8 of them kept
+    # over the same 10 s: 0.8 frames per second, 2.5 s per temporal patch (by hand).
+    (path,) = [p for p, (total, fps, *_) in zip(videos, TABLE) if (total, fps) == (100, 10)]
+    want = {"seed": 2.0, "kept_frames": 2.5}[rule]
+    assert read_video(path, MediaConfig(second_per_grid=rule)).second_per_grid_t == pytest.approx(want)
+
+
+def test_second_per_grid_rejects_unknown_rules():
+    with pytest.raises(ValueError, match="second_per_grid='frames' is not one of seed, kept_frames"):
+        MediaConfig(second_per_grid="frames")
 
 
 def test_pixels_match_float64_bicubic_reference(videos):

@@ -11,11 +11,11 @@ import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
-from stjax.models.tiny import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, parse_config, summarize
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
+from stjax.models.tiny import tiny_model_dir
 
 FAST = dict(max_new_tokens=6, batch_size=4)
 
@@ -162,6 +162,13 @@ def test_data_formats_are_detected_and_config_file_is_overridden_by_flags(bench,
         parse_config(["--config", str(config)])
     for shipped in sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml")):
         assert parse_config(["--config", str(shipped)]).model
+
+
+def test_second_per_grid_reaches_the_processor(bench):
+    _, model = bench
+    for rule in ("seed", "kept_frames"):
+        assert mcq.make_runner(EvalConfig(model=str(model), second_per_grid=rule)).processor.media.second_per_grid == rule
+    assert parse_config(["--second-per-grid", "kept_frames"]).second_per_grid == "kept_frames"
 
 
 def test_egost_videos_are_found_in_the_part_folder_under_videos(bench, tmp_path):

@@ -224,6 +224,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     ({"stage": "ppo"}, "stage='ppo' is not one of sft, grpo"),
     ({"lora.targets": "[q_proj, qkv]"}, "lora.targets"),
     ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
+    ({"data.second_per_grid": "frames"}, "data.second_per_grid='frames' is not one of seed, kept_frames"),
 ])
 def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, monkeypatch, changes, message):
     def too_far(*args, **kwargs):

@@ -1,7 +1,8 @@
 """Qwen2.5-VL through the training run (`stjax.train.sft.run`, as `python -m stjax.train`): the M-RoPE
 positions of a training batch's video tokens equal transformers' `get_rope_index` on the same videos.
 
-The reference's time step is what transformers' processor derives from a video's metadata:
+With `data.second_per_grid: kept_frames` (what the Qwen2.5-VL training configs set), the reference's
+time step is what transformers' processor derives from a video's metadata:
 second_per_grid_t = temporal_patch_size / VideoMetadata.sampled_fps, the rate of the frames the clip
 keeps (the recipe's 8, spread over the whole video) - not the rate of the frames decoded before the
 8-frame rule. Positions after a video follow the original Qwen rule (text resumes at max + 1;
@@ -39,6 +40,7 @@ def test_qwen2_5_vl_training_batch_positions_equal_transformers(synthetic_assets
     monkeypatch.setattr(sft, "host_batch", lambda cfg, micro: batches.append(micro) or host_batch(cfg, micro))
     cfg = train_config.load(None, [f"out_dir={tmp_path}", "steps=1", f"batch_size={ROWS}", "mesh=fsdp=-1",
                                    f"model.init={models['qwen2_5_vl']}", f"data.path={data}", "data.shuffle=false",
+                                   "data.second_per_grid=kept_frames",
                                    "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
                                    "data.patch_buckets=[1024, 2048]", "checkpoint.export_hf=false"])
     sft.run(cfg)

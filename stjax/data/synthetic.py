@@ -317,17 +317,44 @@ def render(walk: Walk, pose: tuple[float, float, float, int], cfg: RenderConfig)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range YUV 4:2:0 of an (H, W, 3) uint8 RGB frame, as PyAV's planar (H * 3/2, W) array.
+
+    Chroma is taken from the mean RGB of each 2x2 block. Written out here so that the pixels handed to the
+    encoder follow one formula rather than a libswscale version's code path.
+    """
+    h, w = frame.shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"YUV 4:2:0 needs an even frame size, got {w}x{h}")
+    rgb = frame.astype(np.float64)
+    block = rgb.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    y = 16 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+    u = 128 + (-37.797 * block[..., 0] - 74.203 * block[..., 1] + 112.0 * block[..., 2]) / 255
+    v = 128 + (112.0 * block[..., 0] - 93.786 * block[..., 1] - 18.214 * block[..., 2]) / 255
+    planes = [np.floor(p + 0.5).astype(np.uint8).reshape(-1) for p in (y, u, v)]  # all in [16, 240]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
 def write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
-    """H.264 mp4 with one encoder thread, so the bytes depend only on the frames."""
+    """H.264 mp4 whose bytes depend only on the frames, in every process.
+
+    x264's macroblock-tree rate control (`mbtree`, on in every preset that looks ahead) reads memory that
+    was never written in its AVX-512 code: with glibc's MALLOC_PERTURB_ set to different fill values the
+    same frames gave different files, and with mbtree off (or AVX-512 masked) identical ones. So mbtree is
+    off, the encoder runs one thread, and the colour conversion is ours (BT.601, limited range, tagged
+    so in the stream).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "23", "preset": "medium", "threads": "1"}
+        stream.options = {"crf": "23", "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
         stream.codec_context.thread_count = 1
+        stream.codec_context.colorspace = 6  # AVCOL_SPC_SMPTE170M: BT.601
+        stream.codec_context.color_range = 1  # AVCOL_RANGE_MPEG: limited (16-235 luma)
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")))
         container.mux(stream.encode())
 
 

@@ -11,6 +11,8 @@ PyTorch recipe feeds the checkpoint:
 4. Frames are resized bicubic with antialiasing (PIL BICUBIC on uint8 RGB).
 
 Only the frames kept in step 2 are decoded, which gives the same pixels as decoding all `n` first.
+Qwen2.5-VL's time positions also need the seconds per temporal patch: the recipe's value comes from
+the rate of the `n` frames, not of the 8 kept (`MediaConfig.second_per_grid` chooses).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -29,6 +31,8 @@ except ImportError:  # pragma: no cover - depends on the platform
     decord = None
 
 Backend = Literal["auto", "decord", "pyav"]
+SecondPerGrid = Literal["seed", "kept_frames"]
+SECOND_PER_GRID = get_args(SecondPerGrid)
 
 
 class SampleError(Exception):
@@ -67,6 +71,13 @@ class MediaConfig:
     merge_size: int = 2
     temporal_patch_size: int = 2
     backend: Backend = "auto"  # "auto" uses decord when importable, else PyAV
+    # Seconds per temporal patch, which spaces Qwen2.5-VL's time positions (see `second_per_grid_t`):
+    # "seed" from the rate of the n sampled frames, as the recipe; "kept_frames" from the frames kept.
+    second_per_grid: SecondPerGrid = "seed"
+
+    def __post_init__(self):
+        if self.second_per_grid not in SECOND_PER_GRID:
+            raise ValueError(f"second_per_grid={self.second_per_grid!r} is not one of {', '.join(SECOND_PER_GRID)}")
 
     @property
     def factor(self) -> int:
@@ -82,10 +93,8 @@ class VideoClip:
     frame_indices: np.ndarray  # (T,) index of each kept frame in the source video
     total_frames: int
     video_fps: float
-    # The rate of the kept frames, len(frame_indices) / total * video_fps (transformers' VideoMetadata
-    # .sampled_fps): with the 8-frame rule, 8 frames spread over the whole video, not the n decoded first.
-    sample_fps: float
-    second_per_grid_t: float  # temporal_patch_size / sample_fps (Qwen2.5-VL time positions)
+    sample_fps: float  # qwen-vl-utils' rate of the n sampled frames: n / total * video_fps
+    second_per_grid_t: float  # seconds per temporal patch (Qwen2.5-VL time positions), see second_per_grid_t()
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -136,6 +145,18 @@ def video_size(height: int, width: int, n: int, cfg: MediaConfig) -> tuple[int, 
     budget = max(min(cfg.video_max_pixels, cfg.total_pixels / n * cfg.temporal_patch_size), int(cfg.min_pixels * 1.05))
     budget = min(cfg.max_pixels, budget)
     return smart_resize(height, width, cfg.factor, cfg.min_pixels, budget)
+
+
+def second_per_grid_t(kept: int, sampled: int, total_frames: int, video_fps: float, cfg: MediaConfig) -> float:
+    """Seconds per temporal patch; Qwen2.5-VL's time position of grid t is floor(t * tokens_per_second * this).
+
+    temporal_patch_size / a frame rate: "seed", the rate of the `sampled` frames qwen-vl-utils took,
+    which is what the recipe's processor is told even after the 8-frame rule kept fewer;
+    "kept_frames", the rate of the `kept` frames over the video (transformers' `VideoMetadata.sampled_fps`),
+    so positions follow the frames' real times.
+    """
+    frames = kept if cfg.second_per_grid == "kept_frames" else sampled
+    return cfg.temporal_patch_size * total_frames / (frames * video_fps)
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -222,14 +243,14 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
     except Exception as e:
         raise SampleError(f"cannot decode frames ({backend}, truncated?): {e}", sample_id=sample_id, path=path) from e
     height, width = video_size(frames.shape[1], frames.shape[2], n, cfg)
-    sample_fps = len(indices) / reader.total_frames * reader.video_fps
+    sample_fps = n / reader.total_frames * reader.video_fps
     return VideoClip(
         frames=resize_frames(frames, height, width),
         frame_indices=indices,
         total_frames=reader.total_frames,
         video_fps=reader.video_fps,
         sample_fps=sample_fps,
-        second_per_grid_t=cfg.temporal_patch_size / sample_fps,
+        second_per_grid_t=second_per_grid_t(len(indices), n, reader.total_frames, reader.video_fps, cfg),
     )
 
 

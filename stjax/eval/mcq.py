@@ -1,6 +1,7 @@
 """Ego-ST multiple-choice evaluation: generate (or score the option letters), extract, count.
 
     python -m stjax.eval.mcq --model DIR --data FILE... [--videos DIR...] [--out DIR] [--config FILE.yaml]
+    python -m stjax.eval.mcq --model openinterx/ST-R1-mcq [--revision REV] --data FILE...   # a hub id
     python -m stjax.eval.mcq                      # embedded default: synthetic set + tiny model, no download
 
 Defaults are the seed's recipe: the "seed_mcq" prompt, 8 frames, max_pixels 360*420, fps 1.0, greedy,
@@ -39,9 +40,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
-from stjax.data.video import MediaConfig, SampleError
+from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
+from stjax.models.tiny import tiny_model_dir
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
@@ -57,11 +59,12 @@ LETTERS = "ABCDEFGHIJ"
 class EvalConfig:
     """Every option of a run; the YAML keys and the flags have these names."""
 
-    model: str | None = None  # a HF or stjax model directory; None with no data: the embedded default
+    model: str | None = None  # a HF or stjax model directory or a hub id; None with no data: the embedded default
+    revision: str | None = None  # hub id only: branch, tag or commit (default: main)
     data: list[str] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
     out: str = "runs/eval"
-    tokenizer: str | None = None  # default: the model directory
+    tokenizer: str | None = None  # a directory or hub id; default: the model's
     dtype: str | None = None  # parameter dtype; default the checkpoint's
     mode: Literal["generate", "logits"] = "generate"
     extract: Literal["default", "seed"] = "default"
@@ -69,6 +72,7 @@ class EvalConfig:
     num_frames: int = 8
     fps: float = 1.0
     max_pixels: int = 360 * 420
+    second_per_grid: Literal["seed", "kept_frames"] = "seed"  # Qwen2.5-VL time spacing (see MediaConfig)
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy, the recipe
     top_p: float = 1.0
@@ -82,8 +86,8 @@ class EvalConfig:
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
-_RESULT_KEYS = ("model", "dtype", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
-                "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
+_RESULT_KEYS = ("model", "revision", "dtype", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
+                "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
 
 
 # ---------------------------------------------------------------- data
@@ -303,12 +307,17 @@ def make_runner(cfg: EvalConfig) -> Runner:
     from transformers import AutoTokenizer
 
     from stjax.data.processor import Processor
-    from stjax.models.loading import load_pretrained
+    from stjax.models.loading import ModelNotFoundError, load_pretrained, resolve_model_dir
 
     mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
-    model, config = load_pretrained(cfg.model, dtype=cfg.dtype, mesh=mesh)
-    tokenizer_dir = cfg.tokenizer or cfg.model
-    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels)
+    try:
+        model_dir = resolve_model_dir(cfg.model, cfg.revision)
+        tokenizer_dir = resolve_model_dir(cfg.tokenizer) if cfg.tokenizer else model_dir
+    except ModelNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    model, config = load_pretrained(model_dir, dtype=cfg.dtype, mesh=mesh)
+    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
+                        second_per_grid=cfg.second_per_grid)
     processor = Processor.from_pretrained(
         tokenizer_dir, media=media, tokens_per_second=config.vision.tokens_per_second if config.is_qwen2_5 else None)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -350,7 +359,6 @@ def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[
 def embedded_default(cfg: EvalConfig) -> EvalConfig:
     """A synthetic benchmark and a tiny random model under the output folder (made once, then reused)."""
     from stjax.data.synthetic import generate as generate_benchmark
-    from stjax.models.tiny import tiny_model_dir
 
     out = Path(cfg.out)
     if not (out / "data" / "plain.jsonl").exists():
@@ -412,7 +420,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def check_config(cfg: EvalConfig) -> None:
     """Refuse options no run can use (a YAML file's values are not checked by the flag parser)."""
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
+                          ("second_per_grid", SECOND_PER_GRID)):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for f in dataclasses.fields(EvalConfig):
@@ -434,7 +443,8 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         if f.name in ("data", "videos"):
             continue
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
-        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES}.get(f.name)
+        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES,
+                   "second_per_grid": SECOND_PER_GRID}.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"default: {f.default!r}")
     args = vars(parser.parse_args(argv))

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 from flax import nnx, traverse_util
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
 from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
@@ -30,8 +32,41 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
 
 
+# What a model directory needs from a hub repository (HF or stjax layout); other weight formats are not fetched.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", f"{PARAMS_DIR}/*"]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config: missing, unexpected or mis-shaped tensors."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a directory nor a Hugging Face Hub model we can have."""
+
+
+def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
+    """The local directory of a model given as a directory or as a hub id (`owner/name`).
+
+    A directory that exists wins. Anything else goes to `huggingface_hub.snapshot_download`, so the hub's
+    own rules hold: its cache (`HF_HOME`, `HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`: the cache
+    only), the token (`HF_TOKEN` or a stored login) and `revision` (a branch, tag or commit; default main).
+    """
+    if Path(name).is_dir():
+        return Path(name)
+    what = f"{name}" + (f" (revision {revision})" if revision else "")
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=HUB_FILES))
+    except HFValidationError:
+        raise ModelNotFoundError(f"{name}: no such directory, and not a hub id (owner/name)") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelNotFoundError(f"{what}: no such directory, and not in the Hugging Face cache "
+                                     f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1: nothing is downloaded)") from None
+        raise ModelNotFoundError(f"{what}: no such directory, and the Hugging Face Hub could not be reached "
+                                 f"(nor is it in the cache {constants.HF_HUB_CACHE})") from None
+    except HfHubHTTPError as e:  # not found, gated or private (a token is missing), a revision that does not exist
+        reason = str(e).strip().splitlines()[0]
+        raise ModelNotFoundError(f"{what}: no such directory, and the Hugging Face Hub refused it: {reason}") from None
 
 
 def param_shapes(cfg: QwenVLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -273,14 +308,15 @@ def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.shar
 
 
 def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Mesh] = None,
-                    **policy) -> tuple[QwenVLForConditionalGeneration, QwenVLConfig]:
-    """Load a HF model directory or a stjax model directory.
+                    revision: str | None = None, **policy) -> tuple[QwenVLForConditionalGeneration, QwenVLConfig]:
+    """Load a HF or stjax model directory, or a hub id such as "Qwen/Qwen2-VL-7B-Instruct" (see
+    `resolve_model_dir`; `revision` picks a branch, tag or commit).
 
     `dtype` sets the parameter dtype (default: the checkpoint's); `policy` may set
     compute_dtype (default: the parameter dtype), attention and remat.
     Returns (model, config); with `mesh`, parameters are sharded by the logical-axis rules.
     """
-    path = Path(path)
+    path = resolve_model_dir(path, revision)
     cfg = QwenVLConfig.from_file(path)
     params = read_stjax_params(path) if is_stjax_dir(path) else read_hf_params(cfg, path, dtype)
     param_dtype = str(np.dtype(dtype)) if dtype is not None else str(next(iter(params.values())).dtype)

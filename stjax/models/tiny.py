@@ -1,6 +1,8 @@
-"""The embedded default model: a tiny random Qwen2-VL / Qwen2.5-VL whose vocabulary and special ids
-match a tokenizer, saved as a Hugging Face directory (the demo, the trainer and the evaluator make
-it when no model is named; tests build theirs with it)."""
+"""The embedded default model: a tiny random Qwen-VL matching a locally built tokenizer.
+
+The demo, the trainer (no `model.init`) and the evaluator (no `--model`) use it so that every path
+runs with nothing downloaded.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +10,16 @@ from pathlib import Path
 
 import numpy as np
 from flax import nnx, traverse_util
+from transformers import AutoTokenizer
+
+from stjax.data.tokenizer import special_token_ids
+from stjax.models.config import QwenVLConfig
+from stjax.models.loading import copy_side_files, save_hf
+from stjax.models.qwen_vl import init_model
 
 
 def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path:
     """A random tiny model whose vocabulary and special ids match the tokenizer, as a HF directory."""
-    from transformers import AutoTokenizer
-
-    from stjax.data.tokenizer import special_token_ids
-    from stjax.models.config import QwenVLConfig
-    from stjax.models.loading import copy_side_files, save_hf
-    from stjax.models.qwen_vl import init_model
-
     ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
     cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl")
     vocab = -(-ids["vocab_size"] // 64) * 64

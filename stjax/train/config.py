@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from stjax.data.video import SECOND_PER_GRID
 from stjax.models.attention import BACKENDS
 from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
@@ -32,9 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
-    # A preset name (configs/models/*.json, random weights), a Hugging Face directory or a stjax
-    # checkpoint directory. Empty: the embedded default, a tiny random model matching the tokenizer.
+    # A Hugging Face or stjax model directory, a preset name (configs/models/*.json, random weights) or
+    # a hub id (Qwen/Qwen2.5-VL-7B-Instruct, through the Hugging Face cache), tried in that order.
+    # Empty: the embedded default, a tiny random model matching the tokenizer.
     init: str = ""
+    revision: str = ""  # hub id only: branch, tag or commit (default: main)
     arch: str = "qwen2_vl"  # architecture of the embedded default model
     param_dtype: str = "float32"  # dtype the weights are loaded in (the frozen ones stay so)
     master_dtype: str = "float32"  # the optimizer's copy of the trained weights
@@ -56,13 +59,14 @@ class DataSection:
     format: str = "synthetic"  # synthetic | st_r1 | plain
     path: str = ""  # the JSONL file (synthetic: where to render; default <out_dir>/data)
     video_root: str = ""  # base directory of relative video paths (st_r1, plain)
-    tokenizer: str = ""  # tokenizer directory; default: the model directory, or the synthetic one
+    tokenizer: str = ""  # tokenizer directory or hub id; default: the model's, or the synthetic one
     synthetic_walks: int = 4  # synthetic data: walks to render (6 questions each)
     template: str = ""  # the prompt template (stjax.data.processor.user_text); empty: sft for SFT, grpo for GRPO
     loss_rule: str = "assistant"  # assistant | release
     num_frames: int = 8
     fps: float = 1.0
     max_pixels: int = 360 * 420
+    second_per_grid: str = "seed"  # Qwen2.5-VL time spacing: seed | kept_frames (stjax.data.video.MediaConfig)
     shuffle: bool = True
     num_workers: int = 0
     token_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
@@ -230,7 +234,8 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
     choices = {"stage": ("sft", "grpo"), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
-               "data.loss_rule": ("assistant", "release"), "data.template": ("", "sft", "grpo", "problem", "seed_mcq"),
+               "data.loss_rule": ("assistant", "release"), "data.second_per_grid": SECOND_PER_GRID,
+               "data.template": ("", "sft", "grpo", "problem", "seed_mcq"),
                "model.param_dtype": ("float32", "bfloat16"), "model.compute_dtype": ("float32", "bfloat16"),
                "model.master_dtype": ("float32", "bfloat16"),
                "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),

@@ -34,8 +34,9 @@ from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
-from stjax.models.loading import copy_side_files, load_pretrained, save_hf
+from stjax.models.loading import ModelNotFoundError, copy_side_files, load_pretrained, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
+from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed
 from stjax.train.checkpoint import Checkpointer, abstract_like
@@ -61,11 +62,16 @@ def _on_process_zero(make, what: Path) -> None:
 
 
 def tokenizer_dir(cfg: TrainConfig, out: Path) -> Path:
-    """data.tokenizer, else the synthetic set's tokenizer, else the model directory's."""
+    """data.tokenizer, else the synthetic set's tokenizer, else the model directory's (hub ids resolved)."""
     d = cfg.data
-    if d.tokenizer:
-        return Path(d.tokenizer)
-    return Path(d.path or out / "data") / "tokenizer" if d.format == "synthetic" else Path(cfg.model.init)
+    if d.format == "synthetic" and not d.tokenizer:
+        return Path(d.path or out / "data") / "tokenizer"
+    key, name, revision = ("data.tokenizer", d.tokenizer, None) if d.tokenizer else \
+        ("model.init", cfg.model.init, cfg.model.revision or None)
+    try:
+        return resolve_model_dir(name, revision)
+    except ModelNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def prepare_data(cfg: TrainConfig, out: Path) -> list:
@@ -93,17 +99,17 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
     policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
     source = m.init
     if not source:  # the embedded default: a tiny random model for the tokenizer, made once
-        from stjax.models.tiny import tiny_model_dir
-
         source = out / "base-model"
         _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
-    if Path(source).is_dir():
-        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy)
-    elif (PRESETS_DIR / f"{source}.json").exists():  # random weights of a preset's shape
+    if not Path(source).is_dir() and (PRESETS_DIR / f"{source}.json").exists():  # random weights of a preset's shape
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
         model = shard_model(init_model(model_cfg, cfg.seed), mesh)
     else:
-        raise ConfigError(f"model.init={source!r} is neither a model directory nor a preset in {PRESETS_DIR}")
+        try:
+            model_dir = resolve_model_dir(source, m.revision or None)
+        except ModelNotFoundError as e:
+            raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
+        model, _ = load_pretrained(model_dir, dtype=m.param_dtype, mesh=mesh, **policy)
     if cfg.lora.rank:
         lora = cfg.lora
         model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
@@ -204,7 +210,8 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     model_cfg = model.config
     d = cfg.data
     processor = Processor.from_pretrained(
-        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels),
+        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels,
+                                     second_per_grid=d.second_per_grid),
         tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
         loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
