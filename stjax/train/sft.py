@@ -32,7 +32,7 @@ from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor
 from stjax.data.video import MediaConfig
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
-from stjax.models.loading import copy_side_files, load_pretrained, save_hf
+from stjax.models.loading import load_pretrained, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed
@@ -136,16 +136,16 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
-def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path) -> None:
-    """The trained model as a Hugging Face directory (adapters merged), written by process 0."""
+def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True) -> None:
+    """The trained model as a Hugging Face directory (adapters merged), written by process 0 beside
+    `target` and put in place whole (`save_hf`)."""
     if model.config.lora_rank:
         model = merge_lora(model)
     cfg = model.config
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = {k: _host(v).astype(cfg.param_dtype) for k, v in params.items()}
     if jax.process_index() == 0:
-        save_hf(target, cfg, params)
-        copy_side_files(tokenizer, target)
+        save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite)
 
 
 def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:
