@@ -114,14 +114,21 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 class DirectoryLock:
-    """Hold `<directory>/.lock` for the life of a run; a second holder is refused in one line."""
+    """Hold `<directory>/.lock` for the life of a run; another process is refused in one line.
+
+    Within one process a new lock on the same directory takes over the old one (a run that raised
+    may still hold its lock through the traceback)."""
+
+    _held: dict[Path, "DirectoryLock"] = {}
 
     def __init__(self, directory: str | Path, what: str = "run"):
-        self.path = Path(directory) / ".lock"
+        self.path = (Path(directory) / ".lock").absolute()
         self.what = what
         self.handle = None
 
     def acquire(self) -> "DirectoryLock":
+        if self.path in DirectoryLock._held:
+            DirectoryLock._held[self.path].release()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
@@ -137,6 +144,7 @@ class DirectoryLock:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self.handle = handle
+        DirectoryLock._held[self.path] = self
         return self
 
     def release(self) -> None:
@@ -144,6 +152,7 @@ class DirectoryLock:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+            DirectoryLock._held.pop(self.path, None)
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()

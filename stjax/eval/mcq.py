@@ -38,10 +38,13 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
+from stjax.io import DirectoryLock, file_digest
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
+from stjax.models.loading import PARAMS_DIR
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
@@ -97,11 +100,13 @@ def read_data(path: Path, video_dir: Path | None) -> ReadResult:
             video_dir = video_dir / part if part and (video_dir / part).is_dir() else video_dir
         return read_egost_mcq(path, video_dir)
     if path.suffix == ".jsonl":
-        first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
         try:
+            first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
             row = json.loads(first)
-        except ValueError as e:
+        except ValueError as e:  # not text, or not JSON
             raise SystemExit(f"{path}: first line is not JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}: first line is not a JSON object")
         if "problem" in row and "options" not in row:
             return read_st_r1_jsonl(path, video_dir)
         return read_plain_jsonl(path, video_dir)
@@ -135,6 +140,8 @@ def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, d
             raise SystemExit(f"{path}: sample id {dup!r} appears more than once")
         samples += [(path.name, s) for s in result.samples]
         skipped[path.name] = dict(result.reasons())
+    if not samples:
+        raise SystemExit(f"no usable samples in {', '.join(map(str, files))} (records skipped: {skipped})")
     return samples[: cfg.limit], skipped
 
 
@@ -219,6 +226,8 @@ class Runner:
             arrays = self.processor(sample, self.cfg.template)
         except SampleError as e:
             return str(e)
+        except Exception as e:  # any other failure of one sample (resizing, tokenising) is recorded too
+            return f"{SampleError(f'{type(e).__name__}: {e}', sample_id=sample.id, path=sample.video)}"
         length = len(arrays["input_ids"])
         if length > self.cfg.max_prompt_tokens:
             return f"prompt has {length} tokens, over --max-prompt-tokens {self.cfg.max_prompt_tokens}"
@@ -360,32 +369,68 @@ def embedded_default(cfg: EvalConfig) -> EvalConfig:
     return dataclasses.replace(cfg, model=str(out / "tiny-model"), data=[str(out / "data" / "plain.jsonl")])
 
 
+def check_config(cfg: EvalConfig) -> None:
+    """Every option's range, before any work."""
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    least = {"num_frames": 1, "max_pixels": 28 * 28, "max_new_tokens": 1, "top_k": 0, "batch_size": 1,
+             "max_prompt_tokens": 1, "walks": 1, "limit": 1}
+    for name, value in least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < least[name]:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {least[name]}")
+    if not (cfg.fps > 0 and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
+        raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
+                         f"--top-p {cfg.top_p} in (0, 1]")
+
+
+def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
+    """What the recorded predictions were made from: each data file's SHA-256, and the model's files by
+    size and modification time (hashing a 15 GB model on every resume would cost minutes)."""
+    out = {}
+    for name in cfg.data:
+        for path in sorted(Path(name).glob("*_mcq*.json")) if Path(name).is_dir() else [Path(name)]:
+            if path.is_file():
+                out[f"data {path.name}"] = file_digest(path)
+    model = Path(cfg.model)
+    for path in sorted(model.iterdir()) if model.is_dir() else []:
+        if (path.is_file() and path.suffix in (".json", ".safetensors")) or path.name == PARAMS_DIR:
+            stat = path.stat()
+            out[f"model {path.name}"] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return out
+
+
 def check_resumable(out: Path, cfg: EvalConfig) -> None:
-    """Refuse to add predictions made under other settings to an existing predictions file."""
-    current = {k: getattr(cfg, k) for k in _RESULT_KEYS}
+    """Refuse to add predictions made under other settings, or from changed data or model files, to an
+    existing predictions file."""
+    current = {k: getattr(cfg, k) for k in _RESULT_KEYS} | {"inputs": input_fingerprints(cfg)}
     run_file = out / RUN
     if run_file.exists() and (out / PREDICTIONS).exists():
         before = json.loads(run_file.read_text())
         changed = [k for k in _RESULT_KEYS if before.get(k) != current[k]]
+        changed += [k for k, v in current["inputs"].items() if before.get("inputs", {}).get(k, v) != v]
         if changed:
-            raise SystemExit(f"{out / PREDICTIONS} was made with other settings ({', '.join(changed)} differ); "
-                             "use another --out or remove that file")
+            raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(changed)} "
+                             "differ); use another --out or remove that file")
     run_file.write_text(json.dumps(current, indent=1) + "\n")
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
+    check_config(cfg)
     if cfg.model is None and not cfg.data:
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES)):
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, cfg)
+    with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
+        return _evaluate(cfg, out)
+
+
+def _evaluate(cfg: EvalConfig, out: Path) -> dict:
     samples, skipped = load_samples(cfg)
+    check_resumable(out, cfg)
     done = {(r["file"], r["id"]) for r in load_records(out / PREDICTIONS)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
@@ -426,7 +471,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES}.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"default: {f.default!r}")
+    add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
     values = {}
     if "config" in args:
         path = args.pop("config")
@@ -443,8 +490,12 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    evaluate(parse_config(argv))
+    """Evaluate; a run in which no sample could be evaluated exits non-zero."""
+    overall = evaluate(parse_config(argv))["overall"]
+    if overall["n"] == overall["failed"]:
+        raise SystemExit(f"error: none of the {overall['n']} samples could be evaluated (their errors are in "
+                         f"{PREDICTIONS})")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

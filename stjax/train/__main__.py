@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 
-from stjax.train.config import ConfigError, TrainConfig
+from stjax.cli import add_debug_flag, run_cli
+from stjax.train.config import TrainConfig
 
 
 def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
@@ -36,20 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
 
     from stjax.train import config
-    from stjax.train.sft import TrainingStopped, run
+    from stjax.train.sft import run
 
-    try:
-        cfg = config.load(args.config, args.set, stage=args.stage)
-        summary = run(cfg)
-    except (ConfigError, TrainingStopped) as e:
-        sys.exit(f"error: {e}")
+    summary = run(config.load(args.config, args.set, stage=args.stage))
     print(f"done: {summary}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

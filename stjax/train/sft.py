@@ -35,7 +35,7 @@ from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import load_pretrained, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
-from stjax.train import distributed
+from stjax.train import distributed, rundir
 from stjax.train.batch import global_batch, host_batch
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
@@ -45,11 +45,15 @@ from stjax.train.metrics import (MetricsLogger, device_peak_flops, lm_head_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_step
 
 log = logging.getLogger(__name__)
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
+# Save a checkpoint, then exit with 128 + the signal: 143 for SIGTERM (schedulers read it as "stopped by
+# a signal, requeue"), 130 for SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class TrainingStopped(RuntimeError):
-    """Too many non-finite steps in a row; the last good state was saved."""
+    """The run cannot go on: too many non-finite steps in a row (the last good state was saved), or
+    not one step could be trained."""
 
 
 def _on_process_zero(make, what: Path) -> None:
@@ -85,6 +89,12 @@ def prepare_data(cfg: TrainConfig, out: Path) -> list:
     if not result.samples:
         raise ConfigError(f"no usable samples in {d.path or d.format}")
     return result.samples
+
+
+def data_file(cfg: TrainConfig, out: Path) -> Path:
+    """The JSONL file the samples come from (recorded, so a resume can tell when it changed)."""
+    d = cfg.data
+    return Path(d.path or out / "data") / "plain.jsonl" if d.format == "synthetic" else Path(d.path)
 
 
 def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
@@ -166,11 +176,11 @@ def run(cfg: TrainConfig) -> dict:
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
     out = Path(cfg.out_dir)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    lock = rundir.lock(out)  # a second run on out_dir is refused
+    rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg, out)
+    rundir.check_inputs(out, data_file(cfg, out))
     tokenizer = tokenizer_dir(cfg, out)
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
@@ -197,17 +207,18 @@ def run(cfg: TrainConfig) -> dict:
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del model, trainable  # the state holds the trained copies
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    start = checkpoints.latest_step or 0
+    start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
-        state = checkpoints.restore(start, abstract_like(state), data)
+        state = restored
         log.info("resumed from step %d", start)
+    rundir.write_config(out, cfg)  # the run is valid: record its settings
 
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average,
                                         loss_chunk=cfg.loss_chunk),
                       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     stop = {}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
     peak = device_peak_flops(jax.devices()[0], cfg.peak_flops or None)
     bad_in_a_row, step, saved = 0, start, start
     try:
@@ -237,20 +248,28 @@ def run(cfg: TrainConfig) -> dict:
                 if checkpoints.due(step):
                     checkpoints.save(step, state, data)
                     saved = step
+                checkpoints.check()  # a failed background save stops the run now
             summary = logger.summary()
         if step > saved:
             checkpoints.save(step, state, data)
         checkpoints.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         checkpoints.close()
         skipped = [{"id": sample_id, "reason": reason} for sample_id, reason in data.skipped]
         (out / f"skipped_samples.{jax.process_index()}.json").write_text(json.dumps(skipped, indent=1))
     if stop:
-        log.warning("stopped by SIGTERM at step %d; checkpoint saved; rerun the same command to resume", step)
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        name = signal.Signals(stop["signal"]).name
+        log.warning("stopped by %s at step %d; checkpoint saved; rerun the same command to resume", name, step)
+        raise SystemExit(128 + stop["signal"])
+    if step == 0:
+        raise TrainingStopped(f"no step was trained ({len(data.skipped)} samples skipped, reasons in "
+                              f"{out}/skipped_samples.*.json); nothing exported")
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
         export_hf(trained, out / "hf", tokenizer)
         log.info("exported the trained model to %s", out / "hf")
+    if lock is not None:
+        lock.release()
     return summary
