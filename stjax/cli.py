@@ -23,7 +23,7 @@ def one_line(error: BaseException) -> str:
     """The first line of the error's message; its type where the message alone would not say much."""
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
-    if not isinstance(error, ValueError) or not text:  # our errors are ValueErrors with full sentences
+    if not type(error).__module__.startswith("stjax") or not text:  # ours are full sentences already
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text + (" [...]" if len(lines) > 1 else "")
 

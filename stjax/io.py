@@ -7,6 +7,8 @@ process killed while writing leaves the target as it was (or absent) and a parti
 next writer removes. A target that already holds files is refused unless `overwrite`, which replaces
 it whole (an atomic swap where the kernel offers one), never file by file.
 
+`write_text_atomic` does the same for one small file (a summary, a run's settings).
+
 `DirectoryLock` is an advisory lock (flock) on `<dir>/.lock`: the kernel drops it when its process
 dies, however it dies, so a killed run never leaves a stale lock behind.
 """
@@ -159,6 +161,14 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small file beside `path` and rename it into place: readers see the old or the new text."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def file_digest(path: str | Path) -> str:

@@ -42,7 +42,7 @@ from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
-from stjax.io import DirectoryLock, file_digest
+from stjax.io import DirectoryLock, file_digest, write_text_atomic
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import PARAMS_DIR
 from stjax.sampling.sampler import SamplingConfig, generate
@@ -158,9 +158,9 @@ def load_records(path: Path) -> list[dict]:
     if text and not text.endswith("\n"):
         try:
             json.loads(lines[-1])
-            path.write_text(text + "\n")
+            write_text_atomic(path, text + "\n")
         except ValueError:
-            path.write_text(text[: len(text) - len(lines[-1])])
+            write_text_atomic(path, text[: len(text) - len(lines[-1])])
             lines = lines[:-1]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -413,7 +413,7 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
         if changed:
             raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(changed)} "
                              "differ); use another --out or remove that file")
-    run_file.write_text(json.dumps(current, indent=1) + "\n")
+    write_text_atomic(run_file, json.dumps(current, indent=1) + "\n")
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -446,7 +446,7 @@ def _evaluate(cfg: EvalConfig, out: Path) -> dict:
     keys = {(file, s.id) for file, s in samples}
     summary = summarize([r for r in load_records(out / PREDICTIONS) if (r["file"], r["id"]) in keys])
     summary["skipped_records"] = skipped
-    (out / ACCURACY).write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / ACCURACY, json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
     if any(skipped.values()):
         print(f"records skipped while reading (not scored): {skipped}")

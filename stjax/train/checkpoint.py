@@ -44,14 +44,18 @@ class SaveFailed(RuntimeError):
 
 
 def _first_line(error: BaseException) -> str:
+    """The gist of an orbax / TensorStore error, which may run to pages."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]
+    line = re.sub(r"\s*See full TensorStore details.*", "", lines[0]) if lines else type(error).__name__
+    return line[:300]
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         """`every`: save when the step is a multiple of it (0: only forced saves); keep the last `keep`."""
         self.every = every
+        self.saving: int | None = None  # the step of the latest save started
+        self.failed = False  # a save failed (and was reported)
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -70,25 +74,27 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        with self._failing_saves(step):
+        self.wait()  # orbax would too; this way a failure is blamed on the save that failed
+        self.saving = step
+        with self._failing_saves():
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def check(self) -> None:
-        """Raise SaveFailed as soon as a background save has failed (call it after every step)."""
-        with self._failing_saves(None):
-            self.manager.check_for_errors()
+        """Raise SaveFailed as soon as a background save has failed (cheap: call it after every step)."""
+        if not self.manager.is_saving_in_progress():
+            self.wait()  # returns at once, or raises the finished save's error
 
     @contextlib.contextmanager
-    def _failing_saves(self, step: int | None) -> Iterator[None]:
+    def _failing_saves(self) -> Iterator[None]:
         """Turn any error of a save into SaveFailed, after removing the partial checkpoint it left."""
         try:
             yield
         except Exception as e:
+            self.failed = True
             self.remove_partial()
             self.manager.reload()
             last = self.latest_step
-            which = f"checkpoint {step}" if step is not None else "a checkpoint"
-            raise SaveFailed(f"writing {which} to {self.directory} failed: {_first_line(e)}; "
+            raise SaveFailed(f"writing checkpoint {self.saving} to {self.directory} failed: {_first_line(e)}; "
                              f"the last good checkpoint is {last if last is not None else 'none'}") from e
 
     def remove_partial(self) -> None:
@@ -104,14 +110,11 @@ class Checkpointer:
         the small metadata file), CheckpointDamaged for one whose files cannot be read."""
         where = self.directory / str(step)
         try:
-            with ocp.StandardCheckpointer() as reader:
-                saved = reader.metadata(where / "state").item_metadata
+            saved = ocp.StandardCheckpointHandler().metadata(where / "state")
         except Exception as e:
             raise CheckpointDamaged(f"cannot read its metadata: {_first_line(e)}") from e
-        if saved is None:
-            raise CheckpointDamaged("no readable state/ metadata")
         shapes = lambda tree: Counter(tuple(x.shape) for x in jax.tree.leaves(tree))
-        if shapes(saved.tree if hasattr(saved, "tree") else saved) != shapes(abstract_state):
+        if shapes(saved.tree) != shapes(abstract_state):
             raise CheckpointMismatch(f"checkpoint {where} does not match this run's train state (model config, "
                                      "LoRA settings, optimizer): its arrays have other shapes")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -155,11 +158,13 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the background writes are done (before exiting or reading the files)."""
-        with self._failing_saves(None):
+        with self._failing_saves():
             self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Finish the background writes; a failure already reported as SaveFailed is not raised again."""
+        with contextlib.suppress(Exception) if self.failed else self._failing_saves():
+            self.manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

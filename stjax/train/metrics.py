@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +24,7 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from stjax.io import write_text_atomic
 from stjax.models.config import QwenVLConfig
 
 # Dense bf16 peak FLOP/s per chip, keyed by a lower-case piece of `jax.Device.device_kind`.
@@ -115,9 +115,7 @@ def drop_steps_after(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(kept))
-    os.replace(partial, path)
+    write_text_atomic(path, "".join(kept))
 
 
 class MetricsLogger:
@@ -194,7 +192,7 @@ class MetricsLogger:
         }
         text = json.dumps(summary, allow_nan=False)
         if self.out_dir is not None:
-            (self.out_dir / "summary.json").write_text(text + "\n")
+            write_text_atomic(self.out_dir / "summary.json", text + "\n")
         tqdm.write(f"summary: {text}")
         return summary
 

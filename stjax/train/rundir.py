@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
 
-from stjax.io import DirectoryLock, file_digest
+from stjax.io import DirectoryLock, file_digest, write_text_atomic
 from stjax.train.config import ConfigError, TrainConfig
 
 CONFIG, INPUTS = "config.json", "inputs.json"
@@ -78,9 +77,5 @@ def write_config(out: Path, cfg: TrainConfig) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write beside and rename, so a reader never sees half a file (process 0 writes)."""
-    if jax.process_index() != 0:
-        return
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(value, indent=1))
-    os.replace(partial, path)
+    if jax.process_index() == 0:
+        write_text_atomic(path, json.dumps(value, indent=1))

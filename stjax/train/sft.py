@@ -31,6 +31,7 @@ from stjax.data.formats import read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor
 from stjax.data.video import MediaConfig
+from stjax.io import write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import load_pretrained, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
@@ -258,7 +259,7 @@ def run(cfg: TrainConfig) -> dict:
             signal.signal(signum, handler)
         checkpoints.close()
         skipped = [{"id": sample_id, "reason": reason} for sample_id, reason in data.skipped]
-        (out / f"skipped_samples.{jax.process_index()}.json").write_text(json.dumps(skipped, indent=1))
+        write_text_atomic(out / f"skipped_samples.{jax.process_index()}.json", json.dumps(skipped, indent=1))
     if stop:
         name = signal.Signals(stop["signal"]).name
         log.warning("stopped by %s at step %d; checkpoint saved; rerun the same command to resume", name, step)
