@@ -27,7 +27,7 @@ def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path
 
     from stjax.data.tokenizer import special_token_ids
     from stjax.models.config import QwenVLConfig
-    from stjax.models.loading import copy_side_files, save_hf
+    from stjax.models.loading import save_hf
     from stjax.models.qwen_vl import init_model
 
     ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
@@ -37,8 +37,7 @@ def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path
                       **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "vision_start_token_id",
                                              "vision_end_token_id", "image_token_id", "video_token_id")})
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param)))
-    save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()})
-    copy_side_files(tokenizer_dir, out)
+    save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()}, side_files=tokenizer_dir, overwrite=True)
     return out
 
 
@@ -69,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_dir = tiny_model_dir(data / "tokenizer", out / "tiny-hf", args.arch, args.seed)
     print(f"[2/4] tiny {args.arch} model: {hf_dir}")
 
-    hf_to_stjax(hf_dir, out / "tiny-stjax")
-    stjax_to_hf(out / "tiny-stjax", out / "tiny-hf-roundtrip")
+    hf_to_stjax(hf_dir, out / "tiny-stjax", overwrite=True)  # the demo's own outputs: a rerun replaces them
+    stjax_to_hf(out / "tiny-stjax", out / "tiny-hf-roundtrip", overwrite=True)
     exact = not differing_tensors(hf_dir, out / "tiny-hf-roundtrip")
     print(f"[3/4] HF -> stjax -> HF round trip bit-exact: {exact}")
     if not exact:

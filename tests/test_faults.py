@@ -83,7 +83,7 @@ def test_killed_conversions_leave_the_old_or_the_new_model(models, tmp_path):
     root, a_hf, b_hf = models
     rng = random.Random(15)
     seen = []
-    for i, signum in enumerate(KILLS * 2):  # stjax -> HF over an existing export of the other model
+    for i, signum in enumerate(KILLS):  # stjax -> HF over an existing export of the other model
         target = tmp_path / f"hf{i}"
         stjax_to_hf(root / "a-stjax", target, max_shard_bytes=50_000)
         kill_while_writing([sys.executable, "convert/to_hf.py", str(root / "b-stjax"), str(target), "--overwrite",
@@ -164,7 +164,7 @@ def test_a_killed_evaluation_resumes_to_the_same_records(tmp_path):
     model = tiny_model_dir(data / "tokenizer", tmp_path / "model", "qwen2_5_vl", seed=0)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "stjax.eval.mcq", "--model", str(model), "--data", str(data / "plain.jsonl"),
-            "--out", str(out), "--batch-size", "1", "--mode", "logits"]
+            "--out", str(out), "--batch-size", "1", "--mode", "logits", "--num-frames", "4", "--max-pixels", "12544"]
     rng = random.Random(18)
     predictions = out / "predictions.jsonl"
     kill_while_writing(args, lambda: predictions.exists() and predictions.stat().st_size > 0, 1.0, rng,

@@ -221,6 +221,17 @@ def test_a_refused_resume_changes_nothing_and_is_refused_before_the_model_is_bui
     assert files() == before  # (the lock file names its latest holder)
 
 
+def test_a_tokenizer_that_does_not_match_the_model_is_refused_before_the_model_is_built(assets, tmp_path, monkeypatch):
+    data, model = assets
+    other = shutil.copytree(model, tmp_path / "model")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, video_token_id=config["video_token_id"] + 1)))
+    monkeypatch.setattr(sft, "prepare_model", lambda *args: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match="image/video/vision-start ids .* differ from the model's"):
+        refused(tmp_path / "run", assets, **{"model.init": other})
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_a_changed_data_file_is_detected_on_resume(assets, tmp_path, monkeypatch):
     data, _ = assets
     plain = tmp_path / "plain.jsonl"

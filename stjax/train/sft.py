@@ -121,6 +121,13 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
     return model
 
 
+def check_tokenizer_early(cfg: TrainConfig, tokenizer: Path) -> None:
+    """`check_tokenizer` on model.init's config.json (small files), before the large model is built; the
+    embedded default's model is made for its tokenizer."""
+    if cfg.model.init:
+        check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(cfg.model.init))
+
+
 def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
     spec = processor.rope_spec
     ours = (spec.image_token_id, spec.video_token_id, spec.vision_start_token_id)
@@ -183,6 +190,7 @@ def run(cfg: TrainConfig) -> dict:
     samples = prepare_data(cfg, out)
     rundir.check_inputs(out, data_file(cfg, out))
     tokenizer = tokenizer_dir(cfg, out)
+    check_tokenizer_early(cfg, tokenizer)
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
