@@ -15,6 +15,8 @@ Output (`--out`): `predictions.jsonl`, one record per sample written as each bat
 stopped run resumes where it stopped; `accuracy.json` per file, task, direction and overall.
 A sample that cannot be run (unreadable video, prompt over --max-prompt-tokens) is recorded with an
 "error" and counts as wrong; records already in the file, failed ones included, are never redone.
+One run at a time per --out (a second is refused); resuming under other settings or with changed data
+or model files is refused; a run in which no sample could be evaluated exits non-zero.
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ class Runner:
         except SampleError as e:
             return str(e)
         except Exception as e:  # any other failure of one sample (resizing, tokenising) is recorded too
-            return f"{SampleError(f'{type(e).__name__}: {e}', sample_id=sample.id, path=sample.video)}"
+            return str(SampleError(f"{type(e).__name__}: {e}", sample_id=sample.id, path=sample.video))
         length = len(arrays["input_ids"])
         if length > self.cfg.max_prompt_tokens:
             return f"prompt has {length} tokens, over --max-prompt-tokens {self.cfg.max_prompt_tokens}"
@@ -376,10 +378,10 @@ def check_config(cfg: EvalConfig) -> None:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     least = {"num_frames": 1, "max_pixels": 28 * 28, "max_new_tokens": 1, "top_k": 0, "batch_size": 1,
              "max_prompt_tokens": 1, "walks": 1, "limit": 1}
-    for name, value in least.items():
+    for name, minimum in least.items():
         value = getattr(cfg, name)
-        if value is not None and value < least[name]:
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {least[name]}")
+        if value is not None and value < minimum:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
     if not (cfg.fps > 0 and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
         raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
                          f"--top-p {cfg.top_p} in (0, 1]")
