@@ -1,6 +1,6 @@
 """Convert a Hugging Face Qwen2-VL / Qwen2.5-VL directory into a stjax model directory.
 
-    python convert/to_stjax.py HF_DIR_OR_HUB_ID OUT_DIR [--revision REV] [--dtype bfloat16]
+    python convert/to_stjax.py HF_DIR_OR_HUB_ID OUT_DIR [--revision REV] [--dtype bfloat16] [--overwrite]
 
 Reads the safetensors (one file or shards with model.safetensors.index.json; on-disk or in-memory
 tensor names) one tensor at a time into stacked arrays, writes them as an orbax checkpoint with
@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
+from stjax.cli import add_debug_flag, run_cli  # noqa: E402
 from stjax.convert import hf_to_stjax  # noqa: E402
-from stjax.models.loading import ModelNotFoundError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None,
                         help="cast parameters to this dtype (float32, bfloat16, ...); default: keep the checkpoint's")
     parser.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR whole when it already holds files (default: refuse)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        hf_to_stjax(args.hf_dir, args.out_dir, dtype=args.dtype, revision=args.revision)
-    except ModelNotFoundError as e:
-        sys.exit(f"error: {e}")
+    hf_to_stjax(args.hf_dir, args.out_dir, dtype=args.dtype, revision=args.revision, overwrite=args.overwrite)
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

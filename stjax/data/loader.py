@@ -5,8 +5,8 @@ skip bad samples, and pad batches into a few fixed shapes.
 
 Every batch is padded to the smallest configured bucket that fits its longest sequence and its
 largest patch count, so a jitted step compiles once per (token bucket, patch bucket) pair. A sample
-that raises SampleError (missing or broken video, too long, ...) is dropped and recorded in
-`iterator.skipped`; the run goes on. Iterator state (`get_state` / `set_state`) restores the exact
+that fails (SampleError: missing or broken video, too long, ...; or any other error while it is
+encoded) is dropped and recorded with its reason in `iterator.skipped`; the run goes on. Iterator state (`get_state` / `set_state`) restores the exact
 position, so a resumed run yields the same batches it would have without the interruption.
 
 Batch layout (leading axis = batch, unlike Hugging Face's flat patch list, so batches shard over data
@@ -82,6 +82,8 @@ class _Encode:
             return out | {"sample_id": sample.id}
         except SampleError as e:
             return {"skipped": str(e), "id": sample.id}
+        except Exception as e:  # any other failure of one sample (resizing, tokenising) skips it too
+            return {"skipped": str(SampleError(f"{type(e).__name__}: {e}", sample_id=sample.id)), "id": sample.id}
 
 
 def _pad_to(x: np.ndarray, length: int, axis: int, value) -> np.ndarray:

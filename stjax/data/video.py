@@ -242,10 +242,14 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
         frames = reader.get(indices)
     except Exception as e:
         raise SampleError(f"cannot decode frames ({backend}, truncated?): {e}", sample_id=sample_id, path=path) from e
-    height, width = video_size(frames.shape[1], frames.shape[2], n, cfg)
+    try:
+        height, width = video_size(frames.shape[1], frames.shape[2], n, cfg)
+        frames = resize_frames(frames, height, width)
+    except Exception as e:  # an aspect ratio over 200, ...
+        raise SampleError(f"cannot resize frames: {e}", sample_id=sample_id, path=path) from e
     sample_fps = n / reader.total_frames * reader.video_fps
     return VideoClip(
-        frames=resize_frames(frames, height, width),
+        frames=frames,
         frame_indices=indices,
         total_frames=reader.total_frames,
         video_fps=reader.video_fps,

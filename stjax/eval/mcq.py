@@ -16,6 +16,8 @@ Output (`--out`): `predictions.jsonl`, one record per sample written as each bat
 stopped run resumes where it stopped; `accuracy.json` per file, task, direction and overall.
 A sample that cannot be run (unreadable video, prompt over --max-prompt-tokens) is recorded with an
 "error" and counts as wrong; records already in the file, failed ones included, are never redone.
+One run at a time per --out (a second is refused); resuming under other settings or with changed data
+or model files is refused; a run in which no sample could be evaluated exits non-zero.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
+from stjax.io import DirectoryLock, file_digest, write_text_atomic
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
+from stjax.models.loading import PARAMS_DIR
 from stjax.models.tiny import tiny_model_dir
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
@@ -101,11 +106,13 @@ def read_data(path: Path, video_dir: Path | None) -> ReadResult:
             video_dir = video_dir / part if part and (video_dir / part).is_dir() else video_dir
         return read_egost_mcq(path, video_dir)
     if path.suffix == ".jsonl":
-        first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
         try:
+            first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
             row = json.loads(first)
-        except ValueError as e:
+        except ValueError as e:  # not text, or not JSON
             raise SystemExit(f"{path}: first line is not JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}: first line is not a JSON object")
         if "problem" in row and "options" not in row:
             return read_st_r1_jsonl(path, video_dir)
         return read_plain_jsonl(path, video_dir)
@@ -139,6 +146,8 @@ def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, d
             raise SystemExit(f"{path}: sample id {dup!r} appears more than once")
         samples += [(path.name, s) for s in result.samples]
         skipped[path.name] = dict(result.reasons())
+    if not samples:
+        raise SystemExit(f"no usable samples in {', '.join(map(str, files))} (records skipped: {skipped})")
     return samples[: cfg.limit], skipped
 
 
@@ -155,9 +164,9 @@ def load_records(path: Path) -> list[dict]:
     if text and not text.endswith("\n"):
         try:
             json.loads(lines[-1])
-            path.write_text(text + "\n")
+            write_text_atomic(path, text + "\n")
         except ValueError:
-            path.write_text(text[: len(text) - len(lines[-1])])
+            write_text_atomic(path, text[: len(text) - len(lines[-1])])
             lines = lines[:-1]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -223,6 +232,8 @@ class Runner:
             arrays = self.processor(sample, self.cfg.template)
         except SampleError as e:
             return str(e)
+        except Exception as e:  # any other failure of one sample (resizing, tokenising) is recorded too
+            return str(SampleError(f"{type(e).__name__}: {e}", sample_id=sample.id, path=sample.video))
         length = len(arrays["input_ids"])
         if length > self.cfg.max_prompt_tokens:
             return f"prompt has {length} tokens, over --max-prompt-tokens {self.cfg.max_prompt_tokens}"
@@ -368,30 +379,76 @@ def embedded_default(cfg: EvalConfig) -> EvalConfig:
     return dataclasses.replace(cfg, model=str(out / "tiny-model"), data=[str(out / "data" / "plain.jsonl")])
 
 
+def check_config(cfg: EvalConfig) -> None:
+    """Every option's choices, type and range, before any work (a YAML file's values are not checked
+    by the flag parser)."""
+    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
+                          ("second_per_grid", SECOND_PER_GRID)):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for f in dataclasses.fields(EvalConfig):
+        value = getattr(cfg, f.name)
+        kinds = {int: (int,), float: (int, float)}.get(type(f.default))
+        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
+                             f"got {value!r}")
+    least = {"num_frames": 1, "max_pixels": 28 * 28, "max_new_tokens": 1, "top_k": 0, "batch_size": 1,
+             "max_prompt_tokens": 1, "walks": 1, "limit": 1}
+    for name, minimum in least.items():
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+    if not (cfg.fps > 0 and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
+        raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
+                         f"--top-p {cfg.top_p} in (0, 1]")
+
+
+def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
+    """What the recorded predictions were made from: each data file's SHA-256, and the model's files by
+    size and modification time (hashing a 15 GB model on every resume would cost minutes)."""
+    out = {}
+    for name in cfg.data:
+        for path in sorted(Path(name).glob("*_mcq*.json")) if Path(name).is_dir() else [Path(name)]:
+            if path.is_file():
+                out[f"data {path.name}"] = file_digest(path)
+    model = Path(cfg.model)
+    for path in sorted(model.iterdir()) if model.is_dir() else []:
+        if (path.is_file() and path.suffix in (".json", ".safetensors")) or path.name == PARAMS_DIR:
+            stat = path.stat()
+            out[f"model {path.name}"] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return out
+
+
 def check_resumable(out: Path, cfg: EvalConfig) -> None:
-    """Refuse to add predictions made under other settings to an existing predictions file."""
-    current = {k: getattr(cfg, k) for k in _RESULT_KEYS}
+    """Refuse to add predictions made under other settings, or from changed data or model files, to an
+    existing predictions file."""
+    current = {k: getattr(cfg, k) for k in _RESULT_KEYS} | {"inputs": input_fingerprints(cfg)}
     run_file = out / RUN
     if run_file.exists() and (out / PREDICTIONS).exists():
         before = json.loads(run_file.read_text())
         changed = [k for k in _RESULT_KEYS if before.get(k) != current[k]]
+        changed += [k for k, v in current["inputs"].items() if before.get("inputs", {}).get(k, v) != v]
         if changed:
-            raise SystemExit(f"{out / PREDICTIONS} was made with other settings ({', '.join(changed)} differ); "
-                             "use another --out or remove that file")
-    run_file.write_text(json.dumps(current, indent=1) + "\n")
+            raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(changed)} "
+                             "differ); use another --out or remove that file")
+    write_text_atomic(run_file, json.dumps(current, indent=1) + "\n")
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
+    check_config(cfg)
     if cfg.model is None and not cfg.data:
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    check_config(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, cfg)
+    with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
+        return _evaluate(cfg, out)
+
+
+def _evaluate(cfg: EvalConfig, out: Path) -> dict:
     samples, skipped = load_samples(cfg)
+    check_resumable(out, cfg)
     done = {(r["file"], r["id"]) for r in load_records(out / PREDICTIONS)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
@@ -407,7 +464,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     keys = {(file, s.id) for file, s in samples}
     summary = summarize([r for r in load_records(out / PREDICTIONS) if (r["file"], r["id"]) in keys])
     summary["skipped_records"] = skipped
-    (out / ACCURACY).write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / ACCURACY, json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
     if any(skipped.values()):
         print(f"records skipped while reading (not scored): {skipped}")
@@ -416,20 +473,6 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 # ---------------------------------------------------------------- command line
-
-
-def check_config(cfg: EvalConfig) -> None:
-    """Refuse options no run can use (a YAML file's values are not checked by the flag parser)."""
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
-                          ("second_per_grid", SECOND_PER_GRID)):
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for f in dataclasses.fields(EvalConfig):
-        value = getattr(cfg, f.name)
-        kinds = {int: (int,), float: (int, float)}.get(type(f.default))
-        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
-                             f"got {value!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
@@ -447,7 +490,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
                    "second_per_grid": SECOND_PER_GRID}.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"default: {f.default!r}")
+    add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
     values = {}
     if "config" in args:
         path = args.pop("config")
@@ -464,8 +509,12 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    evaluate(parse_config(argv))
+    """Evaluate; a run in which no sample could be evaluated exits non-zero."""
+    overall = evaluate(parse_config(argv))["overall"]
+    if overall["n"] == overall["failed"]:
+        raise SystemExit(f"error: none of the {overall['n']} samples could be evaluated (their errors are in "
+                         f"{PREDICTIONS})")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -106,6 +106,21 @@ class QwenVLConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"unknown model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        t, v = self.text, self.vision
+        sizes = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+                 "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+                 "num_key_value_heads": t.num_kv_heads, "vision depth": v.depth, "vision hidden_size": v.hidden_size,
+                 "vision num_heads": v.num_heads, "vision intermediate_size": v.intermediate_size,
+                 "vision out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
+                 "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size}
+        bad = [f"{name}={value!r}" for name, value in sizes.items()
+               if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: must be positive integers")
+        for name, size, heads in (("hidden_size", t.hidden_size, t.num_heads),
+                                  ("vision hidden_size", v.hidden_size, v.num_heads)):
+            if size % heads:
+                raise ConfigError(f"{name}={size} is not a multiple of its {heads} attention heads")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
             raise ConfigError(
                 f"mrope_section {self.text.mrope_section} must sum to head_dim/2 = {self.text.head_dim // 2}"
@@ -254,9 +269,14 @@ class QwenVLConfig:
             raise ConfigError(f"no config.json at {path}")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d, **policy)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a {type(d).__name__}, not a mapping of config fields")
+        try:
+            return cls.from_hf_dict(d, **policy)
+        except (ConfigError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
-from stjax.models.config import QwenVLConfig
+from stjax.io import atomic_dir
+from stjax.models.config import ConfigError, QwenVLConfig
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
 from stjax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 from stjax.models.weights import Rule, canonical_name, hf_names, num_layers, rules, to_hf, to_stjax
 
 Params = dict[tuple[str, ...], np.ndarray]
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float64))
 PARAMS_DIR = "params"
 # Files a model directory carries besides weights and config (copied along by the converters).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -157,7 +160,7 @@ def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
                 raise CheckpointError(f"tensor {name}: expected shape {want}, got {info.shape}")
             if info.dtype != source:
                 raise CheckpointError(f"tensor {name}: expected dtype {source}, got {info.dtype}")
-        out[rule.path] = HFParam(rule, full, np.dtype(dtype) if dtype is not None else source,
+        out[rule.path] = HFParam(rule, full, float_dtype(dtype) if dtype is not None else source,
                                  tuple(names[rule.hf.format(i=i)] for i in layers), reader, progress)
     return out
 
@@ -208,36 +211,59 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
     return plan
 
 
+def float_dtype(dtype) -> Optional[np.dtype]:
+    """`dtype` as a NumPy floating dtype (None stays None); integer or bool casts would destroy weights."""
+    if dtype is None:
+        return None
+    try:
+        result = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    if result not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype {dtype} is not a floating type; use float32, bfloat16 or float16")
+    return result
+
+
 def save_hf(directory: str | Path, cfg: QwenVLConfig, params: dict, dtype=None,
-            max_shard_bytes: int = 5 << 30, progress: Optional[Callable[[int], None]] = None) -> None:
-    """Write a HF model directory: safetensors (sharded past `max_shard_bytes`) and config.json."""
-    plan = plan_hf_tensors(cfg, params, dtype)
-    write_safetensors(directory, plan, max_shard_bytes, progress)
-    cfg.replace(param_dtype=str(plan[0].dtype)).save(directory)
+            max_shard_bytes: int = 5 << 30, progress: Optional[Callable[[int], None]] = None,
+            side_files: str | Path | None = None, overwrite: bool = False) -> None:
+    """Write a HF model directory: safetensors (sharded past `max_shard_bytes`), config.json and the
+    side files of the `side_files` directory, all built beside `directory` and put in place when
+    complete (`stjax.io.atomic_dir`: an occupied `directory` is refused unless `overwrite`)."""
+    plan = plan_hf_tensors(cfg, params, float_dtype(dtype))
+    with atomic_dir(directory, overwrite) as partial:
+        write_safetensors(partial, plan, max_shard_bytes, progress)
+        cfg.replace(param_dtype=str(plan[0].dtype)).save(partial)
+        if side_files is not None:
+            copy_side_files(side_files, partial)
 
 
 def _param_dir(directory: Path, path: tuple[str, ...]) -> Path:
     return directory / PARAMS_DIR / ".".join(path)
 
 
-def save_stjax(directory: str | Path, cfg: QwenVLConfig, params: dict) -> None:
-    """Write a stjax model directory: config.json and one orbax checkpoint per parameter.
+def save_stjax(directory: str | Path, cfg: QwenVLConfig, params: dict, side_files: str | Path | None = None,
+               overwrite: bool = False) -> None:
+    """Write a stjax model directory: config.json, one orbax checkpoint per parameter and the side files
+    of the `side_files` directory, built beside `directory` and put in place when complete (as `save_hf`).
 
     `params` maps paths to arrays or lazy sources (.read()). Each parameter is read, written and
     released before the next, so saving never holds more than one parameter beyond the caller's.
     """
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    (directory / PARAMS_DIR).mkdir(parents=True, exist_ok=True)
-    dtype = None
-    with ocp.PyTreeCheckpointer() as ckpt:
-        for path, source in params.items():
-            array = source.read() if hasattr(source, "read") else np.asarray(source)
-            ckpt.save(_param_dir(directory, path), {"value": array}, force=True)
-            dtype = dtype or str(array.dtype)
-            del array
-    cfg.replace(param_dtype=dtype).save(directory)
+    with atomic_dir(directory, overwrite) as partial:
+        (partial / PARAMS_DIR).mkdir()
+        dtype = None
+        with ocp.PyTreeCheckpointer() as ckpt:
+            for path, source in params.items():
+                array = source.read() if hasattr(source, "read") else np.asarray(source)
+                ckpt.save(_param_dir(partial, path), {"value": array}, force=True)
+                dtype = dtype or str(array.dtype)
+                del array
+        cfg.replace(param_dtype=dtype).save(partial)
+        if side_files is not None:
+            copy_side_files(side_files, partial)
 
 
 @dataclass(frozen=True)
@@ -316,7 +342,10 @@ def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Me
     compute_dtype (default: the parameter dtype), attention and remat.
     Returns (model, config); with `mesh`, parameters are sharded by the logical-axis rules.
     """
+    if Path(path).is_file():
+        raise ConfigError(f"{path} is not a model directory (it is a file)")
     path = resolve_model_dir(path, revision)
+    dtype = float_dtype(dtype)
     cfg = QwenVLConfig.from_file(path)
     params = read_stjax_params(path) if is_stjax_dir(path) else read_hf_params(cfg, path, dtype)
     param_dtype = str(np.dtype(dtype)) if dtype is not None else str(next(iter(params.values())).dtype)

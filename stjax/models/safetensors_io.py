@@ -54,14 +54,30 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             raise SafetensorsError(f"{file}: corrupt safetensors header ({e})") from None
     start = 8 + size
     out = {}
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{file}: corrupt safetensors header (not a JSON object)")
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
-        begin, _ = meta["data_offsets"]
-        out[name] = TensorInfo(file, DTYPES[meta["dtype"]], tuple(meta["shape"]), start + begin)
+        try:
+            dtype, shape, (begin, _) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise SafetensorsError(f"{file}: corrupt safetensors header entry for {name} ({e!r})") from None
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        out[name] = TensorInfo(file, DTYPES[dtype], shape, start + begin)
     return out
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> file map, or a SafetensorsError saying what is wrong with it."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError) as e:  # not JSON (or not text), or not a JSON object
+        raise SafetensorsError(f"{index} is not a safetensors index: {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise SafetensorsError(f"{index} has no \"weight_map\" of tensor names to file names")
+    return weight_map
 
 
 class SafetensorsReader:
@@ -71,8 +87,7 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({directory / f for f in weight_map.values()})
+            files = sorted({directory / f for f in _weight_map(index).values()})
         else:
             files = sorted(directory.glob("*.safetensors"))
         if not files:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from stjax.data.tokenizer import special_token_ids
 from stjax.models.config import QwenVLConfig
-from stjax.models.loading import copy_side_files, save_hf
+from stjax.models.loading import save_hf
 from stjax.models.qwen_vl import init_model
 
 
@@ -27,6 +27,5 @@ def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path
                       **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "vision_start_token_id",
                                              "vision_end_token_id", "image_token_id", "video_token_id")})
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param)))
-    save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()})
-    copy_side_files(tokenizer_dir, out)
+    save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()}, side_files=tokenizer_dir, overwrite=True)
     return out

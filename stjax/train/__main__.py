@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 
-from stjax.train.config import ConfigError, TrainConfig
+from stjax.cli import add_debug_flag, run_cli
+from stjax.train.config import TrainConfig
 
 
 def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
@@ -37,21 +37,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
 
     from stjax.train import config, grpo, sft
-    from stjax.train.loop import TrainingStopped
 
-    try:
-        defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
-        cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
-        summary = (grpo.run if cfg.stage == "grpo" else sft.run)(cfg)
-    except (ConfigError, TrainingStopped) as e:
-        sys.exit(f"error: {e}")
+    defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
+    cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
+    summary = (grpo.run if cfg.stage == "grpo" else sft.run)(cfg)
     print(f"done: {summary}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

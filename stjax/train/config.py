@@ -247,6 +247,21 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
             value = getattr(value, part)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    d, o = cfg.data, cfg.optim
+    ranges = [("steps", cfg.steps, 0, "0: epochs over the data"), ("epochs", cfg.epochs, 1, ""),
+              ("batch_size", cfg.batch_size, 1, ""), ("micro_batch_size", cfg.micro_batch_size, 0, "0: batch_size"),
+              ("data.num_frames", d.num_frames, 1, ""),
+              ("data.max_pixels", d.max_pixels, 28 * 28, "one merged patch"), ("data.num_workers", d.num_workers, 0, ""),
+              ("data.synthetic_walks", d.synthetic_walks, 1, ""), ("optim.total_steps", o.total_steps, 0, "")]
+    for key, value, least, why in ranges:
+        if value < least:
+            raise ConfigError(f"{key}={value} must be >= {least}" + (f" ({why})" if why else ""))
+    if not (d.fps > 0 and o.learning_rate >= 0 and 0 <= o.warmup_ratio <= 1 and o.max_grad_norm >= 0):
+        raise ConfigError(f"data.fps={d.fps} must be > 0, optim.learning_rate={o.learning_rate} >= 0, "
+                          f"optim.warmup_ratio={o.warmup_ratio} in [0, 1], optim.max_grad_norm={o.max_grad_norm} >= 0")
+    if min(d.token_buckets + d.patch_buckets, default=0) < 1:
+        raise ConfigError(f"data.token_buckets {d.token_buckets} and data.patch_buckets {d.patch_buckets} must be "
+                          "non-empty lists of positive sizes")
     try:
         mesh = mesh_shape(parse_mesh(cfg.mesh), num_devices)
     except ValueError as e:

@@ -1,6 +1,6 @@
 """Export a training checkpoint to a Hugging Face directory (LoRA merged), on request:
 
-    python -m stjax.train.export RUN_DIR [--step N] [--out DIR]
+    python -m stjax.train.export RUN_DIR [--step N] [--out DIR] [--overwrite]
 
 RUN_DIR is a run's out_dir (its config.json says how the model was built); the default step is the
 latest checkpoint and the default target RUN_DIR/hf-<step>. Runs also export at their end
@@ -15,6 +15,8 @@ from pathlib import Path
 
 from flax import nnx
 
+from stjax.cli import add_debug_flag, run_cli
+from stjax.io import check_target
 from stjax.sharding import make_mesh
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
@@ -22,7 +24,9 @@ from stjax.train.loop import export_hf, placed_state, prepare_model, tokenizer_d
 from stjax.train.step import split_trainable
 
 
-def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
+def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write checkpoint `step` of the run as a HF directory at `out`, refusing an occupied `out` unless `overwrite`."""
     run_dir = Path(run_dir)
     try:
         cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
@@ -33,14 +37,15 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     if step is None or step not in checkpoints.manager.all_steps():
         raise ConfigError(f"no checkpoint {step if step else ''} in {run_dir / 'checkpoints'} "
                           f"(there are {list(checkpoints.manager.all_steps())})")
+    out = Path(out or run_dir / f"hf-{step}")
+    check_target(out, overwrite)  # before building the model
     mesh = make_mesh({"fsdp": -1})
     tokenizer = tokenizer_dir(cfg, run_dir)
     graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
     target = abstract_like(placed_state(trainable, cfg.optim, cfg.seed, mesh, cfg.model.master_dtype))
     state = checkpoints.restore(step, target, None)
     checkpoints.close()
-    out = Path(out or run_dir / f"hf-{step}")
-    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer)
+    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite)
     return out
 
 
@@ -49,12 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="the run's out_dir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", help="target directory (default: RUN_DIR/hf-<step>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the target whole when it holds files")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        print(f"exported to {export_checkpoint(args.run_dir, args.step, args.out)}")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    print(f"exported to {export_checkpoint(args.run_dir, args.step, args.out, args.overwrite)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

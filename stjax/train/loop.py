@@ -33,12 +33,13 @@ from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
+from stjax.io import write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
-from stjax.models.loading import ModelNotFoundError, copy_side_files, load_pretrained, resolve_model_dir, save_hf
+from stjax.models.loading import ModelNotFoundError, load_pretrained, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
-from stjax.train import distributed
+from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
 from stjax.train.lora import merge_lora, with_lora
@@ -46,11 +47,15 @@ from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
 
 log = logging.getLogger(__name__)
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "stopped by a signal, requeue"
+# Save a checkpoint, then exit with 128 + the signal: 143 for SIGTERM (schedulers read it as "stopped by
+# a signal, requeue"), 130 for SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class TrainingStopped(RuntimeError):
-    """Too many non-finite steps in a row; the last good state was saved."""
+    """The run cannot go on: too many non-finite steps in a row (the last good state was saved), or
+    not one step could be trained."""
 
 
 def _on_process_zero(make, what: Path) -> None:
@@ -93,27 +98,49 @@ def prepare_data(cfg: TrainConfig, out: Path) -> list:
     return result.samples
 
 
+def data_file(cfg: TrainConfig, out: Path) -> Path:
+    """The JSONL file the samples come from (recorded, so a resume can tell when it changed)."""
+    d = cfg.data
+    return Path(d.path or out / "data") / "plain.jsonl" if d.format == "synthetic" else Path(d.path)
+
+
+def model_source(cfg: TrainConfig) -> str | Path:
+    """model.init as a preset's name (random weights of its shape) or a model directory (a hub id
+    resolved through the local cache)."""
+    m = cfg.model
+    if not Path(m.init).is_dir() and (PRESETS_DIR / f"{m.init}.json").exists():
+        return m.init
+    try:
+        return resolve_model_dir(m.init, m.revision or None)
+    except ModelNotFoundError as e:
+        raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
+
+
 def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
     """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
     m = cfg.model
     policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
-    source = m.init
-    if not source:  # the embedded default: a tiny random model for the tokenizer, made once
+    if m.init:
+        source = model_source(cfg)
+    else:  # the embedded default: a tiny random model for the tokenizer, made once
         source = out / "base-model"
         _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
-    if not Path(source).is_dir() and (PRESETS_DIR / f"{source}.json").exists():  # random weights of a preset's shape
+    if isinstance(source, str):  # a preset
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
         model = shard_model(init_model(model_cfg, cfg.seed), mesh)
     else:
-        try:
-            model_dir = resolve_model_dir(source, m.revision or None)
-        except ModelNotFoundError as e:
-            raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
-        model, _ = load_pretrained(model_dir, dtype=m.param_dtype, mesh=mesh, **policy)
+        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy)
     if cfg.lora.rank:
         lora = cfg.lora
         model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
     return model
+
+
+def check_tokenizer_early(cfg: TrainConfig, tokenizer: Path) -> None:
+    """`check_tokenizer` on model.init's config.json (small files), before the large model is built; the
+    embedded default's model is made for its tokenizer."""
+    if cfg.model.init:
+        check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(model_source(cfg)))
 
 
 def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
@@ -142,16 +169,16 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
-def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path) -> None:
-    """The trained model as a Hugging Face directory (adapters merged), written by process 0."""
+def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True) -> None:
+    """The trained model as a Hugging Face directory (adapters merged), written by process 0 beside
+    `target` and put in place whole (`save_hf`)."""
     if model.config.lora_rank:
         model = merge_lora(model)
     cfg = model.config
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = {k: _host(v).astype(cfg.param_dtype) for k, v in params.items()}
     if jax.process_index() == 0:
-        save_hf(target, cfg, params)
-        copy_side_files(tokenizer, target)
+        save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite)
 
 
 @dataclasses.dataclass
@@ -200,12 +227,13 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
     out = Path(cfg.out_dir)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    lock = rundir.lock(out)  # a second run on out_dir is refused
+    rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg, out)
+    rundir.check_inputs(out, data_file(cfg, out))
     tokenizer = tokenizer_dir(cfg, out)
+    check_tokenizer_early(cfg, tokenizer)
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
@@ -233,10 +261,11 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del trainable  # the state holds the trained copies
     checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    start = checkpoints.latest_step or 0
+    start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
-        state = checkpoints.restore(start, abstract_like(state), data)
+        state = restored
         log.info("resumed from step %d", start)
+    rundir.write_config(out, cfg)  # the run is valid: record its settings
 
     context = Run(cfg=cfg, mesh=mesh, out=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
                   processor=processor, tokenizer=tokenizer, samples={s.id: s for s in samples}, steps=steps,
@@ -244,7 +273,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     stage.setup(context, model, state)
     del model
     stop = {}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
     bad_in_a_row, step, saved = 0, start, start
     try:
         with MetricsLogger(out, steps, start_step=start) as logger:
@@ -265,20 +294,28 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
                 if checkpoints.due(step):
                     checkpoints.save(step, state, data)
                     saved = step
+                checkpoints.check()  # a failed background save stops the run now
             summary = logger.summary()
         if step > saved:
             checkpoints.save(step, state, data)
         checkpoints.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         checkpoints.close()
         skipped = [{"id": sample_id, "reason": reason} for sample_id, reason in data.skipped]
-        (out / f"skipped_samples.{jax.process_index()}.json").write_text(json.dumps(skipped, indent=1))
+        write_text_atomic(out / f"skipped_samples.{jax.process_index()}.json", json.dumps(skipped, indent=1))
     if stop:
-        log.warning("stopped by SIGTERM at step %d; checkpoint saved; rerun the same command to resume", step)
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        name = signal.Signals(stop["signal"]).name
+        log.warning("stopped by %s at step %d; checkpoint saved; rerun the same command to resume", name, step)
+        raise SystemExit(128 + stop["signal"])
+    if step == 0:
+        raise TrainingStopped(f"no step was trained ({len(data.skipped)} samples skipped, reasons in "
+                              f"{out}/skipped_samples.*.json); nothing exported")
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
         export_hf(trained, out / "hf", tokenizer)
         log.info("exported the trained model to %s", out / "hf")
+    if lock is not None:
+        lock.release()
     return summary

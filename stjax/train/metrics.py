@@ -24,6 +24,7 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from stjax.io import write_text_atomic
 from stjax.models.config import QwenVLConfig
 
 # Dense bf16 peak FLOP/s per chip, keyed by a lower-case piece of `jax.Device.device_kind`.
@@ -114,6 +115,22 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def drop_steps_after(path: Path, step: int) -> None:
+    """Remove the records of steps after `step` (and a line cut short by a kill) from a metrics JSONL:
+    a run resumed from checkpoint `step` logs them again, and each step must appear once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
 class MetricsLogger:
     """Per-step metrics to out_dir/metrics.jsonl, TensorBoard (out_dir/tensorboard) and a tqdm bar.
 
@@ -121,7 +138,8 @@ class MetricsLogger:
     a resumed run passes the steps already done as `start_step`. The bar shows the `loss`, `reward`
     (GRPO) and `tokens_per_s` metrics; `summary` also sums `skipped`. Non-finite values are written to the
     JSONL (and summary.json) as null, which every JSON reader accepts; TensorBoard gets them as is.
-    The JSONL is appended to, one flushed line per step, so a killed or resumed run keeps its lines.
+    The JSONL is appended to, one flushed line per step, so a killed or resumed run keeps its lines;
+    a logger starting at `start_step` first drops the lines of later steps (they are logged again).
     Only process 0 logs by default; a disabled logger does nothing.
     """
 
@@ -137,6 +155,7 @@ class MetricsLogger:
             return
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            drop_steps_after(self.out_dir / "metrics.jsonl", start_step)
             self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
             if tensorboard:
                 self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
@@ -188,7 +207,7 @@ class MetricsLogger:
         }
         text = json.dumps(summary, allow_nan=False)
         if self.out_dir is not None:
-            (self.out_dir / "summary.json").write_text(text + "\n")
+            write_text_atomic(self.out_dir / "summary.json", text + "\n")
         tqdm.write(f"summary: {text}")
         return summary
 

@@ -1,0 +1,42 @@
+"""How the command-line tools end on an error: one line naming the file and what is wrong.
+
+A traceback helps whoever debugs stjax, not whoever runs it with a wrong path; `--debug` (every tool
+takes it) or the environment variable STJAX_DEBUG=1 brings it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of an error (also: environment STJAX_DEBUG=1)")
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of the error's message; its type where the message alone would not say much."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not type(error).__module__.startswith("stjax") or not text:  # ours are full sentences already
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text + (" [...]" if len(lines) > 1 else "")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], T], argv: Sequence[str] | None = None) -> T:
+    """Call `main(argv)`; an exception ends the process with `error: <one line>` and exit status 1."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("STJAX_DEBUG", "") not in ("", "0")
+    try:
+        return main(argv)
+    except Exception as e:
+        if debug:
+            raise
+        hint = "" if "--debug" in one_line(e) else " (--debug for the traceback)"
+        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None

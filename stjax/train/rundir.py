@@ -1,0 +1,81 @@
+"""A training run's directory: one run at a time, and a resume that continues the same run.
+
+`lock` keeps a second run out of out_dir. `check_resume` compares, before anything large is built,
+the settings that shape the train state or the data order with those the checkpoints were made
+under (out_dir/config.json), and `check_inputs` the data file's SHA-256 with the one recorded when
+the run began (out_dir/inputs.json): a resumed run never mixes two runs. `write_config` records the
+settings only once the run is known to be valid, so a refused rerun leaves out_dir as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from stjax.io import DirectoryLock, file_digest, write_text_atomic
+from stjax.train.config import ConfigError, TrainConfig
+
+CONFIG, INPUTS = "config.json", "inputs.json"
+# Settings a checkpoint depends on: the train state's layout, and the order the data iterator walks.
+RESUME_KEYS = ("seed", "batch_size", "model.init", "model.arch", "model.param_dtype", "model.master_dtype",
+               "lora.rank", "lora.targets", "data.format", "data.path", "data.shuffle", "data.synthetic_walks")
+
+
+def lock(out: Path) -> DirectoryLock | None:
+    """Process 0 holds out_dir for the life of the process (or until `release`)."""
+    return DirectoryLock(out, "training run").acquire() if jax.process_index() == 0 else None
+
+
+def has_checkpoints(out: Path) -> bool:
+    directory = out / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume checkpoints made under other RESUME_KEYS settings (before loading anything)."""
+    if not has_checkpoints(out) or not (out / CONFIG).exists():
+        return
+    try:
+        before = _flat(json.loads((out / CONFIG).read_text()))
+    except ValueError as e:
+        raise ConfigError(f"{out / CONFIG} is not readable ({e}); the checkpoints beside it cannot be resumed") from None
+    now = _flat(dataclasses.asdict(cfg))
+    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if before.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"{out} holds checkpoints of a run with other settings ({'; '.join(changed)}); "
+                          "use another out_dir or the same settings")
+
+
+def check_inputs(out: Path, data_file: Path) -> None:
+    """Record the data file's digest when the run begins; refuse a resume after it changed."""
+    digest = file_digest(data_file)
+    recorded = json.loads((out / INPUTS).read_text()) if (out / INPUTS).exists() else None
+    if recorded is not None and has_checkpoints(out) and recorded.get("data_sha256") != digest:
+        raise ConfigError(f"{data_file} changed since this run began (SHA-256 {digest[:12]}, recorded "
+                          f"{str(recorded.get('data_sha256'))[:12]}); resuming would mix two data sets: restore the "
+                          "file or use another out_dir")
+    if recorded is None or not has_checkpoints(out):
+        _write_json(out / INPUTS, {"data_file": str(data_file), "data_sha256": digest})
+
+
+def write_config(out: Path, cfg: TrainConfig) -> None:
+    """The run's settings as out_dir/config.json (read by `stjax.train.export` and by a resume)."""
+    _write_json(out / CONFIG, dataclasses.asdict(cfg))
+
+
+def _write_json(path: Path, value: dict) -> None:
+    if jax.process_index() == 0:
+        write_text_atomic(path, json.dumps(value, indent=1))
