@@ -75,6 +75,11 @@ def raises_on_b(completions, **_):
     return [1.0 / (c.count("B") == 0) for c in completions]
 
 
+def raises_on_odd_length(completions, **_):
+    """A user's reward that fails on about half of all completions (for the run test)."""
+    return [1.0 / (len(c) % 2 == 0) for c in completions]
+
+
 def test_a_users_function_by_dotted_path_and_one_that_raises_is_counted_and_scores_zero():
     fn = rewards.resolve("test_grpo_rewards.raises_on_b")
     texts = ["A", "B", "C"]

@@ -76,6 +76,24 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
     np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-5, atol=1e-7)
 
 
+def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path):
+    """Two updates per rollout batch (old log-probs from a forward before the first), dapo over
+    sequence-level ratios, truncated completions masked, decoding on a tensor-parallel mesh, and a
+    user's reward (by dotted path) that raises on some completions: the run finishes, every step's
+    loss is finite, and the failures are counted."""
+    from test_train_run import ROOT
+
+    user = "test_grpo_rewards.raises_on_odd_length"
+    changes = {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
+               "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
+               "grpo.reward_funcs": f"[accuracy, {user}]", "steps": 3, "mesh": "fsdp=2", "batch_size": 4}
+    finish(run_grpo(tmp_path, assets, devices=2, env={"PYTHONPATH": str(ROOT / "tests")}, **changes))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
+    assert sum(r[f"rewards/{user}/errors"] for r in records) > 0  # 12 completions: some of odd length
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"batch_size": 6, "grpo.num_generations": 4}, "multiple of grpo.num_generations"),
     ({"batch_size": 6, "grpo.num_generations": 2}, "must divide over data x fsdp"),
