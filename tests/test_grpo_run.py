@@ -12,7 +12,7 @@ import pytest
 from stjax.train import config as train_config
 from stjax.train import grpo, loop
 from stjax.train.config import ConfigError
-from test_train_run import assets, finish, free_port, logged_steps, losses, start, wait_for  # noqa: F401
+from test_train_run import assets, finish, logged_steps, losses, one_and_two_processes, start, wait_for  # noqa: F401
 
 STEPS = 6
 GRPO = {"steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
@@ -40,8 +40,8 @@ def test_a_run_logs_what_a_user_watches(uninterrupted):
     for name in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std", "rewards/reverse_thinking/mean",
                  "rewards/accuracy/errors", "accuracy", "format_rate", "completions/mean_length",
                  "completions/max_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "entropy",
-                 "frac_reward_zero_std", "rollout_time", "scoring_time", "update_time", "rollout_tokens_per_s",
-                 "learning_rate", "grad_norm"):
+                 "frac_reward_zero_std", "rollout_time", "scoring_time", "logprob_time", "update_time",
+                 "rollout_tokens_per_s", "learning_rate", "grad_norm"):
         assert name in record, name
     completions = [json.loads(line) for line in (uninterrupted / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == {2, 4, 6}
@@ -60,16 +60,8 @@ def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(ass
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
-    common = {"steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch"}
-    single = tmp_path / "single"
-    finish(run_grpo(single, assets, devices=4, **common))
-    multi = tmp_path / "multi"
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [run_grpo(multi, assets, devices=2, **common, **{"distributed.coordinator": coordinator,
-                                                               "distributed.num_processes": 2,
-                                                               "distributed.process_id": i}) for i in range(2)]
-    for proc in procs:
-        finish(proc)
+    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", **{
+        **GRPO, "steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch"})
     a, b = per_step(single), per_step(multi)
     for name in ("reward", "rewards/format/mean", "completions/mean_length"):  # the same completions
         assert a[name] == b[name], name

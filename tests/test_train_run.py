@@ -164,17 +164,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
-    common = {"steps": 3, "batch_size": 4, "mesh": "fsdp=-1", "checkpoint.export_hf": "true"}
-    single = tmp_path / "single"
-    finish(start(single, assets, devices=4, **common))
-    multi = tmp_path / "multi"
+def one_and_two_processes(tmp_path: Path, assets, **settings) -> tuple[Path, Path]:
+    """The same run as 1 process of 4 devices and as 2 processes of 2 devices: their out_dirs."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    finish(start(single, assets, devices=4, **settings))
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [start(multi, assets, devices=2, **common, **{"distributed.coordinator": coordinator,
-                                                             "distributed.num_processes": 2,
-                                                             "distributed.process_id": i}) for i in range(2)]
+    procs = [start(multi, assets, devices=2, **settings, **{"distributed.coordinator": coordinator,
+                                                               "distributed.num_processes": 2,
+                                                               "distributed.process_id": i}) for i in range(2)]
     for proc in procs:
         finish(proc)
+    return single, multi
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
+    single, multi = one_and_two_processes(tmp_path, assets, steps=3, batch_size=4, mesh="fsdp=-1",
+                                          **{"checkpoint.export_hf": "true"})
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     # The same samples, gathered in another order: equal up to float summation order.

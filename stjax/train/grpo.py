@@ -384,8 +384,8 @@ class GRPO:
         inputs, start = global_inputs(inputs, self.rollout_mesh), place_rows(start, self.rollout_mesh)
         # The rollout key: the run's key (checkpointed) and the step, so a resumed run samples the same.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1), step)
-        out = sample(self.rollout_graphdef, self.sampling, self.rollout_weights(run, state), inputs, jnp.int32(length - 1),
-                     start, key)
+        weights = self.rollout_weights(run, state)
+        out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, key)
         return local_rows(out.tokens), local_rows(out.lengths), local_rows(out.logp_model)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
@@ -422,6 +422,10 @@ class GRPO:
             batch = batch.replace(ref_logp=self.logps_fn(self.reference, run.frozen, batch))
         if g.num_iterations > 1:
             batch = batch.replace(old_logp=self.logps_fn(state.params, run.frozen, batch))
+        jax.block_until_ready((batch.ref_logp, batch.old_logp))
+        logprob_time = time.perf_counter() - began
+
+        began = time.perf_counter()
         for _ in range(g.num_iterations):
             state, metrics = self.update_fn(state, run.frozen, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -434,9 +438,9 @@ class GRPO:
             "accuracy": float(table[:, -4].mean()), "format_rate": float(table[:, -3].mean()),
             "completions/mean_length": float(table[:, -2].mean()), "completions/max_length": float(table[:, -2].max()),
             "completions/clipped_ratio": float(table[:, -1].mean()),
-            "rollout_time": rollout_time, "scoring_time": scoring_time, "update_time": update_time,
-            "rollout_tokens_per_s": float(table[:, -2].sum()) / rollout_time,
-            "step_time": rollout_time + scoring_time + update_time,
+            "rollout_time": rollout_time, "scoring_time": scoring_time, "logprob_time": logprob_time,
+            "update_time": update_time, "rollout_tokens_per_s": float(table[:, -2].sum()) / rollout_time,
+            "step_time": rollout_time + scoring_time + logprob_time + update_time,
         })
         for f, name in enumerate(g.reward_funcs):
             column = per_func[:, f]

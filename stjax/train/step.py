@@ -1,10 +1,12 @@
-"""The SFT train state and its compiled step: AdamW with warmup + cosine, global-norm clipping and
-gradient accumulation over micro-batches inside one jitted function.
+"""The train state and its compiled update, shared by the SFT and GRPO stages: AdamW with warmup +
+cosine, global-norm clipping and gradient accumulation over micro-batches inside one jitted function
+(`update`, for any micro-batch loss; `train_step` is SFT's).
 
 The trainable parameters (all of them, or only the LoRA adapters) are kept in `master_dtype`
 (float32 by default, the optimizer's copy); the model casts them to its compute dtype where it uses
-them. Frozen parameters are passed to the step beside the state and never updated. A step whose loss or gradient is not finite leaves
-the state unchanged and reports `skipped = 1`, so one bad batch cannot poison the weights.
+them. Frozen parameters are passed to the step beside the state and never updated. A step whose loss
+or gradient is not finite leaves the state unchanged and reports `skipped = 1`, so one bad batch
+cannot poison the weights.
 """
 
 from __future__ import annotations
