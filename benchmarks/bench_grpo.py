@@ -56,6 +56,7 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
     from stjax.data.formats import Sample
     from stjax.data.loader import LoaderConfig, pad_batch
     from stjax.data.processor import Processor
+    from stjax.models.inputs import bucket
     from stjax.models.loading import load_pretrained
     from stjax.sharding import make_mesh
     from stjax.train import config
@@ -75,7 +76,8 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
     samples = [Sample(id=f"p{i}", video="", question=t, options=["A. a red cube", "B. a blue cylinder"], answer="A",
                       task="landmark", direction="forward") for i, t in enumerate(texts)]
     items = [processor.encode(t, images=[im]) | {"sample_id": s.id} for t, im, s in zip(texts, images, samples)]
-    batch = pad_batch(items, LoaderConfig(batch_size=len(items), token_buckets=(1024,), patch_buckets=(0,),
+    length = bucket(max(len(x["input_ids"]) for x in items))  # the prompts' shape bucket, as the loader's would be
+    batch = pad_batch(items, LoaderConfig(batch_size=len(items), token_buckets=(length,), patch_buckets=(0,),
                                           image_patch_buckets=(SIDE * SIDE // 196,), videos_per_sample=0,
                                           images_per_sample=1), processor.tokenizer.pad_token_id)
     run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
