@@ -59,7 +59,7 @@ def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
 
 
 @pytest.mark.slow  # one compile of the sharded step per config: 15-60 s each on 2 cores
-@pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", TRAIN, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
     data, models = synthetic_assets
     cfg = train_config.load(path)

@@ -17,7 +17,7 @@ from stjax.convert import hf_to_stjax, stjax_to_hf
 from stjax.io import DirectoryLock, OutputError, atomic_dir
 from stjax.models import loading
 from stjax.models.config import ConfigError
-from stjax.models.loading import load_pretrained, read_hf_params
+from stjax.models.loading import ModelNotFoundError, load_pretrained, read_hf_params
 from stjax.models.safetensors_io import SafetensorsError, SafetensorsReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,10 +173,10 @@ def test_command_line_errors_are_one_line_and_debug_shows_the_traceback(tmp_path
         run_cli(to_stjax.main, [str(tmp_path / "missing"), str(tmp_path / "out")])
     assert stop.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no config.json at {tmp_path / 'missing'}" in err
-    with pytest.raises(ConfigError):
+    assert err.count("\n") == 1 and f"{tmp_path / 'missing'}: no such directory" in err
+    with pytest.raises(ModelNotFoundError):
         run_cli(to_stjax.main, [str(tmp_path / "missing"), str(tmp_path / "out"), "--debug"])
     monkeypatch.setenv("STJAX_DEBUG", "1")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ModelNotFoundError):
         run_cli(to_stjax.main, [str(tmp_path / "missing"), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
