@@ -125,4 +125,4 @@ def test_convert_script_takes_a_hub_id_from_HF_HOME(hf_home, models, tmp_path):
     assert failed.returncode == 1 and not (tmp_path / "nope").exists()
     assert failed.stderr.strip().splitlines() == [
         f"error: stjax-test/nope: no such directory, and not in the Hugging Face cache {hf_home / 'hub'} "
-        "(HF_HUB_OFFLINE=1: nothing is downloaded)"]
+        "(HF_HUB_OFFLINE=1: nothing is downloaded) (--debug for the traceback)"]

@@ -167,10 +167,10 @@ def global_batch(batch, mesh: Mesh):
     return rest.replace(inputs=global_inputs(batch.inputs, mesh, batch_axis=1))
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a global array whose axis 0 is split over the processes (all of it
-    with one process): the inverse of `place_rows`."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas hold equal rows
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+def local_rows(x: jax.Array, count: int) -> np.ndarray:
+    """This process's `count` rows of a global array whose axis 0 stacks the processes' rows in
+    process order (as `place_rows` made them), however the program left it sharded (a jitted
+    program may return it replicated): gathered, then sliced."""
+    full = np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+    start = jax.process_index() * count
+    return full[start:start + count]

@@ -386,7 +386,8 @@ class GRPO:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1), step)
         weights = self.rollout_weights(run, state)
         out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, key)
-        return local_rows(out.tokens), local_rows(out.lengths), local_rows(out.logp_model)
+        rows = len(prompts["input_ids"]) * self.sampling.num_samples
+        return local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         g = run.cfg.grpo
