@@ -203,7 +203,7 @@ EMBEDDED: dict[str, dict[str, Any]] = {
     "sft": {"out_dir": "runs/sft", "steps": 60, "batch_size": 4,
             "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
                      "patch_buckets": [256, 512, 1024]},
-            "optim": {"learning_rate": 5e-3, "max_grad_norm": 1.0}, "checkpoint": {"every": 20, "keep": 2}},
+            "optim": {"learning_rate": 5e-3, "max_grad_norm": 1.0}, "checkpoint": {"every": 20}},
     "grpo": {"out_dir": "runs/grpo", "steps": 60, "batch_size": 32,
              "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
                       "patch_buckets": [256, 512, 1024],
@@ -211,7 +211,7 @@ EMBEDDED: dict[str, dict[str, Any]] = {
              "optim": {"learning_rate": 5e-4, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
              "grpo": {"num_generations": 8, "max_completion_length": 96, "beta": 0.04,
                       "reward_funcs": ["accuracy", "format"]},
-             "checkpoint": {"every": 10, "keep": 2}},
+             "checkpoint": {"every": 10}},
 }
 
 
