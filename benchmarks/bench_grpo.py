@@ -81,7 +81,8 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
                                           image_patch_buckets=(SIDE * SIDE // 196,), videos_per_sample=0,
                                           images_per_sample=1), processor.tokenizer.pad_token_id)
     run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
-                          processor=processor, out=out, samples={s.id: s for s in samples}, peak_flops=None)
+                          processor=processor, out=out, samples={s.id: s for s in samples}, start_step=0,
+                          peak_flops=None)
     stage = GRPO()
     stage.setup(run, model, state)
     times = []

@@ -23,6 +23,8 @@ import logging
 import time
 from pathlib import Path
 
+from stjax.cli import add_debug_flag, run_cli
+from stjax.io import write_text_atomic
 from stjax.train.config import EMBEDDED
 
 STAGES = ("base", "sft", "grpo")
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="architecture of the tiny model (the release's is Qwen2-VL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout-walks", type=int, default=4, help="held-out walks to evaluate on (6 questions each)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate(models, heldout, out, EMBEDDED["grpo"]["grpo"]["max_completion_length"])
     plot(out / "grpo" / "metrics.jsonl", results, out / "pipeline.png")
     summary = {stage: {"overall": s["overall"], "by_direction": s["by_direction"]} for stage, s in results.items()}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     print("\nheld-out accuracy (chance is about 0.25):\n" + table(results))
     print(f"\nplot: {out / 'pipeline.png'}; numbers: {out / 'results.json'}; done in {time.perf_counter() - start:.0f} s")
     if not any(s["overall"]["n"] for s in results.values()):
@@ -127,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -167,7 +167,8 @@ def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
         placed = shard_model(model, mesh)
         graphdef, params, frozen = split_trainable(placed)
         run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen,
-                              optim=OptimConfig(), processor=processor, out=tmp_path)
+                              optim=OptimConfig(), processor=processor, out=tmp_path,
+                              start_step=0)
         stage = GRPO()
         state = init_state(params, OptimConfig())
         stage.setup(run, placed, state)

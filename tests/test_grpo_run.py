@@ -57,6 +57,8 @@ def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(ass
     assert logged_steps(tmp_path) < STEPS
     finish(run_grpo(tmp_path, assets, **{"checkpoint.every": 2}))
     assert per_step(tmp_path) == per_step(uninterrupted)
+    logged = lambda out: (out / "completions.jsonl").read_text().splitlines()
+    assert logged(tmp_path) == logged(uninterrupted)  # each logged step once, the same completions
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):

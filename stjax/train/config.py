@@ -199,15 +199,13 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 # The embedded default run of each stage (`python -m stjax.train --stage S`, no --config): a tiny model
 # on the synthetic ego-centric set, sized to learn visibly on a laptop CPU in minutes. The dataclass
 # defaults above stay the release's recipe.
+_TINY_DATA = {"synthetic_walks": 2, "max_pixels": 12544,  # 112 x 112 frames
+              "token_buckets": [256, 512, 1024], "patch_buckets": [256, 512, 1024]}
 EMBEDDED: dict[str, dict[str, Any]] = {
-    "sft": {"out_dir": "runs/sft", "steps": 60, "batch_size": 4,
-            "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
-                     "patch_buckets": [256, 512, 1024]},
+    "sft": {"out_dir": "runs/sft", "steps": 60, "batch_size": 4, "data": _TINY_DATA,
             "optim": {"learning_rate": 5e-3, "max_grad_norm": 1.0}, "checkpoint": {"every": 20}},
     "grpo": {"out_dir": "runs/grpo", "steps": 60, "batch_size": 32,
-             "data": {"synthetic_walks": 2, "max_pixels": 12544, "token_buckets": [256, 512, 1024],
-                      "patch_buckets": [256, 512, 1024],
-                      "template": "problem"},  # the cold start's prompt: a tiny model cannot follow another
+             "data": {**_TINY_DATA, "template": "problem"},  # the cold start's prompt: a tiny model cannot follow another
              "optim": {"learning_rate": 5e-4, "warmup_ratio": 0.0, "max_grad_norm": 1.0},
              "grpo": {"num_generations": 8, "max_completion_length": 96, "beta": 0.04,
                       "reward_funcs": ["accuracy", "format"]},

@@ -46,7 +46,7 @@ from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_
                                micro_batch_inputs, place_rows, step_shapes)
 from stjax.train.config import ConfigError, TrainConfig
 from stjax.train.loss import next_tokens, token_logps
-from stjax.train.metrics import mfu, step_flops
+from stjax.train.metrics import drop_steps_after, mfu, step_flops
 from stjax.train.step import TrainState, update
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
@@ -320,7 +320,6 @@ def _global_table(local: np.ndarray) -> np.ndarray:
 
 
 class GRPO:
-    name = "grpo"
     template = "grpo"
 
     def samples_per_step(self, cfg: TrainConfig) -> int:
@@ -363,6 +362,8 @@ class GRPO:
                                  out_shardings=(shardings, replicated), donate_argnums=0)
         self.logps_fn = jax.jit(functools.partial(batch_logps, run.graphdef, settings=self.settings))
         self.completions_log = run.out / "completions.jsonl"
+        if jax.process_index() == 0:  # a resumed run logs the steps after its checkpoint again
+            drop_steps_after(self.completions_log, run.start_step)
 
     def rollout_weights(self, run: loop.Run, state: TrainState) -> nnx.State:
         """The actor's weights for decoding: the trained ones in the compute dtype with the frozen

@@ -194,16 +194,14 @@ class Run:
     frozen: nnx.State
     optim: OptimConfig
     processor: Processor
-    tokenizer: Path
     samples: dict[str, Sample]  # by id
-    steps: int
+    start_step: int  # steps done before this run (a resumed run's checkpoint)
     peak_flops: float | None  # per device, for MFU; None where unknown (CPUs)
 
 
 class Stage(Protocol):
     """A training stage: the parts of a run that differ between SFT and GRPO."""
 
-    name: str
     template: Template  # the prompt template its samples are encoded with
 
     def samples_per_step(self, cfg: TrainConfig) -> int:
@@ -268,7 +266,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
     context = Run(cfg=cfg, mesh=mesh, out=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
-                  processor=processor, tokenizer=tokenizer, samples={s.id: s for s in samples}, steps=steps,
+                  processor=processor, samples={s.id: s for s in samples}, start_step=start,
                   peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
     stage.setup(context, model, state)
     del model

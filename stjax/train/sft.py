@@ -21,7 +21,6 @@ from stjax.train.step import TrainState, train_step
 
 
 class SFT:
-    name = "sft"
     template = "sft"
 
     def samples_per_step(self, cfg: TrainConfig) -> int:
