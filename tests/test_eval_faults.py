@@ -18,6 +18,7 @@ from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
 from stjax.models.tiny import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, load_records
+from test_train_faults import locked_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_new_tokens=4, batch_size=4)
@@ -75,16 +76,9 @@ def test_the_training_loader_skips_such_a_video_with_its_reason(bench, workers):
 
 def test_a_second_evaluation_on_the_same_out_is_refused(bench, tmp_path):
     data, model, odd = bench
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stjax.io import DirectoryLock; "
-                               f"DirectoryLock({str(tmp_path)!r}, 'evaluation').acquire(); print('held', flush=True); "
-                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with locked_elsewhere(tmp_path, "evaluation"):
         with pytest.raises(ValueError, match="is in use by another evaluation"):
             evaluate(EvalConfig(model=str(model), data=[str(odd)], out=str(tmp_path), **FAST))
-    finally:
-        holder.kill()
-        holder.wait()
     assert not (tmp_path / "predictions.jsonl").exists()
 
 

@@ -4,6 +4,7 @@ SIGINT saves like SIGTERM; metrics.jsonl holds each step once; a run that trains
 exports nothing; a refused resume leaves out_dir unchanged; one run per out_dir; changed data is
 detected on resume."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 from stjax.io import OutputError
 from stjax.train import config as train_config
 from stjax.train import loop, sft
-from stjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer, SaveFailed, abstract_like
+from stjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer, abstract_like
 from stjax.train.config import ConfigError
 from test_train_run import finish, logged_steps, settings, start, wait_for
 
@@ -247,15 +248,22 @@ def test_a_changed_data_file_is_detected_on_resume(assets, tmp_path, monkeypatch
         refused(tmp_path / "run", assets, steps=4, **changes)
 
 
-def test_a_second_run_on_the_same_out_dir_is_refused(assets, tmp_path):
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path, what: str):
+    """`directory`'s lock held by another process (as a run of `what` would hold it) for the block."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; from stjax.io import DirectoryLock; "
-                               f"DirectoryLock({str(tmp_path)!r}, 'training run').acquire(); print('held', flush=True); "
+                               f"DirectoryLock({str(directory)!r}, {what!r}).acquire(); print('held', flush=True); "
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputError, match="is in use by another training run"):
-            refused(tmp_path, assets, steps=2)
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(assets, tmp_path):
+    with locked_elsewhere(tmp_path, "training run"):
+        with pytest.raises(OutputError, match="is in use by another training run"):
+            refused(tmp_path, assets, steps=2)
     assert not (tmp_path / "metrics.jsonl").exists()
