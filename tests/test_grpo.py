@@ -1,9 +1,10 @@
 """GRPO on tiny models: the log-probs the loss uses, the LoRA reference, the rollout's placement,
 and the update step.
 
-The update rows are built as the stage builds them (`left_padded` prompts for the sampler, then
-`completion_rows` + `update_batch`), from loader batches of a small synthetic set with 8-frame
-videos, for both architectures."""
+The update batch is built as the stage builds it (`prompt_inputs` for the sampler, then
+`update_batch`: each prompt once, its completions beside it), from loader batches of a small
+synthetic set with 8-frame videos, for both architectures. The reference for the log-probs is a
+plain forward of each prompt with its completion written after it."""
 
 import functools
 from types import SimpleNamespace
@@ -23,8 +24,7 @@ from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
-from stjax.train.grpo import (GRPO, LossSettings, batch_logps, completion_rows, grpo_update, left_padded,
-                              update_batch)
+from stjax.train.grpo import GRPO, LossSettings, batch_logps, grpo_update, prompt_inputs, update_batch
 from stjax.train.lora import with_lora
 from stjax.train.step import OptimConfig, init_state, split_trainable
 
@@ -53,23 +53,47 @@ def prompts(data, model_cfg, count: int = 2) -> tuple[dict, Processor]:
     return pad_batch(items, cfg, processor.tokenizer.pad_token_id), processor
 
 
+def without_ids(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "sample_id"}
+
+
 def rollout(model, batch: dict, processor: Processor, temperature: float = 1.0, key: int = 0):
-    """The stage's rollout without the mesh: left-padded prompts through `generate`."""
-    left = left_padded({k: v for k, v in batch.items() if k != "sample_id"})
-    length, _, sizes = step_shapes(model.config, [left])
-    inputs, _ = micro_batch_inputs(model.config, left, length, sizes)
+    """The stage's rollout without the mesh: its left-padded prompts through `generate`."""
+    inputs, _ = prompt_inputs(model.config, without_ids(batch))
     eos = tuple(processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    out = generate(model, inputs, length, jax.random.key(key), SamplingConfig(
+    out = generate(model, inputs, inputs.input_ids.shape[1], jax.random.key(key), SamplingConfig(
         max_new_tokens=T, temperature=temperature, num_samples=G, eos_ids=eos, pad_id=processor.tokenizer.pad_token_id,
         suppress_ids=(model.config.image_token_id, model.config.video_token_id)))
     return out, eos
 
 
-def update_rows(model, batch: dict, out, eos, accumulation: int = 1):
-    rows, mask = completion_rows({k: v for k, v in batch.items() if k != "sample_id"}, np.asarray(out.tokens),
-                                 np.asarray(out.lengths), G, eos, mask_truncated=False)
+def update_rows(model, batch: dict, out, accumulation: int = 1, shards: int = 1):
+    inputs, starts = prompt_inputs(model.config, without_ids(batch))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    mask = np.arange(T) < lengths[:, None]
     advantages = np.linspace(-1, 1, len(mask)).astype(np.float32)
-    return update_batch(model.config, rows, mask, advantages, accumulation)
+    return update_batch(inputs, starts, tokens, lengths, mask, advantages, G, accumulation, shards)
+
+
+def full_rows(model, batch: dict, out) -> tuple:
+    """The plain layout: each loader row (right-padded) repeated G times with its completion written
+    after its prompt, at the positions the sampler gave it (after the prompt's largest), as
+    `ModelInputs`; and (rows, T) the column of each completion token."""
+    rows = {k: np.repeat(v, G, axis=1 if k == "position_ids" else 0) for k, v in without_ids(batch).items()}
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    n, length = rows["input_ids"].shape
+    pad = lambda x, value=0: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, T)], constant_values=value)
+    ids, attention, positions = pad(rows["input_ids"]), pad(rows["attention_mask"]), pad(rows["position_ids"], 1)
+    prompt = rows["attention_mask"].sum(axis=1)
+    for r in range(n):
+        first = positions[:, r, :prompt[r]].max() + 1
+        for j in range(lengths[r]):
+            ids[r, prompt[r] + j], attention[r, prompt[r] + j] = tokens[r, j], 1
+            positions[:, r, prompt[r] + j] = first + j
+    rows.update(input_ids=ids, attention_mask=attention, position_ids=positions, loss_mask=np.zeros_like(ids))
+    _, _, sizes = step_shapes(model.config, [rows])
+    inputs, _ = micro_batch_inputs(model.config, rows, length + T, sizes)
+    return inputs, prompt[:, None] + np.arange(T)
 
 
 SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_high=0.2,
@@ -78,38 +102,37 @@ SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_hig
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, arch):
-    """`batch_logps` (logits only at the completion positions, 4 at a time) equals the log-softmax
-    of a full forward of the update rows at each completion token (fp32, 1e-4), and the sampler's
-    `logp_model` of the same tokens (another path: the KV-cache decode of left-padded prompts)."""
+    """`batch_logps` (each prompt once, its completions after it in a shared KV cache, logits 4
+    positions at a time) equals the log-softmax of a plain forward of each prompt + completion row
+    at each completion token (fp32, 1e-4), and the sampler's `logp_model` of the same tokens."""
     data, dirs = assets
     model, _ = load_pretrained(dirs[arch])
     batch, processor = prompts(data, model.config)
-    out, eos = rollout(model, batch, processor)
-    host = update_rows(model, batch, out, eos)
+    out, _ = rollout(model, batch, processor)
+    host = update_rows(model, batch, out)
+    assert host.inputs.input_ids.shape[1] == 2 and host.completions.shape[1] == 2 * G  # each prompt once
     graphdef, params, frozen = split_trainable(model)
     got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=SETTINGS))(params, frozen, host))[0]
 
-    inputs = jax.tree.map(lambda x: x[0], host.inputs)
+    inputs, columns = full_rows(model, batch, out)
     logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    positions = np.asarray(host.loss_positions[0])
-    targets = np.take_along_axis(np.asarray(inputs.input_ids), positions + 1, axis=1)
-    want = np.take_along_axis(np.take_along_axis(logp, positions[..., None], axis=1), targets[..., None], -1)[..., 0]
+    targets = np.take_along_axis(np.asarray(inputs.input_ids), columns, axis=1)
+    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
     mask = np.asarray(host.completion_mask[0]) == 1
     assert mask.sum() >= len(mask)  # every completion has tokens
+    np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])  # the rows hold the completions
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
     np.testing.assert_allclose(got[mask], np.asarray(out.logp_model)[mask], atol=1e-4)
-    # the rows really are prompt + completion: the targets are the sampled tokens
-    np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])
 
 
 def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
     data, dirs = assets
     base, _ = load_pretrained(dirs["qwen2_vl"])
     batch, processor = prompts(data, base.config)
-    out, eos = rollout(base, batch, processor)
-    host = update_rows(base, batch, out, eos)
+    out, _ = rollout(base, batch, processor)
+    host = update_rows(base, batch, out)
     model = with_lora(base, rank=4, alpha=8.0, seed=1)
     graphdef, params, frozen = split_trainable(model)
     # adapters that change the output, as after some training
@@ -135,22 +158,28 @@ def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
 
 
 def test_accumulated_micro_batches_give_the_whole_batchs_update(assets):
-    """Completions of unequal lengths split into two micro-batches: the same loss and gradient norm
-    as one batch (1e-5), for the step-wide normalisers (dapo: tokens, grpo: sequences)."""
+    """Completions of unequal lengths split into 2 micro-batches (a group each) and 4 (half a group
+    each, its prompt copied into both), and over 4 devices: the same loss and gradient norm as one
+    batch (1e-5), for the step-wide normalisers (dapo: tokens, grpo: sequences)."""
     data, dirs = assets
     model, _ = load_pretrained(dirs["qwen2_vl"])
     batch, processor = prompts(data, model.config)
-    out, eos = rollout(model, batch, processor, key=3)
+    out, _ = rollout(model, batch, processor, key=3)
     out = out.replace(lengths=jnp.array([T, 2, 4, 1]))  # as if EOS came early in three of them
     graphdef, params, frozen = split_trainable(model)
     optim = OptimConfig(learning_rate=1e-3, total_steps=4, warmup_ratio=0.0, max_grad_norm=1e3)
     for loss_type in ("dapo", "grpo"):
         settings = LossSettings(**{**SETTINGS.__dict__, "loss_type": loss_type, "beta": 0.0})
         step = jax.jit(functools.partial(grpo_update, graphdef, optim, settings))
-        results = [step(init_state(params, optim), frozen, update_rows(model, batch, out, eos, accumulation=a))[1]
-                   for a in (1, 2)]
-        for name in ("loss", "grad_norm"):
-            np.testing.assert_allclose(float(results[1][name]), float(results[0][name]), rtol=1e-5, err_msg=name)
+        splits = {(1, 1): 2, (2, 1): 1, (4, 1): 1, (1, 4): 4}  # (accumulation, devices): prompt copies each
+        results = []
+        for (accumulation, shards), copies in splits.items():
+            host = update_rows(model, batch, out, accumulation, shards)
+            assert host.inputs.input_ids.shape[:2] == (accumulation, copies)
+            results.append(step(init_state(params, optim), frozen, host)[1])
+        for result in results[1:]:
+            for name in ("loss", "grad_norm"):
+                np.testing.assert_allclose(float(result[name]), float(results[0][name]), rtol=1e-5, err_msg=name)
 
 
 def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
@@ -175,6 +204,7 @@ def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
         weights = stage.rollout_weights(run, state)
         if rollout_mesh:
             assert jax.tree.leaves(weights)[0].sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
-        tokens[rollout_mesh] = stage.rollout(run, state, {k: v for k, v in batch.items() if k != "sample_id"}, 0)
+        samples = [SimpleNamespace(id=i) for i in batch["sample_id"]]
+        tokens[rollout_mesh] = stage.rollout(run, state, *prompt_inputs(model.config, without_ids(batch)), samples, 0)
     for a, b in zip(tokens[""], tokens["data=2,tensor=4"]):
         np.testing.assert_array_equal(a, b) if a.dtype.kind == "i" else np.testing.assert_allclose(a, b, atol=1e-4)

@@ -75,6 +75,12 @@ def raises_on_b(completions, **_):
     return [1.0 / (c.count("B") == 0) for c in completions]
 
 
+def distinct_characters(completions, **_):
+    """A user's reward that tells random completions apart (for the run tests: advantages that are
+    not all zero, so the loss and its gradient carry the completions)."""
+    return [len(set(c)) / 10.0 for c in completions]
+
+
 def raises_on_odd_length(completions, **_):
     """A user's reward that fails on about half of all completions (for the run test)."""
     return [1.0 / (len(c) % 2 == 0) for c in completions]

@@ -62,12 +62,21 @@ def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(ass
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
-    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", **{
-        **GRPO, "steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch"})
+    """The processes hold other prompts in other rows than the single process, yet each completion
+    has its own key (run, step, sample id, index in the group): the same completions (a reward that
+    tells them apart, to 1e-6: summed in another order) and the same losses (1e-5)."""
+    from test_train_run import ROOT
+
+    user = "test_grpo_rewards.distinct_characters"
+    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", env={"PYTHONPATH": str(ROOT / "tests")}, **{
+        **GRPO, "steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch",
+        "grpo.reward_funcs": f"[accuracy, format, {user}]"})
     a, b = per_step(single), per_step(multi)
-    for name in ("reward", "rewards/format/mean", "completions/mean_length"):  # the same completions
-        assert a[name] == b[name], name
-    np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-5, atol=1e-7)
+    tells_apart = lambda out: losses(out, f"rewards/{user}/mean")
+    assert min(tells_apart(single).values()) > 0
+    np.testing.assert_allclose(list(tells_apart(multi).values()), list(tells_apart(single).values()), rtol=1e-6)
+    for name in ("reward", "loss"):
+        np.testing.assert_allclose(list(b[name].values()), list(a[name].values()), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path):

@@ -292,7 +292,7 @@ def test_the_truncations_apply_in_generates_order():
 
 @pytest.mark.parametrize("case", TRUNCATIONS)
 def test_choose_samples_the_truncated_distribution(case):
-    """`choose` on many copies of each row: every token inside the kept set, `logp_sampling` equal to
+    """`choose` on many copies of each row (a key each): every token inside the kept set, `logp_sampling` equal to
     the reference's log-probability of the drawn token (1e-6), `logp_model` to the untruncated
     log_softmax, and a chi-square of the counts under the critical value of false-failure
     probability 1e-6 (fixed seed: deterministic). The same statistic rejects a 50% wrong temperature."""
@@ -303,7 +303,8 @@ def test_choose_samples_the_truncated_distribution(case):
     draws = 20000
     expected = truncated_logp(logits, **c)
     tokens, logp_s, logp_m = jax.jit(choose, static_argnums=2)(
-        jax.numpy.asarray(np.repeat(logits, draws, axis=0)), jax.random.key(7), SamplingConfig(**c))
+        jax.numpy.asarray(np.repeat(logits, draws, axis=0)), jax.random.split(jax.random.key(7), len(logits) * draws),
+        SamplingConfig(**c))
     tokens = np.asarray(tokens).reshape(len(logits), draws)
     rows = np.arange(len(logits))[:, None]
     np.testing.assert_allclose(np.asarray(logp_s).reshape(tokens.shape), expected[rows, tokens], rtol=0, atol=1e-6)

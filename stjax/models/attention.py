@@ -108,8 +108,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     only serves offset 0 and decoding falls back to `xla` there. `right_padded` (static) promises
     that each row's real tokens come first, which `dot_product` exploits: causal attention then
     gives the real tokens their outputs without a padding mask, and attention without the causal
-    mask (the vision groups) masks by each row's count of real keys. Either way padding queries
-    see real keys; their outputs are never used.
+    mask (the vision groups) masks by each row's count of real keys; `cpu_flash` lets padding
+    queries see no key at all, so that its kernel skips their tiles. Either way the outputs of
+    padding queries are never used.
     """
     if backend == "auto":
         backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
@@ -128,6 +129,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
         mask = segment_mask(segment_q, segment_k, causal and not fused_causal, q_offset)
         return _dot_product(q, k, v, mask, is_causal=fused_causal)
     if backend == "cpu_flash" and cpu_attention.supports(q):
+        if right_padded:  # padding queries see no key (zero output) and the kernel skips their tiles
+            segment_q, segment_k = jnp.where(segment_q != 0, segment_q, -1), jnp.where(segment_k != 0, segment_k, -2)
         return cpu_attention.attention(q, k, v, segment_q, segment_k, causal, q_offset)
     if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
         return _pallas_tpu(q, k, v, segment_q, segment_k, causal)

@@ -182,6 +182,20 @@ struct TileMask {
   }
 };
 
+// The smallest and largest segment id of slots [start, start + count): a query tile and a key tile
+// whose ranges do not meet share no segment, so the pair is skipped (padding given segments of
+// its own, see attention.py, costs nothing).
+struct SegmentRange {
+  int32_t lo, hi;
+  SegmentRange(const int32_t* seg, int64_t start, int64_t count) : lo(seg[start]), hi(seg[start]) {
+    for (int64_t i = 1; i < count; ++i) {
+      lo = std::min(lo, seg[start + i]);
+      hi = std::max(hi, seg[start + i]);
+    }
+  }
+  bool Meets(const SegmentRange& other) const { return lo <= other.hi && other.lo <= hi; }
+};
+
 // Where the keys seen by queries [q0, q0 + kTile) end: at s, or (causal) after the last query's slot.
 template <int kTile>
 int64_t KeyEnd(const Shape& sh, int64_t offset, bool causal, int64_t q0) {
@@ -223,8 +237,10 @@ void ForwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32> 
     std::fill_n(o_t, sh.d * kTile, 0.0f);
     PackTransposed<kTile>(sh, q.typed_data(), b, h, q0, scale, q_t);
     const int64_t key_end = KeyEnd<kTile>(sh, offset, causal, q0);
+    const SegmentRange query_segments(sq, q0, std::min<int64_t>(kTile, sh.l - q0));
     for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
       const int nk = std::min<int64_t>(kTile, sh.s - k0);
+      if (!query_segments.Meets(SegmentRange(sk, k0, nk))) continue;
       Gemm<false, false>(nk, kTile, sh.d, keys + k0 * sh.k_row(), sh.k_row(), q_t, kTile, s, kTile);
       TileMask<kTile>(sh, sq, sk, offset, causal, q0, k0).Apply(s, nk);
       // Online softmax, 8 queries at a time: rescale what came before to the new running max.
@@ -304,10 +320,12 @@ void BackwardTiled(ffi::ThreadPool& pool, const Shape& sh, ffi::Buffer<ffi::F32>
     for (int64_t k0 = 0; k0 < sh.s; k0 += kTile) {
       const int nk = std::min<int64_t>(kTile, sh.s - k0);
       const int64_t first_q = causal ? std::max<int64_t>(0, k0 - offset) / kTile * kTile : 0;
+      const SegmentRange key_segments(sk, k0, nk);
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t h = kvh * g + gi;
         for (int64_t q0 = first_q; q0 < sh.l; q0 += kTile) {
           const int nq = std::min<int64_t>(kTile, sh.l - q0);
+          if (!key_segments.Meets(SegmentRange(sq, q0, nq))) continue;
           const int64_t t = gi * q_tiles + q0 / kTile;
           const float* queries = q.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;
           const float* grads = d_out.typed_data() + (b * sh.l + q0) * sh.q_row() + h * sh.d;

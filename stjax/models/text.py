@@ -126,19 +126,21 @@ class TextModel(nnx.Module):
         return self.norm(x)
 
     def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
+               cache: KVCache, dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens x (B, T, hidden) after the cache's `index` slots (a prefill when the cache
-        is empty, one decoding step when T = 1); returns their hidden states and the cache."""
+        is empty, one decoding step when T = 1, a whole completion after a shared prompt in GRPO);
+        returns their hidden states and the cache. `dropout_key` turns on LoRA dropout."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
         cache = cache.replace(segments=jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index)))
 
-        def step(layer: DecoderLayer, carry, i):
-            x, all_k, all_v = carry
-            x, (k, v) = layer(x, cos, sin, segments, (all_k[i], all_v[i], cache.segments, cache.index))
+        def step(layer: DecoderLayer, carry, xs):
+            (x, all_k, all_v), (i, key) = carry, xs
+            x, (k, v) = layer(x, cos, sin, segments, (all_k[i], all_v[i], cache.segments, cache.index), key)
             at = (i, 0, cache.index, 0, 0)  # write only the new tokens' slots
             return x, jax.lax.dynamic_update_slice(all_k, k[None], at), jax.lax.dynamic_update_slice(all_v, v[None], at)
 
-        layers = jnp.arange(self.cfg.num_layers)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
+        layers = (jnp.arange(self.cfg.num_layers), keys)
         x, k, v = scan_layers(self.layers, (x, cache.k, cache.v), step, xs=layers, remat=self.remat)
         cache = cache.replace(k=k, v=v, index=cache.index + x.shape[1])
         return self.norm(x), cache

@@ -60,8 +60,9 @@ def sampling_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return logits
 
 
-def choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Next tokens (B,) and their log-probs under the sampling distribution and the raw model."""
+def choose(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Next tokens (B,) drawn with one key per row, and their log-probs under the sampling
+    distribution and the raw model."""
     model_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if cfg.suppress_ids:
         logits = logits.at[:, jnp.asarray(cfg.suppress_ids)].set(-jnp.inf)
@@ -70,7 +71,7 @@ def choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.
         sampling_logp = jnp.zeros(tokens.shape, jnp.float32)
     else:
         scaled = sampling_logits(logits, cfg)
-        tokens = jax.random.categorical(key, scaled, axis=-1)
+        tokens = jax.vmap(jax.random.categorical)(keys, scaled)
         sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, sampling_logp, jnp.take_along_axis(model_logp, tokens[:, None], axis=-1)[:, 0]
 
@@ -82,7 +83,6 @@ class _Loop:
     logits: jax.Array  # (B, V) for the next token
     next_position: jax.Array  # (B,) M-RoPE position of the next token
     finished: jax.Array
-    key: jax.Array
     out: SampleOutput
 
 
@@ -104,7 +104,11 @@ def generate(model, inputs: ModelInputs, prompt_length: int, key: jax.Array, cfg
 def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs: ModelInputs, last: jax.Array,
            next_position: jax.Array, key: jax.Array) -> SampleOutput:
     """`generate` on arrays already placed (global arrays in multi-process runs): the model's state
-    as an argument, `last` the prompts' last column, `next_position` from `next_positions`."""
+    as an argument, `last` the prompts' last column, `next_position` from `next_positions`.
+
+    `key` is one key, or one per completion row (B * num_samples,): row r's token k is drawn with
+    fold_in(key_r, k), so what a row samples depends on its own key alone, not on its neighbours.
+    """
     model = nnx.merge(graphdef, state)
     inputs = cast_floats(inputs, model.config.compute_dtype)
     text = model.model
@@ -120,9 +124,10 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
                               segments=jnp.repeat(cache.segments, n, axis=0))
         logits, next_position = jnp.repeat(logits, n, axis=0), jnp.repeat(next_position, n, axis=0)
     rows = batch * n
+    keys = jax.random.split(key, rows) if key.ndim == 0 else key
     empty = jnp.zeros((rows, cfg.max_new_tokens), jnp.float32)
     state0 = _Loop(step=jnp.int32(0), cache=cache, logits=logits, next_position=next_position.astype(jnp.int32),
-                   finished=jnp.zeros((rows,), bool), key=key,
+                   finished=jnp.zeros((rows,), bool),
                    out=SampleOutput(tokens=jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
                                     lengths=jnp.zeros((rows,), jnp.int32), logp_sampling=empty, logp_model=empty))
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
@@ -131,8 +136,7 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.finished)
 
     def body(s: _Loop) -> _Loop:
-        key, sub = jax.random.split(s.key)
-        token, logp_s, logp_m = choose(s.logits, sub, cfg)
+        token, logp_s, logp_m = choose(s.logits, jax.vmap(jax.random.fold_in, (0, None))(keys, s.step), cfg)
         token = jnp.where(s.finished, cfg.pad_id, token).astype(jnp.int32)
         live = ~s.finished
         out = s.out.replace(
@@ -145,6 +149,6 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
         position = jnp.broadcast_to((s.next_position + s.step)[None, :, None], (3, rows, 1))
         hidden, cache = text.extend(text.embed(token[:, None]), position, jnp.ones((rows, 1), jnp.int32), s.cache)
         return _Loop(step=s.step + 1, cache=cache, logits=model.logits(hidden)[:, 0], next_position=s.next_position,
-                     finished=finished, key=key, out=out)
+                     finished=finished, out=out)
 
     return jax.lax.while_loop(cond, body, state0).out

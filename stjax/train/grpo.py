@@ -11,10 +11,12 @@ One step, as data (TRL's `GRPOTrainer` names; roles as Tunix names them):
       --[reference log-probs: the base (LoRA adapters off) or a frozen copy, when beta > 0]
       --num_iterations x (policy_loss over the completion tokens, gradients, clip, AdamW)
 
-The update batch is the prompt rows repeated G times with the completion after each prompt,
-right-padded like an SFT batch, so the same step (`stjax.train.step.update`), loss positions and
-buckets serve: logits are made only at the positions that predict a completion token, exactly
-`max_completion_length` of them per row (one compiled shape).
+The update batch holds each prompt once and its completions beside it: the prompt (vision
+included) runs once into a KV cache that its G rows share, then each completion runs after it, as
+decoding did (`completion_logps`). A prompt's forward and backward thus cost what one row's do,
+not G rows'. Logits are made only at the positions that predict a completion token, exactly
+`max_completion_length` per row (one compiled shape per prompt bucket), and the update is the SFT
+stage's (`stjax.train.step.update`).
 
 `group_advantages` and `policy_loss` are TRL 1.16's formulas (`GRPOTrainer._compute_loss` and the
 advantage computation), tested against a PyTorch transcription of them.
@@ -25,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +43,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from stjax.data.formats import Sample
 from stjax.models.inputs import ModelInputs
+from stjax.models.text import KVCache
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
 from stjax.sharding import make_mesh, model_shardings, parse_mesh
 from stjax.train import config, distributed, loop, rewards, sft
-from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, loss_positions,
-                               micro_batch_inputs, place_rows, step_shapes)
+from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, micro_batch_inputs, place_rows,
+                               step_shapes)
 from stjax.train.config import ConfigError, TrainConfig
-from stjax.train.loss import next_tokens, token_logps
-from stjax.train.metrics import drop_steps_after, mfu, step_flops
-from stjax.train.step import TrainState, update
+from stjax.train.loss import token_logps
+from stjax.train.metrics import (drop_steps_after, lm_head_flops_per_token, mfu, model_flops_per_token,
+                                 vision_flops_per_patch)
+from stjax.train.step import TrainState, split_trainable, update
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -154,11 +160,16 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class GRPOBatch:
-    """The update's rows, micro-batches stacked on a leading axis: every leaf is (accum, B, ...)."""
+    """The update's rows, micro-batches stacked on a leading axis: every leaf is (accum, ...).
 
-    inputs: ModelInputs
-    loss_positions: jax.Array  # (accum, B, T): the positions that predict completion token j
-    completion_mask: jax.Array  # (accum, B, T) 1 for the completion's tokens (EOS included)
+    A micro-batch holds p prompt copies and B = p * run completion rows: rows [i * run, (i + 1) * run)
+    continue prompt copy i (see `update_batch` for `run`)."""
+
+    inputs: ModelInputs  # the prompts (accum, p, L), left-padded, vision included
+    starts: jax.Array  # (accum, p) M-RoPE position of each prompt's first completion token
+    completions: jax.Array  # (accum, B, T) the sampled tokens (padding after each row's end)
+    lengths: jax.Array  # (accum, B) tokens sampled per row, EOS included
+    completion_mask: jax.Array  # (accum, B, T) 1 for the tokens that weigh in the loss
     advantages: jax.Array  # (accum, B)
     old_logp: jax.Array | None = None  # (accum, B, T) the policy before the first update
     ref_logp: jax.Array | None = None  # (accum, B, T) the reference model
@@ -184,22 +195,37 @@ class LossSettings:
                    g.max_completion_length, g.temperature, cfg.loss_chunk or g.max_completion_length)
 
 
-def completion_logps(model, inputs: ModelInputs, positions: jax.Array, temperature: float, chunk: int,
+def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(B, T) log-probs of the completion tokens under `logits / temperature` (TRL's), and the
-    entropies there, with logits made only at the `positions` that predict them."""
-    hidden = model.hidden_states(inputs, dropout_key)
-    hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    targets = jnp.take_along_axis(next_tokens(inputs.input_ids), positions, axis=1)
-    return token_logps(hidden / jnp.asarray(temperature, hidden.dtype), model.output_table(), targets, chunk)
+    entropies there.
+
+    Each prompt copy runs once into a KV cache; its `run` rows share the cache and run their
+    completions after it, at the positions the sampler gave them. Completion token j is predicted
+    by the hidden state before it: the prompt's last for j = 0 (prompts are left-padded).
+    """
+    text, inputs = model.model, micro.inputs
+    prompts, length = inputs.input_ids.shape
+    rows, t = micro.completions.shape
+    run = rows // prompts
+    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    cache = KVCache.zeros(model.config.text, prompts, length + t, jnp.dtype(model.config.compute_dtype))
+    prompt_hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, keys[0])
+    shared = lambda x, axis=0: jnp.repeat(x, run, axis=axis)
+    cache = cache.replace(k=shared(cache.k, 1), v=shared(cache.v, 1), segments=shared(cache.segments))
+    steps = jnp.arange(t)
+    live = (steps < micro.lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(shared(micro.starts)[:, None] + steps, (3, rows, t))
+    hidden, _ = text.extend(text.embed(micro.completions), positions, live, cache, keys[1])
+    hidden = jnp.concatenate([shared(prompt_hidden[:, -1:]), hidden[:, :-1]], axis=1)
+    return token_logps(hidden / jnp.asarray(temperature, hidden.dtype), model.output_table(), micro.completions, chunk)
 
 
 def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, micro: GRPOBatch,
                     batch: GRPOBatch, key: jax.Array, settings: LossSettings) -> tuple[jax.Array, dict]:
     """One micro-batch's share of the step's loss (normalisers from the whole step), and metric sums."""
     model = nnx.merge(graphdef, params, frozen)
-    logp, entropy = completion_logps(model, micro.inputs, micro.loss_positions, settings.temperature, settings.chunk,
-                                     key)
+    logp, entropy = completion_logps(model, micro, settings.temperature, settings.chunk, key)
     loss, metrics = policy_loss(
         logp, micro.old_logp, micro.ref_logp, micro.advantages, micro.completion_mask, loss_type=settings.loss_type,
         beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
@@ -210,20 +236,36 @@ def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State
         loss = loss / batch.advantages.shape[0]
     tokens = jnp.sum(micro.completion_mask)
     sums = {k: v * tokens for k, v in metrics.items()}  # token-weighted over the micro-batches
-    return loss, {**sums, "entropy": jnp.sum(entropy * micro.completion_mask), "completion_tokens": tokens}
+    return loss, {**sums, "entropy": jnp.sum(entropy * micro.completion_mask), "loss_tokens": tokens}
 
 
 def grpo_update(graphdef: nnx.GraphDef, optim, settings: LossSettings, state: TrainState, frozen: nnx.State,
                 batch: GRPOBatch) -> tuple[TrainState, dict[str, jax.Array]]:
     state, metrics = update(graphdef, optim, state, frozen, batch,
                             functools.partial(grpo_micro_loss, settings=settings))
-    tokens = jnp.maximum(metrics.pop("completion_tokens"), 1.0)
+    tokens = jnp.maximum(metrics.pop("loss_tokens"), 1.0)
     for name in [k for k in metrics if k == "entropy" or k == "kl" or "clip_ratio" in k]:
         metrics[name] = metrics[name] / tokens
-    metrics.update(tokens=jnp.sum(batch.inputs.attention_mask), target_tokens=tokens)
+    prompt_tokens = jnp.sum(batch.inputs.attention_mask)
+    completion_tokens = jnp.sum(jnp.arange(batch.completions.shape[-1]) < batch.lengths[..., None])
+    metrics.update(tokens=prompt_tokens + completion_tokens, prompt_tokens=prompt_tokens,
+                   completion_tokens=completion_tokens, target_tokens=tokens)
     if batch.inputs.vision is not None:
         metrics["patches"] = jnp.sum(batch.inputs.vision.frames.lengths)
     return state, metrics
+
+
+def update_flops(model_cfg, batch: GRPOBatch, metrics: dict[str, float]) -> float:
+    """Model FLOPs of one update as it is computed: each prompt copy once (vision included), each
+    completion token after its prompt, logits at the completion tokens only."""
+    head = lm_head_flops_per_token(model_cfg)
+    length, t = batch.inputs.input_ids.shape[-1], batch.completions.shape[-1]
+    flops = ((model_flops_per_token(model_cfg, length) - head) * metrics["prompt_tokens"]
+             + model_flops_per_token(model_cfg, length + t) * metrics["completion_tokens"])
+    if batch.inputs.vision is not None:
+        group = batch.inputs.vision.frames.index.shape[-1]
+        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
+    return flops
 
 
 def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: GRPOBatch,
@@ -233,7 +275,7 @@ def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ba
     model = nnx.merge(graphdef, params, frozen)
 
     def one(micro: GRPOBatch) -> jax.Array:
-        return completion_logps(model, micro.inputs, micro.loss_positions, settings.temperature, settings.chunk)[0]
+        return completion_logps(model, micro, settings.temperature, settings.chunk)[0]
 
     return jax.lax.map(one, batch.replace(old_logp=None, ref_logp=None))
 
@@ -241,48 +283,25 @@ def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ba
 # ---------------------------------------------------------------- host side: prompts, completions
 
 
-def left_padded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The loader's right-padded text rows moved to the right end (the sampler's prompt layout)."""
+def left_padded(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """The loader's right-padded text rows padded to `length`, each row's text moved to the right
+    end (the sampler's prompt layout)."""
     out = dict(batch)
-    length = batch["input_ids"].shape[1]
     shifts = length - batch["attention_mask"].sum(axis=1)
-    roll = lambda x, axis: np.stack([np.roll(row, s, axis=-1) for row, s in  # each row's text, along L
-                                     zip(np.moveaxis(x, axis, 0), shifts)], axis=axis)
-    for key in ("input_ids", "attention_mask", "loss_mask"):
-        out[key] = roll(batch[key], 0)
-    out["position_ids"] = roll(batch["position_ids"], 1)
+    for key, axis in (("input_ids", 0), ("attention_mask", 0), ("loss_mask", 0), ("position_ids", 1)):
+        x = batch[key]
+        x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=int(key == "position_ids"))
+        out[key] = np.stack([np.roll(row, s, axis=-1) for row, s in zip(np.moveaxis(x, axis, 0), shifts)], axis=axis)
     return out
 
 
-def completion_rows(batch: dict[str, np.ndarray], tokens: np.ndarray, lengths: np.ndarray, group_size: int,
-                    eos_ids: Sequence[int], mask_truncated: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The update's rows: each prompt of the loader's (right-padded) batch repeated `group_size`
-    times with its completion written after it, and the (rows, T) completion mask.
-
-    The completion's tokens (EOS included) are the targets; they take M-RoPE positions
-    max(prompt positions) + 1 + k, as the sampler gave them. With `mask_truncated`, a completion
-    that ends without EOS weighs nothing.
-    """
-    repeat = lambda x, axis=0: np.repeat(x, group_size, axis=axis)
-    rows = {k: repeat(v, 1 if k == "position_ids" else 0) for k, v in batch.items()}
-    n, t = tokens.shape
-    prompt = rows["attention_mask"].sum(axis=1)
-    steps = np.arange(t)
-    completion_mask = (steps < lengths[:, None]).astype(np.int32)
-    if mask_truncated:
-        completion_mask *= ended(tokens, lengths, eos_ids)[:, None]
-    pad = lambda x, value=0: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, t)], constant_values=value)
-    ids, attention, loss = pad(rows["input_ids"]), pad(rows["attention_mask"]), pad(np.zeros_like(rows["loss_mask"]))
-    positions = pad(rows["position_ids"], 1)
-    start = np.max(np.where(rows["attention_mask"][None] == 1, rows["position_ids"], -1), axis=(0, 2)) + 1
-    row_index = np.arange(n)[:, None]
-    where = prompt[:, None] + steps  # (n, t) columns of the completion's tokens
-    live = steps < lengths[:, None]
-    ids[row_index, where] = np.where(live, tokens, ids[row_index, where])
-    attention[row_index, where] = live
-    loss[row_index, where] = completion_mask
-    positions[:, row_index, where] = np.where(live, start[:, None] + steps, 1)
-    return dict(rows, input_ids=ids, attention_mask=attention, loss_mask=loss, position_ids=positions), completion_mask
+def prompt_inputs(model_cfg, prompts: dict[str, np.ndarray]) -> tuple[ModelInputs, np.ndarray]:
+    """This process's prompts as the sampler and the update take them (host arrays): left-padded to
+    the length every process agrees on, vision prepared; and each prompt's first completion
+    position (`next_positions`)."""
+    length, _, sizes = agree_shapes(*step_shapes(model_cfg, [prompts]))
+    inputs, _ = micro_batch_inputs(model_cfg, left_padded(prompts, length), length, sizes)
+    return inputs, next_positions(inputs.attention_mask, inputs.position_ids, length)
 
 
 def ended(tokens: np.ndarray, lengths: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
@@ -291,20 +310,23 @@ def ended(tokens: np.ndarray, lengths: np.ndarray, eos_ids: Sequence[int]) -> np
     return (lengths > 0) & np.isin(last, eos_ids)
 
 
-def update_batch(model_cfg, rows: dict[str, np.ndarray], completion_mask: np.ndarray, advantages: np.ndarray,
-                 accumulation: int) -> GRPOBatch:
-    """This process's update rows as `accumulation` micro-batches (host arrays, like `host_batch`)."""
-    n = len(completion_mask)
-    size = n // accumulation
-    parts = [{k: (v[:, i * size:(i + 1) * size] if k == "position_ids" else v[i * size:(i + 1) * size])
-              for k, v in rows.items()} for i in range(accumulation)]
-    length, _, sizes = agree_shapes(*step_shapes(model_cfg, parts))
-    made = [micro_batch_inputs(model_cfg, p, length, sizes) for p in parts]
-    t = completion_mask.shape[1]
-    stack = lambda *x: np.stack(x)
-    split = lambda x: x.reshape(accumulation, size, *x.shape[1:])
-    return GRPOBatch(inputs=jax.tree.map(stack, *[m[0] for m in made]),
-                     loss_positions=np.stack([loss_positions(m[1], t) for m in made]),
+def update_batch(prompts: ModelInputs, starts: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
+                 completion_mask: np.ndarray, advantages: np.ndarray, group_size: int, accumulation: int,
+                 shards: int) -> GRPOBatch:
+    """This process's update rows as `accumulation` micro-batches (host arrays, like `host_batch`).
+
+    A micro-batch's rows are split over `shards` devices (data x fsdp, all processes). Runs of
+    run = gcd(group_size, rows per device) adjacent rows share one prompt and one device, so each
+    run gets a copy of its prompt: its forward is shared by the run without crossing devices.
+    """
+    rows = len(tokens)
+    per_device = rows // accumulation * jax.process_count() // shards
+    run = math.gcd(group_size, per_device)
+    copies = np.arange(0, rows, run) // group_size  # the prompt of each run
+    split = lambda x, axis=0: np.stack(np.split(x, accumulation, axis=axis))
+    inputs = jax.tree.map(lambda x: split(x[copies]), prompts.replace(position_ids=None))
+    return GRPOBatch(inputs=inputs.replace(position_ids=split(prompts.position_ids[:, copies], 1)),
+                     starts=split(starts[copies]), completions=split(tokens), lengths=split(lengths),
                      completion_mask=split(completion_mask.astype(np.float32)),
                      advantages=split(advantages.astype(np.float32)))
 
@@ -354,8 +376,10 @@ class GRPO:
             compute = run.model_cfg.compute_dtype
             if run.model_cfg.lora_rank:
                 self.reference = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))(state.params)
-            else:
-                self.reference = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))(state.params)
+            else:  # of the loaded model (a resumed run's state has moved on), sharded like the policy
+                self.reference = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p),
+                                         out_shardings=jax.tree.map(lambda x: x.sharding, state.params)
+                                         )(split_trainable(model)[1])
         shardings = jax.tree.map(lambda x: x.sharding, state)
         replicated = NamedSharding(run.mesh, PartitionSpec())
         self.update_fn = jax.jit(functools.partial(grpo_update, run.graphdef, run.optim, self.settings),
@@ -376,18 +400,26 @@ class GRPO:
             weights = jax.device_put(weights, self.rollout_shardings)
         return weights
 
-    def rollout(self, run: loop.Run, state: TrainState, prompts: dict[str, np.ndarray], step: int):
-        """G completions of each of this process's prompts: (tokens, lengths, logp_model) of its rows."""
-        left = left_padded(prompts)
-        length, _, sizes = agree_shapes(*step_shapes(run.model_cfg, [left]))
-        inputs, _ = micro_batch_inputs(run.model_cfg, left, length, sizes)
-        start = next_positions(inputs.attention_mask, inputs.position_ids, length)
-        inputs, start = global_inputs(inputs, self.rollout_mesh), place_rows(start, self.rollout_mesh)
-        # The rollout key: the run's key (checkpointed) and the step, so a resumed run samples the same.
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1), step)
+    def rollout(self, run: loop.Run, state: TrainState, prompts: ModelInputs, starts: np.ndarray,
+                samples: Sequence[Sample], step: int):
+        """G completions of each of this process's prompts (from `prompt_inputs`): (tokens, lengths,
+        logp_model) of its rows.
+
+        Each completion has its own key: the run's (checkpointed), the step, the prompt's sample id
+        and its index in the group. A resumed run samples the same, and so does another layout of
+        the batch over processes and devices.
+        """
+        length = prompts.input_ids.shape[1]
+        inputs, start = global_inputs(prompts, self.rollout_mesh), place_rows(starts, self.rollout_mesh)
+        ids = jnp.asarray([zlib.crc32(s.id.encode()) & 0x7FFFFFFF for s in samples], jnp.int32)
+        key = jax.random.wrap_key_data(state.rng.addressable_data(0))  # made here, then placed with the rows
+        key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
+        split = lambda i: jax.random.split(jax.random.fold_in(key, i), self.sampling.num_samples)
+        keys = np.asarray(jax.random.key_data(jax.vmap(split)(ids).reshape(-1)))
+        keys = jax.random.wrap_key_data(place_rows(keys, self.rollout_mesh))
         weights = self.rollout_weights(run, state)
-        out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, key)
-        rows = len(prompts["input_ids"]) * self.sampling.num_samples
+        out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, keys)
+        rows = len(prompts.input_ids) * self.sampling.num_samples
         return local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
@@ -395,7 +427,8 @@ class GRPO:
         prompts = next(data)
         samples = [run.samples[i] for i in prompts.pop("sample_id")]
         began = time.perf_counter()
-        tokens, lengths, _ = self.rollout(run, state, prompts, step)
+        prompts, starts = prompt_inputs(run.model_cfg, prompts)
+        tokens, lengths, _ = self.rollout(run, state, prompts, starts, samples, step)
         rollout_time = time.perf_counter() - began
 
         began = time.perf_counter()
@@ -416,9 +449,12 @@ class GRPO:
         scoring_time = time.perf_counter() - began
 
         began = time.perf_counter()
-        rows, completion_mask = completion_rows(prompts, tokens, lengths, g.num_generations, self.eos_ids,
-                                                g.mask_truncated_completions)
-        host = update_batch(run.model_cfg, rows, completion_mask, advantages_all[mine], run.cfg.accumulation)
+        completion_mask = np.arange(tokens.shape[1]) < lengths[:, None]
+        if g.mask_truncated_completions:  # a completion cut at the length limit weighs nothing
+            completion_mask &= ~truncated[:, None]
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        host = update_batch(prompts, starts, tokens, lengths, completion_mask, advantages_all[mine], g.num_generations,
+                            run.cfg.accumulation, shards)
         batch = global_batch(host, run.mesh)
         if self.reference is not None:
             batch = batch.replace(ref_logp=self.logps_fn(self.reference, run.frozen, batch))
@@ -451,7 +487,7 @@ class GRPO:
             metrics[f"rewards/{name}/errors"] = float(errors[f])
         metrics["tokens_per_s"] = metrics["tokens"] * g.num_iterations / update_time
         if run.peak_flops:
-            flops = step_flops(run.model_cfg, batch, metrics) * g.num_iterations
+            flops = update_flops(run.model_cfg, batch, metrics) * g.num_iterations
             metrics["mfu"] = mfu(flops, update_time, jax.device_count(), run.peak_flops)
         if jax.process_index() == 0 and g.log_completions_steps and (step + 1) % g.log_completions_steps == 0:
             self.log_completions(step + 1, groups, texts, scores.values, total[mine], g.reward_funcs,
