@@ -399,11 +399,11 @@ def qlora_throughput(args) -> None:
           f"stored as named), {row['input_ids'].shape[1]} tokens (bucket {length})")
     t0 = time.perf_counter()
     runs = interleaved_times(list(steps.values()), args.steps, args.warmup, args.quiet, args.max_rounds)
-    times = {}
+    quiet = {name: [t for t, share in r if share <= args.quiet] for name, r in zip(steps, runs)}
+    times = {name: float(np.median(quiet[name] if len(quiet[name]) >= max(1, args.steps // 2) else [t for t, _ in r]))
+             for name, r in zip(steps, runs)}
     for (name, step), r in zip(steps.items(), runs):
-        quiet = [t for t, share in r if share <= args.quiet]
-        times[name] = float(np.median(quiet if len(quiet) >= max(1, args.steps // 2) else [t for t, _ in r]))
-        print(f"  {name + ' base':<22s} {times[name] * 1e3:8.1f} ms/step ({len(quiet)}/{len(r)} quiet)  "
+        print(f"  {name + ' base':<22s} {times[name] * 1e3:8.1f} ms/step ({len(quiet[name])}/{len(r)} quiet)  "
               f"x{times[name] / times['bf16']:.2f} of bf16  frozen base {frozen[name] / 2**20:6.1f} MiB  "
               f"loss {step.loss():.4f} after {step.steps} steps")
     print(f"  ({time.perf_counter() - t0:.0f} s in all)")
