@@ -576,7 +576,8 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--mem-layers", type=int, default=16, help="text layers of the memory model")
     parser.add_argument("--mem-steps", type=int, default=3)
-    parser.add_argument("--qlora", action="store_true", help="time LoRA over a bf16 base against over nf4 / int8 copies")
+    parser.add_argument("--qlora", action="store_true",
+                        help="time LoRA over a bf16 base against over its float32, nf4 and int8 copies")
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # the memory cases' bf16 checkpoint
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

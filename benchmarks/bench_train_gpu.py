@@ -386,7 +386,8 @@ def part_mfu(args, report: dict) -> None:
     base = f"{args.quantize} base{double} (every linear but the LM head), " if args.quantize != "none" else ""
     print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
           f"(decoder {si(total - vision)}, vision {si(vision)}), "
-          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; {base}bf16 params and "
+          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; "
+          f"{base}bf16 params and "
           f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
           f"loss chunk {args.loss_chunk}")
     for remat in args.remat.split(","):
@@ -457,7 +458,8 @@ def part_largest(args, report: dict) -> None:
                 row.update(ok=False, error="not tried (time budget)")
                 print(head + f"not tried: the --budget of {args.budget:.0f} s is spent")
                 continue
-            spec = dict(size=size, attention=args.attention, remat="full", lora_rank=args.lora_rank if mode != "full" else 0,
+            spec = dict(size=size, attention=args.attention, remat="full",
+                        lora_rank=args.lora_rank if mode != "full" else 0,
                         batch=1, seq=args.largest_seq, video="", steps=1, warmup=1, peak_flops=args.peak_flops,
                         loss_chunk=args.loss_chunk, quantize="nf4" if mode == "qlora" else "none")
             r = run_child(spec, min(args.trial_timeout, left), args)

@@ -96,8 +96,9 @@ class EvalConfig:
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
-_RESULT_KEYS = ("model", "revision", "dtype", "quantize", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
-                "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
+_RESULT_KEYS = ("model", "revision", "dtype", "quantize", "mode", "extract", "template", "num_frames", "fps",
+                "max_pixels", "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                "max_prompt_tokens")
 
 
 # ---------------------------------------------------------------- data

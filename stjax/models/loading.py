@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import ml_dtypes
@@ -22,7 +22,7 @@ from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntry
 
 from stjax.io import atomic_dir
 from stjax.models.config import ConfigError, QwenVLConfig
-from stjax.models.quant import quantize_params
+from stjax.models.quant import quantize
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
 from stjax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 from stjax.models.weights import Rule, canonical_name, hf_names, num_layers, rules, to_hf, to_stjax
@@ -275,14 +275,12 @@ class StjaxParam:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def read(self, rows: slice = slice(None)) -> np.ndarray:
-        """The parameter, or `rows` of its first axis (read whole, then sliced: orbax reads no less)."""
+    def read(self) -> np.ndarray:
         import orbax.checkpoint as ocp
 
         with ocp.PyTreeCheckpointer() as ckpt:
             args = {"value": ocp.RestoreArgs(restore_type=np.ndarray)}
-            array = ckpt.restore(self.directory, args=ocp.args.PyTreeRestore(restore_args=args))["value"]
-        return np.asarray(array)[rows]
+            return np.asarray(ckpt.restore(self.directory, args=ocp.args.PyTreeRestore(restore_args=args))["value"])
 
 
 def stjax_params(directory: str | Path) -> dict[tuple[str, ...], StjaxParam]:
@@ -308,6 +306,44 @@ def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
             shutil.copy2(Path(source) / name, Path(target) / name)
             copied.append(name)
     return copied
+
+
+def quantized_paths(cfg: QwenVLConfig) -> set[tuple[str, ...]]:
+    """Parameter paths (`.../kernel`) of the linears `cfg` stores quantized (`QwenVLConfig.quantization`)."""
+    return {r.path for r in rules(cfg) if r.kind == "linear" and cfg.quantization(r.path[:-1]) != "none"}
+
+
+def _layers(source, stacked: bool) -> Iterator[np.ndarray]:
+    """A kernel one layer at a time (a kernel that is not stacked: whole). A Hugging Face checkpoint
+    reads one layer's tensor at a time; an array, or a stjax parameter (orbax reads it whole), is sliced."""
+    if not stacked:
+        yield source.read() if hasattr(source, "read") else np.asarray(source)
+    elif isinstance(source, HFParam):
+        for i in range(source.shape[0]):
+            yield source.read(slice(i, i + 1))[0]
+    else:
+        yield from source.read() if hasattr(source, "read") else np.asarray(source)
+
+
+def quantize_params(cfg: QwenVLConfig, sources: dict) -> Params:
+    """Every parameter of `cfg`'s model from `sources` (host arrays or lazy readers), the kernels `cfg`
+    stores quantized made so one layer at a time (`quant.quantize`): from a Hugging Face checkpoint,
+    at most one layer of such a kernel is ever held in full precision."""
+    rule_of = {r.path: r for r in rules(cfg)}
+    quantized = quantized_paths(cfg)
+    out = {}
+    for path, source in sources.items():
+        if path not in quantized:
+            out[path] = source.read() if hasattr(source, "read") else np.asarray(source)
+            continue
+        rule, stored = rule_of[path], {}
+        count = np.shape(source)[0] if rule.stacked else 1
+        for i, kernel in enumerate(_layers(source, rule.stacked)):
+            for name, value in quantize(kernel.T, cfg.quantization(path[:-1]), cfg.double_quant,
+                                        rule.hf.format(i=i)).items():
+                stored.setdefault(name, np.empty((count,) + value.shape, value.dtype))[i] = value
+        out.update({path + (name,): value if rule.stacked else value[0] for name, value in stored.items()})
+    return out
 
 
 def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.sharding.Mesh] = None,
@@ -340,7 +376,7 @@ def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Me
     `dtype` sets the parameter dtype (default: the checkpoint's); `policy` may set
     compute_dtype (default: the parameter dtype), attention, remat and any other run-time field of
     `QwenVLConfig`: with `quantize_base` the targeted kernels are quantized as they are read, one
-    layer at a time (`quant.quantize_params`; from a stjax directory, one parameter at a time).
+    layer at a time (`quantize_params`; a stjax directory is read one parameter at a time).
     Returns (model, config); with `mesh`, parameters are sharded by the logical-axis rules.
     """
     if Path(path).is_file():

@@ -33,13 +33,11 @@ packed layout, which the release's QLoRA used and which we check against.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from stjax.models.config import QwenVLConfig
-from stjax.models.weights import rules
 
 BLOCKSIZE = 64  # values per NF4 scale (bitsandbytes' and QLoRA's blocksize)
 SCALE_BLOCKSIZE = 256  # absmax values per second-level scale under double quantization
@@ -158,8 +156,8 @@ _checkpointed_project = jax.checkpoint(_project, static_argnums=(2, 3))
 
 
 class QuantizedKernel(nnx.Module):
-    """The frozen (in, out) kernel of a `Linear`, stored as `fmt` (the arrays start at zero: a
-    checkpoint, or `quantize_params`, fills them)."""
+    """The frozen (in, out) kernel of a `Linear`, stored as `fmt` (the arrays start at zero:
+    `loading.quantize_params` fills them from a checkpoint or a model)."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], fmt: str, double_quant: bool):
         layout = stored_shapes(fmt, double_quant, din, dout, axes)
@@ -175,35 +173,3 @@ class QuantizedKernel(nnx.Module):
     def matmul(self, x: jax.Array) -> jax.Array:
         """x @ kernel, the kernel dequantized to x's dtype."""
         return _checkpointed_project(x, self.arrays(), self.fmt, self.shape)
-
-
-def quantized_paths(cfg: QwenVLConfig) -> set[tuple[str, ...]]:
-    """Parameter paths (`.../kernel`) of the linears `cfg` stores quantized."""
-    return {r.path for r in rules(cfg) if r.kind == "linear" and cfg.quantization(r.path[:-1]) != "none"}
-
-
-def quantize_params(cfg: QwenVLConfig, sources: dict[tuple[str, ...], object]) -> dict[tuple[str, ...], np.ndarray]:
-    """Every parameter of `cfg`'s model from `sources` (host arrays, or lazy readers with
-    `read(rows)`), the kernels `cfg` quantizes quantized one layer at a time: at most one layer of a
-    quantized kernel is ever held in full precision."""
-    names = {r.path: r.hf for r in rules(cfg)}
-    quantized = quantized_paths(cfg)
-    out = {}
-    for path, source in sources.items():
-        if path not in quantized:
-            out[path] = source.read() if hasattr(source, "read") else np.asarray(source)
-            continue
-        fmt, stacked = cfg.quantization(path[:-1]), "{i}" in names[path]
-        layers = source.shape[0] if stacked else 1
-        stored = {}
-        for i in range(layers):
-            rows = slice(i, i + 1) if stacked else slice(None)
-            kernel = source.read(rows) if hasattr(source, "read") else np.asarray(source)[rows]
-            arrays = quantize((kernel[0] if stacked else kernel).T, fmt, cfg.double_quant, names[path].format(i=i))
-            for name, value in arrays.items():
-                if name not in stored:
-                    stored[name] = np.empty((layers,) + value.shape, value.dtype)
-                stored[name][i] = value
-        for name, value in stored.items():
-            out[path + (name,)] = value if stacked else value[0]
-    return out

@@ -286,7 +286,8 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError(f"lora.quantize_base={cfg.lora.quantize_base} freezes the base: it needs adapters to train "
                           "(lora.rank > 0)")
     if cfg.lora.double_quant and cfg.lora.quantize_base != "nf4":
-        raise ConfigError(f"lora.double_quant quantizes nf4's block scales; lora.quantize_base is {cfg.lora.quantize_base}")
+        raise ConfigError(f"lora.double_quant quantizes nf4's block scales; lora.quantize_base is "
+                          f"{cfg.lora.quantize_base}")
     unknown = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
     if unknown:
         raise ConfigError(f"lora.targets {unknown} are not decoder projections; choose from {', '.join(LORA_TARGETS)}")

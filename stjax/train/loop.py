@@ -129,7 +129,10 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
     if isinstance(source, str):  # a preset
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
         model = init_model(model_cfg, cfg.seed)
-        model = quantize_model(model, mesh, **quantization) if lora.quantize_base != "none" else shard_model(model, mesh)
+        if lora.quantize_base != "none":
+            model = quantize_model(model, mesh, **quantization)
+        else:
+            model = shard_model(model, mesh)
     else:
         model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy, **quantization)
     if lora.rank:

@@ -60,7 +60,7 @@ def _merged_layer(stored: dict[str, jax.Array], lora: tuple[jax.Array, jax.Array
     """One layer (`index` of stacked arrays, or the whole when None) of a merged (in, out) kernel:
     the base, dequantized, plus scale * A @ B, in float32."""
     stored, lora = jax.tree.map(lambda x: x if index is None else x[index], (stored, lora))
-    base = stored["kernel"] if fmt == "none" else dequantize(stored, fmt, shape[::-1], jnp.float32).T
+    base = stored["value"] if fmt == "none" else dequantize(stored, fmt, shape[::-1], jnp.float32).T
     kernel = base.astype(jnp.float32)
     if lora is not None:
         a, b = (x.astype(jnp.float32) for x in lora)
@@ -73,7 +73,7 @@ class MergedParam:
     """One parameter of the merged model, made when read: a kernel with adapters or a quantized
     base is merged on the devices one layer at a time, then brought to this host."""
 
-    stored: dict[str, jax.Array]  # {"kernel": array}, or the quantized kernel's arrays
+    stored: dict[str, jax.Array]  # {"value": the parameter}, or a quantized kernel's arrays
     lora: tuple[jax.Array, jax.Array] | None
     fmt: str  # how the kernel is stored: none, nf4 or int8
     scale: float
@@ -83,7 +83,7 @@ class MergedParam:
 
     def read(self) -> np.ndarray:
         if self.fmt == "none" and self.lora is None:
-            return _host(self.stored["kernel"]).astype(self.dtype)
+            return _host(self.stored["value"]).astype(self.dtype)
         merge = functools.partial(_merged_layer, self.stored, self.lora, fmt=self.fmt, shape=self.shape[-2:],
                                   scale=self.scale, dtype=self.dtype.name)
         if not self.stacked:
@@ -105,7 +105,7 @@ def merged_params(model: QwenVLForConditionalGeneration) -> tuple[QwenVLConfig, 
     out = {}
     for rule in rules(plain):
         owner = rule.path[:-1]
-        stored = {"kernel": flat[rule.path]} if rule.path in flat else \
+        stored = {"value": flat[rule.path]} if rule.path in flat else \
             {p[-1]: v for p, v in flat.items() if p[:-1] == rule.path}
         adapted = rule.path[-1] == "kernel" and owner + ("lora_a",) in flat
         lora = (flat[owner + ("lora_a",)], flat[owner + ("lora_b",)]) if adapted else None
