@@ -166,12 +166,6 @@ def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
     return out
 
 
-def read_hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
-                   progress: Optional[Callable[[int], None]] = None) -> Params:
-    """A HF checkpoint as stacked stjax host arrays."""
-    return {path: p.read() for path, p in hf_params(cfg, directory, dtype, progress).items()}
-
-
 class _OneAtATime:
     """Reads a parameter source when first asked and keeps only the last one read, so exporting
     holds one parameter (plus the tensor being written) at a time."""

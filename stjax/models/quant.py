@@ -132,7 +132,7 @@ def dequantize(arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int], d
     return (jnp.asarray(NF4)[codes] * absmax[:, None]).reshape(shape).astype(dtype)
 
 
-def stored_shapes(fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
+def storage_layout(fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
                   ) -> dict[str, tuple[tuple[int, ...], np.dtype, tuple]]:
     """{array name: (shape, dtype, logical axes)} of one layer's storage of an (in, out) kernel."""
     if fmt == "int8":
@@ -160,7 +160,7 @@ class QuantizedKernel(nnx.Module):
     `loading.quantize_params` fills them from a checkpoint or a model)."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], fmt: str, double_quant: bool):
-        layout = stored_shapes(fmt, double_quant, din, dout, axes)
+        layout = storage_layout(fmt, double_quant, din, dout, axes)
         for name, (shape, dtype, names) in layout.items():
             setattr(self, name, QuantizedArray(jnp.zeros(shape, dtype), axes=names))
         self.names = tuple(layout)
