@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py [--arch qwen2_5_vl] [--steps 5] [--frames 8] [--size 336] [--lora]
         [--remat none,dots,full] [--attention xla] [--xla-flags "..."] [--torch-adamw default,fused] [--scale 1]
     python benchmarks/bench_train.py --memory-only            # peak RSS per parameter, fresh processes
+    python benchmarks/bench_train.py --qlora [--steps 5]      # LoRA over a bf16 base vs over its nf4 / int8 copy
 
 Throughput: bench_forward's mid-size config (text hidden 512 x 4 layers, vocab 8192, vision hidden
 256 x depth 4; `--scale` multiplies widths and depths), one SFT row: an 8-frame 336x336 video prompt
@@ -23,11 +24,19 @@ cores (from /proc/stat) is set aside and another is run, up to --max-rounds roun
 the quiet steps is reported (of all steps if too few were quiet). Both sides start from the same
 weights, so their losses after the same number of steps agree (a check that the steps match).
 
+`--qlora`: stjax alone, the same config and row: LoRA r8 on q, k, v, o over a bf16 base against the
+same over that base stored quantized (`lora.quantize_base` nf4, nf4 with double quantization, int8;
+`quantize_targets: all`, every linear but the LM head) and over its float32 copy, float32 compute,
+the steps taken in turn as above: what dequantizing the frozen weights at every step costs.
+
 Memory (`--memory` / `--memory-only`): a text-heavy model (~250M parameters: text hidden 1024 x 16
 layers, vocab 32768, a small vision tower), each case in a fresh process that runs a few steps on a
 192-token video + text row and reports its peak RSS (getrusage ru_maxrss); plus the RSS of a
 process that only imported the framework. The stjax cases drop the initial model once the train
-state (master copy + optimizer state) is made, as a training loop would.
+state (master copy + optimizer state) is made, as a training loop would. `stjax-lora-bf16` and
+`stjax-qlora-nf4` load the model from a bf16 Hugging Face checkpoint (written first by another
+process) as the trainer does, the latter quantizing it on load, and report the bytes their frozen
+base holds per parameter.
 """
 
 from __future__ import annotations
@@ -362,6 +371,44 @@ def throughput(args) -> None:
         run(f"LoRA rank {args.lora_rank} on q,k,v,o (torch: hand-written adapters)", ours, theirs)
 
 
+def qlora_throughput(args) -> None:
+    import jax
+
+    from flax import nnx, traverse_util
+
+    from bench_forward import mid_config
+    from stjax.models.loading import model_from_params, quantize_model
+    from stjax.models.qwen_vl import init_model
+    from stjax.train.lora import with_lora
+
+    cfg = mid_config(args.arch, args.scale).replace(param_dtype="bfloat16", attention=args.attention,
+                                                    remat=args.remat.split(",")[0])
+    row = sft_row(cfg, args.text, args.frames, args.size, args.answer)
+    batch, length = stjax_batch(cfg, row)
+    base = init_model(cfg, seed=0)
+    values = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(base)))
+    bases = {"float32": model_from_params(cfg.replace(param_dtype="float32"), values), "bf16": base}  # same values
+    for name, fmt, double_quant in (("nf4", "nf4", False), ("nf4 double_quant", "nf4", True), ("int8", "int8", False)):
+        bases[name] = quantize_model(base, quantize_base=fmt, quantize_targets="all", double_quant=double_quant)
+    steps = {name: StjaxStep(with_lora(m, args.lora_rank, alpha=args.lora_alpha), optim_config(), batch)
+             for name, m in bases.items()}
+    frozen = {name: sum(x.nbytes for x in jax.tree.leaves(step.frozen)) for name, step in steps.items()}
+    print(f"machine: {cpu_model()}, {cores()} cores; jax {jax.__version__}; float32 compute, remat={cfg.remat}, "
+          f"attn={cfg.attention}")
+    print(f"{args.arch}: LoRA r{args.lora_rank} on q, k, v, o over a frozen base (every linear but the LM head "
+          f"stored as named), {row['input_ids'].shape[1]} tokens (bucket {length})")
+    t0 = time.perf_counter()
+    runs = interleaved_times(list(steps.values()), args.steps, args.warmup, args.quiet, args.max_rounds)
+    quiet = {name: [t for t, share in r if share <= args.quiet] for name, r in zip(steps, runs)}
+    times = {name: float(np.median(quiet[name] if len(quiet[name]) >= max(1, args.steps // 2) else [t for t, _ in r]))
+             for name, r in zip(steps, runs)}
+    for (name, step), r in zip(steps.items(), runs):
+        print(f"  {name + ' base':<22s} {times[name] * 1e3:8.1f} ms/step ({len(quiet[name])}/{len(r)} quiet)  "
+              f"x{times[name] / times['bf16']:.2f} of bf16  frozen base {frozen[name] / 2**20:6.1f} MiB  "
+              f"loss {step.loss():.4f} after {step.steps} steps")
+    print(f"  ({time.perf_counter() - t0:.0f} s in all)")
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -399,19 +446,34 @@ def memory_child(mode: str, args) -> dict:
     cfg = mem_config(args.arch, args.mem_layers)
     row = sft_row(cfg, 62, 2, 224, 64)  # 64 vision tokens + 2 + 62 + 64 = 192 tokens, a bucket
     optim = optim_config()
+    if mode == "checkpoint":  # the bf16 Hugging Face directory that the loading cases read
+        from flax import nnx, traverse_util
+
+        from stjax.models.loading import save_hf
+        from stjax.models.qwen_vl import init_model
+
+        model = init_model(cfg.replace(param_dtype="bfloat16"), seed=0)
+        save_hf(args.checkpoint, model.config, traverse_util.flatten_dict(nnx.to_pure_dict(nnx_params(model))))
+        return out
     if mode.startswith("stjax"):
         import jax
 
-        from stjax.models.qwen_vl import init_model
+        from stjax.models.loading import load_pretrained
+        from stjax.models.qwen_vl import abstract_model, init_model
         from stjax.train.lora import with_lora
 
-        model = init_model(cfg, seed=0)
-        out["params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_params(model)))
-        if mode == "stjax-lora":
+        if mode in ("stjax-lora-bf16", "stjax-qlora-nf4"):  # loaded as the trainer loads, fp32 compute
+            quantize = dict(quantize_base="nf4", quantize_targets="all") if mode == "stjax-qlora-nf4" else {}
+            model, _ = load_pretrained(args.checkpoint, compute_dtype="float32", **quantize)
+        else:
+            model = init_model(cfg, seed=0)
+        out["params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_params(abstract_model(cfg))))
+        if "lora" in mode:
             model = with_lora(model, 8)
         batch, _ = stjax_batch(cfg, row)
         step = StjaxStep(model, optim, batch)
         del model  # a training loop keeps the state (and the frozen base), not the initial model
+        out["frozen_bytes"] = sum(x.nbytes for x in jax.tree.leaves(step.frozen))
     else:
         import torch
 
@@ -443,32 +505,37 @@ def nnx_params(model):
 
 
 def memory(args) -> None:
-    modes = ["jax-import", "torch-import", "stjax-full", "stjax-lora", "torch-full", "torch-lora"]
+    modes = ["jax-import", "torch-import", "checkpoint", "stjax-full", "stjax-lora", "stjax-lora-bf16",
+             "stjax-qlora-nf4", "torch-full", "torch-lora"]
     results = {}
-    for mode in modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--arch", args.arch, "--mem-layers", str(args.mem_layers),
-               "--mem-steps", str(args.mem_steps), "--torch-adamw", args.torch_adamw]  # XLA_FLAGS: inherited
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-        if proc.returncode or not lines:
-            print(f"{mode}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}")
-            continue
-        results[mode] = json.loads(lines[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--child", mode, "--arch", args.arch, "--mem-layers", str(args.mem_layers),
+                   "--mem-steps", str(args.mem_steps), "--torch-adamw", args.torch_adamw,
+                   "--checkpoint", str(Path(tmp) / "bf16")]  # XLA_FLAGS: inherited
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+            if proc.returncode or not lines:
+                print(f"{mode}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}")
+                continue
+            results[mode] = json.loads(lines[-1])
     gb = lambda b: f"{b / 2**30:6.2f} GiB"
     print(f"\nPeak host RSS ({args.arch}, {args.mem_steps} steps, 192-token video + text row), fresh process each:")
     base = {"stjax": results.get("jax-import", {}).get("peak", 0), "torch": results.get("torch-import", {}).get("peak", 0)}
     for mode in ("jax-import", "torch-import"):
         if mode in results:
             print(f"  {mode:<12s} peak {gb(results[mode]['peak'])}  (import + backend only)")
-    for mode in ("stjax-full", "stjax-lora", "torch-full", "torch-lora"):
+    for mode in ("stjax-full", "stjax-lora", "stjax-lora-bf16", "stjax-qlora-nf4", "torch-full", "torch-lora"):
         r = results.get(mode)
         if r is None:
             continue
         n = r["params"]
         b = base[mode.split("-")[0]]
-        print(f"  {mode:<12s} peak {gb(r['peak'])}  params {n / 1e6:.1f}M (trainable {r['trainable'] / 1e6:.2f}M)  "
+        frozen = f"  frozen base {r['frozen_bytes'] / n:.3f} B/param" if r.get("frozen_bytes") else ""
+        print(f"  {mode:<15s} peak {gb(r['peak'])}  params {n / 1e6:.1f}M (trainable {r['trainable'] / 1e6:.2f}M)  "
               f"{r['peak'] / n:5.2f} B/param  ({(r['peak'] - b) / n:5.2f} B/param above the import baseline)  "
-              f"before steps {gb(r['rss_before_steps'])}  step {np.median(r['step_s']):.2f} s  loss {r['loss']:.4f}")
+              f"before steps {gb(r['rss_before_steps'])}  step {np.median(r['step_s']):.2f} s  loss {r['loss']:.4f}"
+              + frozen)
 
 
 def cpu_model() -> str:
@@ -509,6 +576,9 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--mem-layers", type=int, default=16, help="text layers of the memory model")
     parser.add_argument("--mem-steps", type=int, default=3)
+    parser.add_argument("--qlora", action="store_true",
+                        help="time LoRA over a bf16 base against over its float32, nf4 and int8 copies")
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # the memory cases' bf16 checkpoint
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.xla_flags:
@@ -519,7 +589,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(memory_child(args.child, args)))
         return
-    if not args.memory_only:
+    if args.qlora:
+        qlora_throughput(args)
+    elif not args.memory_only:
         throughput(args)
     if args.memory or args.memory_only:
         memory(args)

@@ -5,6 +5,8 @@ model at 4096 tokens, and the largest model that trains on one card, with and wi
     python benchmarks/bench_train_gpu.py --part mfu [--seq 4096] [--batch 1] [--remat dots,full]
                                          [--attention dot_product] [--video 8x336] [--peak-flops 989e12]
     python benchmarks/bench_train_gpu.py --part largest [--sizes 72b,32b,14b,7b,3b,1.5b] [--largest-seq 2048]
+                                         [--modes lora,full,qlora]
+    python benchmarks/bench_train_gpu.py --part mfu --mfu-size 7b --mfu-lora --quantize nf4   # QLoRA's step
     python benchmarks/bench_train_gpu.py --smoke              # tiny shapes, the same code paths, CPU, < 1 minute
 
 MFU: `stjax.train.step.train_step` jitted with the state donated (as `stjax.train.sft` runs it), one
@@ -26,18 +28,21 @@ the MFU counts the LM head where it runs). `--breakdown` also times the loss alo
 optimizer's share shows; `--profile DIR` prints the step's top operations. The issue's target is
 MFU >= 40%.
 
-Largest model: for each of LoRA (rank 8 on q, k, v, o; bf16 frozen base) and full fine-tuning,
-the sizes are tried from the largest down, each in a fresh process bounded by `--trial-timeout`,
-until one trains: one row of `--largest-seq` tokens (text only), remat full, the compile step
-then one timed step. A size whose weights alone (LoRA: 2 bytes per parameter) or weights plus
-optimizer state (full: 16 bytes per parameter: fp32 master, two Adam moments, fp32 gradient)
-exceed the device's memory is reported as not fitting without being run. Peak device memory is
-`memory_stats()['peak_bytes_in_use']` (the host's peak RSS on CPU, which has no device stats).
+Largest model: for each of `--modes`, LoRA (rank 8 on q, k, v, o; bf16 frozen base), full
+fine-tuning and QLoRA (the same adapters over an nf4 base with double quantization, every linear but
+the LM head, as the release's cold start), the sizes are tried from the largest down, each in a
+fresh process bounded by `--trial-timeout`, until one trains: one row of `--largest-seq` tokens
+(text only), remat full, the compile step then one timed step. A size whose weights alone (LoRA: 2
+bytes per parameter; QLoRA: the stored base, about 0.52 bytes per quantized parameter) or weights
+plus optimizer state (full: 16 bytes per parameter: fp32 master, two Adam moments, fp32 gradient)
+exceed the device's memory is reported as not fitting without being run. `--quantize nf4` (or
+int8) stores the MFU model's base so too (with `--mfu-lora`: QLoRA's step, to set against LoRA's).
+Peak device memory is `memory_stats()['peak_bytes_in_use']` (the host's peak RSS on CPU, which has no device stats).
 Sizes: "1.5b" (above), "3b" and "7b" (the Qwen2.5-VL presets), "14b" (the Qwen2.5-14B decoder),
 "32b" (Qwen2.5-VL-32B's decoder) and "72b" (Qwen2.5-VL-72B's), the last three with the 7B
 preset's vision tower. Weights are random (normal(initializer_range) kernels, unit norms, zero
-biases), made on the device one layer at a time so that initialisation never needs more memory
-than the weights.
+biases; a quantized base gets random codes under scales of 3 x initializer_range), made on the
+device one layer at a time so that initialisation never needs more memory than the weights.
 
 Every figure runs in a fresh child process that sets its own GPU memory policy (preallocate
 `--mem-fraction` of the card, default 0.95; 0 leaves the environment as it is); this process only
@@ -95,8 +100,9 @@ SMOKE = dict(mfu_size="tiny", seq=256, batch=1, steps=2, warmup=1, remat="none,f
 GB = 1e9
 
 
-def model_config(size: str, attention: str = "xla", remat: str = "none"):
-    """The size's QwenVLConfig with bf16 parameters and compute."""
+def model_config(size: str, attention: str = "xla", remat: str = "none", quantize: str = "none"):
+    """The size's QwenVLConfig with bf16 parameters and compute; `quantize` stores the base so, as the
+    release's cold start does (every linear but the LM head; nf4 with double quantization)."""
     from stjax.models.config import QwenVLConfig
 
     preset, text, _ = SIZES[size]
@@ -104,7 +110,8 @@ def model_config(size: str, attention: str = "xla", remat: str = "none"):
     if text:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text),
                           vision=dataclasses.replace(cfg.vision, out_hidden_size=text["hidden_size"]))
-    return cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", attention=attention, remat=remat)
+    return cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", attention=attention, remat=remat,
+                       quantize_base=quantize, quantize_targets="all", double_quant=quantize == "nf4")
 
 
 def parse_video(text: str) -> tuple[int, int] | None:
@@ -130,19 +137,24 @@ def init_weights(cfg, seed: int = 0):
     std = cfg.initializer_range
 
     def normal(key, shape, dtype):
+        if jnp.issubdtype(dtype, jnp.integer):  # a quantized base's codes: uniformly random
+            return jax.random.bits(key, shape, jnp.uint8).astype(dtype)
         return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
     def make(key):
         values, small = {}, []
         for i, (path, leaf) in enumerate(shapes.items()):
             k = jax.random.fold_in(key, i)
-            if path[-1] == "scale":
+            integer = jnp.issubdtype(leaf.dtype, jnp.integer)
+            if path[-1] in ("absmax", "absmax_scale", "absmax_offset") and not integer:  # a quantized base's scales
+                values[path] = jnp.full(leaf.shape, 3 * std, leaf.dtype)
+            elif path[-1] == "scale":
                 values[path] = jnp.ones(leaf.shape, leaf.dtype)
             elif path[-1] in ("bias", "lora_b"):
                 values[path] = jnp.zeros(leaf.shape, leaf.dtype)
-            elif np.prod(leaf.shape) < 2**24:
+            elif np.prod(leaf.shape) < 2**24 and not integer:
                 small.append(path)
-            elif len(leaf.shape) >= 3:  # big stacked layers: one layer's temporaries at a time
+            elif len(leaf.shape) >= 3 or (integer and len(leaf.shape) == 2):  # big stacked layers: one at a time
                 values[path] = jax.lax.map(lambda kk, s=leaf.shape[1:], d=leaf.dtype: normal(kk, s, d),
                                            jax.random.split(k, leaf.shape[0]))
             else:
@@ -219,7 +231,7 @@ def child_run(spec: dict) -> dict:
     device = jax.devices()[0]
     out = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "phase": "init"}
     try:
-        cfg = model_config(spec["size"], spec["attention"], spec["remat"])
+        cfg = model_config(spec["size"], spec["attention"], spec["remat"], spec.get("quantize", "none"))
         t0 = time.perf_counter()
         model = init_weights(cfg, seed=0)
         if spec["lora_rank"]:
@@ -318,6 +330,18 @@ def run_child(spec: dict, timeout: float, args) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def weight_bytes(size: str, quantize: str = "none") -> int:
+    """Bytes of the model's weights, its base stored as `quantize` says, from shapes only."""
+    import jax
+    from flax import nnx
+
+    from stjax.models.qwen_vl import abstract_model
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract_model(model_config(
+        size, quantize=quantize)))))
+
+
+@functools.lru_cache(maxsize=None)
 def count_params(size: str) -> tuple[int, int]:
     """(all parameters, of which the vision tower), from shapes only."""
     import jax
@@ -358,9 +382,12 @@ def part_mfu(args, report: dict) -> None:
     total, vision = count_params(args.mfu_size)
     video = parse_video(args.video)
     what = "text only" if not video else f"a {video[0]}-frame {video[1]}x{video[1]} video prompt + text"
+    double = " with double quantization" if args.quantize == "nf4" else ""
+    base = f"{args.quantize} base{double} (every linear but the LM head), " if args.quantize != "none" else ""
     print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
           f"(decoder {si(total - vision)}, vision {si(vision)}), "
-          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; bf16 params and "
+          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; "
+          f"{base}bf16 params and "
           f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
           f"loss chunk {args.loss_chunk}")
     for remat in args.remat.split(","):
@@ -368,7 +395,7 @@ def part_mfu(args, report: dict) -> None:
                     lora_rank=args.lora_rank if args.mfu_lora else 0, batch=args.batch,
                     seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
                     loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile,
-                    all_logits=args.all_logits)
+                    all_logits=args.all_logits, quantize=args.quantize)
         r = run_child(spec, args.mfu_timeout, args)
         report.setdefault("mfu", []).append(dict(spec, **r))
         if not r["ok"]:
@@ -408,19 +435,22 @@ def part_largest(args, report: dict) -> None:
     sizes = sorted(args.sizes.split(","), key=lambda s: -count_params(s)[0])
     print(f"\n[largest] one device, 1 x {args.largest_seq} tokens (text only), remat=full, attention={args.attention}, "
           f"bf16 params and compute; LoRA: rank {args.lora_rank} on q, k, v, o, frozen bf16 base; full: fp32 "
-          f"masters + AdamW; memory for the run: {gib(limit) if limit else 'unknown'}")
+          f"masters + AdamW; QLoRA: LoRA over an nf4 base (double quantization, every linear but the LM head); "
+          f"memory for the run: {gib(limit) if limit else 'unknown'}")
     print(f"  {'mode':<5s} {'size':<10s} {'params':>8s} {'at least':>10s}  result")
     largest = {}
-    for mode, per_param in (("lora", 2), ("full", 16)):
+    least = {"lora": lambda size: weight_bytes(size), "qlora": lambda size: weight_bytes(size, "nf4"),
+             "full": lambda size: 16 * count_params(size)[0]}
+    for mode in args.modes.split(","):
         for size in sizes:
             total, _ = count_params(size)
-            need = total * per_param
+            need = least[mode](size)
             head = f"  {mode:<5s} {size:<10s} {si(total):>8s} {gib(need):>10s}  "
             row = dict(mode=mode, size=size, params=total, least_bytes=need)
             report.setdefault("largest", []).append(row)
             if limit and need > limit:
                 row.update(ok=False, error="does not fit")
-                print(head + f"does not fit: {'weights' if mode == 'lora' else 'weights + optimizer state'} alone "
+                print(head + f"does not fit: {'weights + optimizer state' if mode == 'full' else 'weights'} alone "
                       f"exceed {gib(limit)}")
                 continue
             left = args.budget - (time.perf_counter() - began)
@@ -428,22 +458,25 @@ def part_largest(args, report: dict) -> None:
                 row.update(ok=False, error="not tried (time budget)")
                 print(head + f"not tried: the --budget of {args.budget:.0f} s is spent")
                 continue
-            spec = dict(size=size, attention=args.attention, remat="full", lora_rank=args.lora_rank if mode == "lora" else 0,
+            spec = dict(size=size, attention=args.attention, remat="full",
+                        lora_rank=args.lora_rank if mode != "full" else 0,
                         batch=1, seq=args.largest_seq, video="", steps=1, warmup=1, peak_flops=args.peak_flops,
-                        loss_chunk=args.loss_chunk)
+                        loss_chunk=args.loss_chunk, quantize="nf4" if mode == "qlora" else "none")
             r = run_child(spec, min(args.trial_timeout, left), args)
             row.update(r)
             if r.get("limit_bytes") and not args.device_memory_gb:
                 limit = r["limit_bytes"]
             if r["ok"]:
+                mfu = f", MFU {100 * r['flops'] / r['step_s'][0] / r['peak_flops']:.1f}%" if r["peak_flops"] else ""
                 print(head + f"trains: peak {r['memory_kind']} memory {gib(r['peak_bytes'])}, step "
-                      f"{r['step_s'][0]:.2f} s, loss {r['loss']:.3f} ({r['wall_s']:.0f} s in all)")
+                      f"{r['step_s'][0]:.2f} s{mfu}, loss {r['loss']:.3f} ({r['wall_s']:.0f} s in all)")
                 largest[mode] = f"{size} ({si(total)} parameters)"
                 break
             where = f" in {r['phase']}" if "phase" in r else ""
             print(head + f"fails{where}: {'out of memory' if r.get('oom') else r['error'][:300]} ({r['wall_s']:.0f} s)")
-    print(f"  largest that trains on this device: LoRA {largest.get('lora', 'none of these')}; "
-          f"full fine-tuning {largest.get('full', 'none of these')}")
+    names = {"lora": "LoRA", "full": "full fine-tuning", "qlora": "QLoRA"}
+    print("  largest that trains on this device: " + "; ".join(
+        f"{names[mode]} {largest.get(mode, 'none of these')}" for mode in args.modes.split(",")))
     report["largest_that_trains"] = largest
 
 
@@ -474,6 +507,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="72b,32b,14b,7b,3b,1.5b", help="sizes to try for the largest model")
     parser.add_argument("--largest-seq", type=int, default=2048, help="tokens of the largest-model trials")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--modes", default="lora,full", help="largest model: any of lora, full, qlora")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
+                        help="MFU: the base stored so (every linear but the LM head; nf4 with double quantization)")
     parser.add_argument("--trial-timeout", type=float, default=90.0, help="seconds for each largest-model trial")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for all largest-model trials")
     parser.add_argument("--device-memory-gb", type=float, default=0.0,

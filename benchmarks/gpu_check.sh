@@ -7,11 +7,14 @@
 #   positions, the second half of each row, as the trainer makes them), causal attention alone (fwd, fwd + bwd);
 #   with FULL=1 also a 7B LoRA step with a video row (does remat dots_attention fit?), the largest
 #   model that trains on one card and forward latency against transformers (both last measured
-#   2026-11-26 and untouched since).
+#   2026-11-26 and untouched since). With QLORA=1 the QLoRA parts (issue 16) come first: the largest
+#   Qwen2.5-VL shape that trains over an nf4 base on one card (target: 72B on an H200, 1 x 2048 tokens),
+#   its step time and MFU, then a 7B QLoRA step against the 7B bf16 LoRA step; the other parts get
+#   what is left of the budget (QLORA=1 BUDGET_S=540: about nothing).
 # Each part runs under `timeout`, cut to what is left of BUDGET_S (default 540 s), so a slow or broken
 # part never costs the ones after it; a part with under 30 s left is skipped and says so.
 # Missing Python packages (grain, tensorboardX) travel as wheels in .whl/, which is git-ignored.
-# Usage (from the repository root): [FULL=1] [BUDGET_S=540] bash benchmarks/gpu_check.sh [OUT_DIR]
+# Usage (from the repository root): [FULL=1] [QLORA=1] [BUDGET_S=540] bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$out"
@@ -37,6 +40,16 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
+  if [ "${QLORA:-0}" = 1 ]; then
+    part 220 "largest Qwen2.5-VL shape that trains with QLoRA on one card (nf4 + double quantization, every linear but the LM head; 1 x 2048 tokens, remat full)" \
+      python3 benchmarks/bench_train_gpu.py --part largest --modes qlora --sizes 72b,32b,14b --budget 210 \
+      --trial-timeout 170 --json "$out/train_largest_qlora.json"
+    for base in none nf4; do
+      part 110 "7B LoRA r8 step over a $base base (none: bf16), 1 row x 4096 tokens, remat dots_attention" \
+        python3 benchmarks/bench_train_gpu.py --part mfu --mfu-size 7b --mfu-lora --quantize $base --attention dot_product \
+        --remat dots_attention,full --steps 3 --warmup 1 --mfu-timeout 100 --json "$out/train_7b_lora_$base.json"
+    done
+  fi
   part 240 "parity (fp32, bf16) vs transformers and attention backends" \
     python3 benchmarks/gpu_parity.py --scale 2
   mfu="SFT train step MFU, 1.5B Qwen2.5-VL-shaped, bf16 + fp32 masters, cuDNN attention (no mask: full rows)"

@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
     ("vision_merge", "fsdp"),
+    ("quant_blocks", ("fsdp", "tensor")),  # nf4's flat codes and scales (stjax.models.quant): as finely as possible
 )
 
 

@@ -17,7 +17,7 @@ from stjax.convert import hf_to_stjax, stjax_to_hf
 from stjax.io import DirectoryLock, OutputError, atomic_dir
 from stjax.models import loading
 from stjax.models.config import ConfigError
-from stjax.models.loading import ModelNotFoundError, load_pretrained, read_hf_params
+from stjax.models.loading import ModelNotFoundError, hf_params, load_pretrained
 from stjax.models.safetensors_io import SafetensorsError, SafetensorsReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_a_malformed_shard_index_is_named(two_models, tmp_path, index):
     stjax_to_hf(two_models[0], out, max_shard_bytes=100_000)
     (out / "model.safetensors.index.json").write_text(index)
     with pytest.raises(SafetensorsError, match="model.safetensors.index.json"):
-        read_hf_params(loading.QwenVLConfig.from_file(out), out)
+        hf_params(loading.QwenVLConfig.from_file(out), out)
 
 
 def test_command_line_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):

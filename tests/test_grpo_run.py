@@ -81,15 +81,17 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
 
 def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path):
     """Two updates per rollout batch (old log-probs from a forward before the first), dapo over
-    sequence-level ratios, truncated completions masked, decoding on a tensor-parallel mesh, and a
-    user's reward (by dotted path) that raises on some completions: the run finishes, every step's
-    loss is finite, and the failures are counted."""
+    sequence-level ratios, truncated completions masked, decoding on a tensor-parallel mesh, LoRA over
+    an nf4 base (QLoRA: the reference is the base with the adapters off), and a user's reward (by
+    dotted path) that raises on some completions: the run finishes, every step's loss is finite, and
+    the failures are counted."""
     from test_train_run import ROOT
 
     user = "test_grpo_rewards.raises_on_odd_length"
     changes = {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
                "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
-               "grpo.reward_funcs": f"[accuracy, {user}]", "steps": 3, "mesh": "fsdp=2", "batch_size": 4}
+               "grpo.reward_funcs": f"[accuracy, {user}]", "steps": 3, "mesh": "fsdp=2", "batch_size": 4,
+               "lora.rank": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"}
     finish(run_grpo(tmp_path, assets, devices=2, env={"PYTHONPATH": str(ROOT / "tests")}, **changes))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]

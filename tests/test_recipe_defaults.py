@@ -2,9 +2,9 @@
 pinned against literal values: changing one must be a visible decision, not a silent drift.
 
 Inference (the seed README): 8 frames, fps 1.0, max_pixels 360*420, up to 512 new tokens, greedy.
-Cold-start SFT (the public scripts): LoRA r=8, alpha=8, dropout 0.1 on q,k,v,o; lr 8e-5, cosine,
-warmup ratio 0.1, max grad norm 0.3; 1 sample per device x 4 accumulation x 4 GPUs; 1 epoch; bf16;
-gradient checkpointing; loss over every non-pad, non-vision token."""
+Cold-start SFT (the public scripts): 4-bit QLoRA (nf4, double quantization), LoRA r=8, alpha=8,
+dropout 0.1 on q,k,v,o; lr 8e-5, cosine, warmup ratio 0.1, max grad norm 0.3; 1 sample per device x 4
+accumulation x 4 GPUs; 1 epoch; bf16; gradient checkpointing; loss over every non-pad, non-vision token."""
 
 from pathlib import Path
 
@@ -71,6 +71,8 @@ def test_7b_h100x4_configs_are_the_released_cold_start(name):
     raw = yaml.safe_load((CONFIGS / "sft" / name).read_text())
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (8, 8.0, 0.1)
     assert cfg.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    # 4-bit base: BitsAndBytesConfig(load_in_4bit, nf4, bnb_4bit_use_double_quant), every linear but lm_head
+    assert (cfg.lora.quantize_base, cfg.lora.quantize_targets, cfg.lora.double_quant) == ("nf4", "all", True)
     assert (cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.max_grad_norm) == (8e-5, 0.1, 0.3)
     assert raw["optim"] == {"learning_rate": 8e-5, "warmup_ratio": 0.1, "max_grad_norm": 0.3}
     # 1 sample per GPU per micro-batch, 4 accumulated, 4 GPUs; 1 epoch

@@ -231,6 +231,9 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     ({"lora.targets": "[q_proj, qkv]"}, "lora.targets"),
     ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
     ({"data.second_per_grid": "frames"}, "data.second_per_grid='frames' is not one of seed, kept_frames"),
+    ({"lora.quantize_base": "nf5"}, "lora.quantize_base='nf5' is not one of none, nf4, int8"),
+    ({"lora.quantize_base": "nf4"}, r"freezes the base: it needs adapters to train \(lora.rank > 0\)"),
+    ({"lora.rank": 4, "lora.quantize_base": "int8", "lora.double_quant": "true"}, "double_quant quantizes nf4's"),
 ])
 def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, monkeypatch, changes, message):
     def too_far(*args, **kwargs):

@@ -3,6 +3,7 @@
     python -m stjax.eval.mcq --model DIR --data FILE... [--videos DIR...] [--out DIR] [--config FILE.yaml]
     python -m stjax.eval.mcq --model openinterx/ST-R1-mcq [--revision REV] --data FILE...   # a hub id
     python -m stjax.eval.mcq                      # embedded default: synthetic set + tiny model, no download
+    python -m stjax.eval.mcq --model DIR --data FILE... --quantize nf4    # a 4-bit model (stjax.models.quant)
 
 Defaults are the seed's recipe: the "seed_mcq" prompt, 8 frames, max_pixels 360*420, fps 1.0, greedy,
 512 new tokens. A YAML config may set any option (same names, "-" or "_"); flags override it.
@@ -46,6 +47,7 @@ from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq,
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
 from stjax.io import DirectoryLock, file_digest, write_text_atomic
+from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import PARAMS_DIR
 from stjax.models.tiny import tiny_model_dir
@@ -71,6 +73,9 @@ class EvalConfig:
     out: str = "runs/eval"
     tokenizer: str | None = None  # a directory or hub id; default: the model's
     dtype: str | None = None  # parameter dtype; default the checkpoint's
+    # every linear of the decoder and the vision tower stored nf4 or int8 (stjax.models.quant), as
+    # transformers' load_in_4bit / load_in_8bit do
+    quantize: Literal["none", "nf4", "int8"] = "none"
     mode: Literal["generate", "logits"] = "generate"
     extract: Literal["default", "seed"] = "default"
     template: Literal["seed_mcq", "grpo", "problem"] = "seed_mcq"
@@ -91,8 +96,9 @@ class EvalConfig:
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
-_RESULT_KEYS = ("model", "revision", "dtype", "mode", "extract", "template", "num_frames", "fps", "max_pixels",
-                "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "max_prompt_tokens")
+_RESULT_KEYS = ("model", "revision", "dtype", "quantize", "mode", "extract", "template", "num_frames", "fps",
+                "max_pixels", "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                "max_prompt_tokens")
 
 
 # ---------------------------------------------------------------- data
@@ -326,7 +332,8 @@ def make_runner(cfg: EvalConfig) -> Runner:
         tokenizer_dir = resolve_model_dir(cfg.tokenizer) if cfg.tokenizer else model_dir
     except ModelNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    model, config = load_pretrained(model_dir, dtype=cfg.dtype, mesh=mesh)
+    model, config = load_pretrained(model_dir, dtype=cfg.dtype, mesh=mesh, quantize_base=cfg.quantize,
+                                    quantize_targets="all")
     media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
                         second_per_grid=cfg.second_per_grid)
     processor = Processor.from_pretrained(
@@ -383,7 +390,7 @@ def check_config(cfg: EvalConfig) -> None:
     """Every option's choices, type and range, before any work (a YAML file's values are not checked
     by the flag parser)."""
     for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
-                          ("second_per_grid", SECOND_PER_GRID)):
+                          ("second_per_grid", SECOND_PER_GRID), ("quantize", QUANTIZE_FORMATS)):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for f in dataclasses.fields(EvalConfig):
@@ -486,8 +493,8 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         if f.name in ("data", "videos"):
             continue
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
-        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES,
-                   "second_per_grid": SECOND_PER_GRID}.get(f.name)
+        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES, "second_per_grid": SECOND_PER_GRID,
+                   "quantize": QUANTIZE_FORMATS}.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"default: {f.default!r}")
     add_debug_flag(parser)

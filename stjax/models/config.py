@@ -17,6 +17,8 @@ from typing import Any
 from stjax.models.rope import RopeSpec
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QUANTIZE_FORMATS = ("none", "nf4", "int8")
+QUANTIZE_TARGETS = ("lora", "all")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
@@ -101,6 +103,13 @@ class QwenVLConfig:
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_dropout: float = 0.0  # on the adapters' input, in training steps that pass a dropout key
+    # A frozen base stored quantized (stjax.models.quant): quantize_base nf4 or int8 ("none": in param_dtype)
+    # for the linears LoRA targets (quantize_targets "lora") or for every linear of the decoder and the
+    # vision tower but the output head and the patch embedding ("all", as transformers' load_in_4bit);
+    # double_quant: nf4's block scales quantized too.
+    quantize_base: str = "none"
+    quantize_targets: str = "lora"
+    double_quant: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -127,6 +136,18 @@ class QwenVLConfig:
             )
         if self.text.num_heads % self.text.num_kv_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.quantize_base not in QUANTIZE_FORMATS or self.quantize_targets not in QUANTIZE_TARGETS:
+            raise ConfigError(f"quantize_base={self.quantize_base!r} must be one of {', '.join(QUANTIZE_FORMATS)} and "
+                              f"quantize_targets={self.quantize_targets!r} one of {', '.join(QUANTIZE_TARGETS)}")
+
+    def quantization(self, path: tuple[str, ...]) -> str:
+        """How the linear at module path `path` (("model", "layers", "q_proj"), ("visual", "blocks", ...))
+        stores its kernel: `quantize_base` when it is a target, else "none"."""
+        if path[-1] in ("lm_head", "patch_embed"):
+            return "none"
+        if self.quantize_targets == "all" or (path[:2] == ("model", "layers") and path[-1] in self.lora_targets):
+            return self.quantize_base
+        return "none"
 
     @property
     def is_qwen2_5(self) -> bool:

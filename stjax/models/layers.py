@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stjax.models.cpu_attention import FORWARD_TARGET
+from stjax.models.quant import QuantizedKernel
 
 
 def _dots_and_fused_attention(prim, *args, **params) -> bool:
@@ -42,13 +43,17 @@ class LoRAParam(nnx.Param):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ scale * dropout(x) @ lora_a @ lora_b); kernel is (in, out), the
     transpose of torch's Linear.weight. The adapter starts at zero (lora_b = 0), so it starts as the
-    base. Dropout (as peft's lora_dropout) applies only when a `dropout_key` is passed."""
+    base. Dropout (as peft's lora_dropout) applies only when a `dropout_key` is passed. With `quantize`
+    ("nf4", "int8") the kernel is a frozen `QuantizedKernel`, dequantized to the compute dtype at each call."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], *, bias: bool, std: float,
                  param_dtype, compute_dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0,
-                 lora_dropout: float = 0.0):
+                 lora_dropout: float = 0.0, quantize: str = "none", double_quant: bool = False):
         init = jax.nn.initializers.normal(std)
-        self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)
+        if quantize == "none":
+            self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)
+        else:
+            self.kernel = QuantizedKernel(din, dout, axes, quantize, double_quant)
         self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if bias else None
         if lora_rank:
             self.lora_a = LoRAParam(init(rngs.params(), (din, lora_rank), param_dtype), axes=(axes[0], None))
@@ -61,7 +66,10 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.compute_dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
+        if isinstance(self.kernel, QuantizedKernel):
+            y = self.kernel.matmul(x)
+        else:
+            y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora_a is not None:

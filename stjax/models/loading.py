@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import ml_dtypes
@@ -22,6 +22,7 @@ from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntry
 
 from stjax.io import atomic_dir
 from stjax.models.config import ConfigError, QwenVLConfig
+from stjax.models.quant import quantize
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
 from stjax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
 from stjax.models.weights import Rule, canonical_name, hf_names, num_layers, rules, to_hf, to_stjax
@@ -165,12 +166,6 @@ def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
     return out
 
 
-def read_hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
-                   progress: Optional[Callable[[int], None]] = None) -> Params:
-    """A HF checkpoint as stacked stjax host arrays."""
-    return {path: p.read() for path, p in hf_params(cfg, directory, dtype, progress).items()}
-
-
 class _OneAtATime:
     """Reads a parameter source when first asked and keeps only the last one read, so exporting
     holds one parameter (plus the tensor being written) at a time."""
@@ -297,11 +292,6 @@ def stjax_params(directory: str | Path) -> dict[tuple[str, ...], StjaxParam]:
     return out
 
 
-def read_stjax_params(directory: str | Path) -> Params:
-    """The parameters of a stjax directory as host NumPy arrays."""
-    return {path: p.read() for path, p in stjax_params(directory).items()}
-
-
 def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
     """Copy tokenizer / processor / generation files from one model directory to another."""
     copied = []
@@ -312,23 +302,62 @@ def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
     return copied
 
 
+def quantized_paths(cfg: QwenVLConfig) -> set[tuple[str, ...]]:
+    """Parameter paths (`.../kernel`) of the linears `cfg` stores quantized (`QwenVLConfig.quantization`)."""
+    return {r.path for r in rules(cfg) if r.kind == "linear" and cfg.quantization(r.path[:-1]) != "none"}
+
+
+def _layers(source, stacked: bool) -> Iterator[np.ndarray]:
+    """A kernel one layer at a time (a kernel that is not stacked: whole). A Hugging Face checkpoint
+    reads one layer's tensor at a time; an array, or a stjax parameter (orbax reads it whole), is sliced."""
+    if not stacked:
+        yield source.read() if hasattr(source, "read") else np.asarray(source)
+    elif isinstance(source, HFParam):
+        for i in range(source.shape[0]):
+            yield source.read(slice(i, i + 1))[0]
+    else:
+        yield from source.read() if hasattr(source, "read") else np.asarray(source)
+
+
+def quantize_params(cfg: QwenVLConfig, sources: dict) -> Params:
+    """Every parameter of `cfg`'s model from `sources` (host arrays or lazy readers), the kernels `cfg`
+    stores quantized made so one layer at a time (`quant.quantize`): from a Hugging Face checkpoint,
+    at most one layer of such a kernel is ever held in full precision."""
+    rule_of = {r.path: r for r in rules(cfg)}
+    quantized = quantized_paths(cfg)
+    out = {}
+    for path, source in sources.items():
+        if path not in quantized:
+            out[path] = source.read() if hasattr(source, "read") else np.asarray(source)
+            continue
+        rule, stored = rule_of[path], {}
+        count = np.shape(source)[0] if rule.stacked else 1
+        for i, kernel in enumerate(_layers(source, rule.stacked)):
+            for name, value in quantize(kernel.T, cfg.quantization(path[:-1]), cfg.double_quant,
+                                        rule.hf.format(i=i)).items():
+                stored.setdefault(name, np.empty((count,) + value.shape, value.dtype))[i] = value
+        out.update({path + (name,): value if rule.stacked else value[0] for name, value in stored.items()})
+    return out
+
+
 def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.sharding.Mesh] = None,
                       rules=None) -> QwenVLForConditionalGeneration:
-    """Fill an abstract model with host arrays, placing each on the mesh by its logical axes."""
+    """Fill an abstract model with host arrays (parameters, and the arrays of quantized kernels), each
+    in the model's dtype for it and placed on the mesh by its logical axes."""
     from stjax.sharding import model_shardings
 
     model = abstract_model(cfg)
     graphdef, state = nnx.split(model)
-    shapes = param_shapes(cfg)
-    for path, shape in shapes.items():
+    leaves = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    for path, leaf in leaves.items():
         if path not in params:
             raise CheckpointError(f"parameter {'/'.join(path)} is missing")
-        if tuple(params[path].shape) != shape:
-            raise CheckpointError(f"parameter {'/'.join(path)}: expected shape {shape}, got {params[path].shape}")
+        if tuple(params[path].shape) != leaf.shape:
+            raise CheckpointError(f"parameter {'/'.join(path)}: expected shape {leaf.shape}, got {params[path].shape}")
     shardings = {} if mesh is None else traverse_util.flatten_dict(
         nnx.to_pure_dict(model_shardings(model, mesh, rules)))
-    placed = {path: jax.device_put(np.asarray(params[path], cfg.param_dtype), shardings.get(path))
-              for path in shapes}
+    placed = {path: jax.device_put(np.asarray(params[path], leaf.dtype), shardings.get(path))
+              for path, leaf in leaves.items()}
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed))
     return nnx.merge(graphdef, state)
 
@@ -339,7 +368,9 @@ def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Me
     `resolve_model_dir`; `revision` picks a branch, tag or commit).
 
     `dtype` sets the parameter dtype (default: the checkpoint's); `policy` may set
-    compute_dtype (default: the parameter dtype), attention and remat.
+    compute_dtype (default: the parameter dtype), attention, remat and any other run-time field of
+    `QwenVLConfig`: with `quantize_base` the targeted kernels are quantized as they are read, one
+    layer at a time (`quantize_params`; a stjax directory is read one parameter at a time).
     Returns (model, config); with `mesh`, parameters are sharded by the logical-axis rules.
     """
     if Path(path).is_file():
@@ -347,7 +378,16 @@ def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Me
     path = resolve_model_dir(path, revision)
     dtype = float_dtype(dtype)
     cfg = QwenVLConfig.from_file(path)
-    params = read_stjax_params(path) if is_stjax_dir(path) else read_hf_params(cfg, path, dtype)
-    param_dtype = str(np.dtype(dtype)) if dtype is not None else str(next(iter(params.values())).dtype)
+    sources = stjax_params(path) if is_stjax_dir(path) else hf_params(cfg, path, dtype)
+    param_dtype = str(np.dtype(dtype)) if dtype is not None else str(next(iter(sources.values())).dtype)
     cfg = cfg.replace(param_dtype=param_dtype, compute_dtype=policy.pop("compute_dtype", param_dtype), **policy)
-    return model_from_params(cfg, params, mesh), cfg
+    return model_from_params(cfg, quantize_params(cfg, sources), mesh), cfg
+
+
+def quantize_model(model: QwenVLForConditionalGeneration, mesh: Optional[jax.sharding.Mesh] = None,
+                   **settings) -> QwenVLForConditionalGeneration:
+    """`model` with its frozen base stored as `settings` (quantize_base, quantize_targets,
+    double_quant) say, e.g. a randomly initialised model of a preset's shape."""
+    cfg = model.config.replace(**settings)
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+    return model_from_params(cfg, quantize_params(cfg, params), mesh)

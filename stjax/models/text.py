@@ -56,7 +56,8 @@ class DecoderLayer(nnx.Module):
         def linear(name: str, din: int, dout: int, axes: tuple[str, str], bias: bool) -> Linear:
             lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         lora_dropout=cfg.lora_dropout) if name in cfg.lora_targets else {}
-            return Linear(din, dout, axes, bias=bias, std=cfg.initializer_range, rngs=rngs, **kw, **lora)
+            return Linear(din, dout, axes, bias=bias, std=cfg.initializer_range, rngs=rngs, **kw, **lora,
+                          quantize=cfg.quantization(("model", "layers", name)), double_quant=cfg.double_quant)
 
         self.input_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)

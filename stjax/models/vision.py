@@ -36,7 +36,8 @@ class VisionBlock(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
-        lin = dict(std=cfg.initializer_range, rngs=rngs, **kw)
+        lin = dict(std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "blocks")),
+                   double_quant=cfg.double_quant, **kw)
         Norm = RMSNorm if cfg.is_qwen2_5 else LayerNorm
         self.norm1 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
         self.norm2 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
@@ -76,7 +77,8 @@ class PatchMerger(nnx.Module):
         width = v.hidden_size * v.spatial_merge_size**2
         Norm = RMSNorm if cfg.is_qwen2_5 else LayerNorm
         self.ln_q = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
-        lin = dict(bias=True, std=cfg.initializer_range, rngs=rngs, **kw)
+        lin = dict(bias=True, std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "merger")),
+                   double_quant=cfg.double_quant, **kw)
         self.mlp_0 = Linear(width, width, ("vision_merge", "vision_mlp"), **lin)
         self.mlp_2 = Linear(width, v.out_hidden_size, ("vision_mlp", "embed"), **lin)
         self.width = width

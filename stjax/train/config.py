@@ -19,6 +19,7 @@ import yaml
 
 from stjax.data.video import SECOND_PER_GRID
 from stjax.models.attention import BACKENDS
+from stjax.models.config import QUANTIZE_FORMATS, QUANTIZE_TARGETS
 from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
 from stjax.train.step import OptimConfig
@@ -52,6 +53,11 @@ class LoRASection:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # QLoRA: the frozen base stored quantized on load (stjax.models.quant): none | nf4 | int8 ...
+    quantize_base: str = "none"
+    # ... for the linears LoRA targets (lora) or every linear of the decoder and the vision tower (all)
+    quantize_targets: str = "lora"
+    double_quant: bool = False  # nf4's block scales quantized too (bitsandbytes' bnb_4bit_use_double_quant)
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,8 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
                "model.master_dtype": ("float32", "bfloat16"),
                "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"),
                "grpo.importance_sampling_level": ("token", "sequence"),
-               "grpo.scale_rewards": ("group", "batch", "none"), "grpo.accuracy_rule": ("release", "default")}
+               "grpo.scale_rewards": ("group", "batch", "none"), "grpo.accuracy_rule": ("release", "default"),
+               "lora.quantize_base": QUANTIZE_FORMATS, "lora.quantize_targets": QUANTIZE_TARGETS}
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):
@@ -275,6 +282,12 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError(f"micro-batch of {micro} samples does not divide over {num_processes} processes")
     if cfg.lora.rank < 0 or not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.rank must be >= 0 and lora.dropout in [0, 1), got {cfg.lora.rank}, {cfg.lora.dropout}")
+    if cfg.lora.quantize_base != "none" and not cfg.lora.rank:
+        raise ConfigError(f"lora.quantize_base={cfg.lora.quantize_base} freezes the base: it needs adapters to train "
+                          "(lora.rank > 0)")
+    if cfg.lora.double_quant and cfg.lora.quantize_base != "nf4":
+        raise ConfigError(f"lora.double_quant quantizes nf4's block scales; lora.quantize_base is "
+                          f"{cfg.lora.quantize_base}")
     unknown = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
     if unknown:
         raise ConfigError(f"lora.targets {unknown} are not decoder projections; choose from {', '.join(LORA_TARGETS)}")

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 import jax
-import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -35,14 +34,14 @@ from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
 from stjax.io import write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
-from stjax.models.loading import ModelNotFoundError, load_pretrained, resolve_model_dir, save_hf
+from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check
-from stjax.train.lora import merge_lora, with_lora
+from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
 
@@ -118,8 +117,10 @@ def model_source(cfg: TrainConfig) -> str | Path:
 
 def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
     """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
-    m = cfg.model
+    m, lora = cfg.model, cfg.lora
     policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    quantization = dict(quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets,
+                        double_quant=lora.double_quant, lora_targets=tuple(lora.targets))
     if m.init:
         source = model_source(cfg)
     else:  # the embedded default: a tiny random model for the tokenizer, made once
@@ -127,11 +128,14 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
         _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
     if isinstance(source, str):  # a preset
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
-        model = shard_model(init_model(model_cfg, cfg.seed), mesh)
+        model = init_model(model_cfg, cfg.seed)
+        if lora.quantize_base != "none":
+            model = quantize_model(model, mesh, **quantization)
+        else:
+            model = shard_model(model, mesh)
     else:
-        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy)
-    if cfg.lora.rank:
-        lora = cfg.lora
+        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy, **quantization)
+    if lora.rank:
         model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
     return model
 
@@ -164,21 +168,17 @@ def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh
     return jax.jit(make, out_shardings=shardings)(trainable)
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    """A global array on this host (gathered from the other processes when they hold parts)."""
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
 def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True) -> None:
-    """The trained model as a Hugging Face directory (adapters merged), written by process 0 beside
-    `target` and put in place whole (`save_hf`)."""
-    if model.config.lora_rank:
-        model = merge_lora(model)
-    cfg = model.config
-    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    params = {k: _host(v).astype(cfg.param_dtype) for k, v in params.items()}
+    """The trained model as a Hugging Face directory in its parameter dtype (adapters merged into the
+    base, dequantized where it is stored quantized), written beside `target` and put in place whole
+    (`save_hf`). One parameter at a time is made and brought to the host, by every process (a
+    collective where the processes hold parts of it); process 0 writes it."""
+    cfg, params = merged_params(model)
     if jax.process_index() == 0:
         save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite)
+    else:
+        for source in params.values():  # the same gathers, in the same order, as process 0's writer makes
+            source.read()
 
 
 @dataclasses.dataclass

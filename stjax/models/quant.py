@@ -1,0 +1,175 @@
+"""A frozen base stored quantized (QLoRA): NF4 or int8 weights, dequantized right before their matmul.
+
+The storage is bitsandbytes', bit for bit, for torch's weight W (out, in) = kernel.T of one layer
+(stacked layers add a leading axis):
+
+- `nf4` (QLoRA, `bitsandbytes.functional.quantize_4bit(W, blocksize=64, quant_type="nf4")`): W
+  flattened row-major, in blocks of `BLOCKSIZE` = 64 values; each block is scaled by its absolute
+  maximum into [-1, 1] and every value rounded to the nearest of the 16 NormalFloat values `NF4`.
+  `codes` (out * in / 2,) uint8 packs two codes per byte, the first in the high nibble; `absmax`
+  (out * in / 64,) float32. With `double_quant` (bitsandbytes' `compress_statistics`, transformers'
+  `bnb_4bit_use_double_quant`) absmax less its mean is itself quantized, in blocks of 256, to the
+  8-bit `DYNAMIC` map: `absmax` becomes uint8 codes, `absmax_scale` (one per 256 blocks) and
+  `absmax_offset` (the mean) float32; 0.516 instead of 0.5625 bytes per weight.
+- `int8` (LLM.int8's weight storage, `bitsandbytes.functional.int8_vectorwise_quant`): `codes`
+  (out, in) int8 = round(W x 127 / absmax of its row), `absmax` (out,) float32.
+
+`QuantizedKernel` holds one linear's arrays as `QuantizedArray`s: not `nnx.Param`s, so no optimizer
+or parameter filter takes them, with logical axes so they shard on a mesh like the rest (nf4's flat
+arrays over `quant_blocks`, int8's rows and columns like the kernel's). Its matmul dequantizes the
+weight to the compute dtype inside the layer scan, one layer at a time, and under `jax.checkpoint`:
+the backward pass dequantizes again instead of keeping every layer's dequantized weight as a
+residual (which would hold the whole base in the compute dtype during a training step).
+
+Why not qwix (Google's JAX quantization library, Tunix's QLoRA): qwix quantizes a model by
+intercepting the `dot_general` calls of a traced forward and rewriting the module's parameters in
+place. Our layers are stacked and run by `lax.scan` over a `nnx.split` state (`layers.scan_layers`),
+so a rewrite inside the scan body never reaches the stacked state; it starts from a full-precision
+model in memory, not from one checkpoint tensor at a time; its quantized parameters carry none of our
+logical axes; and its NF4 (one 4-bit code per element, nearest-value search) is not bitsandbytes'
+packed layout, which the release's QLoRA used and which we check against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BLOCKSIZE = 64  # values per NF4 scale (bitsandbytes' and QLoRA's blocksize)
+SCALE_BLOCKSIZE = 256  # absmax values per second-level scale under double quantization
+
+# bitsandbytes' NF4 code book (`get_4bit_type("nf4")`; QLoRA, appendix E), float32.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
+INT8_SCALE = np.float32(7.874015718698502e-3)  # 1 / 127, as bitsandbytes' int8 dequantization writes it
+
+
+def _dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`): for e = 0..6, the
+    midpoints of 2^e + 1 points evenly spaced on [0.1, 1], times 10^(e - 6), with both signs; then 0
+    and 1. Computed in float64 and rounded once (bitsandbytes' float32 steps differ by an ulp at most)."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        means = 0.1 + 0.9 * (np.arange(2**e) + 0.5) / 2**e
+        values += list(10.0 ** (e - 6) * means) + list(-(10.0 ** (e - 6)) * means)
+    return np.sort(np.asarray(values, np.float32))
+
+
+DYNAMIC = _dynamic_map()
+
+
+class QuantizationError(ValueError):
+    """A weight that cannot be stored in the asked format."""
+
+
+class QuantizedArray(nnx.Variable):
+    """Codes or scales of a quantized frozen weight: never trained, never cast."""
+
+
+def _midpoints(table: np.ndarray) -> jax.Array:
+    return jnp.asarray((table[:-1] + table[1:]) / np.float32(2))
+
+
+def _nearest(scaled: jax.Array, table: np.ndarray) -> jax.Array:
+    """Index of the nearest table value, ties to the lower (torch.bucketize on the midpoints)."""
+    return jnp.searchsorted(_midpoints(table), scaled, side="left", method="compare_all").astype(jnp.uint8)
+
+
+def _blockwise(values: jax.Array, size: int, table: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(codes, absmax) of `values` (flat) in blocks of `size`, a short last block padded with zeros,
+    each scaled by the reciprocal of its absolute maximum, as bitsandbytes does."""
+    blocks = jnp.pad(values, (0, -values.size % size)).reshape(-1, size)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    scaled = jnp.clip(blocks * jnp.where(absmax > 0, 1 / absmax, 0)[:, None], -1, 1)
+    return _nearest(scaled.reshape(-1)[: values.size], table), absmax
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize(weight: jax.Array, fmt: str, double_quant: bool) -> dict[str, jax.Array]:
+    w = weight.astype(jnp.float32)
+    if fmt == "int8":
+        absmax = jnp.max(jnp.abs(w), axis=1)
+        scale = 127 * jnp.where(absmax > 0, 1 / absmax, 0)  # torch's 127 / absmax: a reciprocal, then a product
+        return {"codes": jnp.round(w * scale[:, None]).astype(jnp.int8), "absmax": absmax}
+    codes, absmax = _blockwise(w.reshape(-1), BLOCKSIZE, NF4)
+    out = {"codes": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
+    if double_quant:
+        offset = jnp.mean(absmax)
+        out["absmax"], out["absmax_scale"] = _blockwise(absmax - offset, SCALE_BLOCKSIZE, DYNAMIC)
+        out["absmax_offset"] = offset
+    return out
+
+
+def quantize(weight: np.ndarray | jax.Array, fmt: str, double_quant: bool = False,
+             name: str = "weight") -> dict[str, np.ndarray]:
+    """The host arrays storing one weight in torch's layout (out, in) as `fmt`; `name` is the
+    tensor's name in the error raised when nf4's blocks do not divide it."""
+    if fmt == "nf4" and np.size(weight) % BLOCKSIZE:
+        out, din = np.shape(weight)
+        raise QuantizationError(f"{name}: its {out} x {din} = {out * din} values do not divide into nf4 blocks "
+                                f"of {BLOCKSIZE}")
+    return {k: np.asarray(v) for k, v in _quantize(weight, fmt, double_quant).items()}
+
+
+def dequantize(arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int], dtype) -> jax.Array:
+    """One layer's weight (out, in) in `dtype` from its stored arrays (bitsandbytes' dequantize_4bit
+    and int8_vectorwise_dequant, in float32, then cast)."""
+    if fmt == "int8":
+        w = arrays["codes"].astype(jnp.float32) * arrays["absmax"][:, None] * INT8_SCALE
+        return w.astype(dtype)
+    absmax = arrays["absmax"]
+    if "absmax_scale" in arrays:  # double quantization
+        scale = jnp.repeat(arrays["absmax_scale"], SCALE_BLOCKSIZE)[: absmax.size]
+        absmax = jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
+    packed = arrays["codes"]
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1, BLOCKSIZE)
+    return (jnp.asarray(NF4)[codes] * absmax[:, None]).reshape(shape).astype(dtype)
+
+
+def storage_layout(fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
+                  ) -> dict[str, tuple[tuple[int, ...], np.dtype, tuple]]:
+    """{array name: (shape, dtype, logical axes)} of one layer's storage of an (in, out) kernel."""
+    if fmt == "int8":
+        return {"codes": ((dout, din), np.int8, (axes[1], axes[0])), "absmax": ((dout,), np.float32, (axes[1],))}
+    blocks = din * dout // BLOCKSIZE
+    if not double_quant:
+        return {"codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
+                "absmax": ((blocks,), np.float32, ("quant_blocks",))}
+    return {"codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
+            "absmax": ((blocks,), np.uint8, ("quant_blocks",)),
+            "absmax_scale": ((-(-blocks // SCALE_BLOCKSIZE),), np.float32, (None,)),
+            "absmax_offset": ((), np.float32, ())}
+
+
+def _project(x: jax.Array, arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int]) -> jax.Array:
+    return jnp.dot(x, dequantize(arrays, fmt, shape, x.dtype).T)
+
+
+# x @ kernel with the kernel dequantized again in the backward pass rather than kept (module docstring).
+_checkpointed_project = jax.checkpoint(_project, static_argnums=(2, 3))
+
+
+class QuantizedKernel(nnx.Module):
+    """The frozen (in, out) kernel of a `Linear`, stored as `fmt` (the arrays start at zero:
+    `loading.quantize_params` fills them from a checkpoint or a model)."""
+
+    def __init__(self, din: int, dout: int, axes: tuple[str, str], fmt: str, double_quant: bool):
+        layout = storage_layout(fmt, double_quant, din, dout, axes)
+        for name, (shape, dtype, names) in layout.items():
+            setattr(self, name, QuantizedArray(jnp.zeros(shape, dtype), axes=names))
+        self.names = tuple(layout)
+        self.fmt = fmt
+        self.shape = (dout, din)  # torch's layout, which the storage follows
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x @ kernel, the kernel dequantized to x's dtype."""
+        return _checkpointed_project(x, self.arrays(), self.fmt, self.shape)

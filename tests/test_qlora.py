@@ -1,0 +1,239 @@
+"""QLoRA: a frozen base stored as bitsandbytes stores it (NF4, LLM.int8's int8), adapters trained over
+it, exported merged. Checked against bitsandbytes itself (run on the CPU), against a LoRA step whose
+base holds the dequantized weights, and by the tiny SFT config learning as its bf16 run does."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+import stjax.eval.mcq as mcq
+from reference import tiny_config
+from stjax.models import quant
+from stjax.models.inputs import prepare_inputs
+from stjax.models.layers import LoRAParam
+from stjax.models.loading import (HFParam, load_pretrained, param_shapes, quantize_model, quantize_params,
+                                  quantized_paths)
+from stjax.models.qwen_vl import compiled_forward, init_model
+from stjax.sampling.sampler import SamplingConfig, generate
+from stjax.sharding import make_mesh
+from stjax.train import config as train_config
+from stjax.train import sft
+from stjax.train.loop import export_hf
+from stjax.train.lora import merge_lora, with_lora
+from stjax.train.step import Batch, sft_micro_loss, split_trainable
+from test_train_step import sft_batch, stack
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    return pytest.importorskip("bitsandbytes.functional",
+                               reason="bitsandbytes (the reference) cannot load its CPU backend here")
+
+
+def weights(shape, dtype, seed=0):
+    import torch
+
+    w = np.random.default_rng(seed).standard_normal(shape, np.float32) * 0.02
+    return torch.from_numpy(w).to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("shape, dtype", [((96, 128), "float32"), ((40, 72), "bfloat16"), ((1280, 3420), "bfloat16")])
+def test_nf4_storage_and_dequantization_equal_bitsandbytes(bnb, shape, dtype):
+    """bitsandbytes' quantize_4bit(nf4, blocksize 64) and ours on the same weights: the same code book,
+    packed bytes and absmax; our dequantized weights equal its dequantize_4bit's, bit for bit. Shapes:
+    whole blocks per row, rows that straddle blocks (72 inputs), and Qwen2.5-VL's vision MLP down
+    projection (3420 inputs). (bitsandbytes' CPU dequantization kernel reads rows shorter than a block,
+    fewer than 64 inputs, otherwise than its own quantize_4bit lays them out, so none is used here.)"""
+    np.testing.assert_array_equal(quant.NF4, bnb.get_4bit_type("nf4", device="cpu").numpy())
+    w = weights(shape, dtype)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = quant.quantize(np.asarray(w.float().numpy(), jnp.dtype(dtype)), "nf4")
+    np.testing.assert_array_equal(ours["codes"], packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(ours["absmax"], state.absmax.numpy())
+    dequantized = np.asarray(quant.dequantize(ours, "nf4", shape, dtype), np.float32)
+    np.testing.assert_array_equal(dequantized, bnb.dequantize_4bit(packed, state).float().numpy())
+
+
+def test_int8_storage_and_dequantization_equal_bitsandbytes_llm_int8(bnb):
+    """int8_vectorwise_quant (LLM.int8's weight storage, no outlier threshold) and ours: the same codes
+    and row absmax (this draw has a value at exactly half a step, rounded as torch computes it), and
+    our dequantized weights equal int8_vectorwise_dequant's."""
+    import torch
+
+    w = np.random.default_rng(0).standard_normal((1280, 3420), np.float32)
+    codes, absmax, _ = bnb.int8_vectorwise_quant(torch.from_numpy(w.copy()))
+    ours = quant.quantize(w, "int8")
+    np.testing.assert_array_equal(ours["codes"], codes.numpy())
+    np.testing.assert_array_equal(ours["absmax"], absmax.numpy())
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(ours, "int8", w.shape, "float32")),
+                                  bnb.int8_vectorwise_dequant(codes, absmax).numpy())
+
+
+def test_double_quantization_is_bitsandbytes_scheme(bnb):
+    """compress_statistics=True: the absmax less its mean, in blocks of 256, on bitsandbytes' 8-bit
+    dynamic map. Our map is within an ulp of its (made in float64 and rounded once, where bitsandbytes
+    rounds each float32 step), so its double-quantized state through our dequantize gives its
+    dequantize_4bit to 1e-6. Our scale codes are the nearest map values; bitsandbytes' CPU kernel
+    rounds a few of them (0.2% here) to a farther one."""
+    np.testing.assert_allclose(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy(), rtol=0, atol=6e-8)
+    shape = (1280, 3420)
+    w = weights(shape, "float32")
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = {"codes": packed.numpy().reshape(-1), "absmax": state.absmax.numpy(),
+              "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
+    np.testing.assert_allclose(quant.dequantize(theirs, "nf4", shape, "float32"),
+                               bnb.dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=0)
+
+    ours = quant.quantize(w.numpy(), "nf4", double_quant=True)
+    np.testing.assert_array_equal(ours["codes"], theirs["codes"])  # 4-bit codes from the unquantized absmax
+    np.testing.assert_allclose(ours["absmax_offset"], theirs["absmax_offset"], rtol=1e-6)
+    np.testing.assert_allclose(ours["absmax_scale"], theirs["absmax_scale"], rtol=1e-6)
+    absmax = quant.quantize(w.numpy(), "nf4")["absmax"]
+    scaled = (absmax - ours["absmax_offset"]) / np.repeat(ours["absmax_scale"], 256)[: absmax.size]
+    distance = np.abs(scaled[:, None] - quant.DYNAMIC[None, :])
+    np.testing.assert_allclose(distance[np.arange(absmax.size), ours["absmax"]], distance.min(axis=1), atol=1e-6)
+    assert np.mean(ours["absmax"] != theirs["absmax"]) < 0.01
+
+
+def test_a_weight_that_does_not_divide_into_blocks_is_named():
+    """A vision tower 36 wide: its attention's output projection (36 x 36 = 1296 values) does not divide
+    into blocks of 64."""
+    cfg = tiny_config("qwen2_vl")
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, hidden_size=36, num_heads=3, intermediate_size=64))
+    params = {path: np.zeros(shape, np.float32) for path, shape in param_shapes(cfg).items()}
+    with pytest.raises(quant.QuantizationError) as error:
+        quantize_params(cfg.replace(quantize_base="nf4", quantize_targets="all"), params)
+    assert str(error.value) == ("visual.blocks.0.attn.proj.weight: its 36 x 36 = 1296 values do not divide into nf4 "
+                                "blocks of 64")
+
+
+def random_adapters(model, seed: int = 1) -> nnx.State:
+    """Adapters with lora_b non-zero too, so that every adapter weight has a gradient."""
+    state = nnx.state(model, LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
+    return jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), state)
+
+
+@pytest.mark.parametrize("fmt, double_quant", [("nf4", True), ("int8", False)])
+def test_a_qlora_step_has_the_loss_and_gradients_of_a_lora_step_on_the_dequantized_base(fmt, double_quant):
+    """The train step's micro-batch loss (`step.sft_micro_loss`, what `update` differentiates) and its
+    gradient with respect to the adapters, over the quantized base and over a base holding the
+    dequantized weights as float32 parameters, with the same adapters: equal to 1e-5."""
+    cfg = tiny_config("qwen2_5_vl")
+    quantized = quantize_model(init_model(cfg, seed=0), quantize_base=fmt, quantize_targets="all",
+                               double_quant=double_quant)
+    stored = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(quantized, quant.QuantizedArray)))
+    assert {p[:-2] for p in stored} == {p[:-1] for p in quantized_paths(quantized.config)}
+    qlora = with_lora(quantized, rank=4, alpha=8.0)
+    lora = with_lora(merge_lora(quantized), rank=4, alpha=8.0)
+    adapters = random_adapters(qlora)
+    nnx.update(qlora, adapters)
+    nnx.update(lora, adapters)
+
+    _, _, inputs, loss_mask = sft_batch(cfg)
+    batch = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
+    micro = jax.tree.map(lambda x: x[0], batch)
+    results = []
+    for model in (qlora, lora):
+        graphdef, params, frozen = split_trainable(model)
+        variables = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        assert all(isinstance(v, LoRAParam) for v in variables)  # the optimizer sees the adapters alone
+        grad = jax.jit(jax.value_and_grad(sft_micro_loss, argnums=1, has_aux=True), static_argnums=0)
+        (loss, _), grads = grad(graphdef, params, frozen, micro, batch, jax.random.key(0))
+        results.append((loss, grads))
+    (q_loss, q_grads), (loss, grads) = results
+    np.testing.assert_allclose(q_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(q_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_quantize_on_load_reads_one_layer_at_a_time_and_shards_on_a_mesh(hf_dirs, monkeypatch):
+    path, _ = hf_dirs("qwen2_5_vl")
+    reads = []
+    read = HFParam.read
+
+    def recorded(self, rows=slice(None)):
+        array = read(self, rows)
+        reads.append((self.rule.path, self.rule.stacked, array.shape[0]))
+        return array
+
+    monkeypatch.setattr(HFParam, "read", recorded)
+    settings = dict(quantize_base="nf4", quantize_targets="all")
+    model, cfg = load_pretrained(path, mesh=make_mesh({"fsdp": 4, "tensor": 2}), **settings)
+    quantized = quantized_paths(cfg)
+    assert {("model", "layers", "down_proj", "kernel"), ("visual", "merger", "mlp_0", "kernel")} <= quantized
+    for param, stacked, rows in reads:
+        if param in quantized and stacked:
+            assert rows == 1, param  # one layer read (and quantized) at a time
+    codes = model.model.layers.q_proj.kernel.codes[...]
+    assert codes.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "tensor"))  # layers, blocks
+
+    single, _ = load_pretrained(path, **settings)
+    prompt, _, _, _ = sft_batch(cfg)
+    inputs = prepare_inputs(cfg, **prompt)
+    np.testing.assert_allclose(compiled_forward(model, inputs), compiled_forward(single, inputs), rtol=1e-5, atol=1e-5)
+    from stjax.models.safetensors_io import SafetensorsReader
+
+    layer = SafetensorsReader(path).read("model.layers.1.self_attn.q_proj.weight")
+    np.testing.assert_array_equal(np.asarray(single.model.layers.q_proj.kernel.codes[...])[1],
+                                  quant.quantize(layer, "nf4")["codes"])
+
+
+def test_export_merges_the_adapters_into_the_dequantized_base_and_the_sampler_runs_either(tmp_path):
+    cfg = tiny_config("qwen2_vl")
+    quantized = quantize_model(init_model(cfg, seed=0), quantize_base="nf4", quantize_targets="all")
+    qlora = with_lora(quantized, rank=4, alpha=8.0)
+    nnx.update(qlora, random_adapters(qlora))
+    export_hf(qlora, tmp_path / "hf", tokenizer=tmp_path)
+    exported, exported_cfg = load_pretrained(tmp_path / "hf")
+    assert (exported_cfg.quantize_base, exported_cfg.lora_rank) == ("none", 0)
+
+    layers = qlora.model.layers
+    stored = {name: getattr(layers.v_proj.kernel, name)[...][1] for name in layers.v_proj.kernel.names}
+    a, b = (np.asarray(x[...][1], np.float64) for x in (layers.v_proj.lora_a, layers.v_proj.lora_b))
+    base = np.asarray(quant.dequantize(stored, "nf4", layers.v_proj.kernel.shape, "float32"), np.float64)
+    expected = base + 8.0 / 4 * (a @ b).T  # torch's layout: W + scale * B @ A
+    merged = np.asarray(exported.model.layers.v_proj.kernel[...][1]).T
+    np.testing.assert_allclose(merged, expected, rtol=1e-6, atol=1e-7)
+
+    prompt, _, _, _ = sft_batch(cfg)
+    inputs = prepare_inputs(cfg, **prompt)
+    ours = np.asarray(compiled_forward(qlora, inputs))
+    np.testing.assert_allclose(compiled_forward(exported, inputs), ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+    # and the sampler decodes the quantized model as it decodes the export
+    length, sampling = prompt["input_ids"].shape[1], SamplingConfig(max_new_tokens=8)
+    np.testing.assert_array_equal(generate(qlora, inputs, length, jax.random.key(0), sampling).tokens,
+                                  generate(exported, inputs, length, jax.random.key(0), sampling).tokens)
+
+
+def test_the_evaluator_runs_a_quantized_model(tmp_path):
+    mcq.main(["--out", str(tmp_path), "--walks", "1", "--max-new-tokens", "8", "--quantize", "nf4"])
+    assert len(mcq.load_records(tmp_path / "predictions.jsonl")) == 6
+    assert json.loads((tmp_path / mcq.RUN).read_text())["quantize"] == "nf4"
+
+
+def test_the_sft_demo_config_learns_over_an_nf4_base_as_over_a_bf16_one(synthetic_assets, tmp_path):
+    """configs/sft/tiny-cpu.yaml with LoRA r8 (16 steps, lr 2e-2) over a bf16 base and over the same
+    base in NF4: both losses fall by more than a nat, within 0.15 nat of each other; the QLoRA run
+    exports a bf16 Hugging Face directory, adapters merged."""
+    data, models = synthetic_assets
+    falls = {}
+    for name, quantize in (("bf16", "none"), ("nf4", "nf4")):
+        out = tmp_path / name
+        cfg = train_config.load("configs/sft/tiny-cpu.yaml", [
+            f"out_dir={out}", "steps=16", f"model.init={models['qwen2_vl']}", f"data.path={data}",
+            "data.synthetic_walks=2", "model.param_dtype=bfloat16", "lora.rank=8", f"lora.quantize_base={quantize}",
+            "optim.learning_rate=2e-2", "mesh=fsdp=4,tensor=2", "checkpoint.every=0",
+            f"checkpoint.export_hf={quantize == 'nf4'}"])
+        sft.run(cfg)
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        falls[name] = losses[0] - np.mean(losses[-4:])
+    assert falls["bf16"] > 1.0 and falls["nf4"] > 1.0 and abs(falls["nf4"] - falls["bf16"]) < 0.15, falls
+    exported, exported_cfg = load_pretrained(tmp_path / "nf4" / "hf")
+    assert exported_cfg.param_dtype == "bfloat16" and exported_cfg.quantize_base == "none"
+    assert json.loads((tmp_path / "nf4" / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
