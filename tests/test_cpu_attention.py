@@ -158,5 +158,6 @@ def test_dots_attention_remat_keeps_the_kernel_outputs():
 
     (plain, g0), (dots, g1), (saved, g2) = grad("none"), grad("dots"), grad("dots_attention")
     assert saved == plain < dots, (plain, dots, saved)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for a, b, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-7)
