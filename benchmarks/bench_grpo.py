@@ -16,6 +16,12 @@ measured by wrapping its methods: rollout = `_generate`, log-probs = `_get_per_t
 without gradients (the reference's), update = the rest of the step (its loss forward and backward and
 the optimizer). After one untimed warm-up step each (compiles, first allocations), the medians of
 `--steps` steps are printed with the ratio.
+
+Floor: the step's model FLOPs at the best matrix-product rate measured in the same run
+(`bench_forward.best_matmul_rate`). The update's FLOPs are the stage's own count
+(`grpo.update_flops`: each prompt once, vision included, each completion token after it); the
+rollout (prefill and decoding) and the reference's log-probs are one forward each over the same
+tokens, a third of it apiece, so the step is 5/3 of the update's count.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
                                           images_per_sample=1), processor.tokenizer.pad_token_id)
     run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
                           processor=processor, out=out, samples={s.id: s for s in samples}, start_step=0,
-                          peak_flops=None)
+                          peak_flops=args.rate)  # so "mfu" is the update's share of the measured rate
     stage = GRPO()
     stage.setup(run, model, state)
     times = []
@@ -91,7 +97,8 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
         state, metrics = stage.step(run, state, iter([dict(batch)]), step)
         times.append({"step": time.perf_counter() - began, "rollout": metrics["rollout_time"],
                       "log-probs": metrics["logprob_time"], "update": metrics["update_time"],
-                      "tokens": metrics["completions/mean_length"] * len(texts) * args.generations})
+                      "tokens": metrics["completions/mean_length"] * len(texts) * args.generations,
+                      "update FLOPs": metrics["mfu"] * args.rate * metrics["update_time"]})
     return times[1:]
 
 
@@ -186,6 +193,9 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64, help="max completion tokens")
     args = parser.parse_args()
+    from bench_forward import best_matmul_rate
+
+    args.rate = best_matmul_rate()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer, model_dir = assets(root)
@@ -199,8 +209,16 @@ def main() -> None:
     for key in ("step", "rollout", "log-probs", "update"):
         a, b = median(ours, key), median(theirs, key)
         print(f"{key:12} {a:9.3f} {b:9.3f} {b / a:11.1f}x")
+    per_token = lambda times: median(times, "step") / median(times, "tokens")
     print(f"completion tokens per step: stjax {median(ours, 'tokens'):.0f}, TRL {median(theirs, 'tokens'):.0f} "
-          "(sampled: lengths differ between the sides)")
+          f"(sampled: lengths differ between the sides); per completion token TRL / stjax "
+          f"{per_token(theirs) / per_token(ours):.1f}x")
+    flops = 5 / 3 * median(ours, "update FLOPs")
+    floor, target = flops / args.rate, median(theirs, "step") / 5
+    print(f"floor: {flops / 1e9:.1f} GFLOP per step at {args.rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 "
+          f"product here) = {floor:.3f} s; the 5x target is a step of {target:.3f} s, "
+          f"{'above' if target > floor else 'below'} the floor; stjax runs at {floor / median(ours, 'step'):.0%} "
+          "of the floor's rate")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"), most important first:
-#   parity in fp32 and bf16 against transformers on the same GPU and the attention backends compared
-#   (is cuDNN's fused kernel really in the program? left- and right-padded batches), the SFT train
+#   the GRPO step by parts (issue 13: rollout tokens/s, decode bandwidth share, update MFU); parity
+#   in fp32 and bf16 against transformers on the same GPU and the attention backends compared
+#   (is cuDNN's fused kernel really in the program? left- and right-padded batches); the SFT train
 #   step's MFU (four rows per step, remat `dots_attention` and `dots`; one row with its breakdown
 #   and a profile of its top operations; four rows with a video each; six rows; logits at the loss
 #   positions, the second half of each row, as the trainer makes them), causal attention alone (fwd, fwd + bwd);
@@ -50,6 +51,8 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
         --remat dots_attention,full --steps 3 --warmup 1 --mfu-timeout 100 --json "$out/train_7b_lora_$base.json"
     done
   fi
+  part 200 "GRPO step by parts (issue 13), Qwen2.5-VL-3B-shaped, 2 prompts x G=8 with 8-frame 336x336 videos, 256 tokens: rollout tokens/s, decode bandwidth share (target 50%), update MFU (target 35%)" \
+    python3 benchmarks/bench_grpo_gpu.py --size 3b --prompts 2 --generations 8 --tokens 256 --video 8x336
   part 240 "parity (fp32, bf16) vs transformers and attention backends" \
     python3 benchmarks/gpu_parity.py --scale 2
   mfu="SFT train step MFU, 1.5B Qwen2.5-VL-shaped, bf16 + fp32 masters, cuDNN attention (no mask: full rows)"
@@ -84,5 +87,5 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
   fi
 } 2>&1 | tee "$out/gpu_check.log"
 echo "== summary"
-grep -E "^== |ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
+grep -E "^== |^rollout:|^decode:|^update:|ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
   "$out/gpu_check.log" | cut -c1-330

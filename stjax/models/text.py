@@ -35,14 +35,14 @@ class KVCache:
     `index` is the next slot to write. Decoding updates the arrays in place inside the loop.
     """
 
-    k: jax.Array  # (layers, B, S, kv_heads, head_dim)
+    k: jax.Array  # (layers, B, kv_heads, S, head_dim): heads-major, the layout of a decoding step's matmuls
     v: jax.Array
     segments: jax.Array  # (B, S) int32
     index: jax.Array  # () int32
 
     @classmethod
     def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segments=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -75,10 +75,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
                  dropout_key: jax.Array | None = None, right_padded: bool = False):
-        """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, segments, index)` of this
-        layer, attention sees the cached slots plus the new tokens placed at `index`, and
-        (x, (new k, new v)) is returned for the caller to store. `dropout_key` turns on LoRA dropout;
-        `right_padded` (static) says every row's padding comes after its real tokens."""
+        """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, layer, segments, index)`,
+        k and v every layer's (the stacked `KVCache` arrays), the new tokens' keys and values are
+        written at this layer's slots from `index` and attention sees the cached slots plus them;
+        (x, (k, v)) is returned. Writing into the stack and reading this layer's slab from it (rather
+        than passing a slab in and back), heads-major, lets XLA update the cache in place and
+        multiply by it as it lies: no copy or transpose of a slab per layer and decoding step.
+        `dropout_key` turns on LoRA dropout; `right_padded` (static) says every row's padding comes
+        after its real tokens."""
         b, l, _ = x.shape
         keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
         h = self.input_layernorm(x)
@@ -89,15 +93,16 @@ class DecoderLayer(nnx.Module):
         if cache is None:
             attn = attend(q, k, v, segments, segments, True, self.backend, right_padded=right_padded)
         else:
-            cache_k, cache_v, cache_segments, index = cache
-            k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-            all_k = jax.lax.dynamic_update_slice(cache_k, k, (0, index, 0, 0))
-            all_v = jax.lax.dynamic_update_slice(cache_v, v, (0, index, 0, 0))
-            attn = attend(q, all_k, all_v, segments, cache_segments, True, self.backend, q_offset=index)
+            stack_k, stack_v, layer, cache_segments, index = cache
+            at = (layer, 0, 0, index, 0)
+            stack_k = jax.lax.dynamic_update_slice(stack_k, k.swapaxes(1, 2).astype(stack_k.dtype)[None], at)
+            stack_v = jax.lax.dynamic_update_slice(stack_v, v.swapaxes(1, 2).astype(stack_v.dtype)[None], at)
+            attn = attend(q, stack_k[layer].swapaxes(1, 2), stack_v[layer].swapaxes(1, 2), segments, cache_segments,
+                          True, self.backend, q_offset=index)
         x = x + self.o_proj(attn.reshape(b, l, -1), keys[3])
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(self.act(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
-        return x if cache is None else (x, (k, v))
+        return x if cache is None else (x, (stack_k, stack_v))
 
 
 class TextModel(nnx.Module):
@@ -135,10 +140,9 @@ class TextModel(nnx.Module):
         cache = cache.replace(segments=jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index)))
 
         def step(layer: DecoderLayer, carry, xs):
-            (x, all_k, all_v), (i, key) = carry, xs
-            x, (k, v) = layer(x, cos, sin, segments, (all_k[i], all_v[i], cache.segments, cache.index), key)
-            at = (i, 0, cache.index, 0, 0)  # write only the new tokens' slots
-            return x, jax.lax.dynamic_update_slice(all_k, k[None], at), jax.lax.dynamic_update_slice(all_v, v[None], at)
+            (x, k, v), (i, key) = carry, xs
+            x, (k, v) = layer(x, cos, sin, segments, (k, v, i, cache.segments, cache.index), key)
+            return x, k, v
 
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         layers = (jnp.arange(self.cfg.num_layers), keys)
