@@ -112,6 +112,41 @@ def test_a_weight_that_does_not_divide_into_blocks_is_named():
                                 "blocks of 64")
 
 
+def largest_intermediate(jaxpr) -> int:
+    """The most elements of any floating-point value a jaxpr, or a jaxpr inside it (scan,
+    checkpoint), makes."""
+    sizes = [0]
+    for e in jaxpr.eqns:
+        sizes += [int(np.prod(v.aval.shape)) for v in e.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+        for param in e.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    sizes.append(largest_intermediate(inner))
+    return max(sizes)
+
+
+@pytest.mark.parametrize("fmt, double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_the_matmul_dequantizes_a_tile_of_rows_at_a_time(monkeypatch, fmt, double_quant):
+    """With tiles of 4096 weights, a 256 x 128 kernel is dequantized 32 output rows at a time: x @ kernel
+    and its gradient with respect to x equal those over the whole dequantized weight (1e-6), and no
+    floating-point value the forward or the backward makes holds as many elements as the weight (32768)."""
+    monkeypatch.setattr(quant, "TILE_VALUES", 4096)
+    din, dout = 128, 256
+    assert quant.tile_rows(dout, din) == 32
+    w = np.random.default_rng(0).standard_normal((dout, din)).astype(np.float32) * 0.02
+    kernel = quant.QuantizedKernel(din, dout, ("embed", "mlp"), fmt, double_quant)
+    for name, value in quant.quantize(w, fmt, double_quant).items():
+        getattr(kernel, name)[...] = jnp.asarray(value)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, din)), jnp.float32)
+    whole = quant.dequantize(kernel.arrays(), fmt, (dout, din), jnp.float32)
+    tiled = jax.grad(lambda x: jnp.sum(jnp.sin(kernel.matmul(x))))
+    np.testing.assert_allclose(kernel.matmul(x), x @ whole.T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tiled(x), jax.grad(lambda x: jnp.sum(jnp.sin(x @ whole.T)))(x), rtol=1e-6, atol=1e-6)
+    made = largest_intermediate(jax.make_jaxpr(tiled)(x).jaxpr)
+    assert 0 < made < dout * din, made
+
+
 def random_adapters(model, seed: int = 1) -> nnx.State:
     """Adapters with lora_b non-zero too, so that every adapter weight has a gradient."""
     state = nnx.state(model, LoRAParam)

@@ -17,9 +17,10 @@ The storage is bitsandbytes', bit for bit, for torch's weight W (out, in) = kern
 `QuantizedKernel` holds one linear's arrays as `QuantizedArray`s: not `nnx.Param`s, so no optimizer
 or parameter filter takes them, with logical axes so they shard on a mesh like the rest (nf4's flat
 arrays over `quant_blocks`, int8's rows and columns like the kernel's). Its matmul dequantizes the
-weight to the compute dtype inside the layer scan, one layer at a time, and under `jax.checkpoint`:
-the backward pass dequantizes again instead of keeping every layer's dequantized weight as a
-residual (which would hold the whole base in the compute dtype during a training step).
+weight to the compute dtype inside the layer scan, a tile of output rows at a time (at most
+`TILE_VALUES` weights: a 72B MLP projection is 77 tiles), and under `jax.checkpoint`: the backward
+pass dequantizes again instead of keeping dequantized weights as residuals (which would hold the
+whole base in the compute dtype during a training step).
 
 Why not qwix (Google's JAX quantization library, Tunix's QLoRA): qwix quantizes a model by
 intercepting the `dot_general` calls of a traced forward and rewriting the module's parameters in
@@ -41,6 +42,7 @@ from flax import nnx
 
 BLOCKSIZE = 64  # values per NF4 scale (bitsandbytes' and QLoRA's blocksize)
 SCALE_BLOCKSIZE = 256  # absmax values per second-level scale under double quantization
+TILE_VALUES = 1 << 22  # weights dequantized at a time inside a matmul (8 MB in bf16)
 
 # bitsandbytes' NF4 code book (`get_4bit_type("nf4")`; QLoRA, appendix E), float32.
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -147,8 +149,37 @@ def storage_layout(fmt: str, double_quant: bool, din: int, dout: int, axes: tupl
             "absmax_offset": ((), np.float32, ())}
 
 
+def tile_rows(out: int, din: int) -> int:
+    """Output rows dequantized at a time: the most that divide `out`, hold whole nf4 blocks and at
+    most `TILE_VALUES` weights (all of them for a small weight), a multiple of 128 where one
+    exists (the width matrix units tile by)."""
+    fits = [r for r in range(min(out, max(1, TILE_VALUES // din)), 0, -1) if out % r == 0 and r * din % BLOCKSIZE == 0]
+    return next((r for r in fits if r % 128 == 0), fits[0]) if fits else out
+
+
+def _tiles(arrays: dict[str, jax.Array], fmt: str, count: int) -> dict[str, jax.Array]:
+    """The arrays split into `count` tiles of whole output rows (a leading tile axis); nf4's
+    double-quantized block scales are dequantized first (a 64th of the weights' count)."""
+    if fmt == "int8":
+        return {k: v.reshape(count, -1, *v.shape[1:]) for k, v in arrays.items()}
+    absmax = arrays["absmax"]
+    if "absmax_scale" in arrays:
+        scale = jnp.repeat(arrays["absmax_scale"], SCALE_BLOCKSIZE)[: absmax.size]
+        absmax = jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
+    return {"codes": arrays["codes"].reshape(count, -1), "absmax": absmax.reshape(count, -1)}
+
+
 def _project(x: jax.Array, arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int]) -> jax.Array:
-    return jnp.dot(x, dequantize(arrays, fmt, shape, x.dtype).T)
+    """x @ kernel, the weight dequantized a tile of output rows at a time (`tile_rows`): never the
+    whole layer in the compute dtype. Each tile is checkpointed too, so that the backward pass
+    dequantizes it again instead of keeping every tile as a residual."""
+    out, din = shape
+    rows = tile_rows(out, din)
+    if rows == out:
+        return jnp.dot(x, dequantize(arrays, fmt, shape, x.dtype).T)
+    one = jax.checkpoint(lambda tile: jnp.dot(x, dequantize(tile, fmt, (rows, din), x.dtype).T))
+    y = jax.lax.map(one, _tiles(arrays, fmt, out // rows))  # (tiles, ..., rows)
+    return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], out)
 
 
 # x @ kernel with the kernel dequantized again in the backward pass rather than kept (module docstring).
