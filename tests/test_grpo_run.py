@@ -75,6 +75,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
     tells_apart = lambda out: losses(out, f"rewards/{user}/mean")
     assert min(tells_apart(single).values()) > 0
     np.testing.assert_allclose(list(tells_apart(multi).values()), list(tells_apart(single).values()), rtol=1e-6)
+    for name in ("rewards/format/mean", "completions/mean_length"):  # means of integers: exact
+        assert a[name] == b[name], name
     for name in ("reward", "loss"):
         np.testing.assert_allclose(list(b[name].values()), list(a[name].values()), rtol=1e-5, atol=1e-7, err_msg=name)
 

@@ -125,13 +125,19 @@ def dequantize(arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int], d
     if fmt == "int8":
         w = arrays["codes"].astype(jnp.float32) * arrays["absmax"][:, None] * INT8_SCALE
         return w.astype(dtype)
-    absmax = arrays["absmax"]
-    if "absmax_scale" in arrays:  # double quantization
-        scale = jnp.repeat(arrays["absmax_scale"], SCALE_BLOCKSIZE)[: absmax.size]
-        absmax = jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
     packed = arrays["codes"]
     codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1, BLOCKSIZE)
-    return (jnp.asarray(NF4)[codes] * absmax[:, None]).reshape(shape).astype(dtype)
+    return (jnp.asarray(NF4)[codes] * block_absmax(arrays)[:, None]).reshape(shape).astype(dtype)
+
+
+def block_absmax(arrays: dict[str, jax.Array]) -> jax.Array:
+    """nf4's float32 scale of each block: stored so, or under double quantization decoded from its
+    8-bit codes, their second-level scales and offset."""
+    absmax = arrays["absmax"]
+    if "absmax_scale" not in arrays:
+        return absmax
+    scale = jnp.repeat(arrays["absmax_scale"], SCALE_BLOCKSIZE)[: absmax.size]
+    return jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
 
 
 def storage_layout(fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
@@ -162,11 +168,7 @@ def _tiles(arrays: dict[str, jax.Array], fmt: str, count: int) -> dict[str, jax.
     double-quantized block scales are dequantized first (a 64th of the weights' count)."""
     if fmt == "int8":
         return {k: v.reshape(count, -1, *v.shape[1:]) for k, v in arrays.items()}
-    absmax = arrays["absmax"]
-    if "absmax_scale" in arrays:
-        scale = jnp.repeat(arrays["absmax_scale"], SCALE_BLOCKSIZE)[: absmax.size]
-        absmax = jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
-    return {"codes": arrays["codes"].reshape(count, -1), "absmax": absmax.reshape(count, -1)}
+    return {"codes": arrays["codes"].reshape(count, -1), "absmax": block_absmax(arrays).reshape(count, -1)}
 
 
 def _project(x: jax.Array, arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int]) -> jax.Array:

@@ -73,7 +73,7 @@ class DecoderLayer(nnx.Module):
         self.backend = cfg.attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
                  dropout_key: jax.Array | None = None, right_padded: bool = False):
         """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, layer, segments, index)`,
         k and v every layer's (the stacked `KVCache` arrays), the new tokens' keys and values are

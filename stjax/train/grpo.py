@@ -45,14 +45,13 @@ from stjax.data.formats import Sample
 from stjax.models.inputs import ModelInputs
 from stjax.models.text import KVCache
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
-from stjax.sharding import make_mesh, model_shardings, parse_mesh
+from stjax.sharding import batch_sharding, make_mesh, model_shardings, parse_mesh
 from stjax.train import config, distributed, loop, rewards, sft
 from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, micro_batch_inputs, place_rows,
                                step_shapes)
 from stjax.train.config import ConfigError, TrainConfig
 from stjax.train.loss import token_logps
-from stjax.train.metrics import (drop_steps_after, lm_head_flops_per_token, mfu, model_flops_per_token,
-                                 vision_flops_per_patch)
+from stjax.train.metrics import drop_steps_after, lm_head_flops_per_token, mfu, model_flops_per_token, vision_flops
 from stjax.train.step import TrainState, split_trainable, update
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
@@ -260,12 +259,9 @@ def update_flops(model_cfg, batch: GRPOBatch, metrics: dict[str, float]) -> floa
     completion token after its prompt, logits at the completion tokens only."""
     head = lm_head_flops_per_token(model_cfg)
     length, t = batch.inputs.input_ids.shape[-1], batch.completions.shape[-1]
-    flops = ((model_flops_per_token(model_cfg, length) - head) * metrics["prompt_tokens"]
-             + model_flops_per_token(model_cfg, length + t) * metrics["completion_tokens"])
-    if batch.inputs.vision is not None:
-        group = batch.inputs.vision.frames.index.shape[-1]
-        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
-    return flops
+    return ((model_flops_per_token(model_cfg, length) - head) * metrics["prompt_tokens"]
+            + model_flops_per_token(model_cfg, length + t) * metrics["completion_tokens"]
+            + vision_flops(model_cfg, batch.inputs, metrics))
 
 
 def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: GRPOBatch,
@@ -302,6 +298,15 @@ def prompt_inputs(model_cfg, prompts: dict[str, np.ndarray]) -> tuple[ModelInput
     length, _, sizes = agree_shapes(*step_shapes(model_cfg, [prompts]))
     inputs, _ = micro_batch_inputs(model_cfg, left_padded(prompts, length), length, sizes)
     return inputs, next_positions(inputs.attention_mask, inputs.position_ids, length)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def completion_keys(rng: jax.Array, step: int, sample_ids: np.ndarray, group_size: int) -> jax.Array:
+    """(P * G,) raw keys, one per completion: the run's key data `rng` folded with the step, the
+    prompt's sample id and the completion's index in its group."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), 1), step)
+    split = lambda i: jax.random.split(jax.random.fold_in(key, i), group_size)
+    return jax.random.key_data(jax.vmap(split)(sample_ids).reshape(-1))
 
 
 def ended(tokens: np.ndarray, lengths: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
@@ -411,11 +416,9 @@ class GRPO:
         """
         length = prompts.input_ids.shape[1]
         inputs, start = global_inputs(prompts, self.rollout_mesh), place_rows(starts, self.rollout_mesh)
-        ids = jnp.asarray([zlib.crc32(s.id.encode()) & 0x7FFFFFFF for s in samples], jnp.int32)
-        key = jax.random.wrap_key_data(state.rng.addressable_data(0))  # made here, then placed with the rows
-        key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
-        split = lambda i: jax.random.split(jax.random.fold_in(key, i), self.sampling.num_samples)
-        keys = np.asarray(jax.random.key_data(jax.vmap(split)(ids).reshape(-1)))
+        ids = np.asarray([zlib.crc32(s.id.encode()) & 0x7FFFFFFF for s in samples], np.int32)
+        # made from this process's copy of the run's key, then placed with the rows
+        keys = np.asarray(completion_keys(state.rng.addressable_data(0), step, ids, self.sampling.num_samples))
         keys = jax.random.wrap_key_data(place_rows(keys, self.rollout_mesh))
         weights = self.rollout_weights(run, state)
         out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, keys)
@@ -452,7 +455,8 @@ class GRPO:
         completion_mask = np.arange(tokens.shape[1]) < lengths[:, None]
         if g.mask_truncated_completions:  # a completion cut at the length limit weighs nothing
             completion_mask &= ~truncated[:, None]
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        micro = len(tokens) // run.cfg.accumulation * jax.process_count()  # rows of a micro-batch, all processes
+        shards = micro // batch_sharding(run.mesh, (micro,)).shard_shape((micro,))[0]  # as `global_batch` places them
         host = update_batch(prompts, starts, tokens, lengths, completion_mask, advantages_all[mine], g.num_generations,
                             run.cfg.accumulation, shards)
         batch = global_batch(host, run.mesh)

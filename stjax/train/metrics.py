@@ -89,10 +89,15 @@ def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> flo
     head = lm_head_flops_per_token(model_cfg)
     rows = metrics["tokens"] if batch.loss_positions is None else metrics["target_tokens"]
     flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics["tokens"] + head * rows
-    if batch.inputs.vision is not None:
-        group = batch.inputs.vision.frames.index.shape[-1]
-        flops += vision_flops_per_patch(model_cfg, group) * metrics["patches"]
-    return flops
+    return flops + vision_flops(model_cfg, batch.inputs, metrics)
+
+
+def vision_flops(model_cfg: QwenVLConfig, inputs, metrics: dict[str, float]) -> float:
+    """Training FLOPs of the vision tower over a step's real patches (`metrics["patches"]`), at the
+    frame-group size of its inputs (0 without vision)."""
+    if inputs.vision is None:
+        return 0.0
+    return vision_flops_per_patch(model_cfg, inputs.vision.frames.index.shape[-1]) * metrics["patches"]
 
 
 def device_peak_flops(device: jax.Device, override: float | None = None) -> float | None:
