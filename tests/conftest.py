@@ -3,6 +3,9 @@
 import os
 import sys
 
+# libtpu (the [tpu] extra, for compiling to TPU topologies) otherwise probes for a TPU at start-up and prints
+# warnings into every subprocess's stderr; topologies compile with the CPU platform alone.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
