@@ -9,6 +9,7 @@ accumulation) and its mesh where the 8 simulated devices can hold it. What they 
 the run length (1 step), GRPO's completion length (8 tokens), the loader workers (in-process) and the
 final export."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -113,3 +114,18 @@ def test_model_preset_has_transformers_parameter_count(path):
     theirs = sum(p.numel() for p in hf.parameters())
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(cfg)))
     assert ours == theirs, (ours, theirs)
+
+
+def test_cold_start_is_trained_as_stage_sft_makes_it(monkeypatch, tmp_path):
+    """GRPO's embedded cold start: `--stage sft`'s embedded config but for what GRPO sets (its folder, seed,
+    architecture and walk count); the SFT media settings (112 x 112 frames, small buckets) are kept."""
+    made = []
+    monkeypatch.setattr(sft, "run", made.append)
+    cfg = train_config.load(None, [], train_config.EMBEDDED["grpo"], stage="grpo", out_dir=str(tmp_path), seed=3,
+                            model={"arch": "qwen2_5_vl"}, data={"synthetic_walks": 5})
+    grpo.cold_start(cfg)
+    stage_sft = train_config.load(None, [], train_config.EMBEDDED["sft"], stage="sft")
+    assert made == [dataclasses.replace(
+        stage_sft, out_dir=str(tmp_path / "sft"), seed=3, model=dataclasses.replace(stage_sft.model, arch="qwen2_5_vl"),
+        data=dataclasses.replace(stage_sft.data, synthetic_walks=5))]
+    assert made[0].data.max_pixels == train_config.EMBEDDED["sft"]["data"]["max_pixels"] < 360 * 420

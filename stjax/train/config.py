@@ -219,9 +219,18 @@ EMBEDDED: dict[str, dict[str, Any]] = {
 }
 
 
+def merge(values: dict, changes: dict) -> dict:
+    """`values` with `changes` applied; a section given as a mapping changes only the keys it names."""
+    out = dict(values)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else value
+    return out
+
+
 def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None, **fixed: Any) -> TrainConfig:
     """The run's config: the YAML file (else `defaults`, else the dataclass defaults), then `fixed`
-    top-level values, then overrides."""
+    values (a section merged key by key), then overrides."""
     values: dict = json.loads(json.dumps(defaults or {}))  # a deep copy
     if path:
         try:
@@ -230,7 +239,7 @@ def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | No
             raise ConfigError(f"cannot read config {path}: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
-    values.update(fixed)
+    values = merge(values, fixed)
     return from_dict(TrainConfig, apply_overrides(values, list(overrides)))
 
 
