@@ -188,3 +188,31 @@ def test_tokenizer_loads_offline_with_qwen_specials(out):
     assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     s = "<think>turn left</think> <answer>B</answer>"
     assert tok.decode(tok(s)["input_ids"]) == s
+
+
+def test_gold_letters_are_balanced_in_every_file(out):
+    """Every block of 4 walks holds each gold letter once per task and direction, so no file favours a letter."""
+    for path in out.glob("Synth_*.json"):
+        answers = [next(v for k, v in r.items() if k.endswith("_mcq"))["answer"] for r in json.loads(path.read_text()).values()]
+        assert len(answers) == N and len(set(answers)) == N, (path.name, answers)
+
+
+def test_colour_question_names_the_landmark_nearest_the_start(tmp_path):
+    """The colour task (the demo's): both directions' answer is the colour of the landmark nearest the
+    start along the route; the wrong options are colours no landmark of the walk has; 4 walks hold each
+    gold letter once."""
+    n = 4
+    root = generate(tmp_path / "colour", n=n, seed=3, sheet=0, tasks=("colour",))
+    files = {d: json.loads((root / f"Synth_{d}_mcq_colour.json").read_text()) for d in ("forward", "reverse")}
+    for direction, records in files.items():
+        assert sorted(r[f"{direction}_mcq"]["answer"] for r in records.values()) == list("ABCD")
+        for name, record in records.items():
+            scene = json.loads((root / "scenes" / f"{name}.json").read_text())
+            points = [tuple(p) for p in scene["waypoints"]]
+            nearest = min(scene["landmarks"], key=lambda lm: arc_position(points, (lm["x"], lm["y"])))
+            assert answer_text(record, direction).lower() == nearest["name"].split()[0]
+            colours = {lm["name"].split()[0] for lm in scene["landmarks"]}
+            wrong = [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]
+                     if o[0] != record[f"{direction}_mcq"]["answer"]]
+            assert len(wrong) == 3 and not colours & set(wrong)
+    assert {s.task for s in read_plain_jsonl(root / "plain.jsonl").samples} == {"colour"}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
@@ -114,30 +115,41 @@ def test_logits_mode_picks_the_argmax_letter_of_a_full_forward(bench, tmp_path):
 
 
 def test_accuracy_on_a_hand_made_predictions_file(tmp_path):
-    rows = [  # file, task, direction, pred, gold, error
-        ("a.json", "direction", "forward", "A", "A", None),
-        ("a.json", "direction", "reverse", "B", "C", None),
-        ("a.json", "landmark", "forward", None, "D", None),
-        ("b.jsonl", "landmark", "reverse", "C", "C", None),
-        ("b.jsonl", "action", "forward", None, "B", "file x.mp4: cannot open"),
+    rows = [  # file, task, direction, pred, gold, error, options
+        ("a.json", "direction", "forward", "A", "A", None, 4),
+        ("a.json", "direction", "reverse", "B", "C", None, 4),
+        ("a.json", "landmark", "forward", None, "C", None, 4),
+        ("b.jsonl", "landmark", "reverse", "C", "C", None, 3),
+        ("b.jsonl", "action", "forward", None, "B", "file x.mp4: cannot open", 4),
     ]
-    lines = [json.dumps({"id": str(i), "file": f, "task": t, "direction": d, "pred": p, "gold": g,
-                         "correct": p == g, **({"error": e} if e else {})}) for i, (f, t, d, p, g, e) in enumerate(rows)]
+    lines = [json.dumps({"id": str(i), "file": f, "task": t, "direction": d, "pred": p, "gold": g, "correct": p == g,
+                         "n_options": k, **({"error": e} if e else {})}) for i, (f, t, d, p, g, e, k) in enumerate(rows)]
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(lines) + "\n" + lines[0][:20])  # a last line cut short by a crash
-    summary = summarize(load_records(path))
+    records = load_records(path)
     assert path.read_text().endswith(lines[-1] + "\n")  # the cut line was dropped from the file
+    blind = [dict(r, correct=r["id"] == "2") for r in records]  # text-only: only the third sample right
+    summary = summarize(records, blind)
     path.write_text("\n".join(lines))  # cut just before the last newline: the record is complete
     assert len(load_records(path)) == 5 and path.read_text().endswith("\n")
 
-    def t(n, correct, failed=0, no_answer=0):
-        return {"n": n, "correct": correct, "accuracy": correct / n, "failed": failed, "no_answer": no_answer}
+    def t(n, correct, chance, majority, blind, failed=0, no_answer=0):
+        # scipy's Wilson interval, an independent reference (agreement to 1e-6: z is rounded to 1.959964)
+        ci = list(binomtest(correct, n).proportion_ci(method="wilson"))
+        blind_ci = list(binomtest(blind, n).proportion_ci(method="wilson"))
+        return {"n": n, "correct": correct, "accuracy": correct / n, "interval": pytest.approx(ci, abs=1e-6),
+                "failed": failed, "no_answer": no_answer, "chance": pytest.approx(chance), "majority": majority,
+                "text_only": {"n": n, "correct": blind, "accuracy": blind / n,
+                              "interval": pytest.approx(blind_ci, abs=1e-6)}}
 
     assert summary == {
-        "overall": t(5, 2, failed=1, no_answer=1),
-        "by_file": {"a.json": t(3, 1, no_answer=1), "b.jsonl": t(2, 1, failed=1)},
-        "by_task": {"action": t(1, 0, failed=1), "direction": t(2, 1), "landmark": t(2, 1, no_answer=1)},
-        "by_direction": {"forward": t(3, 1, failed=1, no_answer=1), "reverse": t(2, 1)},
+        "overall": t(5, 2, (4 / 4 + 1 / 3) / 5, 3 / 5, 1, failed=1, no_answer=1),
+        "by_file": {"a.json": t(3, 1, 1 / 4, 2 / 3, 1, no_answer=1), "b.jsonl": t(2, 1, (1 / 3 + 1 / 4) / 2, 1 / 2, 0,
+                                                                                 failed=1)},
+        "by_task": {"action": t(1, 0, 1 / 4, 1, 0, failed=1), "direction": t(2, 1, 1 / 4, 1 / 2, 0),
+                    "landmark": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 1, no_answer=1)},
+        "by_direction": {"forward": t(3, 1, 1 / 4, 1 / 3, 1, failed=1, no_answer=1),
+                         "reverse": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 0)},
     }
 
 
@@ -204,3 +216,27 @@ def test_sharded_evaluation_gives_the_same_predictions(bench, tmp_path, mode):
     for key in one:
         assert mesh[key]["pred"] == one[key]["pred"]
         assert mesh[key].get("response") == one[key].get("response")
+
+
+def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path, monkeypatch, capsys):
+    """A letter bias is not learning: the table puts such a model's accuracy beside the majority baseline."""
+    data, _ = bench
+    records = json.loads((data / "Synth_forward_mcq.json").read_text())
+    for r in records.values():
+        r["forward_mcq"]["answer"] = "D"
+    (tmp_path / "Part1_forward_mcq.json").write_text(json.dumps(records))
+    videos = tmp_path / "part1"
+    shutil.copytree(data / "synth", videos)
+
+    def processor(sample, template):
+        return {"input_ids": np.zeros(3, np.int64), "pixel_values_videos": np.ones((4, 6), np.float32)}
+
+    monkeypatch.setattr(mcq, "make_runner", lambda cfg: mcq.Runner(cfg, None, processor, None, {}))
+    monkeypatch.setattr(mcq.Runner, "run_batch", lambda self, samples, arrays, step: [{"pred": "D"} for _ in samples])
+    summary = evaluate(EvalConfig(model="always-d", data=[str(tmp_path / "Part1_forward_mcq.json")],
+                                  out=str(tmp_path / "out"), **FAST))
+    overall = summary["overall"]
+    assert overall["n"] == len(records) and overall["accuracy"] == overall["majority"] == 1.0
+    assert overall["chance"] == 0.25 and overall["text_only"]["accuracy"] == 1.0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("overall"))
+    assert row.split()[5] == row.split()[9] == "100.0%" and row.split()[8] == "25.0%", row

@@ -9,7 +9,8 @@ each forward and reversed (walking back mirrors every turn and reverses every or
 
 Outputs (all byte-identical for the same seed):
   synth/walk_XXXX.mp4, scenes/walk_XXXX.json   videos and the geometry they were drawn from
-  Synth_{forward,reverse}_mcq{,_landmark,_action}.json   Ego-ST Bench MCQ files (4 options)
+  Synth_{forward,reverse}_mcq{,_landmark,_action}.json   Ego-ST Bench MCQ files (4 options; the gold letters
+                      balanced within every file; `tasks` may add _colour, the first landmark's colour)
   st_r1_synth.jsonl   ST-R1 rows whose solutions follow the release's reverse-thinking template
   plain.jsonl         our plain format, forward/reverse pairs linked
   tokenizer/          a small BPE tokenizer trained on all of the above text (see tokenizer.py)
@@ -54,8 +55,14 @@ QUESTIONS = {
     ("landmark", "reverse"): "which landmarks (objects or scenery changes) did you pass by to return to the starting point",
     ("action", "forward"): "which actions did you perform to reach your destination",
     ("action", "reverse"): "which actions did you perform to return to the starting point",
+    # Not in Ego-ST: a question a tiny vision tower can answer from the pixels of one frame (the wrong
+    # options are colours no landmark of the walk has), the embedded demo's task. Both ask about the
+    # landmark nearest the start, so the reverse-thinking solution names the colour asked for.
+    ("colour", "forward"): "what colour was the first landmark you passed on the way to your destination",
+    ("colour", "reverse"): "what colour was the last landmark you passed on the way back to the starting point",
 }
-FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action"}
+FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour"}
+TASKS = ("direction", "landmark", "action")  # Ego-ST's tasks, the default set
 HEADINGS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # north, east, south, west: turning right adds 1
 CELL = 3  # one coarse route cell is a 3x3 block of unit cells (a corridor three cells wide)
 
@@ -403,7 +410,12 @@ def action_steps(walk: Walk, direction: str) -> list[str]:
     return steps
 
 
-STEPS = {"direction": direction_steps, "landmark": landmark_steps, "action": action_steps}
+def colour_steps(walk: Walk, direction: str) -> list[str]:
+    """The colour of the landmark nearest the start: passed first going forward, last going back."""
+    return [walk.landmarks[0].name.split()[0]]
+
+
+STEPS = {"direction": direction_steps, "landmark": landmark_steps, "action": action_steps, "colour": colour_steps}
 
 
 def _sentence(steps: list[str]) -> str:
@@ -414,6 +426,9 @@ def _sentence(steps: list[str]) -> str:
 def _distractors(walk: Walk, task: str, direction: str, rng: np.random.Generator) -> list[list[str]]:
     """Wrong step lists: the opposite direction's answer, mirrored turns, shuffles, random routes."""
     right = STEPS[task](walk, direction)
+    if task == "colour":
+        unseen = [c for c in COLOURS if all(c != lm.name.split()[0] for lm in walk.landmarks)]
+        return [[str(c)] for c in rng.choice(unseen, size=3, replace=False)]
     other = "reverse" if direction == "forward" else "forward"
     candidates = [STEPS[task](walk, other)]
     mirror = {"turn left": "turn right", "turn right": "turn left"}
@@ -451,13 +466,23 @@ class Question:
     answer_text: str
 
 
-def make_question(walk: Walk, task: str, direction: str, rng: np.random.Generator) -> Question:
+def make_question(walk: Walk, task: str, direction: str, rng: np.random.Generator, gold: int) -> Question:
+    """The question with its right answer at option `gold` (0: A) and the wrong ones shuffled around it."""
     right = STEPS[task](walk, direction)
-    choices = [right] + _distractors(walk, task, direction, rng)
-    order = rng.permutation(4)
-    options = [f"{chr(65 + i)}. {_sentence(choices[j])}" for i, j in enumerate(order)]
-    letter = chr(65 + int(np.argmax(order == 0)))
-    return Question(task, direction, HEADER + QUESTIONS[task, direction] + "?", options, letter, _sentence(right))
+    wrong = _distractors(walk, task, direction, rng)
+    choices = [wrong[j] for j in rng.permutation(3)]
+    choices.insert(gold, right)
+    options = [f"{chr(65 + i)}. {_sentence(c)}" for i, c in enumerate(choices)]
+    return Question(task, direction, HEADER + QUESTIONS[task, direction] + "?", options, chr(65 + gold),
+                    _sentence(right))
+
+
+def gold_positions(n: int, seed: int, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """For each (task, direction), the right option's position for walks 0..n-1: every block of 4 walks
+    holds each letter once (a permutation drawn from the seed), so no letter is favoured and a model that
+    always answers one letter scores chance on every file of 4k walks."""
+    blocks = [np.random.default_rng([seed, 2**32 + b]) for b in range(-(-n // 4))]
+    return {key: [int(p) for rng in blocks for p in rng.permutation(4)][:n] for key in keys}
 
 
 def reverse_thinking_solution(asked: Question, opposite: Question) -> str:
@@ -489,10 +514,16 @@ def contact_sheet(videos: list[Path], captions: list[str], path: Path) -> None:
     Image.fromarray(np.concatenate(rows)).save(path, optimize=False)
 
 
-def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfig(), sheet: int = 3) -> Path:
+def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfig(), sheet: int = 3,
+             tasks: tuple[str, ...] = TASKS) -> Path:
+    """n walks, with a forward and a reverse question of each task about each (one file per task and direction)."""
+    unknown = sorted(set(tasks) - set(STEPS))
+    if unknown or not tasks:
+        raise ValueError(f"synthetic tasks {unknown or '(none)'}: choose from {', '.join(STEPS)}")
     out = Path(out)
     (out / "scenes").mkdir(parents=True, exist_ok=True)
-    egost: dict[tuple[str, str], dict] = {(t, d): {} for t in STEPS for d in ("forward", "reverse")}
+    egost: dict[tuple[str, str], dict] = {(t, d): {} for t in tasks for d in ("forward", "reverse")}
+    golds = gold_positions(n, seed, list(egost))
     st_rows, plain, texts, videos, captions = [], [], [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
@@ -510,7 +541,7 @@ def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfi
             "grid": walk.grid.tolist(),
         }
         (out / "scenes" / f"{name}.json").write_text(json.dumps(scene))
-        questions = {(t, d): make_question(walk, t, d, rng) for t in STEPS for d in ("forward", "reverse")}
+        questions = {key: make_question(walk, *key, rng, golds[key][i]) for key in egost}
         captions.append(
             f"{name}: turns {', '.join(walk.turns)}\nlandmarks: {', '.join(lm.name for lm in walk.landmarks)}"
         )
@@ -566,10 +597,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("W", "H"))
     parser.add_argument("--fps", type=int, default=5)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(STEPS))
     args = parser.parse_args()
     cfg = RenderConfig(width=args.size[0], height=args.size[1], fps=args.fps)
-    out = generate(args.out, args.n, args.seed, cfg)
-    print(f"wrote {args.n} walks ({6 * args.n} questions) to {out}")
+    out = generate(args.out, args.n, args.seed, cfg, tasks=tuple(args.tasks))
+    print(f"wrote {args.n} walks ({2 * len(args.tasks) * args.n} questions) to {out}")
 
 
 if __name__ == "__main__":

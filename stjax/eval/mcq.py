@@ -14,7 +14,10 @@ one folder for every file or one per file, in order; for Ego-ST files a folder h
 subfolder (`part1`, `part3_clip`, ...) is entered. Without it, videos resolve beside the data file.
 
 Output (`--out`): `predictions.jsonl`, one record per sample written as each batch finishes, so a
-stopped run resumes where it stopped; `accuracy.json` per file, task, direction and overall.
+stopped run resumes where it stopped; `accuracy.json` per file, task, direction and overall, each
+accuracy with its 95% Wilson interval beside three baselines: chance (1 / options), the majority letter
+(always answering the group's most common gold letter) and text-only (the same model with every video
+frame blank, its records in `predictions_text_only.jsonl`; `--no-text-only` skips it).
 A sample that cannot be run (unreadable video, prompt over --max-prompt-tokens) is recorded with an
 "error" and counts as wrong; records already in the file, failed ones included, are never redone.
 One run at a time per --out (a second is refused); resuming under other settings or with changed data
@@ -27,9 +30,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +59,7 @@ from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
 PREDICTIONS = "predictions.jsonl"
+TEXT_ONLY = "predictions_text_only.jsonl"
 ACCURACY = "accuracy.json"
 RUN = "run.json"
 MODES = ("generate", "logits")
@@ -93,6 +98,7 @@ class EvalConfig:
     max_prompt_tokens: int = 4096  # the GRPO recipe's prompt limit; the recipe's prompts are about 1k
     limit: int | None = None  # evaluate only the first N samples (over all files, in order)
     walks: int = 2  # size of the embedded default's synthetic benchmark (6 questions per walk)
+    text_only: bool = True  # also run the model with blank frames: what it scores without looking
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
@@ -183,22 +189,54 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
-def summarize(records: list[dict]) -> dict:
-    """Accuracy overall and per file, task and direction. Failed samples count as wrong."""
+def wilson(correct: int, n: int, z: float = 1.959964) -> list[float]:
+    """The 95% Wilson score interval of a proportion (z: the normal quantile): unlike p +- z * se it stays
+    inside [0, 1] and does not shrink to a point at 0 or n correct."""
+    if not n:
+        return [0.0, 1.0]
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
-    def tally(group: list[dict]) -> dict:
-        correct = sum(bool(r["correct"]) for r in group)
-        return {"n": len(group), "correct": correct, "accuracy": correct / len(group) if group else None,
-                "failed": sum("error" in r for r in group),
-                "no_answer": sum("error" not in r and r["pred"] is None for r in group)}
 
-    out: dict = {"overall": tally(records)}
+def summarize(records: list[dict], text_only: list[dict] | None = None) -> dict:
+    """Accuracy with its interval and baselines, overall and per file, task and direction. Failed
+    samples count as wrong. `text_only`: the same samples' records on blank frames."""
+
+    def tally(group: list[dict], blind: list[dict] | None) -> dict:
+        n, correct = len(group), sum(bool(r["correct"]) for r in group)
+        out = {"n": n, "correct": correct, "accuracy": correct / n if n else None, "interval": wilson(correct, n),
+               "failed": sum("error" in r for r in group),
+               "no_answer": sum("error" not in r and r["pred"] is None for r in group),
+               "chance": sum(1 / r["n_options"] for r in group) / n if n else None,
+               "majority": max(Counter(r["gold"] for r in group).values()) / n if n else None}
+        if blind is not None:
+            hits = sum(bool(r["correct"]) for r in blind)
+            out["text_only"] = {"n": len(blind), "correct": hits, "accuracy": hits / len(blind) if blind else None,
+                                "interval": wilson(hits, len(blind))}
+        return out
+
+    def groups(rows: list[dict] | None, key: str) -> dict[str, list[dict]]:
+        grouped: dict[str, list[dict]] = defaultdict(list)
+        for r in rows or []:
+            grouped[r[key]].append(r)
+        return grouped
+
+    out: dict = {"overall": tally(records, text_only)}
     for key in ("file", "task", "direction"):
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for r in records:
-            groups[r[key]].append(r)
-        out[f"by_{key}"] = {name: tally(groups[name]) for name in sorted(groups)}
+        seen, blind = groups(records, key), groups(text_only, key)
+        out[f"by_{key}"] = {name: tally(seen[name], None if text_only is None else blind[name])
+                            for name in sorted(seen)}
     return out
+
+
+def percent_with_interval(t: dict) -> str:
+    """'41.7% [32.3, 51.6]': an accuracy and its 95% interval, in percent."""
+    if t["accuracy"] is None:
+        return "-"
+    low, high = t["interval"]
+    return f"{100 * t['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def format_summary(summary: dict) -> str:
@@ -206,16 +244,19 @@ def format_summary(summary: dict) -> str:
     for key in ("file", "task", "direction"):
         rows += [(f"{key} {name}", t) for name, t in summary[f"by_{key}"].items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{'':{width}}  {'n':>6} {'correct':>7} {'failed':>6} {'no-ans':>6} {'accuracy':>8}"]
+    lines = [f"{'':{width}}  {'n':>6} {'correct':>7} {'failed':>6} {'no-ans':>6} {'accuracy [95% interval]':>24} "
+             f"{'chance':>6} {'majority':>8} {'text-only [95% interval]':>24}"]
     for name, t in rows:
-        acc = "-" if t["accuracy"] is None else f"{100 * t['accuracy']:.1f}%"
-        lines.append(f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} {acc:>8}")
+        percent = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        blind = percent_with_interval(t["text_only"]) if "text_only" in t else "-"
+        lines.append(f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} "
+                     f"{percent_with_interval(t):>24} {percent(t['chance']):>6} {percent(t['majority']):>8} {blind:>24}")
     return "\n".join(lines)
 
 
 def record(file: str, sample: Sample, pred: str | None, **extra) -> dict:
     return {"id": sample.id, "file": file, "task": sample.task, "direction": sample.direction, **extra,
-            "pred": pred, "gold": sample.answer, "correct": pred == sample.answer}
+            "pred": pred, "gold": sample.answer, "correct": pred == sample.answer, "n_options": len(sample.options)}
 
 
 # ---------------------------------------------------------------- model side
@@ -231,11 +272,14 @@ class Runner:
     tokenizer: object  # a second instance for decoding, so the background encoder never shares one
     letter_ids: dict[str, int]
     mesh: jax.sharding.Mesh | None = None
+    blank_video: bool = False  # every frame blank (all patch values 0: the processor's mean colour)
 
     def encode(self, sample: Sample) -> dict[str, np.ndarray] | str:
         """The sample's arrays, or why it cannot be run."""
         try:
             arrays = self.processor(sample, self.cfg.template)
+            if self.blank_video:  # the same prompt and video grid, so the same positions: only the pixels go
+                arrays = {**arrays, "pixel_values_videos": np.zeros_like(arrays["pixel_values_videos"])}
         except SampleError as e:
             return str(e)
         except Exception as e:  # any other failure of one sample (resizing, tokenising) is recorded too
@@ -453,23 +497,34 @@ def evaluate(cfg: EvalConfig) -> dict:
         return _evaluate(cfg, out)
 
 
-def _evaluate(cfg: EvalConfig, out: Path) -> dict:
-    samples, skipped = load_samples(cfg)
-    check_resumable(out, cfg)
-    done = {(r["file"], r["id"]) for r in load_records(out / PREDICTIONS)}
+def predict(runner: Callable[[], Runner], samples: list[tuple[str, Sample]], path: Path, desc: str) -> list[dict]:
+    """The samples' records in `path`, running those not yet recorded (the runner is made only then)."""
+    done = {(r["file"], r["id"]) for r in load_records(path)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
-        runner = make_runner(cfg)
-        with (out / PREDICTIONS).open("a") as f, ThreadPoolExecutor(1) as pool, \
-                tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc="eval") as bar:
-            for step, (chunk, arrays) in enumerate(encoded_batches(pending, runner, pool)):
-                records = batch_records(runner, chunk, arrays, step)
+        model = runner()
+        with path.open("a") as f, ThreadPoolExecutor(1) as pool, \
+                tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc=desc) as bar:
+            for step, (chunk, arrays) in enumerate(encoded_batches(pending, model, pool)):
+                records = batch_records(model, chunk, arrays, step)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(chunk))
     keys = {(file, s.id) for file, s in samples}
-    summary = summarize([r for r in load_records(out / PREDICTIONS) if (r["file"], r["id"]) in keys])
+    return [r for r in load_records(path) if (r["file"], r["id"]) in keys]
+
+
+def _evaluate(cfg: EvalConfig, out: Path) -> dict:
+    samples, skipped = load_samples(cfg)
+    check_resumable(out, cfg)
+    runner = functools.cache(lambda: make_runner(cfg))  # loaded once, for both passes, and only if needed
+    records = predict(runner, samples, out / PREDICTIONS, "eval")
+    blind = None
+    if cfg.text_only:
+        blind = predict(lambda: dataclasses.replace(runner(), blank_video=True), samples, out / TEXT_ONLY,
+                        "eval, blank frames")
+    summary = summarize(records, blind)
     summary["skipped_records"] = skipped
     write_text_atomic(out / ACCURACY, json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
@@ -491,6 +546,10 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--videos", nargs="+", help="video folder for all files, or one per file")
     for f in dataclasses.fields(EvalConfig):
         if f.name in ("data", "videos"):
+            continue
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                help=f"default: {f.default!r}")
             continue
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
         choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES, "second_per_grid": SECOND_PER_GRID,

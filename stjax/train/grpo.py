@@ -443,6 +443,9 @@ class GRPO:
         diagnostics = np.stack([rewards.accuracy(texts, [s.answer for s in groups], [s.options for s in groups]),
                                 rewards.format_reward(texts), lengths, truncated], axis=1)
         table = _global_table(np.concatenate([scores.values, diagnostics], axis=1))
+        letters = {letter: k for k, letter in enumerate("ABCD")}  # the collapse watch: think length, answer letters
+        shape = _global_table(np.array([[rewards.think_words(t), letters.get(rewards.answer_letter(t), -1)]
+                                        for t in texts], np.float64))
         errors = _global_table(scores.errors[None]).sum(axis=0)
         per_func = table[:, : len(self.reward_funcs)]
         total = np.nansum(per_func * self.reward_weights, axis=1)
@@ -484,6 +487,8 @@ class GRPO:
             "update_time": update_time, "rollout_tokens_per_s": float(table[:, -2].sum()) / rollout_time,
             "step_time": rollout_time + scoring_time + logprob_time + update_time,
         })
+        metrics.update({f"answers/{letter}": float(np.mean(shape[:, 1] == k)) for letter, k in letters.items()})
+        metrics["completions/think_words"] = float(shape[:, 0].mean())
         for f, name in enumerate(g.reward_funcs):
             column = per_func[:, f]
             metrics[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
@@ -515,7 +520,8 @@ def cold_start(cfg: TrainConfig) -> TrainConfig:
     out = Path(cfg.out_dir) / "sft"
     if not (out / "hf" / "config.json").exists():
         sft.run(config.load(None, [], config.EMBEDDED["sft"], stage="sft", out_dir=str(out), seed=cfg.seed,
-                            model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks}))
+                            model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks,
+                                                                    "synthetic_tasks": list(cfg.data.synthetic_tasks)}))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(out / "hf")),
                                data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")))
 

@@ -85,7 +85,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> list:
         from stjax.data.synthetic import generate
 
         root = Path(d.path or out / "data")
-        _on_process_zero(lambda: generate(root, d.synthetic_walks, cfg.seed), root / "plain.jsonl")
+        _on_process_zero(lambda: generate(root, d.synthetic_walks, cfg.seed, tasks=d.synthetic_tasks), root / "plain.jsonl")
         result = read_plain_jsonl(root / "plain.jsonl")
     else:
         reader = read_st_r1_jsonl if d.format == "st_r1" else read_plain_jsonl

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 RewardFunc = Callable[..., Sequence[float | None]]
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # text holding no think / answer tag
 _FORMAT = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.S)
 # The release's reverse-thinking template: the opposite question, "?", its answer, then "And then think about".
@@ -53,12 +54,20 @@ def accuracy(completions: Sequence[str], answer: Sequence[str], options: Sequenc
     """1.0 where the completion's answer is the gold letter (see the module docstring for the rules)."""
     if rule == "default":
         return [float(extract_answer(c, o) == a) for c, a, o in zip(completions, answer, options)]
-    scores = []
-    for completion, gold in zip(completions, answer):
-        match = _ANSWER.search(completion)
-        chosen = match.group(1).strip()[:1] if match else ""
-        scores.append(float(chosen != "" and chosen == gold))
-    return scores
+    return [float(answer_letter(c) == gold) for c, gold in zip(completions, answer)]  # a gold letter is never empty
+
+
+def answer_letter(completion: str) -> str | None:
+    """The release's answer: the first character inside the first <answer> tag ('' when empty, None without one)."""
+    match = _ANSWER.search(completion)
+    return match.group(1).strip()[:1] if match else None
+
+
+def think_words(completion: str) -> int:
+    """Words inside the first <think> ... </think> (0 without one): a policy collapsing to a bare answer
+    shows here first."""
+    match = _THINK.search(completion)
+    return len(match.group(1).split()) if match else 0
 
 
 def format_reward(completions: Sequence[str], **_) -> list[float]:

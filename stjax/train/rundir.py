@@ -21,7 +21,8 @@ from stjax.train.config import ConfigError, TrainConfig
 CONFIG, INPUTS = "config.json", "inputs.json"
 # Settings a checkpoint depends on: the train state's layout, and the order the data iterator walks.
 RESUME_KEYS = ("seed", "batch_size", "model.init", "model.arch", "model.param_dtype", "model.master_dtype",
-               "lora.rank", "lora.targets", "data.format", "data.path", "data.shuffle", "data.synthetic_walks")
+               "lora.rank", "lora.targets", "data.format", "data.path", "data.shuffle", "data.synthetic_walks",
+               "data.synthetic_tasks")
 
 
 def lock(out: Path) -> DirectoryLock | None:

@@ -1,0 +1,51 @@
+"""The main job's learning claim (README, "Fresh machine"), checked on the embedded default.
+
+CI runs `python -m stjax.demo` once before the suite and passes its output folder in STJAX_DEMO_OUT;
+this test then reads that run's results.json (made by this very source: its code digest must match)
+rather than training a second time. Without the variable it runs the pipeline itself (minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stjax.demo import code_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_results(tmp_path: Path) -> dict:
+    given = os.environ.get("STJAX_DEMO_OUT")
+    if given:
+        results = json.loads((Path(given) / "results.json").read_text())
+        assert results["code"] == code_digest(), f"{given} was made by other code than this checkout's"
+        return results
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-m", "stjax.demo", "--out", str(tmp_path / "demo")], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=1800)
+    return json.loads((tmp_path / "demo" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_pipeline_learns_what_the_readme_says(tmp_path):
+    """Seed 0, the default arguments. Judged from the numbers (not the demo's own verdicts): an interval
+    wholly above the other's (or above the fixed majority baseline) counts as beyond it."""
+    results = demo_results(tmp_path)
+    assert (results["seed"], results["arch"], results["heldout_walks"]) == (0, "qwen2_vl", 48)
+    sft, grpo = (results["models"][stage] for stage in ("sft", "grpo"))
+    greedy = sft["greedy"]["overall"]
+    assert greedy["n"] >= 96 and greedy["majority"] <= 0.26  # balanced gold letters
+    assert greedy["interval"][0] > greedy["majority"], greedy
+    assert greedy["interval"][0] > greedy["text_only"]["interval"][1], greedy
+    grpo_adds = (grpo["greedy"]["overall"]["interval"][0] > greedy["interval"][1]
+                 or grpo["mean_at_k"]["interval"][0] > sft["mean_at_k"]["interval"][1])
+    assert grpo_adds == GRPO_ADDS, (grpo["greedy"]["overall"], greedy, grpo["mean_at_k"], sft["mean_at_k"])
+    claims = results["claims"]  # what the demo printed agrees with the numbers
+    assert (claims["sft_above_majority"], claims["sft_above_text_only"]) == (True, True)
+    assert (claims["grpo_above_sft_greedy"] or claims["grpo_above_sft_mean_at_k"]) == grpo_adds
