@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from stjax.data.formats import read_egost_dir, read_plain_jsonl, read_st_r1_jsonl
-from stjax.data.synthetic import RenderConfig, camera_path, generate, make_walk, render, rgb_to_yuv420p, write_video
+from stjax.data.synthetic import (WALLS, RenderConfig, camera_path, generate, make_walk, render, rgb_to_yuv420p,
+                                  write_video)
 from stjax.data.video import decord
 from stjax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
 
@@ -197,22 +198,25 @@ def test_gold_letters_are_balanced_in_every_file(out):
         assert len(answers) == N and len(set(answers)) == N, (path.name, answers)
 
 
-def test_colour_question_names_the_landmark_nearest_the_start(tmp_path):
-    """The colour task (the demo's): both directions' answer is the colour of the landmark nearest the
-    start along the route; the wrong options are colours no landmark of the walk has; 4 walks hold each
-    gold letter once."""
+def test_colour_questions_are_answered_by_the_scene(tmp_path):
+    """The synthetic colour tasks. colour: both directions' answer is the colour of the landmark nearest the
+    start along the route, the wrong options colours no landmark of the walk has. walls: the walls' paint,
+    the options every paint in one order. 4 walks hold each gold letter once per file."""
     n = 4
-    root = generate(tmp_path / "colour", n=n, seed=3, sheet=0, tasks=("colour",))
-    files = {d: json.loads((root / f"Synth_{d}_mcq_colour.json").read_text()) for d in ("forward", "reverse")}
-    for direction, records in files.items():
+    root = generate(tmp_path / "colour", n=n, seed=3, sheet=0, tasks=("colour", "walls"))
+    for task, direction in [(t, d) for t in ("colour", "walls") for d in ("forward", "reverse")]:
+        records = json.loads((root / f"Synth_{direction}_mcq_{task}.json").read_text())
         assert sorted(r[f"{direction}_mcq"]["answer"] for r in records.values()) == list("ABCD")
         for name, record in records.items():
             scene = json.loads((root / "scenes" / f"{name}.json").read_text())
             points = [tuple(p) for p in scene["waypoints"]]
             nearest = min(scene["landmarks"], key=lambda lm: arc_position(points, (lm["x"], lm["y"])))
-            assert answer_text(record, direction).lower() == nearest["name"].split()[0]
-            colours = {lm["name"].split()[0] for lm in scene["landmarks"]}
+            right = nearest["name"].split()[0] if task == "colour" else scene["wall"]
+            assert answer_text(record, direction).lower() == right
+            excluded = {lm["name"].split()[0] for lm in scene["landmarks"]} if task == "colour" else {scene["wall"]}
             wrong = [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]
                      if o[0] != record[f"{direction}_mcq"]["answer"]]
-            assert len(wrong) == 3 and not colours & set(wrong)
-    assert {s.task for s in read_plain_jsonl(root / "plain.jsonl").samples} == {"colour"}
+            assert len(set(wrong)) == 3 and not excluded & set(wrong)
+            if task == "walls":  # the paints in one order: the letter names the paint
+                assert [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]] == list(WALLS)
+    assert {s.task for s in read_plain_jsonl(root / "plain.jsonl").samples} == {"colour", "walls"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from stjax.data.video import SampleError
 
-TASKS = ("direction", "landmark", "action", "colour")  # colour: the synthetic set only
+TASKS = ("direction", "landmark", "action", "colour", "walls")  # colour, walls: the synthetic set only
 DIRECTIONS = ("forward", "reverse")
 ANSWER_FIELDS = ("answer", "gt", "label", "correct_answer")
 # Ego-ST Bench keeps each part's videos in its own folder.
@@ -44,7 +44,7 @@ class Sample:
     question: str  # the question alone, without options
     options: list[str]  # "A. ...", "B. ...", in order
     answer: str  # the correct letter
-    task: str  # direction | landmark | action (| colour, synthetic)
+    task: str  # direction | landmark | action (| colour, walls: synthetic)
     direction: str  # forward | reverse
     pair_id: str | None = None  # id of the same question asked in the opposite direction, when loaded
     solution: str | None = None  # long-CoT target (ST-R1 rows, synthetic set)
@@ -68,10 +68,10 @@ def release_problem(question: str, options: list[str]) -> str:
 
 def infer_task(text: str) -> str:
     """direction / landmark / action from the question wording (Ego-ST and ST-R1 phrasing), or the
-    synthetic set's colour question (which names a landmark too)."""
+    synthetic set's colour questions (the landmark one names a landmark too)."""
     lower = text.lower()
-    for task, word in (("colour", "what colour"), ("direction", "direction"), ("landmark", "landmark"),
-                       ("action", "action")):
+    for task, word in (("walls", "colour were the walls"), ("colour", "what colour"), ("direction", "direction"),
+                       ("landmark", "landmark"), ("action", "action")):
         if word in lower:
             return task
     raise ValueError("cannot tell the task (direction / landmark / action) from the question")
@@ -151,6 +151,8 @@ def _egost_task(stem: str) -> str:
         return "action"
     if stem.endswith("_mcq_colour"):
         return "colour"
+    if stem.endswith("_mcq_walls"):
+        return "walls"
     if stem.endswith("_mcq"):
         return "direction"
     raise ValueError(f"not an Ego-ST MCQ file name: {stem}")

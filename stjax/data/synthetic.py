@@ -46,6 +46,15 @@ COLOURS = {
     "cyan": (40, 210, 220),
 }
 SHAPES = ("cube", "cylinder", "sphere", "cone")
+# Each walk's corridor walls are painted one of these (pale, so every landmark stands out against them).
+# The walls question lists them in this order, so its letter names the paint: a tiny model learns to name
+# a colour from pixels in minutes, but not to find that name among shuffled options and copy its letter.
+WALLS = {
+    "sand": (225, 205, 160),
+    "pink": (235, 170, 185),
+    "mint": (170, 225, 190),
+    "sky": (170, 195, 240),
+}
 HEADER = "Please take a egocentric view to understand the following questions. Based on this video, "
 # The release's wording of each question, keyed by (task, direction).
 QUESTIONS = {
@@ -55,13 +64,16 @@ QUESTIONS = {
     ("landmark", "reverse"): "which landmarks (objects or scenery changes) did you pass by to return to the starting point",
     ("action", "forward"): "which actions did you perform to reach your destination",
     ("action", "reverse"): "which actions did you perform to return to the starting point",
-    # Not in Ego-ST: a question a tiny vision tower can answer from the pixels of one frame (the wrong
-    # options are colours no landmark of the walk has), the embedded demo's task. Both ask about the
-    # landmark nearest the start, so the reverse-thinking solution names the colour asked for.
+    # Not in Ego-ST: questions a tiny vision tower can answer from the pixels of one frame. colour: the
+    # wrong options are colours no landmark of the walk has; both directions ask about the landmark
+    # nearest the start, so the reverse-thinking solution names the colour asked for. walls: the
+    # corridor's paint, in every frame, its options the paints in WALLS' order (the embedded demo's task).
     ("colour", "forward"): "what colour was the first landmark you passed on the way to your destination",
     ("colour", "reverse"): "what colour was the last landmark you passed on the way back to the starting point",
+    ("walls", "forward"): "what colour were the walls on the way to your destination",
+    ("walls", "reverse"): "what colour were the walls on the way back to the starting point",
 }
-FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour"}
+FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour", "walls": "mcq_walls"}
 TASKS = ("direction", "landmark", "action")  # Ego-ST's tasks, the default set
 HEADINGS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # north, east, south, west: turning right adds 1
 CELL = 3  # one coarse route cell is a 3x3 block of unit cells (a corridor three cells wide)
@@ -94,6 +106,7 @@ class Walk:
     waypoints: list[tuple[float, float]]  # start, every corner, destination (world coordinates)
     turns: list[str]  # "left" / "right" at each corner
     landmarks: list[Landmark]  # in the order they are passed
+    wall: str = "sand"  # the walls' paint, a key of WALLS
 
 
 # ----------------------------------------------------------------------------- scene generation
@@ -157,7 +170,7 @@ def make_walk(rng: np.random.Generator) -> Walk:
         side = 0.8 if rng.random() < 0.5 else -0.8  # > 0: right of the path
         cx, cy = centre(cells[cell_index])
         landmarks.append(Landmark(str(name), cx + side * dy, cy - side * dx, seg))
-    return Walk(grid, waypoints, turns, landmarks)
+    return Walk(grid, waypoints, turns, landmarks, str(rng.choice(list(WALLS))))
 
 
 def camera_path(walk: Walk, cfg: RenderConfig) -> list[tuple[float, float, float, int]]:
@@ -298,7 +311,7 @@ def render(walk: Walk, pose: tuple[float, float, float, int], cfg: RenderConfig)
     # Walls: panels one unit wide with a dark seam, x-facing walls brighter than y-facing ones.
     along = np.where(view.vertical, view.py + view.wall_dist * view.ray_y, view.px + view.wall_dist * view.ray_x) % 1
     shade = np.where(view.vertical, 1.0, 0.8) * np.where(np.abs(along - 0.5) > 0.46, 0.6, 1.0)
-    wall_colour = _fog(np.array([225, 205, 160]) * shade[:, None], view.wall_dist[:, None])
+    wall_colour = _fog(np.array(WALLS[walk.wall]) * shade[:, None], view.wall_dist[:, None])
     top = -(1 - cfg.eye_height) * view.focal / view.wall_dist
     bottom = cfg.eye_height * view.focal / view.wall_dist
     image = np.where(((rows >= top) & (rows < bottom))[..., None], wall_colour[None], image)
@@ -415,7 +428,12 @@ def colour_steps(walk: Walk, direction: str) -> list[str]:
     return [walk.landmarks[0].name.split()[0]]
 
 
-STEPS = {"direction": direction_steps, "landmark": landmark_steps, "action": action_steps, "colour": colour_steps}
+def wall_steps(walk: Walk, direction: str) -> list[str]:
+    return [walk.wall]
+
+
+STEPS = {"direction": direction_steps, "landmark": landmark_steps, "action": action_steps, "colour": colour_steps,
+         "walls": wall_steps}
 
 
 def _sentence(steps: list[str]) -> str:
@@ -467,11 +485,15 @@ class Question:
 
 
 def make_question(walk: Walk, task: str, direction: str, rng: np.random.Generator, gold: int) -> Question:
-    """The question with its right answer at option `gold` (0: A) and the wrong ones shuffled around it."""
+    """The question with its right answer at option `gold` (0: A) and the wrong ones shuffled around it;
+    the walls question lists the paints in WALLS' order (its gold is the walk's paint)."""
     right = STEPS[task](walk, direction)
-    wrong = _distractors(walk, task, direction, rng)
-    choices = [wrong[j] for j in rng.permutation(3)]
-    choices.insert(gold, right)
+    if task == "walls":
+        choices, gold = [[paint] for paint in WALLS], list(WALLS).index(walk.wall)
+    else:
+        wrong = _distractors(walk, task, direction, rng)
+        choices = [wrong[j] for j in rng.permutation(3)]
+        choices.insert(gold, right)
     options = [f"{chr(65 + i)}. {_sentence(c)}" for i, c in enumerate(choices)]
     return Question(task, direction, HEADER + QUESTIONS[task, direction] + "?", options, chr(65 + gold),
                     _sentence(right))
@@ -531,6 +553,8 @@ def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfi
         walk = make_walk(rng)
         while not _seen_in_sampled_frames(walk, camera_path(walk, cfg), cfg):
             walk = make_walk(rng)
+        if ("walls", "forward") in golds:  # the paint is the walls question's gold: balanced as the letters
+            walk.wall = list(WALLS)[golds["walls", "forward"][i]]
         video = out / "synth" / f"{name}.mp4"
         write_video([render(walk, pose, cfg) for pose in camera_path(walk, cfg)], video, cfg.fps)
         videos.append(video)
@@ -538,6 +562,7 @@ def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfi
             "waypoints": walk.waypoints,
             "turns": walk.turns,
             "landmarks": [vars(lm) for lm in walk.landmarks],
+            "wall": walk.wall,
             "grid": walk.grid.tolist(),
         }
         (out / "scenes" / f"{name}.json").write_text(json.dumps(scene))

@@ -206,10 +206,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 # The embedded default run of each stage (`python -m stjax.train --stage S`, no --config): a tiny model
 # on the synthetic ego-centric set, sized to learn on a laptop CPU in minutes (`python -m stjax.demo`
-# measures what it learns on held-out walks). Its task is the synthetic colour question, one a tiny vision
-# tower can answer from pixels; Ego-ST's own tasks are far beyond a model this size. The dataclass
-# defaults above stay the release's recipe.
-_TINY_DATA = {"synthetic_walks": 48, "synthetic_tasks": ["colour"], "max_pixels": 12544,  # 112 x 112 frames
+# measures what it learns on held-out walks). Its task is the synthetic walls question (the corridor's
+# paint), one a tiny vision tower can answer from pixels; Ego-ST's own tasks are far beyond a model this
+# size. The dataclass defaults above stay the release's recipe.
+_TINY_DATA = {"synthetic_walks": 48, "synthetic_tasks": ["walls"], "max_pixels": 12544,  # 112 x 112 frames
               "token_buckets": [256, 512, 1024], "patch_buckets": [256, 512, 1024]}
 EMBEDDED: dict[str, dict[str, Any]] = {
     "sft": {"out_dir": "runs/sft", "steps": 300, "batch_size": 8, "data": _TINY_DATA,
