@@ -66,18 +66,28 @@ def train(out: Path, cfg: TrainConfig) -> tuple[dict[str, Path], dict[str, float
     return {"base": sft / "base-model", "sft": sft / "hf", "grpo": out / "grpo" / "hf"}, seconds
 
 
-def mean_at_k(runs: list[list[dict]]) -> dict:
-    """Accuracy averaged over k sampled answers per question, with a 95% interval over questions (normal
-    approximation on the per-question means: the k answers to one question are not independent trials)."""
+def repeated(heldout: Path, k: int) -> Path:
+    """The held-out questions k times over (ids `<id>#<i>`): one sampled evaluation answers each k times."""
+    target = heldout / f"plain_x{k}.jsonl"
+    if not target.exists():
+        rows = [json.loads(line) for line in (heldout / "plain.jsonl").read_text().splitlines()]
+        write_text_atomic(target, "".join(json.dumps({**r, "id": f"{r['id']}#{i}"}) + "\n"
+                                          for i in range(k) for r in rows))
+    return target
+
+
+def mean_at_k(records: list[dict]) -> dict:
+    """Accuracy averaged over the k sampled answers to each question, with a 95% interval over questions
+    (normal approximation on the per-question means: one question's k answers are not independent trials)."""
     per_question: dict[str, list[bool]] = {}
-    for records in runs:
-        for r in records:
-            per_question.setdefault(r["id"], []).append(bool(r["correct"]))
+    for r in records:
+        per_question.setdefault(r["id"].rsplit("#", 1)[0], []).append(bool(r["correct"]))
     means = [sum(v) / len(v) for v in per_question.values()]
     n = len(means)
     mean = sum(means) / n
     spread = 1.959964 * math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1) / n) if n > 1 else 1.0
-    return {"n": n, "k": len(runs), "accuracy": mean, "interval": [max(0.0, mean - spread), min(1.0, mean + spread)]}
+    return {"n": n, "k": len(records) // n, "accuracy": mean,
+            "interval": [max(0.0, mean - spread), min(1.0, mean + spread)]}
 
 
 def evaluate(models: dict[str, Path], heldout: Path, out: Path, cfg: TrainConfig) -> dict[str, dict]:
@@ -88,18 +98,16 @@ def evaluate(models: dict[str, Path], heldout: Path, out: Path, cfg: TrainConfig
 
     results = {}
     for stage, path in models.items():
-        common = dict(model=str(path), data=[str(heldout / "plain.jsonl")], template=TEMPLATE,
-                      max_pixels=cfg.data.max_pixels, max_new_tokens=cfg.grpo.max_completion_length)
-        greedy = run_eval(EvalConfig(**common, out=str(out / "eval" / stage), batch_size=8, text_only=stage != "base"))
+        common = dict(model=str(path), template=TEMPLATE, max_pixels=cfg.data.max_pixels,
+                      max_new_tokens=cfg.grpo.max_completion_length)
+        greedy = run_eval(EvalConfig(**common, data=[str(heldout / "plain.jsonl")], out=str(out / "eval" / stage),
+                                     batch_size=8, text_only=stage != "base"))
         results[stage] = {"greedy": greedy}
         if stage != "base":
-            runs = []
-            for k in range(SAMPLES):
-                folder = out / "eval" / f"{stage}-sampled" / f"seed-{k}"
-                run_eval(EvalConfig(**common, out=str(folder), batch_size=16, temperature=cfg.grpo.temperature, seed=k,
-                                    text_only=False))
-                runs.append(load_records(folder / "predictions.jsonl"))
-            results[stage]["mean_at_k"] = mean_at_k(runs)
+            folder = out / "eval" / f"{stage}-sampled"
+            run_eval(EvalConfig(**common, data=[str(repeated(heldout, SAMPLES))], out=str(folder), batch_size=32,
+                                temperature=cfg.grpo.temperature, text_only=False))
+            results[stage]["mean_at_k"] = mean_at_k(load_records(folder / "predictions.jsonl"))
     return results
 
 

@@ -231,8 +231,14 @@ def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path,
     def processor(sample, template):
         return {"input_ids": np.zeros(3, np.int64), "pixel_values_videos": np.ones((4, 6), np.float32)}
 
+    seen = []  # (blank_video, the largest pixel value given to the model)
+
+    def always_d(self, samples, arrays, step):
+        seen.extend((self.blank_video, float(np.abs(a["pixel_values_videos"]).max())) for a in arrays)
+        return [{"pred": "D"} for _ in samples]
+
     monkeypatch.setattr(mcq, "make_runner", lambda cfg: mcq.Runner(cfg, None, processor, None, {}))
-    monkeypatch.setattr(mcq.Runner, "run_batch", lambda self, samples, arrays, step: [{"pred": "D"} for _ in samples])
+    monkeypatch.setattr(mcq.Runner, "run_batch", always_d)
     summary = evaluate(EvalConfig(model="always-d", data=[str(tmp_path / "Part1_forward_mcq.json")],
                                   out=str(tmp_path / "out"), **FAST))
     overall = summary["overall"]
@@ -240,3 +246,4 @@ def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path,
     assert overall["chance"] == 0.25 and overall["text_only"]["accuracy"] == 1.0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("overall"))
     assert row.split()[5] == row.split()[9] == "100.0%" and row.split()[8] == "25.0%", row
+    assert sorted(set(seen)) == [(False, 1.0), (True, 0.0)]  # the text-only pass saw blank frames, the other not
