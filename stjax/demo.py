@@ -187,8 +187,8 @@ def plot(curves: dict[str, list], results: dict[str, dict], target: Path, temper
             if t:
                 xs.append(i + (k - 1) * 0.27)
                 ys.append(t["accuracy"])
-                errors[0].append(t["accuracy"] - t["interval"][0])
-                errors[1].append(t["interval"][1] - t["accuracy"])
+                errors[0].append(max(0.0, t["accuracy"] - t["interval"][0]))  # >= 0 despite rounding at 0 and 1
+                errors[1].append(max(0.0, t["interval"][1] - t["accuracy"]))
         accuracy.bar(xs, ys, width=0.27, yerr=errors, capsize=3, label=label)
     first = next(iter(results.values()))["greedy"]["overall"]
     accuracy.axhline(first["chance"], color="grey", linestyle=":", label="chance")
