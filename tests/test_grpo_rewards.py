@@ -113,3 +113,12 @@ def test_strange_completions_get_defined_rewards(kind):
 def test_none_means_does_not_apply():
     scores = rewards.score([rewards.resolve("reverse_thinking")], ["p"], ["x"], [sample(solution=None)])
     assert math.isnan(scores.values[0, 0])
+
+
+def test_collapse_watch_reads_think_length_and_answer_letter():
+    """The per-step collapse watch: words inside <think>, and the release's answer letter (first character
+    inside <answer>)."""
+    completions = ["<think>Let's start by thinking reverse. Sky</think> <answer>B</answer>",
+                   "<think></think><answer> D. Sky</answer>", "Let D <answer></answer>", "B"]
+    assert [rewards.think_words(c) for c in completions] == [6, 0, 0, 0]
+    assert [rewards.answer_letter(c) for c in completions] == ["B", "D", "", None]

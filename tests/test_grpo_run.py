@@ -41,7 +41,7 @@ def test_a_run_logs_what_a_user_watches(uninterrupted):
                  "rewards/accuracy/errors", "accuracy", "format_rate", "completions/mean_length",
                  "completions/max_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "entropy",
                  "frac_reward_zero_std", "rollout_time", "scoring_time", "logprob_time", "update_time",
-                 "rollout_tokens_per_s", "learning_rate", "grad_norm"):
+                 "rollout_tokens_per_s", "learning_rate", "grad_norm", "completions/think_words", "answers/A"):
         assert name in record, name
     completions = [json.loads(line) for line in (uninterrupted / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == {2, 4, 6}
