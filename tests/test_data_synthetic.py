@@ -194,7 +194,8 @@ def test_tokenizer_loads_offline_with_qwen_specials(out):
 def test_gold_letters_are_balanced_in_every_file(out):
     """Every block of 4 walks holds each gold letter once per task and direction, so no file favours a letter."""
     for path in out.glob("Synth_*.json"):
-        answers = [next(v for k, v in r.items() if k.endswith("_mcq"))["answer"] for r in json.loads(path.read_text()).values()]
+        records = json.loads(path.read_text()).values()
+        answers = [next(v for k, v in r.items() if k.endswith("_mcq"))["answer"] for r in records]
         assert len(answers) == N and len(set(answers)) == N, (path.name, answers)
 
 

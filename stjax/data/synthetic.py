@@ -73,7 +73,8 @@ QUESTIONS = {
     ("walls", "forward"): "what colour were the walls on the way to your destination",
     ("walls", "reverse"): "what colour were the walls on the way back to the starting point",
 }
-FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour", "walls": "mcq_walls"}
+FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour",
+               "walls": "mcq_walls"}
 TASKS = ("direction", "landmark", "action")  # Ego-ST's tasks, the default set
 HEADINGS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # north, east, south, west: turning right adds 1
 CELL = 3  # one coarse route cell is a 3x3 block of unit cells (a corridor three cells wide)

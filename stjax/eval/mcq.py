@@ -250,7 +250,8 @@ def format_summary(summary: dict) -> str:
         percent = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         blind = percent_with_interval(t["text_only"]) if "text_only" in t else "-"
         lines.append(f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} "
-                     f"{percent_with_interval(t):>24} {percent(t['chance']):>6} {percent(t['majority']):>8} {blind:>24}")
+                     f"{percent_with_interval(t):>24} {percent(t['chance']):>6} {percent(t['majority']):>8} "
+                     f"{blind:>24}")
     return "\n".join(lines)
 
 
