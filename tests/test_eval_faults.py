@@ -21,7 +21,7 @@ from stjax.eval.mcq import EvalConfig, evaluate, load_records
 from test_train_faults import locked_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(max_new_tokens=4, batch_size=4)
+FAST = dict(max_new_tokens=4, batch_size=4, text_only=False)
 
 
 def write_video(path: Path, height: int, width: int, frames: int = 16, fps: int = 4) -> Path:

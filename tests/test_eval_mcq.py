@@ -18,7 +18,7 @@ from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
 from stjax.models.tiny import tiny_model_dir
 
-FAST = dict(max_new_tokens=6, batch_size=4)
+FAST = dict(max_new_tokens=6, batch_size=4, text_only=False)  # the text-only pass: its own test
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path,
     monkeypatch.setattr(mcq, "make_runner", lambda cfg: mcq.Runner(cfg, None, processor, None, {}))
     monkeypatch.setattr(mcq.Runner, "run_batch", always_d)
     summary = evaluate(EvalConfig(model="always-d", data=[str(tmp_path / "Part1_forward_mcq.json")],
-                                  out=str(tmp_path / "out"), **FAST))
+                                  out=str(tmp_path / "out"), **{**FAST, "text_only": True}))
     overall = summary["overall"]
     assert overall["n"] == len(records) and overall["accuracy"] == overall["majority"] == 1.0
     assert overall["chance"] == 0.25 and overall["text_only"]["accuracy"] == 1.0

@@ -16,7 +16,9 @@ from test_train_run import assets, finish, logged_steps, losses, one_and_two_pro
 
 STEPS = 6
 GRPO = {"steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
-        "grpo.beta": 0.1, "grpo.reward_funcs": "[accuracy, format, reverse_thinking]", "optim.learning_rate": 1e-2,
+        "grpo.beta": 0.1, "grpo.reward_funcs": "[accuracy, format, reverse_thinking]",
+        "grpo.reward_weights": "[]",  # all 1 (the embedded default weighs its own two rewards)
+        "optim.learning_rate": 1e-2,
         "grpo.log_completions_steps": 2}
 
 
