@@ -1,8 +1,8 @@
 """The ST-R1 pipeline end to end at laptop size, with no download:
 
-1. a synthetic ego-centric set (rendered walks; the embedded default asks the colour of the landmark
-   nearest the start, a question a tiny vision tower can answer from pixels) and a tiny random Qwen-VL
-   matching its tokenizer: the base model;
+1. a synthetic ego-centric set (rendered walks; the embedded default asks the colour of the corridor's
+   walls, a question a tiny vision tower can answer from pixels) and a tiny random Qwen-VL matching its
+   tokenizer: the base model;
 2. the SFT cold start on the reverse-thinking chain-of-thought solutions (`--stage sft`'s embedded default);
 3. GRPO from the cold start with verifiable rewards (`--stage grpo`'s embedded default);
 4. evaluation of the base, SFT and GRPO models on held-out walks (new scenes): greedy (the recipe) and
