@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -46,7 +47,7 @@ from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
-from stjax.io import DirectoryLock, file_digest, write_text_atomic
+from stjax.io import AppendLog, DirectoryLock, OutputError, as_path, file_digest, is_remote, write_text_atomic
 from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import PARAMS_DIR
@@ -160,9 +161,10 @@ def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, d
 # ---------------------------------------------------------------- records and accuracy
 
 
-def load_records(path: Path) -> list[dict]:
+def load_records(path: str | os.PathLike) -> list[dict]:
     """Records already written. A last line that a crash cut short is repaired in place (completed
     or dropped, then its sample is redone); a bad line elsewhere means the file was edited: an error."""
+    path = as_path(path)
     if not path.exists():
         return []
     text = path.read_text()
@@ -426,7 +428,7 @@ def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
     return out
 
 
-def check_resumable(out: Path, cfg: EvalConfig) -> None:
+def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
     """Refuse to add predictions made under other settings, or from changed data or model files, to an
     existing predictions file."""
     current = {k: getattr(cfg, k) for k in _RESULT_KEYS} | {"inputs": input_fingerprints(cfg)}
@@ -444,29 +446,33 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
     check_config(cfg)
+    try:
+        out = as_path(cfg.out)  # local, or an object store URL (stjax.io)
+    except OutputError as e:
+        raise SystemExit(f"--out {e}") from None
     if cfg.model is None and not cfg.data:
+        if is_remote(out):
+            raise SystemExit(f"--out {cfg.out}: the embedded default makes its model and data under --out, which "
+                             "must then be local")
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    out = Path(cfg.out)
     with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
         return _evaluate(cfg, out)
 
 
-def _evaluate(cfg: EvalConfig, out: Path) -> dict:
+def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
     samples, skipped = load_samples(cfg)
     check_resumable(out, cfg)
     done = {(r["file"], r["id"]) for r in load_records(out / PREDICTIONS)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
         runner = make_runner(cfg)
-        with (out / PREDICTIONS).open("a") as f, ThreadPoolExecutor(1) as pool, \
+        with AppendLog(out / PREDICTIONS, durable=True) as f, ThreadPoolExecutor(1) as pool, \
                 tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc="eval") as bar:
             for step, (chunk, arrays) in enumerate(encoded_batches(pending, runner, pool)):
                 records = batch_records(runner, chunk, arrays, step)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
                 bar.update(len(chunk))
     keys = {(file, s.id) for file, s in samples}
     summary = summarize([r for r in load_records(out / PREDICTIONS) if (r["file"], r["id"]) in keys])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stjax.io import as_path
 from stjax.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Checkpointer:
         self.every = every
         self.saving: int | None = None  # the step of the latest save started
         self.failed = False  # a save failed (and was reported)
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -101,7 +101,7 @@ class Checkpointer:
         """Delete the temporary directories of unfinished saves (process 0 owns the directory)."""
         if jax.process_index() == 0:
             for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+                partial.rmtree(missing_ok=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state saved at `step`, placed as `abstract_state`'s shardings; the iterator is rewound.

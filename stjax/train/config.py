@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from stjax.data.video import SECOND_PER_GRID
+from stjax.io import OutputError, as_path, is_remote
 from stjax.models.attention import BACKENDS
 from stjax.models.config import QUANTIZE_FORMATS, QUANTIZE_TARGETS
 from stjax.models.layers import REMAT_POLICIES
@@ -295,6 +296,7 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every and loss_chunk >= 0")
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.format={cfg.data.format} needs data.path")
+    check_out_dir(cfg)
     wrong_template = cfg.data.template not in ("", "sft") if cfg.stage == "sft" else cfg.data.template == "sft"
     if wrong_template:
         raise ConfigError(f"data.template={cfg.data.template!r} does not fit the {cfg.stage} stage (sft trains on the "
@@ -302,6 +304,18 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     if cfg.stage == "grpo":
         check_grpo(cfg, shards, num_processes)
     return mesh
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """An object store out_dir needs its client, and holds outputs only: the inputs a run would make
+    under out_dir (the embedded tiny model, the synthetic set) are read locally, so they must be given."""
+    try:
+        out = as_path(cfg.out_dir)
+    except OutputError as e:
+        raise ConfigError(str(e)) from None
+    if is_remote(out) and (not cfg.model.init or (cfg.data.format == "synthetic" and not cfg.data.path)):
+        raise ConfigError(f"out_dir={cfg.out_dir} is on an object store, which holds a run's outputs only: set "
+                          "model.init and, for the synthetic set, data.path to local paths")
 
 
 def check_grpo(cfg: TrainConfig, shards: int, num_processes: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from flax import nnx
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.io import check_target
+from stjax.io import as_path, check_target
 from stjax.sharding import make_mesh
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
@@ -27,7 +27,7 @@ from stjax.train.step import split_trainable
 def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
                       overwrite: bool = False) -> Path:
     """Write checkpoint `step` of the run as a HF directory at `out`, refusing an occupied `out` unless `overwrite`."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     try:
         cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
     except OSError as e:
@@ -37,7 +37,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     if step is None or step not in checkpoints.manager.all_steps():
         raise ConfigError(f"no checkpoint {step if step else ''} in {run_dir / 'checkpoints'} "
                           f"(there are {list(checkpoints.manager.all_steps())})")
-    out = Path(out or run_dir / f"hf-{step}")
+    out = as_path(out or run_dir / f"hf-{step}")
     check_target(out, overwrite)  # before building the model
     mesh = make_mesh({"fsdp": -1})
     tokenizer = tokenizer_dir(cfg, run_dir)

@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stjax.data.formats import Sample
+from stjax.io import AppendLog
 from stjax.models.inputs import ModelInputs
 from stjax.models.text import KVCache
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
@@ -501,7 +502,7 @@ class GRPO:
     def log_completions(self, step: int, groups: list[Sample], texts: list[str], values: np.ndarray,
                         total: np.ndarray, names: Sequence[str], count: int) -> None:
         """A few completions with their rewards, appended to <out_dir>/completions.jsonl."""
-        with self.completions_log.open("a") as f:
+        with AppendLog(self.completions_log, autoflush=False) as f:
             for i in range(min(count, len(texts))):
                 scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values[i])}
                 f.write(json.dumps({"step": step, "prompt_id": groups[i].id, "completion": texts[i],

@@ -32,7 +32,7 @@ from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
-from stjax.io import write_text_atomic
+from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
@@ -224,7 +224,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
-    out = Path(cfg.out_dir)
+    out = as_path(cfg.out_dir)
     lock = rundir.lock(out)  # a second run on out_dir is refused
     rundir.check_resume(out, cfg)
 

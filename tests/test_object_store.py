@@ -1,0 +1,136 @@
+"""Outputs on an object store (gs://): a short SFT run, an export and an evaluation written to a
+Cloud Storage stand-in and read back; a gs:// URL without the client refused in one line.
+
+The stand-in is an fsspec file system registered for the gs:// scheme (where gcsfs serves it in
+production), keeping the bucket's objects under a folder of tmp_path: every writer that goes through
+stjax.io (etils.epath) lands there, while a writer that still uses os / open on a gs:// path writes a
+local folder named `gs:` in the working directory (an empty folder, asserted empty at the end) and its
+file is missing when read back through the store. Orbax hands array bytes to TensorStore's own GCS
+client (no fsspec, and it needs the network), so the test points that client at the same folder: the
+checkpoint's metadata (epath) and arrays (TensorStore) must agree for the restore to work.
+"""
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from stjax.cli import run_cli
+from stjax.eval.mcq import EvalConfig, evaluate, load_records
+from stjax.io import DirectoryLock, OutputError, as_path
+from stjax.train import config as train_config
+from stjax.train import sft
+from stjax.train.config import ConfigError
+from test_train_run import assets, settings  # noqa: F401  (assets: the module's fixture)
+
+registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)
+
+
+class FakeGCS(DirFileSystem):
+    """gs://BUCKET/KEY kept as ROOT/BUCKET/KEY; ROOT is set per test (epath caches the instance)."""
+
+    protocol = ("gs", "gcs")
+    root = "/nonexistent"
+    cachable = False
+    path = property(lambda self: type(self).root, lambda self, value: None)
+
+    def __init__(self, *args, **kwargs):  # epath passes gcsfs's options (finalize_on_close)
+        super().__init__(path=self.root, fs=LocalFileSystem(auto_mkdir=True))  # a bucket has no folders
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """gs:// served from tmp_path/store, for fsspec and TensorStore alike; the working directory empty."""
+    from orbax.checkpoint._src.path import gcs_utils
+
+    for scheme in FakeGCS.protocol:
+        monkeypatch.setitem(registry._registry, scheme, FakeGCS)
+    monkeypatch.setattr(FakeGCS, "root", str(tmp_path / "store"))
+    (tmp_path / "store").mkdir()
+
+    def tensorstore_kvstore(path):
+        name, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
+        return {"driver": "file", "path": str(tmp_path / "store" / name / key)}
+
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", tensorstore_kvstore)
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)  # a GCS API call
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield tmp_path / "store"
+    assert os.listdir(tmp_path / "cwd") == [], "a writer wrote a gs:// path to the local disk"
+
+
+def read(path: str) -> str:
+    return as_path(path).read_text()
+
+
+def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bucket, tmp_path):  # noqa: F811
+    from safetensors.numpy import load
+
+    from stjax.train.export import export_checkpoint
+
+    out = "gs://bucket/runs/sft"
+    cfg = train_config.load(None, settings(out, assets, steps=2, **{"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1,
+                                                                    "checkpoint.export_hf": "true"}))
+    sft.run(cfg)
+    records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
+    assert json.loads(read(f"{out}/summary.json"))["steps"] == 2
+    assert json.loads(read(f"{out}/config.json"))["out_dir"] == out
+    events = next(as_path(f"{out}/tensorboard").iterdir()).read_bytes()
+    assert b"loss" in events  # tensorboardX's records of the scalars
+    assert not as_path(f"{out}/.lock").exists()  # released
+    assert {p.name for p in as_path(f"{out}/checkpoints").iterdir()} >= {"1", "2"}
+    exported = as_path(f"{out}/hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in exported.iterdir()}
+
+    # an export on request restores checkpoint 2 from the bucket: the same weights as the run's export
+    again = export_checkpoint(out, out="gs://bucket/export")
+    ours, theirs = load((again / "model.safetensors").read_bytes()), load((exported / "model.safetensors").read_bytes())
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+
+    data, model = assets
+    eval_cfg = EvalConfig(model=str(model), data=[str(data / "plain.jsonl")], out="gs://bucket/eval", limit=4,
+                          max_new_tokens=4, batch_size=4)
+    summary = evaluate(eval_cfg)
+    predictions = load_records("gs://bucket/eval/predictions.jsonl")
+    assert len(predictions) == summary["overall"]["n"] == 4
+    assert json.loads(read("gs://bucket/eval/accuracy.json"))["overall"] == summary["overall"]
+    assert evaluate(eval_cfg)["overall"] == summary["overall"]  # the resume reads the bucket's records
+
+
+def test_the_lock_is_an_object_created_only_if_absent(bucket):
+    held = DirectoryLock("gs://bucket/run", "training run").acquire()
+    assert json.loads(read("gs://bucket/run/.lock"))["pid"] == os.getpid()
+    DirectoryLock._held.clear()  # as another process would see it
+    with pytest.raises(OutputError, match=f"in use by another training run \\(pid {os.getpid()}"):
+        DirectoryLock("gs://bucket/run", "training run").acquire()
+    held.release()
+    assert not as_path("gs://bucket/run/.lock").exists()
+    # a lock left by a dead process of this host is taken over
+    as_path("gs://bucket/run/.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 1}))
+    DirectoryLock("gs://bucket/run").acquire().release()
+
+
+def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from stjax.train import loop
+    from stjax.train.__main__ import main as train_main
+
+    monkeypatch.delitem(registry._registry, "gs", raising=False)
+    monkeypatch.setitem(registry.known_implementations, "gs", {"class": "gcsfs_is_not_installed.GCS"})
+    monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"gs://b/run: writing to gs:// needs gcsfs"):
+        sft.run(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
+    with pytest.raises(SystemExit):
+        run_cli(train_main, ["--stage", "sft", "--set", "out_dir=gs://b/run"])
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    with pytest.raises(SystemExit, match="--out gs://b/eval: writing to gs:// needs gcsfs"):
+        evaluate(EvalConfig(out="gs://b/eval"))
+    assert os.listdir(tmp_path) == []
