@@ -279,11 +279,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         path.write_text(text)  # one object upload: visible whole or not at all
         return
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(partial, path)
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)  # and the new name survives a power loss
 
 
