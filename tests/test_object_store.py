@@ -13,6 +13,7 @@ checkpoint's metadata (epath) and arrays (TensorStore) must agree for the restor
 import importlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from stjax.train import sft
 from stjax.train.config import ConfigError
 from test_train_run import assets, settings  # noqa: F401  (assets: the module's fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
 registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)
 
 
@@ -105,6 +107,22 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     assert evaluate(eval_cfg)["overall"] == summary["overall"]  # the resume reads the bucket's records
 
 
+def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
+    """The shipped v5p-64 GRPO config (out_dir gs://BUCKET/...) passes its checks and its logger writes to
+    the bucket (it used to make a local folder `gs:` and crash in tensorboardX)."""
+    from stjax.train.metrics import MetricsLogger
+
+    cfg = train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml")
+    assert cfg.out_dir.startswith("gs://")
+    train_config.check(cfg, 32, 8)
+    with MetricsLogger(cfg.out_dir, 2, progress=False) as logger:
+        logger.log(1, {"loss": 0.5, "reward": 0.25})
+        logger.summary()
+    assert json.loads(read(f"{cfg.out_dir}/metrics.jsonl"))["reward"] == 0.25
+    assert json.loads(read(f"{cfg.out_dir}/summary.json"))["final_loss"] == 0.5
+    assert b"reward" in next(as_path(f"{cfg.out_dir}/tensorboard").iterdir()).read_bytes()
+
+
 def test_the_lock_is_an_object_created_only_if_absent(bucket):
     held = DirectoryLock("gs://bucket/run", "training run").acquire()
     assert json.loads(read("gs://bucket/run/.lock"))["pid"] == os.getpid()
@@ -128,6 +146,8 @@ def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tm
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"gs://b/run: writing to gs:// needs gcsfs"):
         sft.run(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
+    with pytest.raises(ConfigError, match=r"gs://BUCKET/runs/grpo-qwen2.5-vl-7b: writing to gs:// needs gcsfs"):
+        train_config.check(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"), 32, 8)
     with pytest.raises(SystemExit):
         run_cli(train_main, ["--stage", "sft", "--set", "out_dir=gs://b/run"])
     assert capsys.readouterr().err.strip().count("\n") == 0
