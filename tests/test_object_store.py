@@ -123,6 +123,33 @@ def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
     assert b"reward" in next(as_path(f"{cfg.out_dir}/tensorboard").iterdir()).read_bytes()
 
 
+def test_upload_puts_config_json_last(bucket, monkeypatch):
+    """A bucket has no directory rename: a model directory appears object by object, config.json last
+    (an old one's deleted first), so a directory with a config.json is whole."""
+    from stjax.io import atomic_dir
+
+    events, real_open, real_rm = [], LocalFileSystem._open, FakeGCS.rm
+
+    def logged_open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            events.append(f"put {Path(path).name}")
+        return real_open(self, path, mode, **kwargs)
+
+    def logged_rm(self, path, *args, **kwargs):
+        events.append(f"rm {Path(path).name}")
+        return real_rm(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", logged_open)
+    monkeypatch.setattr(FakeGCS, "rm", logged_rm)
+    for version in ("old", "new"):
+        with atomic_dir("gs://bucket/model", overwrite=True) as partial:
+            for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                (partial / name).write_text(version)
+    put = ["put model.safetensors", "put tokenizer.json", "put config.json"]
+    assert events == put + ["rm config.json", "rm model"] + put
+    assert read("gs://bucket/model/model.safetensors") == "new"
+
+
 def test_the_lock_is_an_object_created_only_if_absent(bucket):
     held = DirectoryLock("gs://bucket/run", "training run").acquire()
     assert json.loads(read("gs://bucket/run/.lock"))["pid"] == os.getpid()
