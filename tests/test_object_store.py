@@ -123,6 +123,35 @@ def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
     assert b"reward" in next(as_path(f"{cfg.out_dir}/tensorboard").iterdir()).read_bytes()
 
 
+def test_a_converter_writes_to_the_bucket_what_it_writes_locally(bucket, hf_dirs, tmp_path):
+    from stjax.convert import hf_to_stjax
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    source = hf_dirs("qwen2_vl")[0]
+    hf_to_stjax(source, "gs://bucket/converted")
+    hf_to_stjax(source, tmp_path / "local")
+    ours, local = files(bucket / "bucket" / "converted"), files(tmp_path / "local")
+    tops = lambda tree: {Path(name).parts[:2] for name in tree}  # orbax's data files have random names below
+    assert ("config.json",) in tops(ours) and tops(ours) == tops(local)
+    assert ours["config.json"] == local["config.json"]
+
+
+def test_grpo_completions_are_appended_on_the_bucket(bucket):
+    from types import SimpleNamespace
+
+    from stjax.train.grpo import GRPO
+
+    stage = GRPO()
+    stage.completions_log = as_path("gs://bucket/grpo/completions.jsonl")
+    for step in (1, 2):
+        stage.log_completions(step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
+                              np.array([[1.0]]), np.array([1.0]), ["accuracy"], 1)
+    lines = [json.loads(line) for line in read("gs://bucket/grpo/completions.jsonl").splitlines()]
+    assert [(r["step"], r["prompt_id"]) for r in lines] == [(1, "p1"), (2, "p2")]
+
+
 def test_upload_puts_config_json_last(bucket, monkeypatch):
     """A bucket has no directory rename: a model directory appears object by object, config.json last
     (an old one's deleted first), so a directory with a config.json is whole."""
