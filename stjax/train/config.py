@@ -237,6 +237,7 @@ def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | No
 
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
+    check_out_dir(cfg)
     choices = {"stage": ("sft", "grpo"), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
                "data.loss_rule": ("assistant", "release"), "data.second_per_grid": SECOND_PER_GRID,
@@ -296,7 +297,6 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every and loss_chunk >= 0")
     if cfg.data.format != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.format={cfg.data.format} needs data.path")
-    check_out_dir(cfg)
     wrong_template = cfg.data.template not in ("", "sft") if cfg.stage == "sft" else cfg.data.template == "sft"
     if wrong_template:
         raise ConfigError(f"data.template={cfg.data.template!r} does not fit the {cfg.stage} stage (sft trains on the "
