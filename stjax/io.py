@@ -298,16 +298,17 @@ class AppendLog:
     Local: appended to and flushed (and fsync'd if `durable`). Object stores cannot append: the
     whole content (the existing object's, then every record) is uploaded again at each flush."""
 
-    def __init__(self, path: str | os.PathLike, binary: bool = False, durable: bool = False, autoflush: bool = True):
+    def __init__(self, path: str | os.PathLike, binary: bool = False, durable: bool = False,
+                 autoflush: bool = True):
         self.path = as_path(path)
         self.durable, self.autoflush = durable, autoflush
-        mode = "ab" if binary else "a"
         if is_remote(self.path):
             self.handle = None
-            self.content = (self.path.read_bytes() if binary else self.path.read_text()) if self.path.exists() else \
-                (b"" if binary else "")
+            self.content = b"" if binary else ""
+            if self.path.exists():
+                self.content = self.path.read_bytes() if binary else self.path.read_text()
         else:
-            self.handle = open(self.path, mode)
+            self.handle = open(self.path, "ab" if binary else "a")
 
     def write(self, data: str | bytes) -> None:
         if self.handle is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils.epath.backend import fsspec_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -63,6 +64,7 @@ def bucket(tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     yield tmp_path / "store"
+    fsspec_backend._get_filesystem.cache_clear()  # epath keeps the instance: not past this test
     assert os.listdir(tmp_path / "cwd") == [], "a writer wrote a gs:// path to the local disk"
 
 
@@ -76,8 +78,8 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     from stjax.train.export import export_checkpoint
 
     out = "gs://bucket/runs/sft"
-    cfg = train_config.load(None, settings(out, assets, steps=2, **{"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1,
-                                                                    "checkpoint.export_hf": "true"}))
+    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1, "checkpoint.export_hf": "true"}
+    cfg = train_config.load(None, settings(out, assets, steps=2, **changes))
     sft.run(cfg)
     records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
@@ -92,7 +94,8 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
 
     # an export on request restores checkpoint 2 from the bucket: the same weights as the run's export
     again = export_checkpoint(out, out="gs://bucket/export")
-    ours, theirs = load((again / "model.safetensors").read_bytes()), load((exported / "model.safetensors").read_bytes())
+    ours = load((again / "model.safetensors").read_bytes())
+    theirs = load((exported / "model.safetensors").read_bytes())
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name])
@@ -192,7 +195,8 @@ def test_the_lock_is_an_object_created_only_if_absent(bucket):
     DirectoryLock("gs://bucket/run").acquire().release()
 
 
-def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tmp_path, monkeypatch,  # noqa: F811
+                                                                       capsys):
     from stjax.train import loop
     from stjax.train.__main__ import main as train_main
 
