@@ -118,6 +118,7 @@ def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
     cfg = train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml")
     assert cfg.out_dir.startswith("gs://")
     train_config.check(cfg, 32, 8)
+    train_config.check_out_dir(cfg)
     with MetricsLogger(cfg.out_dir, 2, progress=False) as logger:
         logger.log(1, {"loss": 0.5, "reward": 0.25})
         logger.summary()
@@ -207,7 +208,7 @@ def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tm
     with pytest.raises(ConfigError, match=r"gs://b/run: writing to gs:// needs gcsfs"):
         sft.run(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
     with pytest.raises(ConfigError, match=r"gs://BUCKET/runs/grpo-qwen2.5-vl-7b: writing to gs:// needs gcsfs"):
-        train_config.check(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"), 32, 8)
+        train_config.check_out_dir(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"))
     with pytest.raises(SystemExit):
         run_cli(train_main, ["--stage", "sft", "--set", "out_dir=gs://b/run"])
     assert capsys.readouterr().err.strip().count("\n") == 0

@@ -237,7 +237,6 @@ def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | No
 
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
-    check_out_dir(cfg)
     choices = {"stage": ("sft", "grpo"), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
                "model.attention": BACKENDS, "data.format": ("synthetic", "st_r1", "plain"),
                "data.loss_rule": ("assistant", "release"), "data.second_per_grid": SECOND_PER_GRID,

@@ -40,7 +40,7 @@ from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, check
+from stjax.train.config import ConfigError, TrainConfig, check, check_out_dir
 from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
@@ -222,6 +222,7 @@ class Stage(Protocol):
 
 def run(cfg: TrainConfig, stage: Stage) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
+    check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
     out = as_path(cfg.out_dir)
