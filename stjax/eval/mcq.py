@@ -50,7 +50,7 @@ from stjax.eval.extract import RULES, extract_answer
 from stjax.io import AppendLog, DirectoryLock, OutputError, as_path, file_digest, is_remote, write_text_atomic
 from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
-from stjax.models.loading import PARAMS_DIR
+from stjax.models.loading import model_fingerprints
 from stjax.models.tiny import tiny_model_dir
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
@@ -420,12 +420,7 @@ def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
         for path in sorted(Path(name).glob("*_mcq*.json")) if Path(name).is_dir() else [Path(name)]:
             if path.is_file():
                 out[f"data {path.name}"] = file_digest(path)
-    model = Path(cfg.model)
-    for path in sorted(model.iterdir()) if model.is_dir() else []:
-        if (path.is_file() and path.suffix in (".json", ".safetensors")) or path.name == PARAMS_DIR:
-            stat = path.stat()
-            out[f"model {path.name}"] = f"{stat.st_size}:{stat.st_mtime_ns}"
-    return out
+    return out | {f"model {name}": value for name, value in model_fingerprints(cfg.model).items()}
 
 
 def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:

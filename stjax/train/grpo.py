@@ -50,7 +50,7 @@ from stjax.sharding import batch_sharding, make_mesh, model_shardings, parse_mes
 from stjax.train import config, distributed, loop, rewards, sft
 from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, micro_batch_inputs, place_rows,
                                step_shapes)
-from stjax.train.config import ConfigError, TrainConfig
+from stjax.train.config import TrainConfig
 from stjax.train.loss import token_logps
 from stjax.train.metrics import drop_steps_after, lm_head_flops_per_token, mfu, model_flops_per_token, vision_flops
 from stjax.train.step import TrainState, split_trainable, update
@@ -361,10 +361,7 @@ class GRPO:
 
     def setup(self, run: loop.Run, model, state: TrainState) -> None:
         cfg, g = run.cfg, run.cfg.grpo
-        try:
-            self.reward_funcs = [rewards.resolve(name, g.accuracy_rule) for name in g.reward_funcs]
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.reward_funcs = [rewards.resolve(name, g.accuracy_rule) for name in g.reward_funcs]  # checked by config
         self.reward_weights = np.asarray(g.reward_weights or [1.0] * len(g.reward_funcs), np.float64)
         self.settings = LossSettings.of(cfg)
         tok = run.processor.tokenizer
@@ -444,10 +441,11 @@ class GRPO:
         diagnostics = np.stack([rewards.accuracy(texts, [s.answer for s in groups], [s.options for s in groups]),
                                 rewards.format_reward(texts), lengths, truncated], axis=1)
         table = _global_table(np.concatenate([scores.values, diagnostics], axis=1))
-        errors = _global_table(scores.errors[None]).sum(axis=0)
+        errors, invalid = _global_table(np.stack([scores.errors, scores.invalid])[None]).sum(axis=0)
         per_func = table[:, : len(self.reward_funcs)]
         total = np.nansum(per_func * self.reward_weights, axis=1)
         total[np.isnan(per_func).all(axis=1)] = np.nan
+        rewards.check(g.reward_funcs, errors, invalid, scores.problems, total, step + 1)
         advantages_all = np.asarray(group_advantages(total, g.num_generations, g.scale_rewards))
         mine = slice(jax.process_index() * len(texts), (jax.process_index() + 1) * len(texts))
         scoring_time = time.perf_counter() - began

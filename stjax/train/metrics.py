@@ -206,8 +206,10 @@ class MetricsLogger:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Totals of this run, saved to out_dir/summary.json and printed; call it once, at the end.
+    def summary(self) -> dict:
+        """Totals of this invocation, printed, and saved to out_dir/summary.json with the history of
+        the run's invocations (`invocations`: each one's totals and the steps it went from and to);
+        call it once, at the end.
 
         `steps` is the last logged step minus `start_step`; the other values cover the logged steps
         (log every step for exact sums) and are None where nothing was logged or not finite.
@@ -225,11 +227,23 @@ class MetricsLogger:
             "mean_tokens_per_s": _finite_or_none(sum(speeds) / len(speeds)) if speeds else None,
             "wall_time_s": time.time() - self.started,
         }
-        text = json.dumps(summary, allow_nan=False)
+        tqdm.write(f"summary: {json.dumps(summary, allow_nan=False)}")
+        invocation = {"from_step": self.start_step, "to_step": self.last_step, **summary}
+        summary = {**summary, "invocations": self._earlier_invocations() + [invocation]}
         if self.out_dir is not None:
-            write_text_atomic(self.out_dir / "summary.json", text + "\n")
-        tqdm.write(f"summary: {text}")
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, allow_nan=False) + "\n")
         return summary
+
+    def _earlier_invocations(self) -> list[dict]:
+        """The invocations recorded in out_dir/summary.json by earlier runs of the same out_dir."""
+        path = self.out_dir / "summary.json" if self.out_dir is not None else None
+        if path is None or not path.exists():
+            return []
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            return []
+        return earlier.get("invocations", [earlier]) if isinstance(earlier, dict) else []
 
     def close(self) -> None:
         for handle in (self.bar, self.writer, self.jsonl):
