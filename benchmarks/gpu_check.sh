@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The device check, in one call on a lent GPU machine (see README "GPU check"), most important first:
+#   the compile-only preflight (`python -m stjax.train --compile-only`: the tiny SFT and GRPO configs on this
+#   GPU, then the 7B GRPO H100 config for its 8-GPU target, each program's bytes against the card's memory);
 #   the GRPO step by parts (issue 13: rollout tokens/s, decode bandwidth share, update MFU); parity
 #   in fp32 and bf16 against transformers on the same GPU and the attention backends compared
 #   (is cuDNN's fused kernel really in the program? left- and right-padded batches); the SFT train
@@ -41,6 +43,13 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
+  # The preflight first: a program that does not compile or fit says so before any budget goes to timing.
+  part 90 "compile-only preflight: tiny SFT and GRPO configs on this GPU" bash -c '
+    for config in configs/sft/tiny-cpu.yaml configs/grpo/tiny-cpu.yaml; do
+      python3 -m stjax.train --config "$config" --set model.attention=auto --compile-only || exit
+    done'
+  part 150 "compile-only preflight: Qwen2.5-VL-7B GRPO for 8 H100s (--topology h100x8)" \
+    python3 -m stjax.train --config configs/grpo/qwen2.5-vl-7b-h100x8.yaml --compile-only --topology h100x8
   if [ "${QLORA:-0}" = 1 ]; then
     part 220 "largest Qwen2.5-VL shape that trains with QLoRA on one card (nf4 + double quantization, every linear but the LM head; 1 x 2048 tokens, remat full)" \
       python3 benchmarks/bench_train_gpu.py --part largest --modes qlora --sizes 72b,32b,14b --budget 210 \
@@ -87,5 +96,5 @@ part() {  # part SECONDS TITLE COMMAND...: run COMMAND for at most SECONDS (less
   fi
 } 2>&1 | tee "$out/gpu_check.log"
 echo "== summary"
-grep -E "^== |^rollout:|^decode:|^update:|ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
+grep -E "^== |headroom|^rollout:|^decode:|^update:|ms/step|  [0-9. ]+ +[0-9.]+%  |breakdown|stjax .* vs torch|backend |remat=|MFU|trains:|does not fit|fails|largest that|forward:|speed-up|TFLOP/s\)|cuDNN attention unavailable|Error" \
   "$out/gpu_check.log" | cut -c1-330

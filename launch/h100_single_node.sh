@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# SFT in one process on this machine, every local GPU in the mesh (jax drives them all):
+# Training, the config's stage (SFT or GRPO), in one process on this machine, every local GPU in the mesh
+# (jax drives them all):
 #
 #   launch/h100_single_node.sh CONFIG.yaml [--set key=value ...]
 #   launch/h100_single_node.sh configs/sft/qwen2.5-vl-7b-h100x8.yaml --set optim.learning_rate=2e-5
+#   launch/h100_single_node.sh configs/grpo/qwen2.5-vl-7b-h100x8.yaml   # GRPO from the SFT run's export
 #
 # Run it from the repository root (the configs' relative paths, out_dir included, are relative to
 # the working directory). Rerunning the same command resumes from the latest checkpoint in out_dir.

@@ -7,8 +7,11 @@ takes it) or the environment variable STJAX_DEBUG=1 brings it back.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -28,12 +31,32 @@ def one_line(error: BaseException) -> str:
     return text + (" [...]" if len(lines) > 1 else "")
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hold back what libraries' background threads print of a failure that the tool reports in one
+    line: orbax's error logs with tracebacks (absl), asyncio's unretrieved task errors, exceptions
+    ignored in callbacks (a disk filling up during a checkpoint save prints hundreds of lines)."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels, hook = [logger.level for logger in loggers], sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        sys.unraisablehook = hook
+
+
 def run_cli(main: Callable[[Sequence[str] | None], T], argv: Sequence[str] | None = None) -> T:
-    """Call `main(argv)`; an exception ends the process with `error: <one line>` and exit status 1."""
+    """Call `main(argv)`; an exception ends the process with `error: <one line>` and exit status 1.
+    Without --debug, libraries' logs of errors are held back (`quiet_libraries`)."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("STJAX_DEBUG", "") not in ("", "0")
     try:
-        return main(argv)
+        with contextlib.nullcontext() if debug else quiet_libraries():
+            return main(argv)
     except Exception as e:
         if debug:
             raise

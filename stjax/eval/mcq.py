@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -50,10 +51,10 @@ from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
-from stjax.io import DirectoryLock, file_digest, write_text_atomic
+from stjax.io import AppendLog, DirectoryLock, OutputError, as_path, file_digest, is_remote, write_text_atomic
 from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
-from stjax.models.loading import PARAMS_DIR
+from stjax.models.loading import model_fingerprints
 from stjax.models.tiny import tiny_model_dir
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
@@ -166,9 +167,10 @@ def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, d
 # ---------------------------------------------------------------- records and accuracy
 
 
-def load_records(path: Path) -> list[dict]:
+def load_records(path: str | os.PathLike) -> list[dict]:
     """Records already written. A last line that a crash cut short is repaired in place (completed
     or dropped, then its sample is redone); a bad line elsewhere means the file was edited: an error."""
+    path = as_path(path)
     if not path.exists():
         return []
     text = path.read_text()
@@ -463,15 +465,10 @@ def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
         for path in sorted(Path(name).glob("*_mcq*.json")) if Path(name).is_dir() else [Path(name)]:
             if path.is_file():
                 out[f"data {path.name}"] = file_digest(path)
-    model = Path(cfg.model)
-    for path in sorted(model.iterdir()) if model.is_dir() else []:
-        if (path.is_file() and path.suffix in (".json", ".safetensors")) or path.name == PARAMS_DIR:
-            stat = path.stat()
-            out[f"model {path.name}"] = f"{stat.st_size}:{stat.st_mtime_ns}"
-    return out
+    return out | {f"model {name}": value for name, value in model_fingerprints(cfg.model).items()}
 
 
-def check_resumable(out: Path, cfg: EvalConfig) -> None:
+def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
     """Refuse to add predictions made under other settings, or from changed data or model files, to an
     existing predictions file."""
     current = {k: getattr(cfg, k) for k in _RESULT_KEYS} | {"inputs": input_fingerprints(cfg)}
@@ -489,34 +486,39 @@ def check_resumable(out: Path, cfg: EvalConfig) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
     check_config(cfg)
+    try:
+        out = as_path(cfg.out)  # local, or an object store URL (stjax.io)
+    except OutputError as e:
+        raise SystemExit(f"--out {e}") from None
     if cfg.model is None and not cfg.data:
+        if is_remote(out):
+            raise SystemExit(f"--out {cfg.out}: the embedded default makes its model and data under --out, which "
+                             "must then be local")
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    out = Path(cfg.out)
     with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
         return _evaluate(cfg, out)
 
 
-def predict(runner: Callable[[], Runner], samples: list[tuple[str, Sample]], path: Path, desc: str) -> list[dict]:
+def predict(runner: Callable[[], Runner], samples: list[tuple[str, Sample]], path: epath.Path, desc: str
+            ) -> list[dict]:
     """The samples' records in `path`, running those not yet recorded (the runner is made only then)."""
     done = {(r["file"], r["id"]) for r in load_records(path)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
         model = runner()
-        with path.open("a") as f, ThreadPoolExecutor(1) as pool, \
+        with AppendLog(path, durable=True) as f, ThreadPoolExecutor(1) as pool, \
                 tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc=desc) as bar:
             for step, (chunk, arrays) in enumerate(encoded_batches(pending, model, pool)):
                 records = batch_records(model, chunk, arrays, step)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
                 bar.update(len(chunk))
     keys = {(file, s.id) for file, s in samples}
     return [r for r in load_records(path) if (r["file"], r["id"]) in keys]
 
 
-def _evaluate(cfg: EvalConfig, out: Path) -> dict:
+def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
     samples, skipped = load_samples(cfg)
     check_resumable(out, cfg)
     runner = functools.cache(lambda: make_runner(cfg))  # loaded once, for both passes, and only if needed

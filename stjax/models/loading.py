@@ -93,6 +93,19 @@ def is_stjax_dir(path: str | Path) -> bool:
     return (Path(path) / PARAMS_DIR).is_dir()
 
 
+def model_fingerprints(directory: str | Path) -> dict[str, str]:
+    """{name: "size:mtime_ns"} of a model directory's weight and JSON files (a stjax directory's
+    params/ folder as one): what tells that a model changed without hashing gigabytes. The evaluator
+    and a training run record it, and each refuses to resume on a model that changed since."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if (path.is_file() and path.suffix in (".json", ".safetensors")) or path.name == PARAMS_DIR:
+            stat = path.stat()
+            out[path.name] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return out
+
+
 @dataclass(frozen=True)
 class HFParam:
     """One stjax parameter backed by tensors of a HF checkpoint, read on demand by rows of its

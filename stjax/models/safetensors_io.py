@@ -43,30 +43,62 @@ class TensorInfo:
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """The file's tensors, its header checked as the safetensors library checks it (`_check_offsets`)."""
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise SafetensorsError(f"{file}: too short to be a safetensors file")
         (size,) = struct.unpack("<Q", raw)
+        data_bytes = file.stat().st_size - 8 - size
+        if data_bytes < 0:
+            raise SafetensorsError(f"{file}: its header length {size} runs past the end of the file (truncated?)")
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{file}: corrupt safetensors header ({e})") from None
     start = 8 + size
-    out = {}
+    out, ranges = {}, []
     if not isinstance(header, dict):
         raise SafetensorsError(f"{file}: corrupt safetensors header (not a JSON object)")
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, _) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
+                raise ValueError("shape and data_offsets must be non-negative integers")
         except (TypeError, KeyError, ValueError) as e:
             raise SafetensorsError(f"{file}: corrupt safetensors header entry for {name} ({e!r})") from None
         if dtype not in DTYPES:
             raise SafetensorsError(f"{file}: tensor {name} has unsupported dtype {dtype}")
         out[name] = TensorInfo(file, DTYPES[dtype], shape, start + begin)
+        ranges.append((begin, end, name))
+    _check_offsets(file, out, ranges, data_bytes)
     return out
+
+
+def _check_offsets(file: Path, tensors: dict[str, TensorInfo], ranges: list[tuple[int, int, str]],
+                   data_bytes: int) -> None:
+    """The safetensors library's rule: the tensors' byte ranges, in order of their offsets, follow one
+    another with no gap and no overlap, each as long as its shape x dtype, and together fill the
+    data exactly (`data_bytes`: the file's bytes after the header)."""
+    expected = 0
+    for begin, end, name in sorted(ranges):
+        if begin != expected:
+            problem = "overlap the previous tensor's" if begin < expected else \
+                f"leave a gap of {begin - expected} bytes after the previous tensor's"
+            raise SafetensorsError(f"{file}: tensor {name}'s bytes [{begin}, {end}) {problem} "
+                                   f"(which end at {expected})")
+        info = tensors[name]
+        if end - begin != info.nbytes:
+            raise SafetensorsError(f"{file}: tensor {name} spans {end - begin} bytes [{begin}, {end}), but its "
+                                   f"shape {list(info.shape)} of {NAMES[info.dtype]} needs {info.nbytes}")
+        expected = end
+    if expected > data_bytes:
+        raise SafetensorsError(f"{file}: the tensors' bytes run to {expected}, past the file's {data_bytes} "
+                               "bytes of data (truncated?)")
+    if expected < data_bytes:
+        raise SafetensorsError(f"{file}: {data_bytes - expected} bytes after the last tensor belong to none")
 
 
 def _weight_map(index: Path) -> dict[str, str]:

@@ -1,6 +1,10 @@
 """Training checkpoints with orbax: the train state (parameters, optimizer state, step, PRNG key) and
 the data iterator's position, saved together under <out_dir>/checkpoints/<step>/.
 
+Each save also writes a checksum of every array of the state (`digest`), verified after a restore:
+bytes flipped on disk (which the compressed array files do not always reveal) make the checkpoint
+damaged, set aside like a truncated one, never a silently different state.
+
 Saves are asynchronous: `save` copies the arrays to host memory and returns, the files are written
 in the background while training goes on. Orbax writes into a temporary directory and renames it
 when complete, so a process killed mid-save leaves the previous checkpoints intact and the partial
@@ -13,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +24,11 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stjax.io import as_path
 from stjax.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,13 +55,32 @@ def _first_line(error: BaseException) -> str:
     return line[:300]
 
 
+@jax.jit
+def digest(tree: Any) -> list[jax.Array]:
+    """One uint32 checksum per leaf: the sum of its bit patterns, each times an odd number made from
+    its position (wrapping): any single flipped bit changes it, other damage all but surely."""
+
+    def one(x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        odd = 2 * jnp.arange(x.size, dtype=jnp.uint32) + 1
+        return jnp.sum(bits.reshape(-1) * odd, dtype=jnp.uint32)
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def _digest_values(tree: Any) -> list[int]:
+    """`digest` as Python ints, read from this process's copy (each process holds them all)."""
+    return [int(x.addressable_data(0)) for x in digest(tree)]
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, async_save: bool = True):
         """`every`: save when the step is a multiple of it (0: only forced saves); keep the last `keep`."""
         self.every = every
         self.saving: int | None = None  # the step of the latest save started
         self.failed = False  # a save failed (and was reported)
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -71,7 +95,7 @@ class Checkpointer:
         """Start writing `state` (and the iterator's position, one file per process) as checkpoint `step`.
 
         Raises SaveFailed when this save, or the previous background one, could not be written."""
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(state), "digest": ocp.args.JsonSave(_digest_values(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.wait()  # orbax would too; this way a failure is blamed on the save that failed
@@ -101,7 +125,7 @@ class Checkpointer:
         """Delete the temporary directories of unfinished saves (process 0 owns the directory)."""
         if jax.process_index() == 0:
             for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+                partial.rmtree(missing_ok=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state saved at `step`, placed as `abstract_state`'s shardings; the iterator is rewound.
@@ -120,13 +144,20 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if (where / "digest").exists():  # checkpoints of older versions have none
+            items["digest"] = ocp.args.JsonRestore()
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             if isinstance(e, ValueError) and _MISMATCH.search(str(e)):
                 raise CheckpointMismatch(f"checkpoint {where} does not match this run's train state (model config, "
                                          f"LoRA settings, optimizer): {_first_line(e)}") from e
             raise CheckpointDamaged(_first_line(e)) from e
+        if "digest" in items:
+            differ = sum(a != b for a, b in zip(_digest_values(restored["state"]), restored["digest"]))
+            if differ:
+                raise CheckpointDamaged(f"checksum mismatch: {differ} of its arrays differ from what was saved")
+        return restored["state"]
 
     def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> tuple[int, Any]:
         """(step, state) of the newest checkpoint that restores, or (0, None) when there is none.

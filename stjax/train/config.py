@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,10 +21,12 @@ import yaml
 
 from stjax.data.formats import TASKS
 from stjax.data.video import SECOND_PER_GRID
+from stjax.io import OutputError, as_path, is_remote
 from stjax.models.attention import BACKENDS
 from stjax.models.config import QUANTIZE_FORMATS, QUANTIZE_TARGETS
 from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
+from stjax.train import rewards
 from stjax.train.step import OptimConfig
 
 
@@ -250,6 +254,16 @@ def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | No
     return from_dict(TrainConfig, apply_overrides(values, list(overrides)))
 
 
+def _floats(values: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every float setting of a nested mapping, list items included."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _floats(value, f"{prefix}{key}.")
+        else:
+            yield from ((prefix + key, v) for v in (value if isinstance(value, (list, tuple)) else [value])
+                        if isinstance(v, float))
+
+
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Every error a run can know of before loading or compiling anything; returns the mesh shape."""
     choices = {"stage": ("sft", "grpo"), "loss_average": ("token", "sequence"), "model.remat": tuple(REMAT_POLICIES),
@@ -262,6 +276,9 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
                "grpo.importance_sampling_level": ("token", "sequence"),
                "grpo.scale_rewards": ("group", "batch", "none"), "grpo.accuracy_rule": ("release", "default"),
                "lora.quantize_base": QUANTIZE_FORMATS, "lora.quantize_targets": QUANTIZE_TARGETS}
+    for key, value in _floats(dataclasses.asdict(cfg)):
+        if not math.isfinite(value):  # NaN passes every range check below
+            raise ConfigError(f"{key}={value} must be a finite number")
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):
@@ -318,11 +335,23 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
         raise ConfigError(f"data.template={cfg.data.template!r} does not fit the {cfg.stage} stage (sft trains on the "
                           "sft template's targets; grpo takes a prompt alone: grpo, problem or seed_mcq)")
     if cfg.stage == "grpo":
-        check_grpo(cfg, shards, num_processes)
+        check_grpo(cfg, shards, num_devices, num_processes)
     return mesh
 
 
-def check_grpo(cfg: TrainConfig, shards: int, num_processes: int) -> None:
+def check_out_dir(cfg: TrainConfig) -> None:
+    """An object store out_dir needs its client, and holds outputs only: the inputs a run would make
+    under out_dir (the embedded tiny model, the synthetic set) are read locally, so they must be given."""
+    try:
+        out = as_path(cfg.out_dir)
+    except OutputError as e:
+        raise ConfigError(str(e)) from None
+    if is_remote(out) and (not cfg.model.init or (cfg.data.format == "synthetic" and not cfg.data.path)):
+        raise ConfigError(f"out_dir={cfg.out_dir} is on an object store, which holds a run's outputs only: set "
+                          "model.init and, for the synthetic set, data.path to local paths")
+
+
+def check_grpo(cfg: TrainConfig, shards: int, num_devices: int, num_processes: int) -> None:
     g = cfg.grpo
     if g.num_generations < 2 or cfg.batch_size % g.num_generations:
         raise ConfigError(f"batch_size={cfg.batch_size} counts completions: it must be a multiple of "
@@ -338,3 +367,13 @@ def check_grpo(cfg: TrainConfig, shards: int, num_processes: int) -> None:
         raise ConfigError("grpo: beta, epsilon and epsilon_high must be >= 0")
     if not g.reward_funcs or (g.reward_weights and len(g.reward_weights) != len(g.reward_funcs)):
         raise ConfigError(f"grpo.reward_weights needs one weight per reward function {list(g.reward_funcs)}")
+    for name in g.reward_funcs:
+        try:
+            rewards.resolve(name, g.accuracy_rule)
+        except ValueError as e:
+            raise ConfigError(f"grpo.reward_funcs: {e}") from None
+    if g.rollout_mesh:
+        try:
+            mesh_shape(parse_mesh(g.rollout_mesh), num_devices)
+        except ValueError as e:
+            raise ConfigError(f"grpo.rollout_mesh={g.rollout_mesh!r}: {e}") from None

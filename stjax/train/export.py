@@ -16,9 +16,10 @@ from pathlib import Path
 from flax import nnx
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.io import check_target
+from stjax.io import as_path, check_target
+from stjax.models.loading import is_stjax_dir
 from stjax.sharding import make_mesh
-from stjax.train.checkpoint import Checkpointer, abstract_like
+from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
 from stjax.train.loop import export_hf, placed_state, prepare_model, tokenizer_dir
 from stjax.train.step import split_trainable
@@ -27,23 +28,30 @@ from stjax.train.step import split_trainable
 def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
                       overwrite: bool = False) -> Path:
     """Write checkpoint `step` of the run as a HF directory at `out`, refusing an occupied `out` unless `overwrite`."""
-    run_dir = Path(run_dir)
-    try:
-        cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    except OSError as e:
-        raise ConfigError(f"{run_dir} is not a training run directory: {e}") from None
+    run_dir = as_path(run_dir)
+    if not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.json").is_file():
+        model = any(run_dir.glob("*.safetensors")) or is_stjax_dir(run_dir)
+        raise ConfigError(f"{run_dir} is not a training run's out_dir (no checkpoints/ and config.json)"
+                          + ("; it is a model directory, which loads as it is" if model else ""))
+    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
     checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep)
+    steps = list(checkpoints.manager.all_steps())
     step = step or checkpoints.latest_step
-    if step is None or step not in checkpoints.manager.all_steps():
-        raise ConfigError(f"no checkpoint {step if step else ''} in {run_dir / 'checkpoints'} "
-                          f"(there are {list(checkpoints.manager.all_steps())})")
-    out = Path(out or run_dir / f"hf-{step}")
+    if step is None or step not in steps:
+        damaged = sorted(p.name for p in (run_dir / "checkpoints").glob("*.damaged-*"))
+        raise ConfigError(f"no checkpoint{f' {step}' if step else ''} in {run_dir / 'checkpoints'} (there are {steps}"
+                          + (f"; set aside as damaged: {', '.join(damaged)}" if damaged else "") + ")")
+    out = as_path(out or run_dir / f"hf-{step}")
     check_target(out, overwrite)  # before building the model
     mesh = make_mesh({"fsdp": -1})
     tokenizer = tokenizer_dir(cfg, run_dir)
     graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
     target = abstract_like(placed_state(trainable, cfg.optim, cfg.seed, mesh, cfg.model.master_dtype))
-    state = checkpoints.restore(step, target, None)
+    try:
+        state = checkpoints.restore(step, target, None)
+    except CheckpointDamaged as e:
+        raise CheckpointDamaged(f"checkpoint {step} in {run_dir / 'checkpoints'} is damaged ({e}); export another "
+                                f"with --step (there are {steps})") from None
     checkpoints.close()
     export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite)
     return out

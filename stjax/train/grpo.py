@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stjax.data.formats import Sample
+from stjax.io import AppendLog
 from stjax.models.inputs import ModelInputs
 from stjax.models.text import KVCache
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
@@ -49,7 +50,7 @@ from stjax.sharding import batch_sharding, make_mesh, model_shardings, parse_mes
 from stjax.train import config, distributed, loop, rewards, sft
 from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, micro_batch_inputs, place_rows,
                                step_shapes)
-from stjax.train.config import ConfigError, TrainConfig
+from stjax.train.config import TrainConfig
 from stjax.train.loss import token_logps
 from stjax.train.metrics import drop_steps_after, lm_head_flops_per_token, mfu, model_flops_per_token, vision_flops
 from stjax.train.step import TrainState, split_trainable, update
@@ -360,10 +361,7 @@ class GRPO:
 
     def setup(self, run: loop.Run, model, state: TrainState) -> None:
         cfg, g = run.cfg, run.cfg.grpo
-        try:
-            self.reward_funcs = [rewards.resolve(name, g.accuracy_rule) for name in g.reward_funcs]
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.reward_funcs = [rewards.resolve(name, g.accuracy_rule) for name in g.reward_funcs]  # checked by config
         self.reward_weights = np.asarray(g.reward_weights or [1.0] * len(g.reward_funcs), np.float64)
         self.settings = LossSettings.of(cfg)
         tok = run.processor.tokenizer
@@ -446,10 +444,11 @@ class GRPO:
         letters = {letter: k for k, letter in enumerate("ABCD")}  # the collapse watch: think length, answer letters
         shape = _global_table(np.array([[rewards.think_words(t), letters.get(rewards.answer_letter(t), -1)]
                                         for t in texts], np.float64))
-        errors = _global_table(scores.errors[None]).sum(axis=0)
+        errors, invalid = _global_table(np.stack([scores.errors, scores.invalid])[None]).sum(axis=0)
         per_func = table[:, : len(self.reward_funcs)]
         total = np.nansum(per_func * self.reward_weights, axis=1)
         total[np.isnan(per_func).all(axis=1)] = np.nan
+        rewards.check(g.reward_funcs, errors, invalid, scores.problems, total, step + 1)
         advantages_all = np.asarray(group_advantages(total, g.num_generations, g.scale_rewards))
         mine = slice(jax.process_index() * len(texts), (jax.process_index() + 1) * len(texts))
         scoring_time = time.perf_counter() - began
@@ -506,7 +505,7 @@ class GRPO:
     def log_completions(self, step: int, groups: list[Sample], texts: list[str], values: np.ndarray,
                         total: np.ndarray, names: Sequence[str], count: int) -> None:
         """A few completions with their rewards, appended to <out_dir>/completions.jsonl."""
-        with self.completions_log.open("a") as f:
+        with AppendLog(self.completions_log, autoflush=False) as f:
             for i in range(min(count, len(texts))):
                 scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values[i])}
                 f.write(json.dumps({"step": step, "prompt_id": groups[i].id, "completion": texts[i],

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -32,7 +33,7 @@ from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor, Template
 from stjax.data.video import MediaConfig
-from stjax.io import write_text_atomic
+from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
@@ -40,7 +41,7 @@ from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, check
+from stjax.train.config import ConfigError, TrainConfig, check, check_out_dir
 from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
@@ -168,11 +169,25 @@ def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh
     return jax.jit(make, out_shardings=shardings)(trainable)
 
 
+def non_finite_arrays(model: QwenVLForConditionalGeneration) -> list[str]:
+    """Paths of the model's floating-point arrays that hold a NaN or an infinity (on the devices, by
+    every process: the same answer everywhere)."""
+    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+              for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
+    return [name for (name, _), ok in zip(leaves, finite) if not ok]
+
+
 def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True) -> None:
     """The trained model as a Hugging Face directory in its parameter dtype (adapters merged into the
     base, dequantized where it is stored quantized), written beside `target` and put in place whole
     (`save_hf`). One parameter at a time is made and brought to the host, by every process (a
     collective where the processes hold parts of it); process 0 writes it."""
+    bad = non_finite_arrays(model)
+    if bad:
+        raise TrainingStopped(f"the trained model holds NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); nothing exported to {target}")
     cfg, params = merged_params(model)
     if jax.process_index() == 0:
         save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite)
@@ -222,14 +237,16 @@ class Stage(Protocol):
 
 def run(cfg: TrainConfig, stage: Stage) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
+    check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
-    out = Path(cfg.out_dir)
+    out = as_path(cfg.out_dir)
     lock = rundir.lock(out)  # a second run on out_dir is refused
     rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg, out)
-    rundir.check_inputs(out, data_file(cfg, out))
+    source = model_source(cfg) if cfg.model.init else None
+    rundir.check_inputs(out, data_file(cfg, out), source if isinstance(source, Path) else None)
     tokenizer = tokenizer_dir(cfg, out)
     check_tokenizer_early(cfg, tokenizer)
     model = prepare_model(cfg, out, tokenizer, mesh)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from pathlib import Path
 from types import TracebackType
 
 import jax
-from tensorboardX import SummaryWriter
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
 from tqdm import tqdm
 
-from stjax.io import write_text_atomic
+from stjax.io import AppendLog, as_path, write_text_atomic
 from stjax.models.config import QwenVLConfig
 
 # Dense bf16 peak FLOP/s per chip, keyed by a lower-case piece of `jax.Device.device_kind`.
@@ -120,7 +121,22 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def drop_steps_after(path: Path, step: int) -> None:
+class _EventFiles:
+    """tensorboardX's event files on object stores written through stjax.io (its own gs:// writer
+    needs google-cloud-storage): each file is uploaded whole at each of tensorboardX's flushes."""
+
+    def open(self, path: str) -> AppendLog:
+        return AppendLog(path, binary=True, autoflush=False)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no directories to make
+
+
+for _scheme in ("gs", "s3", "az"):
+    record_writer.register_writer_factory(_scheme, _EventFiles())
+
+
+def drop_steps_after(path: epath.Path, step: int) -> None:
     """Remove the records of steps after `step` (and a line cut short by a kill) from a metrics JSONL:
     a run resumed from checkpoint `step` logs them again, and each step must appear once."""
     if not path.exists():
@@ -148,10 +164,10 @@ class MetricsLogger:
     Only process 0 logs by default; a disabled logger does nothing.
     """
 
-    def __init__(self, out_dir: Path | None, total_steps: int, start_step: int = 0, enabled: bool | None = None,
-                 tensorboard: bool = True, progress: bool = True):
+    def __init__(self, out_dir: str | os.PathLike | None, total_steps: int, start_step: int = 0,
+                 enabled: bool | None = None, tensorboard: bool = True, progress: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = as_path(out_dir) if out_dir is not None else None
         self.start_step = self.last_step = start_step
         self.records: list[dict[str, float]] = []
         self.started = time.time()
@@ -161,7 +177,7 @@ class MetricsLogger:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             drop_steps_after(self.out_dir / "metrics.jsonl", start_step)
-            self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
+            self.jsonl = AppendLog(self.out_dir / "metrics.jsonl")
             if tensorboard:
                 self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
         if progress:
@@ -176,7 +192,6 @@ class MetricsLogger:
         if self.jsonl is not None:
             record = {"step": step, **{k: _finite_or_none(x) for k, x in values.items()}, "time": time.time()}
             self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-            self.jsonl.flush()
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
@@ -191,8 +206,10 @@ class MetricsLogger:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Totals of this run, saved to out_dir/summary.json and printed; call it once, at the end.
+    def summary(self) -> dict:
+        """Totals of this invocation, printed, and saved to out_dir/summary.json with the history of
+        the run's invocations (`invocations`: each one's totals and the steps it went from and to);
+        call it once, at the end.
 
         `steps` is the last logged step minus `start_step`; the other values cover the logged steps
         (log every step for exact sums) and are None where nothing was logged or not finite.
@@ -210,11 +227,23 @@ class MetricsLogger:
             "mean_tokens_per_s": _finite_or_none(sum(speeds) / len(speeds)) if speeds else None,
             "wall_time_s": time.time() - self.started,
         }
-        text = json.dumps(summary, allow_nan=False)
+        tqdm.write(f"summary: {json.dumps(summary, allow_nan=False)}")
+        invocation = {"from_step": self.start_step, "to_step": self.last_step, **summary}
+        summary = {**summary, "invocations": self._earlier_invocations() + [invocation]}
         if self.out_dir is not None:
-            write_text_atomic(self.out_dir / "summary.json", text + "\n")
-        tqdm.write(f"summary: {text}")
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, allow_nan=False) + "\n")
         return summary
+
+    def _earlier_invocations(self) -> list[dict]:
+        """The invocations recorded in out_dir/summary.json by earlier runs of the same out_dir."""
+        path = self.out_dir / "summary.json" if self.out_dir is not None else None
+        if path is None or not path.exists():
+            return []
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            return []
+        return earlier.get("invocations", [earlier]) if isinstance(earlier, dict) else []
 
     def close(self) -> None:
         for handle in (self.bar, self.writer, self.jsonl):

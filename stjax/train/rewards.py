@@ -20,7 +20,9 @@ Built in:
   both the ST-R1 rows and the synthetic set write in that template.
 
 A function that raises is retried one completion at a time; the completions it still raises on
-score 0 and are counted (`Scores.errors`), so a strange completion never stops a run.
+score 0 and are counted (`Scores.errors`), so a strange completion never stops a run. A broken
+function does (`check`): one that raises on every completion of a step, or returns anything but a
+finite number or None (a string, NaN, an infinity).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,37 +130,71 @@ def columns(samples: Sequence[Sample]) -> dict[str, list]:
     return {n: [getattr(s, n) for s in samples] for n in names}
 
 
+class RewardError(RuntimeError):
+    """A reward function that cannot score this run's completions: the run stops."""
+
+
 @dataclass
 class Scores:
     values: np.ndarray  # (N, F) float64, NaN where a function said None ("does not apply")
     errors: np.ndarray  # (F,) completions each function raised on (scored 0)
+    invalid: np.ndarray  # (F,) values each function returned that are neither a finite number nor None (scored 0)
+    problems: list[str]  # (F,) the first error or invalid value of each function, "" where none
 
 
 def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str],
           samples: Sequence[Sample]) -> Scores:
     """Every function on every completion; one that raises is retried one completion at a time."""
     values = np.zeros((len(completions), len(funcs)))
-    errors = np.zeros(len(funcs), np.int64)
+    errors, invalid = np.zeros(len(funcs), np.int64), np.zeros(len(funcs), np.int64)
+    problems = [""] * len(funcs)
     fields = columns(samples)
 
-    def call(fn: RewardFunc, rows: slice) -> np.ndarray:
+    def call(fn: RewardFunc, rows: slice) -> list:
         out = list(fn(prompts=list(prompts[rows]), completions=list(completions[rows]),
                       **{k: v[rows] for k, v in fields.items()}))
         expected = len(completions[rows])
         if len(out) != expected:
             raise ValueError(f"returned {len(out)} rewards for {expected} completions")
-        return np.array([np.nan if v is None else float(v) for v in out], np.float64)
+        return out
 
     for f, fn in enumerate(funcs):
         try:
-            values[:, f] = call(fn, slice(None))
+            out = call(fn, slice(None))
         except Exception:  # noqa: BLE001 - a reward must not stop the run: find the completions it fails on
+            out = []
             for i in range(len(completions)):
                 try:
-                    values[i, f] = call(fn, slice(i, i + 1))[0]
+                    out += call(fn, slice(i, i + 1))
                 except Exception as e:  # noqa: BLE001
                     log.warning("reward %s failed on completion %d (sample %s), scored 0: %s",
                                 getattr(fn, "__name__", "function"), i, samples[i].id, e)
                     errors[f] += 1
-                    values[i, f] = 0.0
-    return Scores(values=values, errors=errors)
+                    problems[f] = problems[f] or f"on sample {samples[i].id}: {type(e).__name__}: {e}"
+                    out.append(0.0)
+        for i, v in enumerate(out):
+            if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
+                invalid[f] += 1
+                problems[f] = problems[f] or f"{v!r} for sample {samples[i].id}"
+                v = 0.0
+            values[i, f] = np.nan if v is None else float(v)
+    return Scores(values=values, errors=errors, invalid=invalid, problems=problems)
+
+
+def check(names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problems: Sequence[str], total: np.ndarray,
+          step: int) -> None:
+    """Stop the run (RewardError) when a function raised on every completion of the step, returned a
+    value that is neither a finite number nor None, or no function applies to any completion (every
+    advantage would be 0). Counts and `total` (the weighted sums) cover all processes, `problems`
+    this process's first of each function."""
+    for name, raised, wrong, problem in zip(names, errors, invalid, problems):
+        problem = problem or "on another process"
+        if raised == len(total):
+            raise RewardError(f"reward {name} raised on every completion of step {step} ({len(total)}), e.g. "
+                              f"{problem}; nothing of this step was trained")
+        if wrong:
+            raise RewardError(f"reward {name} returned {wrong} value(s) that are neither a finite number nor None at "
+                              f"step {step}, e.g. {problem}")
+    if np.isnan(total).all():
+        raise RewardError(f"no reward applies to any completion of step {step} (each of {', '.join(names)} returned "
+                          "None for all): nothing to train on")
