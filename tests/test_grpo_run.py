@@ -112,7 +112,7 @@ OTHER_OPTIONS = {
     # no reference model (beta 0), LoRA over an int8 base, sampling at 0.7 with top_k and top_p, 2 micro-batches,
     # weighted rewards, the evaluator's accuracy rule
     "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0, "lora.rank": 4, "lora.quantize_base": "int8",
-             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "accumulation": 2,
+             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "micro_batch_size": 2,
              "grpo.reward_funcs": f"[accuracy, format, {DISTINCT}]", "grpo.reward_weights": "[1.0, 0.5, 2.0]",
              "grpo.accuracy_rule": "default", "steps": 2},
     "cispo": {"grpo.loss_type": "cispo", "grpo.num_iterations": 2, "grpo.epsilon_high": 2.0,
@@ -124,8 +124,9 @@ OTHER_OPTIONS = {
 def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path, loss_type):
     """Each loss type the runs above do not use (those use dr_grpo, the 2-process one grpo) with
     other options (see OTHER_OPTIONS): every step trains (finite loss, nothing skipped, a gradient
-    wherever a completion weighs in: the rewards tell the completions apart), the KL is logged exactly when there is a reference
-    (beta > 0), the clip metrics are the loss type's, and a raising reward's failures are counted."""
+    wherever a completion weighs in: the rewards tell the completions apart), the KL is logged
+    exactly when there is a reference (beta > 0), the clip metrics are the loss type's, and a
+    raising reward's failures are counted."""
     changes = OTHER_OPTIONS[loss_type]
     finish(run_grpo(tmp_path, assets, devices=2, **{"mesh": "fsdp=2", "batch_size": 4, **changes}))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
