@@ -59,6 +59,23 @@ def test_nf4_storage_and_dequantization_equal_bitsandbytes(bnb, shape, dtype):
     np.testing.assert_array_equal(dequantized, bnb.dequantize_4bit(packed, state).float().numpy())
 
 
+def test_nf4_codes_at_ties_equal_bitsandbytes(bnb):
+    """Weights exactly on the midpoints between NF4 codes, and one float32 step either side, in blocks
+    of absmax 1 and 0.37 of both signs: the same codes as bitsandbytes' quantize_4bit (ties go to the
+    lower code), bit for bit."""
+    import torch
+
+    middle = (quant.NF4[:-1] + quant.NF4[1:]) / np.float32(2)
+    ties = np.concatenate([middle, np.nextafter(middle, np.float32(-2)), np.nextafter(middle, np.float32(2))])
+    block = np.zeros(64, np.float32)
+    block[0], block[1: 1 + ties.size] = 1.0, ties
+    w = np.stack([block, block * np.float32(0.37), -block, -block * np.float32(0.37)])
+    packed, state = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    ours = quant.quantize(w, "nf4")
+    np.testing.assert_array_equal(ours["codes"], packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(ours["absmax"], state.absmax.numpy())
+
+
 def test_int8_storage_and_dequantization_equal_bitsandbytes_llm_int8(bnb):
     """int8_vectorwise_quant (LLM.int8's weight storage, no outlier threshold) and ours: the same codes
     and row absmax (this draw has a value at exactly half a step, rounded as torch computes it), and
