@@ -267,7 +267,8 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     update and the sampler watched:
     - old log-probs are the policy's before the step, reference ones the loaded model's (they differ
       at step 2, and the update's KL is > 0);
-    - the completion mask covers each completion up to its EOS, not the token after;
+    - the completion mask covers each completion up to its EOS, not the token after (three of the
+      sampler's rows made to end early);
     - the advantages are TRL's group advantages of 2 x distinct_characters + 0.5 x format, both
       scored here from the decoded completions (1e-5), and not all zero;
     - the sampler gets top_k, top_p and the temperature, and new keys at the second step."""
@@ -307,9 +308,18 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
     stage.update_fn = lambda state, frozen, batch: (seen.append((copy(state.params), batch)),
                                                     update_fn(state, frozen, batch))[1]
-    monkeypatch.setattr(grpo, "sample", lambda graphdef, cfg, weights, inputs, last, start, keys: (
-        sampled.append((cfg, np.asarray(jax.random.key_data(keys)))), sample_fn(graphdef, cfg, weights, inputs, last,
-                                                                               start, keys))[1])
+    eos = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+    def sample(graphdef, cfg, weights, inputs, last, start, keys):
+        """The sampler, watched; three of its four rows end early with EOS (a random model rarely does)."""
+        sampled.append((cfg, np.asarray(jax.random.key_data(keys))))
+        out = sample_fn(graphdef, cfg, weights, inputs, last, start, keys)
+        lengths = jnp.array([6, 2, 4, 1])
+        tokens = jnp.where(jnp.arange(6) < lengths[:, None], out.tokens, cfg.pad_id)
+        tokens = tokens.at[jnp.arange(1, 4), lengths[1:] - 1].set(eos[0])
+        return out.replace(tokens=tokens, lengths=lengths)
+
+    monkeypatch.setattr(grpo, "sample", sample)
     logps = jax.jit(functools.partial(batch_logps, graphdef, settings=stage.settings))
     initial = copy(params)
     for step in range(2):
@@ -324,7 +334,7 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
 
     tokens, lengths = np.asarray(batch_2.completions[0]), np.asarray(batch_2.lengths[0])
     np.testing.assert_array_equal(mask, np.arange(tokens.shape[1]) < lengths[:, None])
-    eos = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert lengths.tolist() == [6, 2, 4, 1]
     for row, n in zip(tokens, lengths):  # an ended completion's last counted token is its EOS
         assert n == tokens.shape[1] or row[n - 1] in eos
     texts = [processor.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
