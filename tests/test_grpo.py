@@ -105,7 +105,8 @@ SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_hig
 def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, arch):
     """`batch_logps` (each prompt once, its completions after it in a shared KV cache, logits 4
     positions at a time) equals the log-softmax of a plain forward of each prompt + completion row
-    at each completion token (fp32, 1e-4), and the sampler's `logp_model` of the same tokens."""
+    at each completion token (fp32, 1e-4), and the sampler's `logp_model` of the same tokens; at
+    temperature 0.7, the log-softmax of the logits / 0.7."""
     data, dirs = assets
     model, _ = load_pretrained(dirs[arch])
     batch, processor = prompts(data, model.config)
@@ -126,6 +127,14 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
     np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])  # the rows hold the completions
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
     np.testing.assert_allclose(got[mask], np.asarray(out.logp_model)[mask], atol=1e-4)
+    # at temperature 0.7: TRL's log-probs of logits / 0.7
+    warm = LossSettings(**{**SETTINGS.__dict__, "temperature": 0.7})
+    got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=warm))(params, frozen, host))[0]
+    scaled = logits / 0.7
+    logp = scaled - scaled.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
 
 
 def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
