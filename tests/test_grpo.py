@@ -26,6 +26,7 @@ from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
 from stjax.train.grpo import GRPO, LossSettings, batch_logps, grpo_update, prompt_inputs, update_batch
 from stjax.train.lora import with_lora
+from stjax.train.loop import placed_state
 from stjax.train.step import OptimConfig, init_state, split_trainable
 
 G, T = 2, 6  # completions per prompt, completion tokens
@@ -104,7 +105,8 @@ SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_hig
 def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, arch):
     """`batch_logps` (each prompt once, its completions after it in a shared KV cache, logits 4
     positions at a time) equals the log-softmax of a plain forward of each prompt + completion row
-    at each completion token (fp32, 1e-4), and the sampler's `logp_model` of the same tokens."""
+    at each completion token (fp32, 1e-4), and the sampler's `logp_model` of the same tokens; at
+    temperature 0.7, the log-softmax of the logits / 0.7."""
     data, dirs = assets
     model, _ = load_pretrained(dirs[arch])
     batch, processor = prompts(data, model.config)
@@ -125,6 +127,14 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
     np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])  # the rows hold the completions
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
     np.testing.assert_allclose(got[mask], np.asarray(out.logp_model)[mask], atol=1e-4)
+    # at temperature 0.7: TRL's log-probs of logits / 0.7
+    warm = LossSettings(**{**SETTINGS.__dict__, "temperature": 0.7})
+    got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=warm))(params, frozen, host))[0]
+    scaled = logits / 0.7
+    logp = scaled - scaled.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
 
 
 def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
@@ -208,3 +218,140 @@ def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
         tokens[rollout_mesh] = stage.rollout(run, state, *prompt_inputs(model.config, without_ids(batch)), samples, 0)
     for a, b in zip(tokens[""], tokens["data=2,tensor=4"]):
         np.testing.assert_array_equal(a, b) if a.dtype.kind == "i" else np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(assets):
+    """`grpo_update` for each loss type at temperature 0.7 with old and reference log-probs (ratios
+    outside the clip range), the batch as 2 micro-batches of unequal token counts (and bnpo's, whose
+    micro-batches each normalise by their own tokens, also as one): the loss is the sum of TRL's
+    per-micro-batch losses (`_compute_loss` in training, transcribed in torch) of the update's
+    log-probs, and the gradient norm is that of TRL's gradient carried back through them (1e-5
+    relative). One compile per case: the loss types share one test."""
+    import torch
+
+    from test_grpo_loss import LOSS_TYPES, trl_loss
+
+    data, dirs = assets
+    model, _ = load_pretrained(dirs["qwen2_vl"])
+    batch, processor = prompts(data, model.config)
+    out, _ = rollout(model, batch, processor, key=3)
+    out = out.replace(lengths=jnp.array([T, 2, 4, 1]))  # micro-batches of 8 and 5 tokens
+    graphdef, params, frozen = split_trainable(model)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=4, warmup_ratio=0.0, max_grad_norm=1e3)
+    settings = LossSettings(**{**SETTINGS.__dict__, "temperature": 0.7})
+    logps = lambda p, host: batch_logps(graphdef, p, frozen, host, settings=settings)
+    pullback = jax.jit(lambda p, host, g: jax.vjp(lambda q: logps(q, host), p)[1](g)[0])
+    rng = np.random.default_rng(0)
+    for accumulation, loss_types in ((2, LOSS_TYPES), (1, ["bnpo"])):
+        host = update_rows(model, batch, out, accumulation)
+        logp = np.asarray(jax.jit(logps)(params, host))
+        old = logp + rng.normal(0, 0.3, logp.shape).astype(np.float32)
+        ref = logp + rng.normal(0, 0.5, logp.shape).astype(np.float32)
+        host = host.replace(old_logp=jnp.asarray(old), ref_logp=jnp.asarray(ref))
+        mask = torch.tensor(np.asarray(host.completion_mask))
+        for loss_type in loss_types:
+            high = 5.0 if loss_type == "cispo" else 0.28  # CISPO's epsilon_high caps the ratio itself
+            loss_settings = LossSettings(**{**settings.__dict__, "loss_type": loss_type, "epsilon_high": high})
+            _, metrics = jax.jit(functools.partial(grpo_update, graphdef, optim, loss_settings))(
+                init_state(params, optim), frozen, host)
+            x = torch.tensor(logp, requires_grad=True)
+            want = sum(trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
+                                torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
+                                beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
+                                importance_sampling_level="token", max_completion_length=T,
+                                accumulation=accumulation, num_items_in_batch=mask.sum())[0]
+                       for m in range(accumulation))
+            want.backward()
+            grads = pullback(params, host, jnp.asarray(x.grad.numpy()))
+            want_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
+            message = f"{loss_type}, accumulation {accumulation}"
+            assert int(metrics["skipped"]) == 0 and want_norm > 0, message
+            np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
+            np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
+
+
+def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):
+    """Two steps of the stage on the same two prompts (full fine-tuning, beta 0.1, num_iterations 2,
+    temperature 0.7, top_k 20, top_p 0.9, rewards weighted [2, 0.5, 0], accuracy_rule default), the
+    update and the sampler watched:
+    - old log-probs are the policy's before the step, reference ones the loaded model's (they differ
+      at step 2, and the update's KL is > 0);
+    - the completion mask covers each completion up to its EOS, not the token after (three of the
+      sampler's rows made to end early);
+    - the advantages are TRL's group advantages of 2 x distinct_characters + 0.5 x format, both
+      scored here from the decoded completions (1e-5), and not all zero;
+    - the sampler gets top_k, top_p and the temperature, and new keys at the second step."""
+    from test_grpo_loss import trl_advantages
+    from test_grpo_rewards import distinct_characters
+
+    import torch
+
+    from stjax.train import grpo
+    from stjax.train.rewards import format_reward
+
+    data, dirs = assets
+    model, _ = load_pretrained(dirs["qwen2_vl"])
+    batch, processor = prompts(data, model.config)
+    cfg = train_config.load(None, [
+        "grpo.num_generations=2", "grpo.max_completion_length=6", "batch_size=4", "grpo.beta=0.1",
+        "grpo.num_iterations=2", "grpo.temperature=0.7", "grpo.top_k=20", "grpo.top_p=0.9",
+        "grpo.reward_funcs=[test_grpo_rewards.distinct_characters, format, accuracy]",
+        "grpo.reward_weights=[2.0, 0.5, 0.0]",
+        "grpo.accuracy_rule=default", "optim.learning_rate=1e-2"], stage="grpo")
+    mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
+    placed = shard_model(model, mesh)
+    graphdef, params, frozen = split_trainable(placed)
+    optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
+    samples = {s.id: s for s in read_plain_jsonl(data / "plain.jsonl").samples}
+    run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
+                          processor=processor, out=tmp_path, start_step=0, samples=samples, peak_flops=None)
+    stage = GRPO()
+    state = placed_state(params, optim, 0, mesh)
+    stage.setup(run, placed, state)
+    # accuracy_rule: default, from the config: the evaluator's extractor credits what the release's rule does not
+    assert stage.reward_funcs[2](completions=["<answer>the answer is (B)</answer>"], answer=["B"],
+                                 options=[["A. x", "B. y"]]) == [1.0]
+
+    seen, sampled = [], []
+    update_fn, sample_fn = stage.update_fn, grpo.sample
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
+    stage.update_fn = lambda state, frozen, batch: (seen.append((copy(state.params), batch)),
+                                                    update_fn(state, frozen, batch))[1]
+    eos = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+    def sample(graphdef, cfg, weights, inputs, last, start, keys):
+        """The sampler, watched; three of its four rows end early with EOS (a random model rarely does)."""
+        sampled.append((cfg, np.asarray(jax.random.key_data(keys))))
+        out = sample_fn(graphdef, cfg, weights, inputs, last, start, keys)
+        lengths = jnp.array([6, 2, 4, 1])
+        tokens = jnp.where(jnp.arange(6) < lengths[:, None], out.tokens, cfg.pad_id)
+        tokens = tokens.at[jnp.arange(1, 4), lengths[1:] - 1].set(eos[0])
+        return out.replace(tokens=tokens, lengths=lengths)
+
+    monkeypatch.setattr(grpo, "sample", sample)
+    logps = jax.jit(functools.partial(batch_logps, graphdef, settings=stage.settings))
+    initial = copy(params)
+    for step in range(2):
+        state, metrics = stage.step(run, state, iter([dict(batch)]), step)
+    assert metrics["kl"] > 0 and metrics["skipped"] == 0
+
+    (before_2, batch_2) = seen[2]  # step 2's first update
+    np.testing.assert_allclose(np.asarray(batch_2.old_logp), np.asarray(logps(before_2, frozen, batch_2)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch_2.ref_logp), np.asarray(logps(initial, frozen, batch_2)), atol=1e-5)
+    mask = np.asarray(batch_2.completion_mask[0]) == 1
+    assert np.abs(np.asarray(batch_2.old_logp - batch_2.ref_logp)[0][mask]).max() > 1e-3
+
+    tokens, lengths = np.asarray(batch_2.completions[0]), np.asarray(batch_2.lengths[0])
+    np.testing.assert_array_equal(mask, np.arange(tokens.shape[1]) < lengths[:, None])
+    assert lengths.tolist() == [6, 2, 4, 1]
+    for row, n in zip(tokens, lengths):  # an ended completion's last counted token is its EOS
+        assert n == tokens.shape[1] or row[n - 1] in eos
+    texts = [processor.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+    total = 2.0 * np.asarray(distinct_characters(texts)) + 0.5 * np.asarray(format_reward(texts))
+    want = trl_advantages(torch.tensor(total, dtype=torch.float32), 2, "group").numpy()
+    np.testing.assert_allclose(np.asarray(batch_2.advantages[0]), want, atol=1e-5)
+    assert np.abs(want).max() > 0.5
+
+    (cfg_1, keys_1), (cfg_2, keys_2) = sampled
+    assert (cfg_1.top_k, cfg_1.top_p, cfg_1.temperature) == (20, 0.9, 0.7)
+    assert not np.any(np.all(keys_1 == keys_2, axis=-1))  # the same prompts, other keys at the next step

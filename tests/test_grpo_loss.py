@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from stjax.train.grpo import group_advantages, policy_loss
+from stjax.train import config as train_config
+from stjax.train.grpo import LossSettings, completion_keys, group_advantages, policy_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -44,7 +45,11 @@ def trl_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: s
 
 
 def trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask, *, loss_type, beta,
-             epsilon_low, epsilon_high, importance_sampling_level, max_completion_length):
+             epsilon_low, epsilon_high, importance_sampling_level, max_completion_length, accumulation=1,
+             num_items_in_batch=None):
+    """One micro-batch's loss as TRL's `_compute_loss` makes it in training, of `accumulation`
+    micro-batches per step (`steps_per_generation` = `accumulation`, one process); `num_items_in_batch`:
+    the completion tokens of the whole step (dapo and cispo), default this batch's."""
     advantages = advantages.unsqueeze(1)
     old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
     log_ratio = per_token_logps - old_per_token_logps
@@ -64,13 +69,14 @@ def trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantag
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     if loss_type == "grpo":
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     elif loss_type == "bnpo":
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
     elif loss_type == "dr_grpo":
-        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
-    else:  # dapo, cispo: num_items_in_batch spans the (single) generation batch
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length) / accumulation
+    else:  # dapo, cispo: num_items_in_batch spans the generation batch (normaliser x accumulation / steps_per_generation)
+        items = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * mask).sum() / items.clamp(min=1.0)
 
     def global_masked_mean(x):
         if x.shape[1] == 1:
@@ -186,3 +192,22 @@ def test_group_advantages_equal_trl(scale_rewards):
 def test_a_group_of_equal_rewards_has_advantage_zero_never_nan():
     got = np.asarray(group_advantages(np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3))
     assert np.all(got == 0)
+
+
+def test_loss_settings_take_epsilon_high_from_the_config():
+    load = lambda *sets: LossSettings.of(train_config.load(None, list(sets), stage="grpo"))
+    assert (load("grpo.epsilon=0.2", "grpo.epsilon_high=0.28").epsilon_high, load("grpo.epsilon=0.3").epsilon_high) == (
+        0.28, 0.3)  # unset: the same as epsilon
+    assert load("grpo.epsilon=0.3").epsilon_low == 0.3
+
+
+def test_each_completion_has_its_own_key_folded_with_the_step():
+    """The rollout's keys differ between steps, prompts and a group's completions, and repeat for the
+    same (run key, step, sample id, index)."""
+    rng = jax.random.key_data(jax.random.key(0))
+    ids = np.array([5, 9], np.int32)
+    keys = {step: np.asarray(completion_keys(rng, step, ids, 3)) for step in (0, 1, 7)}
+    rows = np.concatenate(list(keys.values()))
+    assert len({tuple(r) for r in rows}) == len(rows) == 18
+    np.testing.assert_array_equal(np.asarray(completion_keys(rng, 7, ids, 3)), keys[7])
+    np.testing.assert_array_equal(np.asarray(completion_keys(rng, 1, ids[::-1], 3)), keys[1].reshape(2, 3, -1)[::-1].reshape(6, -1))

@@ -47,8 +47,9 @@ def test_accuracy_with_the_evaluators_extractor():
 def test_format_is_think_then_answer():
     texts = ["<think>a\nb</think>\n<answer>B</answer>", " <think>a</think><answer>B</answer> \n",
              "<answer>B</answer>", "<think>a</think>", "<think>a</think> text <answer>B</answer>",
-             "<answer>B</answer><think>a</think>"]
-    assert rewards.format_reward(texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+             "<answer>B</answer><think>a</think>", "<think>a</think>b</think><answer>B</answer>",
+             "<think>a</think><answer>B</answer>b</answer>"]
+    assert rewards.format_reward(texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_reverse_thinking_credits_the_opposite_answer_from_the_records_solution():
@@ -60,6 +61,9 @@ def test_reverse_thinking_credits_the_opposite_answer_from_the_records_solution(
     got = rewards.reverse_thinking(texts, solution=[SOLUTION] * len(texts))
     assert got == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert rewards.reverse_thinking(["x"], solution=[None]) == [None]  # no gold: the reward does not apply
+    # the template counts inside <think> only: after </think> (in the answer) it scores nothing
+    after = "<think>nothing here</think><answer>" + right.split("<think>")[1].split("</think>")[0] + "</answer>"
+    assert rewards.reverse_thinking([after], solution=[SOLUTION]) == [0.0]
 
 
 def test_the_synthetic_sets_solutions_carry_the_gold(tmp_path):

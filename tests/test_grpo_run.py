@@ -4,6 +4,7 @@ devices equal 1 process x 4 devices; config errors before any work. What the emb
 is checked on the demo's run (tests/test_demo.py)."""
 
 import json
+import os
 import signal
 
 import numpy as np
@@ -12,18 +13,23 @@ import pytest
 from stjax.train import config as train_config
 from stjax.train import grpo, loop
 from stjax.train.config import ConfigError
-from test_train_run import assets, finish, logged_steps, losses, one_and_two_processes, start, wait_for  # noqa: F401
+from test_train_run import (ROOT, assets, finish, logged_steps, losses, one_and_two_processes, start,  # noqa: F401
+                            wait_for)
 
 STEPS = 6
+# The built-in rewards are all 0 for a random tiny model; distinct_characters tells its completions apart, so the
+# advantages are not 0 and the policy-gradient term carries the completions.
+DISTINCT = "test_grpo_rewards.distinct_characters"
 GRPO = {"steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
-        "grpo.beta": 0.1, "grpo.reward_funcs": "[accuracy, format, reverse_thinking]",
+        "grpo.beta": 0.1, "grpo.reward_funcs": f"[accuracy, format, reverse_thinking, {DISTINCT}]",
         "grpo.reward_weights": "[]",  # all 1 (the embedded default weighs its own two rewards)
-        "optim.learning_rate": 1e-2,
-        "grpo.log_completions_steps": 2}
+        "optim.learning_rate": 1e-2, "grpo.log_completions_steps": 2}
+TESTS_PATH = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
 
 
 def run_grpo(out, assets, **changes):
-    return start(out, assets, stage="grpo", **{**GRPO, **changes})
+    """A GRPO run of the test settings with `changes`, the test rewards importable."""
+    return start(out, assets, stage="grpo", env=TESTS_PATH, **{**GRPO, "grpo.loss_type": "dr_grpo", **changes})
 
 
 def per_step(out):
@@ -38,16 +44,31 @@ def uninterrupted(assets, tmp_path_factory):
 
 
 def test_a_run_logs_what_a_user_watches(uninterrupted):
-    record = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
-    for name in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std", "rewards/reverse_thinking/mean",
-                 "rewards/accuracy/errors", "accuracy", "format_rate", "completions/mean_length",
-                 "completions/max_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "entropy",
-                 "frac_reward_zero_std", "rollout_time", "scoring_time", "logprob_time", "update_time",
-                 "rollout_tokens_per_s", "learning_rate", "grad_norm", "completions/think_words", "answers/A"):
-        assert name in record, name
+    """Every step's record holds the metrics a user watches, with values that agree with each other:
+    the reward is the sum of the rewards' means, rewards that tell completions apart have a spread,
+    the KL to the reference is > 0 once the policy moved (after the first update), lengths within the
+    limit; the logged completions' rewards sum to their reward."""
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    names = ("accuracy", "format", "reverse_thinking", DISTINCT)
+    for r in records:
+        for name in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std",
+                     "rewards/reverse_thinking/mean", "rewards/accuracy/errors", "accuracy", "format_rate",
+                     "completions/mean_length", "completions/max_length", "completions/clipped_ratio", "kl",
+                     "clip_ratio/region_mean", "entropy", "frac_reward_zero_std", "rollout_time", "scoring_time",
+                     "logprob_time", "update_time", "rollout_tokens_per_s", "learning_rate", "grad_norm", "completions/think_words", "answers/A"):
+            assert name in r and np.isfinite(r[name]), name
+        np.testing.assert_allclose(r["reward"], sum(r[f"rewards/{n}/mean"] for n in names), rtol=1e-6)
+        assert r[f"rewards/{DISTINCT}/mean"] > 0 and r["reward_std"] > 0 and r["frac_reward_zero_std"] < 1
+        assert 1 <= r["completions/mean_length"] <= r["completions/max_length"] <= 8
+        assert 0 <= r["completions/clipped_ratio"] <= 1 and r["entropy"] > 0 and r["grad_norm"] > 0
+        assert r["accuracy"] == r["rewards/accuracy/mean"] and r["skipped"] == 0
+    assert records[0]["kl"] < 1e-7 < min(r["kl"] for r in records[1:])  # the reference is the loaded model
     completions = [json.loads(line) for line in (uninterrupted / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == {2, 4, 6}
     assert set(completions[0]) == {"step", "prompt_id", "completion", "rewards", "reward"}
+    for c in completions:
+        np.testing.assert_allclose(c["reward"], sum(v for v in c["rewards"].values() if v is not None), rtol=1e-6)
     assert (uninterrupted / "hf" / "config.json").exists() is False  # export_hf off in these runs
 
 
@@ -67,10 +88,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
     """The processes hold other prompts in other rows than the single process, yet each completion
     has its own key (run, step, sample id, index in the group): the same completions (a reward that
     tells them apart, to 1e-6: summed in another order) and the same losses (1e-5)."""
-    from test_train_run import ROOT
-
-    user = "test_grpo_rewards.distinct_characters"
-    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", env={"PYTHONPATH": str(ROOT / "tests")}, **{
+    user = DISTINCT
+    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", env=TESTS_PATH, **{
         **GRPO, "steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch",
         "grpo.reward_funcs": f"[accuracy, format, {user}]"})
     a, b = per_step(single), per_step(multi)
@@ -83,24 +102,45 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
         np.testing.assert_allclose(list(b[name].values()), list(a[name].values()), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path):
-    """Two updates per rollout batch (old log-probs from a forward before the first), dapo over
-    sequence-level ratios, truncated completions masked, decoding on a tensor-parallel mesh, LoRA over
-    an nf4 base (QLoRA: the reference is the base with the adapters off), and a user's reward (by
-    dotted path) that raises on some completions: the run finishes, every step's loss is finite, and
-    the failures are counted."""
-    from test_train_run import ROOT
+OTHER_OPTIONS = {
+    # two updates per rollout batch (old log-probs from a forward before the first), sequence-level ratios,
+    # truncated completions masked, decoding on a tensor-parallel mesh, LoRA over an nf4 base (QLoRA: the
+    # reference is the base with the adapters off), a user's reward (by dotted path) that raises on some completions
+    "dapo": {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
+             "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
+             "grpo.reward_funcs": "[accuracy, test_grpo_rewards.raises_on_odd_length]", "steps": 3,
+             "lora.rank": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"},
+    # no reference model (beta 0), LoRA over an int8 base, sampling at 0.7 with top_k and top_p, 2 micro-batches,
+    # weighted rewards, the evaluator's accuracy rule
+    "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0, "lora.rank": 4, "lora.quantize_base": "int8",
+             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "micro_batch_size": 2,
+             "grpo.reward_funcs": f"[accuracy, format, {DISTINCT}]", "grpo.reward_weights": "[1.0, 0.5, 2.0]",
+             "grpo.accuracy_rule": "default", "steps": 2},
+    "cispo": {"grpo.loss_type": "cispo", "grpo.num_iterations": 2, "grpo.epsilon_high": 2.0,
+              "grpo.scale_rewards": "batch", "steps": 2},
+}
 
-    user = "test_grpo_rewards.raises_on_odd_length"
-    changes = {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
-               "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
-               "grpo.reward_funcs": f"[accuracy, {user}]", "steps": 3, "mesh": "fsdp=2", "batch_size": 4,
-               "lora.rank": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"}
-    finish(run_grpo(tmp_path, assets, devices=2, env={"PYTHONPATH": str(ROOT / "tests")}, **changes))
+
+@pytest.mark.parametrize("loss_type", list(OTHER_OPTIONS))
+def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path, loss_type):
+    """Each loss type the runs above do not use (those use dr_grpo, the 2-process one grpo) with
+    other options (see OTHER_OPTIONS): every step trains (finite loss, nothing skipped, a gradient
+    wherever a completion weighs in: the rewards tell the completions apart), the KL is logged
+    exactly when there is a reference (beta > 0), the clip metrics are the loss type's, and a
+    raising reward's failures are counted."""
+    changes = OTHER_OPTIONS[loss_type]
+    finish(run_grpo(tmp_path, assets, devices=2, **{"mesh": "fsdp=2", "batch_size": 4, **changes}))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == list(range(1, changes["steps"] + 1))
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
-    assert sum(r[f"rewards/{user}/errors"] for r in records) > 0  # 12 completions: some of odd length
+    # a gradient wherever a completion weighs in: with truncated completions masked (a random model rarely
+    # ends one within 8 tokens), a step whose completions were all cut has none
+    masked = changes.get("grpo.mask_truncated_completions") == "true"
+    assert all((r["grad_norm"] > 0) == (r["completions/clipped_ratio"] < 1 or not masked) for r in records)
+    assert all(("kl" in r) == (changes.get("grpo.beta", GRPO["grpo.beta"]) > 0) for r in records)
+    assert all(("cispo_clip_ratio" in r) == (loss_type == "cispo") != ("clip_ratio/region_mean" in r) for r in records)
+    if loss_type == "dapo":
+        assert sum(r["rewards/test_grpo_rewards.raises_on_odd_length/errors"] for r in records) > 0
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -59,6 +59,23 @@ def test_nf4_storage_and_dequantization_equal_bitsandbytes(bnb, shape, dtype):
     np.testing.assert_array_equal(dequantized, bnb.dequantize_4bit(packed, state).float().numpy())
 
 
+def test_nf4_codes_at_ties_equal_bitsandbytes(bnb):
+    """Weights exactly on the midpoints between NF4 codes, and one float32 step either side, in blocks
+    of absmax 1 and 0.37 of both signs: the same codes as bitsandbytes' quantize_4bit (ties go to the
+    lower code), bit for bit."""
+    import torch
+
+    middle = (quant.NF4[:-1] + quant.NF4[1:]) / np.float32(2)
+    ties = np.concatenate([middle, np.nextafter(middle, np.float32(-2)), np.nextafter(middle, np.float32(2))])
+    block = np.zeros(64, np.float32)
+    block[0], block[1: 1 + ties.size] = 1.0, ties
+    w = np.stack([block, block * np.float32(0.37), -block, -block * np.float32(0.37)])
+    packed, state = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    ours = quant.quantize(w, "nf4")
+    np.testing.assert_array_equal(ours["codes"], packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(ours["absmax"], state.absmax.numpy())
+
+
 def test_int8_storage_and_dequantization_equal_bitsandbytes_llm_int8(bnb):
     """int8_vectorwise_quant (LLM.int8's weight storage, no outlier threshold) and ours: the same codes
     and row absmax (this draw has a value at exactly half a step, rounded as torch computes it), and
@@ -74,13 +91,52 @@ def test_int8_storage_and_dequantization_equal_bitsandbytes_llm_int8(bnb):
                                   bnb.int8_vectorwise_dequant(codes, absmax).numpy())
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_values_are_within_half_a_code_gap_of_the_weights_without_bitsandbytes(double_quant):
+    """Checked in NumPy, without bitsandbytes: each block of 64 weights (a few outliers among them)
+    dequantizes within its absmax x half the largest NF4 gap of the weights, each weight on its
+    nearest code; under double quantization the block scales decode within half the largest 8-bit
+    map gap x their second-level scale of the true absmax (the offset the float64 mean, 1e-6), and
+    the weights within the first bound plus that scale error."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((96, 384)).astype(np.float32) * 0.02
+    w.reshape(-1)[rng.choice(w.size, 40, replace=False)] *= 30  # outliers: scales over two decades
+    stored = quant.quantize(w, "nf4", double_quant=double_quant)
+    got = np.asarray(quant.dequantize(stored, "nf4", w.shape, jnp.float32)).reshape(-1, 64)
+    blocks = w.reshape(-1, 64)
+    absmax = np.abs(blocks).max(axis=1)
+    decoded = np.asarray(quant.block_absmax(stored))
+    scale_error = np.zeros_like(absmax)
+    if double_quant:
+        np.testing.assert_allclose(stored["absmax_offset"], absmax.astype(np.float64).mean(), rtol=1e-6)
+        centred = absmax - absmax.astype(np.float64).mean()
+        second = np.abs(np.pad(centred, (0, -centred.size % 256)).reshape(-1, 256)).max(axis=1)
+        scale_error = np.repeat(second, 256)[: absmax.size] * np.diff(quant.DYNAMIC).max() / 2 * (1 + 1e-5)
+    assert np.all(np.abs(decoded - absmax) <= scale_error + 1e-6 * absmax)
+    bound = absmax * np.diff(quant.NF4).max() / 2 * (1 + 1e-6) + scale_error
+    assert np.all(np.abs(got - blocks) <= bound[:, None])
+    packed = stored["codes"]
+    codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1, 64)
+    distance = np.abs((blocks / absmax[:, None])[..., None] - quant.NF4)
+    np.testing.assert_allclose(np.take_along_axis(distance, codes[..., None].astype(int), -1)[..., 0],
+                               distance.min(-1), atol=1e-6)
+
+
+def test_int8_values_are_within_half_a_step_of_the_weights_without_bitsandbytes():
+    """Each row's int8 codes are round(w x 127 / absmax): the dequantized weights are within
+    absmax / 254 of the weights (plus float32 rounding)."""
+    w = np.random.default_rng(5).standard_normal((48, 80)).astype(np.float32) * 0.05
+    got = np.asarray(quant.dequantize(quant.quantize(w, "int8"), "int8", w.shape, jnp.float32))
+    absmax = np.abs(w).max(axis=1, keepdims=True)
+    assert np.all(np.abs(got - w) <= absmax / 254 * (1 + 1e-5))
+
+
 def test_double_quantization_is_bitsandbytes_scheme(bnb):
     """compress_statistics=True: the absmax less its mean, in blocks of 256, on bitsandbytes' 8-bit
-    dynamic map. Our map is within an ulp of its (made in float64 and rounded once, where bitsandbytes
-    rounds each float32 step), so its double-quantized state through our dequantize gives its
-    dequantize_4bit to 1e-6. Our scale codes are the nearest map values; bitsandbytes' CPU kernel
+    dynamic map. Our map is its, bit for bit (made in float32 as torch makes it), and its
+    double-quantized state through our dequantize gives its dequantize_4bit to 1e-6. Our scale codes are the nearest map values; bitsandbytes' CPU kernel
     rounds a few of them (0.2% here) to a farther one."""
-    np.testing.assert_allclose(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy(), rtol=0, atol=6e-8)
+    np.testing.assert_array_equal(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy())  # bit for bit
     shape = (1280, 3420)
     w = weights(shape, "float32")
     packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -158,14 +214,25 @@ def random_adapters(model, seed: int = 1) -> nnx.State:
 def test_a_qlora_step_has_the_loss_and_gradients_of_a_lora_step_on_the_dequantized_base(fmt, double_quant):
     """The train step's micro-batch loss (`step.sft_micro_loss`, what `update` differentiates) and its
     gradient with respect to the adapters, over the quantized base and over a base holding the
-    dequantized weights as float32 parameters, with the same adapters: equal to 1e-5."""
+    dequantized weights as float32 parameters, with the same adapters: equal to 1e-5. That base is
+    checked against the weights before quantization, not against our dequantization: every quantized
+    layer within its largest weight x half the format's largest step (NF4's code gap, int8's 1/127;
+    5% slack for double quantization's scales), and none exact."""
     cfg = tiny_config("qwen2_5_vl")
-    quantized = quantize_model(init_model(cfg, seed=0), quantize_base=fmt, quantize_targets="all",
-                               double_quant=double_quant)
+    original = init_model(cfg, seed=0)
+    before = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(original)))
+    quantized = quantize_model(original, quantize_base=fmt, quantize_targets="all", double_quant=double_quant)
     stored = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(quantized, quant.QuantizedArray)))
     assert {p[:-2] for p in stored} == {p[:-1] for p in quantized_paths(quantized.config)}
+    dequantized = merge_lora(quantized)
+    after = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(dequantized)))
+    half_step = {"nf4": np.diff(quant.NF4).max() / 2, "int8": 1 / 254}[fmt] * 1.05
+    for path in quantized_paths(quantized.config):
+        w, got = np.asarray(before[path], np.float32), np.asarray(after[path], np.float32)
+        error = np.abs(got - w).max()
+        assert 0 < error <= np.abs(w).max() * half_step, path
     qlora = with_lora(quantized, rank=4, alpha=8.0)
-    lora = with_lora(merge_lora(quantized), rank=4, alpha=8.0)
+    lora = with_lora(dequantized, rank=4, alpha=8.0)
     adapters = random_adapters(qlora)
     nnx.update(qlora, adapters)
     nnx.update(lora, adapters)
@@ -246,10 +313,20 @@ def test_export_merges_the_adapters_into_the_dequantized_base_and_the_sampler_ru
                                   generate(exported, inputs, length, jax.random.key(0), sampling).tokens)
 
 
-def test_the_evaluator_runs_a_quantized_model(tmp_path):
-    mcq.main(["--out", str(tmp_path), "--walks", "1", "--max-new-tokens", "8", "--quantize", "nf4"])
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_the_evaluator_runs_a_quantized_model(tmp_path, monkeypatch, fmt):
+    """`--quantize`: the model the evaluator answers with holds every linear layer's weight as `fmt`
+    codes (none as a float weight), and the run records the format."""
+    import stjax.models.loading
+
+    loaded = []
+    load = stjax.models.loading.load_pretrained
+    monkeypatch.setattr(stjax.models.loading, "load_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    mcq.main(["--out", str(tmp_path), "--walks", "1", "--max-new-tokens", "8", "--quantize", fmt])
     assert len(mcq.load_records(tmp_path / "predictions.jsonl")) == 6
-    assert json.loads((tmp_path / mcq.RUN).read_text())["quantize"] == "nf4"
+    assert json.loads((tmp_path / mcq.RUN).read_text())["quantize"] == fmt
+    codes = [x for x in jax.tree.leaves(nnx.state(loaded[0][0], quant.QuantizedArray)) if x.dtype in (jnp.uint8, jnp.int8)]
+    assert codes and {x.dtype for x in codes} == {jnp.dtype(jnp.int8 if fmt == "int8" else jnp.uint8)}
 
 
 def test_the_sft_demo_config_learns_over_an_nf4_base_as_over_a_bf16_one(synthetic_assets, tmp_path):

@@ -56,9 +56,8 @@ def test_greedy_tokens_equal_transformers_generate(models, arch, prompts):
     assert (lengths == 32).any()
 
 
-def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0, suppress=()) -> np.ndarray:
-    """log_softmax(logits / T) of each generated token from one forward over prompt + completion,
-    with the `suppress` tokens removed from the distribution."""
+def completion_logits(model, batch, tokens: np.ndarray) -> np.ndarray:
+    """(B, T, V) logits predicting each completion token, from one forward over prompt + completion."""
     cfg = model.config
     prompt_len = batch["input_ids"].shape[1]
     ids = np.concatenate([batch["input_ids"], tokens], axis=1)
@@ -67,7 +66,13 @@ def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0
     full["position_ids"], _ = rope_index(ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                                          batch.get("second_per_grid_ts"), cfg)
     logits = np.asarray(compiled_forward(model, prepare_inputs(cfg, **full)))[:, : ids.shape[1]]
-    logits = logits[:, prompt_len - 1: -1] / temperature
+    return logits[:, prompt_len - 1: -1]
+
+
+def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0, suppress=()) -> np.ndarray:
+    """log_softmax(logits / T) of each generated token from one forward over prompt + completion,
+    with the `suppress` tokens removed from the distribution."""
+    logits = completion_logits(model, batch, tokens) / temperature
     logits[..., list(suppress)] = -np.inf
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True)
@@ -123,6 +128,28 @@ def test_samples_follow_softmax_of_logits_over_temperature(models):
     wrong = np.exp(logits * temperature - (logits * temperature).max())
     wrong = np.append((wrong / wrong.sum() * draws)[big], (wrong / wrong.sum() * draws)[~big].sum())
     assert float(((observed - wrong) ** 2 / wrong).sum()) > chi_square_critical(len(observed) - 1)
+
+
+def test_the_second_token_follows_its_own_distribution_given_the_first(models):
+    """Each token is drawn with its own key: among 3000 two-token samples, those whose first token is
+    the most frequent one have second tokens that follow softmax(logits / T) of prompt + that token
+    (chi-square at the 0.1% level; a key reused for both tokens ties the second draw to the first)."""
+    model, _ = models["qwen2_vl"]
+    batch = make_batch(model.config, PROMPTS[:1], fps=4.0)
+    temperature, draws = 0.5, 3000
+    out = run(model, batch, SamplingConfig(max_new_tokens=2, temperature=temperature, num_samples=draws), seed=2)
+    tokens = np.asarray(out.tokens)
+    first = np.bincount(tokens[:, 0]).argmax()
+    second = tokens[tokens[:, 0] == first, 1]
+    assert len(second) > 100
+    logits = completion_logits(model, batch, np.array([[first, 0]]))[0, 1] / temperature
+    expected = np.exp(logits - logits.max())
+    expected = expected / expected.sum() * len(second)
+    counts = np.bincount(second, minlength=len(expected))
+    big = expected >= 5
+    observed, expected = np.append(counts[big], counts[~big].sum()), np.append(expected[big], expected[~big].sum())
+    assert big.sum() >= 3
+    assert float(((observed - expected) ** 2 / expected).sum()) < chi_square_critical(len(observed) - 1)
 
 
 def test_top_k_and_top_p_stay_inside_their_sets(models):

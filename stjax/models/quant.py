@@ -52,14 +52,24 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
 INT8_SCALE = np.float32(7.874015718698502e-3)  # 1 / 127, as bitsandbytes' int8 dequantization writes it
 
 
+def _linspace(start: float, end: float, count: int) -> np.ndarray:
+    """torch.linspace in float32 as its CPU kernel computes it: from both ends towards the middle,
+    each value one fused multiply-add of a float32 step (exact in float64, then rounded once)."""
+    start, end = np.float32(start), np.float32(end)
+    step = np.float64(np.float32(end - start) / np.float32(count - 1))
+    i = np.arange(count)
+    return np.where(i < count // 2, start + step * i, end - step * (count - 1 - i)).astype(np.float32)
+
+
 def _dynamic_map() -> np.ndarray:
-    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`): for e = 0..6, the
-    midpoints of 2^e + 1 points evenly spaced on [0.1, 1], times 10^(e - 6), with both signs; then 0
-    and 1. Computed in float64 and rounded once (bitsandbytes' float32 steps differ by an ulp at most)."""
-    values = [0.0, 1.0]
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`), bit for bit: for
+    e = 0..6, the midpoints of 2^e + 1 points evenly spaced on [0.1, 1], times 10^(e - 6), with both
+    signs; then 0 and 1. Every step in float32, as bitsandbytes makes it with torch."""
+    values = [np.float32(0.0), np.float32(1.0)]
     for e in range(7):
-        means = 0.1 + 0.9 * (np.arange(2**e) + 0.5) / 2**e
-        values += list(10.0 ** (e - 6) * means) + list(-(10.0 ** (e - 6)) * means)
+        bounds = _linspace(0.1, 1.0, 2**e + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        values += list(np.float32(10.0 ** (e - 6)) * means) + list(np.float32(-(10.0 ** (e - 6))) * means)
     return np.sort(np.asarray(values, np.float32))
 
 

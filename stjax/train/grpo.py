@@ -226,15 +226,16 @@ def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State
     """One micro-batch's share of the step's loss (normalisers from the whole step), and metric sums."""
     model = nnx.merge(graphdef, params, frozen)
     logp, entropy = completion_logps(model, micro, settings.temperature, settings.chunk, key)
+    tokens = jnp.sum(micro.completion_mask)
+    bnpo = settings.loss_type == "bnpo"  # TRL's bnpo: each micro-batch's own tokens, then the micro-batches' mean
     loss, metrics = policy_loss(
         logp, micro.old_logp, micro.ref_logp, micro.advantages, micro.completion_mask, loss_type=settings.loss_type,
         beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
         importance_sampling_level=settings.importance_sampling_level,
-        max_completion_length=settings.max_completion_length, num_items_in_batch=jnp.sum(batch.completion_mask),
-        num_sequences=batch.advantages.size)
-    if settings.loss_type == "bnpo":  # TRL's bnpo normalises each micro-batch by its own tokens
+        max_completion_length=settings.max_completion_length,
+        num_items_in_batch=tokens if bnpo else jnp.sum(batch.completion_mask), num_sequences=batch.advantages.size)
+    if bnpo:
         loss = loss / batch.advantages.shape[0]
-    tokens = jnp.sum(micro.completion_mask)
     sums = {k: v * tokens for k, v in metrics.items()}  # token-weighted over the micro-batches
     return loss, {**sums, "entropy": jnp.sum(entropy * micro.completion_mask), "loss_tokens": tokens}
 
