@@ -1,6 +1,7 @@
 """stjax.io's local writers are durable (issue #24): a file's bytes are fsync'd before its rename and the
 directory after it, so a power loss leaves the old or the new output; a write that fails leaves the old
-file whole. (The object-store side is test_object_store.py; mixed directories are test_fault_classes.py.)"""
+file whole; a lock left held by a run that raised is taken over in the same process. (The object-store
+side is test_object_store.py; mixed directories are test_fault_classes.py.)"""
 
 import errno
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stjax.io import atomic_dir, write_text_atomic
+from stjax.io import DirectoryLock, atomic_dir, write_text_atomic
 
 
 @pytest.fixture
@@ -60,3 +61,12 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
         write_text_atomic(target, "new settings, longer than the old ones\n")
     assert target.read_text() == "old settings\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no partial file left behind
+
+
+def test_a_lock_left_held_by_a_run_that_raised_is_taken_over_in_the_same_process(tmp_path):
+    """A run that raised may keep its lock through the traceback (never released); the next run in
+    the same process (a notebook, a test) takes it over rather than being refused."""
+    DirectoryLock(tmp_path, "training run").acquire()  # never released
+    again = DirectoryLock(tmp_path, "training run").acquire()
+    again.release()
+    DirectoryLock(tmp_path).acquire().release()
