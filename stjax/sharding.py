@@ -113,7 +113,12 @@ def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
 
 def model_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
     """The model's state with a NamedSharding in place of every variable's value."""
-    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), nnx.state(model),
+    return state_shardings(nnx.state(model), mesh, rules)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
+    """`state` (of a model, or a part of one from `nnx.split`) with a NamedSharding in place of every value."""
+    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

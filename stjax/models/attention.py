@@ -1,5 +1,8 @@
 """Attention backends. Every backend computes the same function; `xla` is the reference.
 
+The platform is that of the mesh the program is traced under (`platform`), so a program compiled
+here for a TPU topology takes the TPU's choices.
+
 - `auto` (the default): the platform's fused kernel: `cpu_flash` on CPUs, `dot_product` on GPUs,
   `xla` on TPUs (there `pallas_tpu` is opt-in until it has been checked on a TPU).
 
@@ -29,6 +32,15 @@ from stjax.models import cpu_attention
 
 BACKENDS = ("auto", "xla", "dot_product", "pallas_tpu", "cpu_flash")
 _PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
+
+
+def platform() -> str:
+    """The platform the traced program is for: that of the current mesh's devices (`jax.set_mesh`;
+    a program compiled here for a TPU topology is a TPU program), else the default backend's.
+    CUDA and ROCm read as "gpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    name = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    return "gpu" if name in ("cuda", "rocm") else name
 
 
 def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool, q_offset=0) -> jax.Array:
@@ -65,7 +77,7 @@ def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
     (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask;
     `key_lengths` (B,) keeps each row's first keys only (cuDNN's padding mask: no bias)."""
     kw = dict(mask=mask, is_causal=is_causal, key_value_seq_lengths=key_lengths)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, **kw, implementation="cudnn")
         except (ValueError, NotImplementedError) as e:  # raised while tracing: head size, layout, ...
@@ -92,7 +104,7 @@ def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
         return fa.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d**-0.5,
                                   block_sizes=blocks)
 
-    if jax.default_backend() == "tpu":
+    if platform() == "tpu":
         out = run()
     else:
         with pltpu.force_tpu_interpret_mode():
@@ -113,7 +125,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
     padding queries are never used.
     """
     if backend == "auto":
-        backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
+        backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(platform(), "xla")
     if backend == "dot_product":
         # Told that the mask is causal, cuDNN skips the key tiles past the diagonal (half the work
         # of a long causal row); the segments then ride along as the bias, unless the rows are

@@ -276,6 +276,18 @@ def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ba
     return jax.lax.map(one, batch.replace(old_logp=None, ref_logp=None))
 
 
+def update_function(graphdef: nnx.GraphDef, optim, settings: LossSettings, shardings: TrainState, mesh):
+    """The jitted update (state, frozen, batch) -> (state, metrics): the state donated and kept where
+    `shardings` puts it, the metrics replicated."""
+    return jax.jit(functools.partial(grpo_update, graphdef, optim, settings),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+
+
+def logps_function(graphdef: nnx.GraphDef, settings: LossSettings):
+    """The jitted `batch_logps` (params, frozen, batch) -> (accum, B, T) log-probs."""
+    return jax.jit(functools.partial(batch_logps, graphdef, settings=settings))
+
+
 # ---------------------------------------------------------------- host side: prompts, completions
 
 
@@ -385,11 +397,9 @@ class GRPO:
                 self.reference = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p),
                                          out_shardings=jax.tree.map(lambda x: x.sharding, state.params)
                                          )(split_trainable(model)[1])
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        replicated = NamedSharding(run.mesh, PartitionSpec())
-        self.update_fn = jax.jit(functools.partial(grpo_update, run.graphdef, run.optim, self.settings),
-                                 out_shardings=(shardings, replicated), donate_argnums=0)
-        self.logps_fn = jax.jit(functools.partial(batch_logps, run.graphdef, settings=self.settings))
+        self.update_fn = update_function(run.graphdef, run.optim, self.settings,
+                                         jax.tree.map(lambda x: x.sharding, state), run.mesh)
+        self.logps_fn = logps_function(run.graphdef, self.settings)
         self.completions_log = run.out / "completions.jsonl"
         if jax.process_index() == 0:  # a resumed run logs the steps after its checkpoint again
             drop_steps_after(self.completions_log, run.start_step)
