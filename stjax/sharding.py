@@ -130,6 +130,40 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+def batch_mesh_axes(size: int) -> tuple[str, ...]:
+    """The axes of the current mesh (`jax.set_mesh`) that a batch dimension of `size` is split over
+    (`partition_spec`'s rule for "batch"); () outside a mesh of these axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return ()
+    axes = partition_spec(("batch",), (size,), mesh)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """`x` with its batch axis split over the current mesh's (data, fsdp) axes, the other axes left to
+    XLA. Activations carry this (the residual stream, final hidden states, logits, the KV cache), so
+    that an FSDP program gathers weights and keeps activations split by rows; without it XLA may
+    all-reduce whole-batch activations inside the layer loop instead. A no-op outside a mesh."""
+    axes = batch_mesh_axes(x.shape[batch_axis])
+    if not axes:
+        return x
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[batch_axis] = axes
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def on_mesh(fn, mesh: Mesh):
+    """`fn` (a jitted function) called, and so traced, under `jax.set_mesh(mesh)`: the activation
+    constraints (`constrain_batch`) and the attention backend (`stjax.models.attention.platform`)
+    then see the mesh."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=None) -> NamedSharding:
     """Shard an input array's batch dimension over (data, fsdp); replicate the rest."""
     axes = [None] * len(shape)

@@ -249,8 +249,12 @@ class Runner:
         """Record fields (pred, and the response or the letter logits) for each sample of one batch."""
         inputs, length = left_padded_batch(self.model.config, arrays, self.cfg.batch_size,
                                            self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-        if self.mesh is not None:
-            inputs = shard_inputs(inputs, self.mesh)
+        if self.mesh is None:
+            return self.run_inputs(samples, inputs, length, step)
+        with jax.set_mesh(self.mesh):  # activations split by rows, the backend of the mesh's devices
+            return self.run_inputs(samples, shard_inputs(inputs, self.mesh), length, step)
+
+    def run_inputs(self, samples: list[Sample], inputs: ModelInputs, length: int, step: int) -> list[dict]:
         if self.cfg.mode == "logits":
             return self.score_letters(samples, inputs, length)
         return self.decode(samples, inputs, length, step)

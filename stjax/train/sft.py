@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from stjax.sharding import on_mesh
 from stjax.train import loop
 from stjax.train.batch import global_batch, host_batch
 from stjax.train.config import TrainConfig
@@ -40,8 +41,8 @@ class SFT:
         return 1
 
     def setup(self, run: loop.Run, model, state: TrainState) -> None:
-        self.step_fn = step_function(run.graphdef, run.optim, run.cfg, jax.tree.map(lambda x: x.sharding, state),
-                                     run.mesh)
+        self.step_fn = on_mesh(step_function(run.graphdef, run.optim, run.cfg,
+                                             jax.tree.map(lambda x: x.sharding, state), run.mesh), run.mesh)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         micro_batches = [next(data) for _ in range(run.cfg.accumulation)]

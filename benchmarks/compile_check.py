@@ -1,0 +1,112 @@
+"""Compile every shipped accelerator config for its target (`--compile-only`) and write the table.
+
+    python benchmarks/compile_check.py [--only v5p-64 ...] [--label after] [--write BENCHMARKS.md]
+
+Each config runs in its own process (`python -m stjax.train --compile-only --topology T`; a 7B step
+takes minutes to compile on a 2-core machine), the rows are printed as they come and, with --write,
+replace the table of the same label in BENCHMARKS.md's "Compile check" section. GPU targets need
+jax's CUDA plugin in the interpreter (`pip install -e ".[cuda]"`), TPU targets libtpu (`.[tpu]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# config -> the target it is written for
+TARGETS = {
+    "configs/sft/qwen2.5-vl-7b-tpu-v5p-64.yaml": "v5p:4x4x2",
+    "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml": "v5p:4x4x2",
+    "configs/grpo/qwen2-vl-7b-tpu-v5p-16.yaml": "v5p:2x2x2",
+    "configs/sft/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
+    "configs/grpo/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
+    "configs/sft/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
+    "configs/sft/qwen2.5-vl-7b-h100x4.yaml": "h100x4",
+    "configs/sft/qwen2-vl-7b-h100x8.yaml": "h100x8",
+    "configs/sft/qwen2-vl-7b-h100x4.yaml": "h100x4",
+    "configs/grpo/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
+    "configs/grpo/qwen2-vl-7b-h100x4.yaml": "h100x4",
+}
+HEADER = ("| config | program | target | GiB per chip | headroom GiB | collective GiB/step | roofline step | "
+          "MFU ceiling | compile s |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def one(config: str, topology: str) -> None:
+    """In the child: compile and print one JSON line per program."""
+    from stjax import compile_only
+    from stjax.train import config as train_config
+    from stjax.train.compile_only import compile_run
+
+    try:
+        reports = compile_run(train_config.load(config), topology, echo=lambda text: print(text, file=sys.stderr))
+    except compile_only.DoesNotFit as e:
+        print(json.dumps({"error": str(e)}))
+        return
+    for r in reports:
+        print(json.dumps({"program": r.name, "target": r.target, "need": r.need / compile_only.GIB,
+                          "headroom": r.headroom / compile_only.GIB, "collective": r.collective_bytes / compile_only.GIB,
+                          "roofline": r.roofline_s, "mfu": r.mfu_ceiling, "compile": r.compile_s}))
+
+
+def rows(config: str, topology: str) -> list[str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, __file__, "--one", config, topology], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    name = Path(config).stem
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode or not lines:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return [f"| {name} | - | {topology} | failed: {error} | | | | | |"]
+    out = []
+    for r in lines:
+        if "error" in r:
+            out.append(f"| {name} | - | {topology} | does not fit: {r['error']} | | | | | |")
+            continue
+        out.append(f"| {name} | {r['program']} | {r['target']} | {r['need']:.1f} | {r['headroom']:.1f} | "
+                   f"{r['collective']:.2f} | {r['roofline'] * 1e3:.0f} ms | {r['mfu']:.0%} | {r['compile']:.0f} |")
+    return out
+
+
+def write(path: Path, label: str, table: list[str]) -> None:
+    """Replace (or add) the `label` table in the "Compile check" section."""
+    text = path.read_text()
+    title = "## Compile check: every accelerator config on its target (issue 22)"
+    block = f"### {label}, {datetime.date.today()}\n\n{HEADER}\n" + "\n".join(table) + "\n"
+    if title not in text:
+        text = text.rstrip("\n") + f"\n\n{title}\n\n`python benchmarks/compile_check.py --write BENCHMARKS.md`\n"
+    pattern = re.compile(rf"### {re.escape(label)}, [\d-]+\n\n.*?(?=\n### |\n## |\Z)", re.S)
+    text = pattern.sub(lambda _: block.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=[], help="configs whose path contains one of these")
+    parser.add_argument("--label", default="current", help="the table's title (e.g. before / after a change)")
+    parser.add_argument("--write", type=Path, help="BENCHMARKS.md to update")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one(*args.one)
+    chosen = [(c, t) for c, t in TARGETS.items() if not args.only or any(o in c for o in args.only)]
+    print(HEADER, flush=True)
+    table = []
+    for config, topology in chosen:
+        if not (ROOT / config).exists():
+            continue
+        for line in rows(config, topology):
+            print(line, flush=True)
+            table.append(line)
+    if args.write:
+        write(args.write, args.label, table)
+
+
+if __name__ == "__main__":
+    main()
