@@ -31,11 +31,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from stjax.models.config import PRESETS_DIR, ConfigError as ModelConfigError, QwenVLConfig, presets
 from stjax.models.inputs import ModelInputs, prepare_inputs
-from stjax.sharding import batch_sharding, state_shardings
+from stjax.sharding import batch_sharding, input_shardings, state_shardings
 
 GIB = 1024**3
 GPU_TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
@@ -400,12 +399,5 @@ def batched_inputs(one: ModelInputs, batch: int, mesh, lead: tuple[int, ...] = (
 
 def placed_inputs(inputs: ModelInputs, mesh) -> ModelInputs:
     """Abstract flat-layout inputs placed as `stjax.sharding.shard_inputs` places them."""
-    replicated = NamedSharding(mesh, PartitionSpec())
     like = lambda x, sharding: abstract(np.shape(x), np.asarray(x).dtype, sharding)
-    batch = lambda x, axis=0: like(x, batch_sharding(mesh, np.shape(x), axis))
-    vision = inputs.vision
-    if vision is not None:
-        vision = jax.tree.map(lambda x: like(x, replicated), vision).replace(
-            token_index=batch(vision.token_index), token_mask=batch(vision.token_mask))
-    return inputs.replace(input_ids=batch(inputs.input_ids), attention_mask=batch(inputs.attention_mask),
-                          position_ids=batch(inputs.position_ids, 1), vision=vision)
+    return jax.tree.map(like, inputs, input_shardings(inputs, mesh))

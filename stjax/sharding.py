@@ -171,13 +171,18 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=
     return named_sharding(mesh, axes, shape, rules)
 
 
-def shard_inputs(inputs, mesh: Mesh, rules=None):
-    """Place a `ModelInputs` on the mesh: batch dimensions over (data, fsdp), vision data replicated."""
-    batch = lambda x, axis=0: jax.device_put(x, batch_sharding(mesh, x.shape, axis, rules))
+def input_shardings(inputs, mesh: Mesh, rules=None):
+    """Where `shard_inputs` places a `ModelInputs`: a tree like it of shardings."""
+    batch = lambda x, axis=0: batch_sharding(mesh, np.shape(x), axis, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     vision = inputs.vision
     if vision is not None:
-        vision = jax.device_put(vision, replicated).replace(token_index=batch(vision.token_index),
-                                                             token_mask=batch(vision.token_mask))
+        vision = jax.tree.map(lambda _: replicated, vision).replace(token_index=batch(vision.token_index),
+                                                                   token_mask=batch(vision.token_mask))
     return inputs.replace(input_ids=batch(inputs.input_ids), attention_mask=batch(inputs.attention_mask),
                           position_ids=batch(inputs.position_ids, 1), vision=vision)
+
+
+def shard_inputs(inputs, mesh: Mesh, rules=None):
+    """Place a `ModelInputs` on the mesh: batch dimensions over (data, fsdp), vision data replicated."""
+    return jax.device_put(inputs, input_shardings(inputs, mesh, rules))
