@@ -39,39 +39,41 @@ HEADER = ("| config | program | target | GiB per chip | headroom GiB | collectiv
 
 
 def one(config: str, topology: str) -> None:
-    """In the child: compile and print one JSON line per program."""
-    from stjax import compile_only
+    """In the child: compile, printing one JSON line per program as soon as it is compiled."""
+    from stjax import compile_only as co
     from stjax.train import config as train_config
-    from stjax.train.compile_only import compile_run
+    from stjax.train.compile_only import programs
+    from stjax.sharding import make_mesh
 
-    try:
-        reports = compile_run(train_config.load(config), topology, echo=lambda text: print(text, file=sys.stderr))
-    except compile_only.DoesNotFit as e:
-        print(json.dumps({"error": str(e)}))
-        return
-    for r in reports:
-        print(json.dumps({"program": r.name, "target": r.target, "need": r.need / compile_only.GIB,
-                          "headroom": r.headroom / compile_only.GIB, "collective": r.collective_bytes / compile_only.GIB,
-                          "roofline": r.roofline_s, "mfu": r.mfu_ceiling, "compile": r.compile_s}))
+    cfg = train_config.load(config)
+    target = co.target(topology)
+    mesh = make_mesh(train_config.check(cfg, len(target.devices)), target.devices)
+    for program in programs(cfg, mesh):
+        r, _ = co.compile_program(program, target, mesh)
+        print(co.format_report(r), file=sys.stderr, flush=True)
+        print(json.dumps({"program": r.name, "target": r.target, "need": r.need / co.GIB,
+                          "headroom": r.headroom / co.GIB, "collective": r.collective_bytes / co.GIB,
+                          "roofline": r.roofline_s, "mfu": r.mfu_ceiling, "compile": r.compile_s}), flush=True)
 
 
-def rows(config: str, topology: str) -> list[str]:
+def row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['program']} | {r['target']} | {r['need']:.1f} | {r['headroom']:.1f} | "
+            f"{r['collective']:.2f} | {r['roofline'] * 1e3:.0f} ms | {r['mfu']:.0%} | {r['compile']:.0f} |")
+
+
+def rows(config: str, topology: str):
+    """Table rows of one config, yielded as its programs compile (a failure: one row saying why)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, "--one", config, topology], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    name = Path(config).stem
-    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode or not lines:
-        error = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return [f"| {name} | - | {topology} | failed: {error} | | | | | |"]
-    out = []
-    for r in lines:
-        if "error" in r:
-            out.append(f"| {name} | - | {topology} | does not fit: {r['error']} | | | | | |")
-            continue
-        out.append(f"| {name} | {r['program']} | {r['target']} | {r['need']:.1f} | {r['headroom']:.1f} | "
-                   f"{r['collective']:.2f} | {r['roofline'] * 1e3:.0f} ms | {r['mfu']:.0%} | {r['compile']:.0f} |")
-    return out
+    child = subprocess.Popen([sys.executable, __file__, "--one", config, topology], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    name, count = Path(config).stem, 0
+    for line in child.stdout:
+        if line.startswith("{"):
+            count += 1
+            yield row(name, json.loads(line))
+    error = child.stderr.read().strip().splitlines()
+    if child.wait() or not count:
+        yield f"| {name} | - | {topology} | failed: {(error or ['no output'])[-1][:200]} | | | | | |"
 
 
 def write(path: Path, label: str, table: list[str]) -> None:
