@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +65,16 @@ def row(name: str, r: dict) -> str:
 def rows(config: str, topology: str):
     """Table rows of one config, yielded as its programs compile (a failure: one row saying why)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(ROOT))
-    child = subprocess.Popen([sys.executable, __file__, "--one", config, topology], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    name, count = Path(config).stem, 0
-    for line in child.stdout:
-        if line.startswith("{"):
-            count += 1
-            yield row(name, json.loads(line))
-    error = child.stderr.read().strip().splitlines()
+    with tempfile.TemporaryFile("w+") as log:  # the child's reports and errors (a pipe could fill and stall it)
+        child = subprocess.Popen([sys.executable, __file__, "--one", config, topology], stdout=subprocess.PIPE,
+                                 stderr=log, text=True, env=env, cwd=ROOT)
+        name, count = Path(config).stem, 0
+        for line in child.stdout:
+            if line.startswith("{"):
+                count += 1
+                yield row(name, json.loads(line))
+        log.seek(0)
+        error = log.read().strip().splitlines()
     if child.wait() or not count:
         yield f"| {name} | - | {topology} | failed: {(error or ['no output'])[-1][:200]} | | | | | |"
 
