@@ -70,6 +70,9 @@ CHIPS: dict[str, Chip] = {
     "h200": Chip("H200", 141, 989e12, 4.8e12, 450e9),
 }
 GPU_SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+# `jax.Device.device_kind` (lower case) pieces -> chip, for the devices present (the longest piece wins)
+DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5": "v5p", "tpu v5p": "v5p",
+                "tpu v6 lite": "v6e", "tpu v6e": "v6e", "h100": "h100", "h200": "h200"}
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,8 @@ def target(topology: str | None) -> Target:
     if not topology:
         devices = jax.devices()
         kind = devices[0].device_kind.lower()
-        chip = next((c for k, c in CHIPS.items() if c.name.lower() in kind), None)
-        return Target(f"{len(devices)}x {devices[0].device_kind}", devices, chip)
+        piece = max((k for k in DEVICE_KINDS if k in kind), key=len, default=None)
+        return Target(f"{len(devices)}x {devices[0].device_kind}", devices, piece and CHIPS[DEVICE_KINDS[piece]])
     gpu = re.fullmatch(r"(h100|h200)x(\d+)", topology.lower())
     if gpu:
         return Target(topology, _gpu_devices(gpu[1], int(gpu[2])), CHIPS[gpu[1]])

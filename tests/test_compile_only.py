@@ -125,3 +125,13 @@ def test_tiny_sft_compiles_for_a_gpu_target():
     mesh = Mesh(np.asarray(target.devices).reshape(1, -1, 1), ("data", "fsdp", "tensor"))
     sft = config.load("configs/sft/tiny-cpu.yaml", ["data.token_buckets=[256]", "batch_size=8"])
     _check_programs(sft, target, mesh, ["sft step"])
+
+
+def test_eval_sampler_compiles_for_a_tpu_topology(tpu, capsys):
+    """`python -m stjax.eval.mcq --compile-only --topology ...` on the embedded default's tiny model."""
+    from stjax.eval import mcq
+
+    mcq.main(["--compile-only", "--topology", TOPOLOGY, "--max-prompt-tokens", "256", "--max-new-tokens", "8",
+              "--batch-size", "4", "--max-pixels", "12544"])
+    out = capsys.readouterr().out
+    assert "eval sampler (prefill + decoding) on v5p:2x2x1" in out and "headroom" in out
