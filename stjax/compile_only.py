@@ -136,6 +136,14 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
+def _trips_from_condition(bodies: dict[str, list[str]], line: str) -> int:
+    """A while loop's trip count where XLA did not record it (TPU HLO does not): the largest integer
+    constant its condition compares against (scans count from 0; a sampler's loop stops at most there)."""
+    condition = re.search(r"condition=%?([\w.\-]+)", line)
+    text = "\n".join(bodies.get(condition[1], ())) if condition else ""
+    return max((int(n) for n in re.findall(r"s32\[\]\S* constant\((\d+)\)", text)), default=1)
+
+
 @dataclass(frozen=True)
 class Collective:
     op: str
@@ -177,9 +185,12 @@ def collectives(hlo: str) -> list[Collective]:
             callees = _CALLEES.findall(line)
             for branches in _BRANCHES.findall(line):
                 callees += [b.strip().lstrip("%") for b in branches.split(",")]
+            trips = 1
+            if " while(" in line:
+                trips = int(trip[1]) if trip else _trips_from_condition(bodies, line)
             for callee in callees:
                 if callee in bodies:
-                    visit(callee, count * (int(trip[1]) if trip and " while(" in line else 1))
+                    visit(callee, count * trips)
 
     if entry is not None:
         visit(entry, 1)
