@@ -113,7 +113,12 @@ def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
 
 def model_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
     """The model's state with a NamedSharding in place of every variable's value."""
-    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), nnx.state(model),
+    return state_shardings(nnx.state(model), mesh, rules)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
+    """`state` (of a model, or a part of one from `nnx.split`) with a NamedSharding in place of every value."""
+    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -125,6 +130,40 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+def batch_mesh_axes(size: int) -> tuple[str, ...]:
+    """The axes of the current mesh (`jax.set_mesh`) that a batch dimension of `size` is split over
+    (`partition_spec`'s rule for "batch"); () outside a mesh of these axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return ()
+    axes = partition_spec(("batch",), (size,), mesh)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def constrain_batch(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """`x` with its batch axis split over the current mesh's (data, fsdp) axes, the other axes left to
+    XLA. Activations carry this (the residual stream, final hidden states, logits, the KV cache), so
+    that an FSDP program gathers weights and keeps activations split by rows; without it XLA may
+    all-reduce whole-batch activations inside the layer loop instead. A no-op outside a mesh."""
+    axes = batch_mesh_axes(x.shape[batch_axis])
+    if not axes:
+        return x
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[batch_axis] = axes
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def on_mesh(fn, mesh: Mesh):
+    """`fn` (a jitted function) called, and so traced, under `jax.set_mesh(mesh)`: the activation
+    constraints (`constrain_batch`) and the attention backend (`stjax.models.attention.platform`)
+    then see the mesh."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=None) -> NamedSharding:
     """Shard an input array's batch dimension over (data, fsdp); replicate the rest."""
     axes = [None] * len(shape)
@@ -132,13 +171,18 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0, rules=
     return named_sharding(mesh, axes, shape, rules)
 
 
-def shard_inputs(inputs, mesh: Mesh, rules=None):
-    """Place a `ModelInputs` on the mesh: batch dimensions over (data, fsdp), vision data replicated."""
-    batch = lambda x, axis=0: jax.device_put(x, batch_sharding(mesh, x.shape, axis, rules))
+def input_shardings(inputs, mesh: Mesh, rules=None):
+    """Where `shard_inputs` places a `ModelInputs`: a tree like it of shardings."""
+    batch = lambda x, axis=0: batch_sharding(mesh, np.shape(x), axis, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     vision = inputs.vision
     if vision is not None:
-        vision = jax.device_put(vision, replicated).replace(token_index=batch(vision.token_index),
-                                                             token_mask=batch(vision.token_mask))
+        vision = jax.tree.map(lambda _: replicated, vision).replace(token_index=batch(vision.token_index),
+                                                                   token_mask=batch(vision.token_mask))
     return inputs.replace(input_ids=batch(inputs.input_ids), attention_mask=batch(inputs.attention_mask),
                           position_ids=batch(inputs.position_ids, 1), vision=vision)
+
+
+def shard_inputs(inputs, mesh: Mesh, rules=None):
+    """Place a `ModelInputs` on the mesh: batch dimensions over (data, fsdp), vision data replicated."""
+    return jax.device_put(inputs, input_shardings(inputs, mesh, rules))

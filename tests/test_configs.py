@@ -34,7 +34,7 @@ MODELS = sorted(CONFIGS.glob("models/*.json"))
 
 
 def test_every_config_is_listed():
-    assert len(TRAIN) == 9 and len(EVAL) == 2 and len(MODELS) == 5
+    assert len(TRAIN) == 13 and len(EVAL) == 2 and len(MODELS) == 5
     assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "grpo", "eval", "models"}
 
 

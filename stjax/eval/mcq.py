@@ -296,8 +296,12 @@ class Runner:
         """Record fields (pred, and the response or the letter logits) for each sample of one batch."""
         inputs, length = left_padded_batch(self.model.config, arrays, self.cfg.batch_size,
                                            self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-        if self.mesh is not None:
-            inputs = shard_inputs(inputs, self.mesh)
+        if self.mesh is None:
+            return self.run_inputs(samples, inputs, length, step)
+        with jax.set_mesh(self.mesh):  # activations split by rows, the backend of the mesh's devices
+            return self.run_inputs(samples, shard_inputs(inputs, self.mesh), length, step)
+
+    def run_inputs(self, samples: list[Sample], inputs: ModelInputs, length: int, step: int) -> list[dict]:
         if self.cfg.mode == "logits":
             return self.score_letters(samples, inputs, length)
         return self.decode(samples, inputs, length, step)
@@ -547,6 +551,10 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
     parser.add_argument("--config", help="YAML file with any of the options below")
     parser.add_argument("--data", nargs="+", help="data files (or Ego-ST folders)")
     parser.add_argument("--videos", nargs="+", help="video folder for all files, or one per file")
+    parser.add_argument("--compile-only", action="store_true", help="compile the evaluation's program for "
+                        "--topology and report memory, collectives and roofline per chip; evaluate nothing")
+    parser.add_argument("--topology", help="with --compile-only: a TPU topology (v5p:2x2x1, v5e:4x4, ...) or a GPU "
+                        "mesh (h100x8); default: the devices present")
     for f in dataclasses.fields(EvalConfig):
         if f.name in ("data", "videos"):
             continue
@@ -577,8 +585,59 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
     return EvalConfig(**(values | args))
 
 
+def compile_programs(cfg: EvalConfig, mesh) -> list:
+    """The evaluator's compiled program for `--compile-only` (`stjax.compile_only`): the sampler
+    (prefill and decoding) or, in logits mode, the prompt's forward; `batch_size` prompts of the
+    `max_prompt_tokens` bucket, each with the largest video `num_frames` and `max_pixels` admit."""
+    from stjax import compile_only as co
+    from stjax.models.qwen_vl import abstract_model
+    from stjax.sampling.sampler import sample
+    from stjax.train.compile_only import sampler_flops
+    from stjax.train.metrics import model_flops_per_token, vision_flops
+
+    policy = {"param_dtype": cfg.dtype} if cfg.dtype else {}
+    config = co.model_config(cfg.model or "", quantize_base=cfg.quantize, quantize_targets="all", **policy)
+    graphdef, weights = nnx.split(abstract_model(config))
+    weights = co.abstract_state(weights, mesh)
+    grid = co.largest_grid(config, cfg.num_frames, cfg.max_pixels)
+    length = bucket(cfg.max_prompt_tokens)
+    one = co.example_inputs(config, 1, length, grid)
+    inputs = co.placed_inputs(cast_floats(co.example_inputs(config, cfg.batch_size, length, grid),
+                                          config.compute_dtype), mesh)
+    position = co.abstract((), jnp.int32, None)
+    if cfg.mode == "logits":
+        flops = (model_flops_per_token(config, length) * cfg.batch_size * length
+                 + vision_flops(config, one, {"patches": cfg.batch_size * int(one.vision.frames.lengths.sum())})) / 3
+        return [co.Program("eval prompt logits", _last_logits, (graphdef, weights, inputs, position), flops, passes=1)]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, eos_ids=(config.eos_token_id,),
+                              suppress_ids=(config.image_token_id, config.video_token_id))
+    starts = co.abstract((cfg.batch_size,), jnp.int32, None)
+    key = co.abstract((), jax.random.key(0).dtype, None)
+    flops = sampler_flops(config, one, cfg.batch_size, 1, cfg.max_new_tokens)
+    return [co.Program("eval sampler (prefill + decoding)", sample,
+                       (graphdef, sampling, weights, inputs, position, starts, key), flops,
+                       passes=1 + cfg.max_new_tokens)]
+
+
+def compile_only(cfg: EvalConfig, topology: str | None) -> None:
+    """`--compile-only`: compile the evaluator's program for `topology` and report, evaluating nothing."""
+    from stjax import compile_only as co
+
+    target = co.target(topology)
+    mesh = make_mesh(parse_mesh(cfg.mesh or "fsdp=-1"), target.devices)
+    print(f"evaluation compiled for {target.name} ({len(target.devices)} devices), mesh {dict(mesh.shape)}")
+    co.run_programs(compile_programs(cfg, mesh), target, mesh)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Evaluate; a run in which no sample could be evaluated exits non-zero."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--compile-only", action="store_true")
+    flags.add_argument("--topology")
+    compiling, argv = flags.parse_known_args(argv)
+    if compiling.compile_only:
+        return compile_only(parse_config(argv), compiling.topology)
     overall = evaluate(parse_config(argv))["overall"]
     if overall["n"] == overall["failed"]:
         raise SystemExit(f"error: none of the {overall['n']} samples could be evaluated (their errors are in "

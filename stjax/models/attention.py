@@ -1,5 +1,8 @@
 """Attention backends. Every backend computes the same function; `xla` is the reference.
 
+The platform is that of the mesh the program is traced under (`platform`), so a program compiled
+here for a TPU topology takes the TPU's choices.
+
 - `auto` (the default): the platform's fused kernel: `cpu_flash` on CPUs, `dot_product` on GPUs,
   `xla` on TPUs (there `pallas_tpu` is opt-in until it has been checked on a TPU).
 
@@ -20,15 +23,27 @@ padding keys, never to nothing (an empty softmax row gives NaN in some kernels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from stjax.models import cpu_attention
+from stjax.sharding import batch_mesh_axes
 
 BACKENDS = ("auto", "xla", "dot_product", "pallas_tpu", "cpu_flash")
 _PALLAS_BLOCK = 128  # the TPU kernel's block size; sequences are padded to a multiple of it
+
+
+def platform() -> str:
+    """The platform the traced program is for: that of the current mesh's devices (`jax.set_mesh`;
+    a program compiled here for a TPU topology is a TPU program), else the default backend's.
+    CUDA and ROCm read as "gpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    name = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    return "gpu" if name in ("cuda", "rocm") else name
 
 
 def segment_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool, q_offset=0) -> jax.Array:
@@ -65,7 +80,7 @@ def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
     (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask;
     `key_lengths` (B,) keeps each row's first keys only (cuDNN's padding mask: no bias)."""
     kw = dict(mask=mask, is_causal=is_causal, key_value_seq_lengths=key_lengths)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, **kw, implementation="cudnn")
         except (ValueError, NotImplementedError) as e:  # raised while tracing: head size, layout, ...
@@ -73,18 +88,21 @@ def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
     return jax.nn.dot_product_attention(q, k, v, **kw)
 
 
-def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
+def _pallas_kernel(q, k, v, segment_q, segment_k, causal: bool, interpret: bool) -> jax.Array:
+    """The Pallas TPU flash-attention kernel on whole arrays: q (B, L, H, D), k/v (B, S, K, D); queries
+    and keys both start at slot 0 (S >= L: a prefill into a longer cache)."""
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     b, l, h, d = q.shape
     rep = h // k.shape[2]
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    pad = -l % _PALLAS_BLOCK
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, -n % _PALLAS_BLOCK), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    s = k.shape[1]
+    q, k, v = pad(q, l), pad(k, s), pad(v, s)
     # Sequence padding gets its own segment (-1), so it never mixes with real tokens.
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q, k, v))
-    segments = fa.SegmentIds(q=jnp.pad(segment_q, ((0, 0), (0, pad)), constant_values=-1),
-                             kv=jnp.pad(segment_k, ((0, 0), (0, pad)), constant_values=-1))
+    segments = fa.SegmentIds(q=jnp.pad(segment_q, ((0, 0), (0, -l % _PALLAS_BLOCK)), constant_values=-1),
+                             kv=jnp.pad(segment_k, ((0, 0), (0, -s % _PALLAS_BLOCK)), constant_values=-1))
     blocks = fa.BlockSizes(**{f: _PALLAS_BLOCK for f in fa.BlockSizes.__dataclass_fields__})
     blocks = dataclasses.replace(blocks, block_b=1)
 
@@ -92,28 +110,47 @@ def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool) -> jax.Array:
         return fa.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d**-0.5,
                                   block_sizes=blocks)
 
-    if jax.default_backend() == "tpu":
-        out = run()
-    else:
+    if interpret:
         with pltpu.force_tpu_interpret_mode():
             out = run()
+    else:
+        out = run()
     return out.transpose(0, 2, 1, 3)[:, :l]
 
 
+def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool, split_batch: bool = True) -> jax.Array:
+    """`_pallas_kernel` (interpret mode off TPUs), under `shard_map` on a mesh: a Mosaic kernel cannot
+    be partitioned by XLA, so each device runs it on its rows (the batch rule's axes, unless
+    `split_batch` is False: inside the vision tower's per-sample vmap, whose `spmd_axis_name` splits
+    the rows) and its heads (the tensor axis, when it divides the KV heads)."""
+    kernel = functools.partial(_pallas_kernel, causal=causal, interpret=platform() != "tpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_q, segment_k)
+    rows = (batch_mesh_axes(q.shape[0]) if split_batch else ()) or None
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
+    spec, segments = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, segments, segments), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_q, segment_k)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
-           causal: bool, backend: str, q_offset=0, right_padded: bool = False) -> jax.Array:
+           causal: bool, backend: str, q_offset=0, right_padded: bool = False,
+           split_batch: bool = True) -> jax.Array:
     """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S).
 
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
-    only serves offset 0 and decoding falls back to `xla` there. `right_padded` (static) promises
-    that each row's real tokens come first, which `dot_product` exploits: causal attention then
+    serves a static offset 0 (full sequences, prefills) and the rest falls back to `xla` there.
+    `split_batch` False: the batch axis is already split by an enclosing vmap's `spmd_axis_name`.
+    `right_padded` (static) promises that each row's real tokens come first, which `dot_product` exploits: causal attention then
     gives the real tokens their outputs without a padding mask, and attention without the causal
     mask (the vision groups) masks by each row's count of real keys; `cpu_flash` lets padding
     queries see no key at all, so that its kernel skips their tiles. Either way the outputs of
     padding queries are never used.
     """
     if backend == "auto":
-        backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(jax.default_backend(), "xla")
+        backend = {"cpu": "cpu_flash", "gpu": "dot_product"}.get(platform(), "xla")
     if backend == "dot_product":
         # Told that the mask is causal, cuDNN skips the key tiles past the diagonal (half the work
         # of a long causal row); the segments then ride along as the bias, unless the rows are
@@ -133,7 +170,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
             segment_q, segment_k = jnp.where(segment_q != 0, segment_q, -1), jnp.where(segment_k != 0, segment_k, -2)
         return cpu_attention.attention(q, k, v, segment_q, segment_k, causal, q_offset)
     if backend == "pallas_tpu" and isinstance(q_offset, int) and q_offset == 0:
-        return _pallas_tpu(q, k, v, segment_q, segment_k, causal)
+        return _pallas_tpu(q, k, v, segment_q, segment_k, causal, split_batch)
     if backend in BACKENDS:
         return _xla(q, k, v, segment_mask(segment_q, segment_k, causal, q_offset))
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

@@ -80,7 +80,9 @@ def available() -> bool:
 
 def supports(q: jax.Array) -> bool:
     """Whether the kernel serves these queries (B, L, H, D) on this platform."""
-    return (jax.default_backend() == "cpu" and q.shape[-1] % 16 == 0 and q.shape[1] >= MIN_QUERIES
+    from stjax.models.attention import platform  # (attention imports this module)
+
+    return (platform() == "cpu" and q.shape[-1] % 16 == 0 and q.shape[1] >= MIN_QUERIES
             and available())
 
 

@@ -21,6 +21,7 @@ from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
 from stjax.models.text import TextModel
+from stjax.sharding import batch_mesh_axes, constrain_batch
 from stjax.models.vision import VisionTower
 
 
@@ -40,8 +41,10 @@ class QwenVLForConditionalGeneration(nnx.Module):
         vis = inputs.vision
         if vis is None:
             return x
-        if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row
-            features = jax.vmap(self.visual)(vis).astype(x.dtype)  # (B, M, hidden)
+        if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row, rows split like the batch
+            axes = batch_mesh_axes(vis.patches.shape[0])
+            features = jax.vmap(self.visual, spmd_axis_name=axes or None)(vis).astype(x.dtype)  # (B, M, hidden)
+            features = constrain_batch(features)
             slots = jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
         else:
             slots = self.visual(vis).astype(x.dtype)[vis.token_index]
@@ -60,7 +63,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
         return self.lm_head.kernel[...].astype(self.config.compute_dtype).T
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("bld,vd->blv", hidden, self.output_table()).astype(jnp.float32)
+        return constrain_batch(jnp.einsum("bld,vd->blv", hidden, self.output_table()).astype(jnp.float32))
 
     def forward(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, L, vocab) in float32."""

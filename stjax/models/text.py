@@ -10,6 +10,7 @@ from flax import nnx, struct
 from stjax.models.attention import attend
 from stjax.models.config import QwenVLConfig, TextConfig
 from stjax.models.layers import ACTIVATIONS, Linear, RMSNorm, apply_rotary, scan_layers, stack_layers
+from stjax.sharding import constrain_batch
 
 
 def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
@@ -74,7 +75,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                  cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-                 dropout_key: jax.Array | None = None, right_padded: bool = False):
+                 dropout_key: jax.Array | None = None, right_padded: bool = False, offset: int | None = None):
         """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, layer, segments, index)`,
         k and v every layer's (the stacked `KVCache` arrays), the new tokens' keys and values are
         written at this layer's slots from `index` and attention sees the cached slots plus them;
@@ -82,8 +83,9 @@ class DecoderLayer(nnx.Module):
         than passing a slab in and back), heads-major, lets XLA update the cache in place and
         multiply by it as it lies: no copy or transpose of a slab per layer and decoding step.
         `dropout_key` turns on LoRA dropout; `right_padded` (static) says every row's padding comes
-        after its real tokens."""
+        after its real tokens; `offset` is the cache's index when it is known statically."""
         b, l, _ = x.shape
+        x = constrain_batch(x)  # the residual stream stays split by rows (FSDP gathers weights instead)
         keys = [None] * 7 if dropout_key is None else list(jax.random.split(dropout_key, 7))
         h = self.input_layernorm(x)
         q = self.q_proj(h, keys[0]).reshape(b, l, self.heads, self.head_dim)
@@ -97,11 +99,13 @@ class DecoderLayer(nnx.Module):
             at = (layer, 0, 0, index, 0)
             stack_k = jax.lax.dynamic_update_slice(stack_k, k.swapaxes(1, 2).astype(stack_k.dtype)[None], at)
             stack_v = jax.lax.dynamic_update_slice(stack_v, v.swapaxes(1, 2).astype(stack_v.dtype)[None], at)
+            stack_k, stack_v = constrain_batch(stack_k, 1), constrain_batch(stack_v, 1)
             attn = attend(q, stack_k[layer].swapaxes(1, 2), stack_v[layer].swapaxes(1, 2), segments, cache_segments,
-                          True, self.backend, q_offset=index)
+                          True, self.backend, q_offset=index if offset is None else offset)
         x = x + self.o_proj(attn.reshape(b, l, -1), keys[3])
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(self.act(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
+        x = constrain_batch(x)
         return x if cache is None else (x, (stack_k, stack_v))
 
 
@@ -129,23 +133,26 @@ class TextModel(nnx.Module):
         step = lambda layer, x, key: layer(x, cos, sin, attention_mask, dropout_key=key, right_padded=right_padded)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         x = scan_layers(self.layers, x, step, xs=keys, remat=self.remat)
-        return self.norm(x)
+        return constrain_batch(self.norm(x))
 
     def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,
-               cache: KVCache, dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               cache: KVCache, dropout_key: jax.Array | None = None, offset: int | None = None
+               ) -> tuple[jax.Array, KVCache]:
         """Run new tokens x (B, T, hidden) after the cache's `index` slots (a prefill when the cache
         is empty, one decoding step when T = 1, a whole completion after a shared prompt in GRPO);
-        returns their hidden states and the cache. `dropout_key` turns on LoRA dropout."""
+        returns their hidden states and the cache. `dropout_key` turns on LoRA dropout. `offset`: the
+        cache's index when the caller knows it (0 for a prefill into an empty cache), a static value
+        that lets the Pallas kernel serve the attention (a traced index falls back to `xla` there)."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
         cache = cache.replace(segments=jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index)))
 
         def step(layer: DecoderLayer, carry, xs):
             (x, k, v), (i, key) = carry, xs
-            x, (k, v) = layer(x, cos, sin, segments, (k, v, i, cache.segments, cache.index), key)
+            x, (k, v) = layer(x, cos, sin, segments, (k, v, i, cache.segments, cache.index), key, offset=offset)
             return x, k, v
 
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         layers = (jnp.arange(self.cfg.num_layers), keys)
         x, k, v = scan_layers(self.layers, (x, cache.k, cache.v), step, xs=layers, remat=self.remat)
         cache = cache.replace(k=k, v=v, index=cache.index + x.shape[1])
-        return self.norm(x), cache
+        return constrain_batch(self.norm(x)), cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from stjax.models.attention import attend
 from stjax.models.config import QwenVLConfig
@@ -25,7 +26,8 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: VisionGr
     count, size = groups.index.shape
     gq, gk, gv = (x[groups.index] for x in (q, k, v))  # (G, T, heads, hd)
     real = (jnp.arange(size)[None, :] < groups.lengths[:, None]).astype(jnp.int32)  # real slots first
-    out = attend(gq, gk, gv, real, real, causal=False, backend=backend, right_padded=True)
+    # groups are not the batch: a per-sample vmap's spmd_axis_name splits the samples instead
+    out = attend(gq, gk, gv, real, real, causal=False, backend=backend, right_padded=True, split_batch=False)
     flat = out.reshape(count * size, heads * hd)
     # Rows that belong to no group (bucket padding) read an appended zero row.
     flat = jnp.concatenate([flat, jnp.zeros((1, heads * hd), flat.dtype)])
@@ -115,6 +117,9 @@ class VisionTower(nnx.Module):
         cos, sin = self.rotary(vis.rotary_positions)
 
         def step(block: VisionBlock, x: jax.Array, full: jax.Array) -> jax.Array:
+            # Under the per-sample vmap (spmd_axis_name) this keeps each sample's rows on its batch shard.
+            x = jax.lax.with_sharding_constraint(x, PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * x.ndim)) \
+                if not jax.sharding.get_abstract_mesh().empty else x
             if vis.windows is None:  # Qwen2-VL: every block attends within frames
                 return block(x, cos, sin, vis.frames)
             return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames),

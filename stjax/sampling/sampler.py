@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from stjax.models.inputs import ModelInputs, cast_floats
 from stjax.models.text import KVCache
+from stjax.sharding import constrain_batch
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,13 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
     batch, length = inputs.input_ids.shape
     slots = length + cfg.max_new_tokens
     cache = KVCache.zeros(model.config.text, batch, slots, jnp.dtype(model.config.compute_dtype))
-    hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache)
+    hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, offset=0)
     logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1))[:, 0]
 
     n = cfg.num_samples
     if n > 1:  # share the prefill: every array with a batch axis is repeated, rows of a prompt adjacent
-        cache = cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
+        cache = cache.replace(k=constrain_batch(jnp.repeat(cache.k, n, axis=1), 1),
+                              v=constrain_batch(jnp.repeat(cache.v, n, axis=1), 1),
                               segments=jnp.repeat(cache.segments, n, axis=0))
         logits, next_position = jnp.repeat(logits, n, axis=0), jnp.repeat(next_position, n, axis=0)
     rows = batch * n

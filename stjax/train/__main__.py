@@ -37,8 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every program of the run for --topology and report memory, collectives and "
+                             "roofline per chip; train nothing (exits 1 when a program does not fit)")
+    parser.add_argument("--topology", help="with --compile-only: a TPU topology (v4:2x2x1, v5e:4x4, v5p:4x4x2, "
+                                           "v6e:2x4) or a GPU mesh (h100x8, h200x8); default: the devices present")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.topology and not args.compile_only:
+        parser.error("--topology goes with --compile-only")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
 
@@ -46,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
     cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
+    if args.compile_only:
+        from stjax.train.compile_only import compile_run
+
+        compile_run(cfg, args.topology)
+        return
     summary = (grpo.run if cfg.stage == "grpo" else sft.run)(cfg)
     print(f"done: {summary}")
 

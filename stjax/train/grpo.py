@@ -46,7 +46,7 @@ from stjax.io import AppendLog
 from stjax.models.inputs import ModelInputs
 from stjax.models.text import KVCache
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
-from stjax.sharding import batch_sharding, make_mesh, model_shardings, parse_mesh
+from stjax.sharding import batch_sharding, constrain_batch, make_mesh, model_shardings, on_mesh, parse_mesh
 from stjax.train import config, distributed, loop, rewards, sft
 from stjax.train.batch import (agree_shapes, global_batch, global_inputs, local_rows, micro_batch_inputs, place_rows,
                                step_shapes)
@@ -210,9 +210,11 @@ def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
     run = rows // prompts
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     cache = KVCache.zeros(model.config.text, prompts, length + t, jnp.dtype(model.config.compute_dtype))
-    prompt_hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, keys[0])
+    prompt_hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, keys[0],
+                                       offset=0)
     shared = lambda x, axis=0: jnp.repeat(x, run, axis=axis)
-    cache = cache.replace(k=shared(cache.k, 1), v=shared(cache.v, 1), segments=shared(cache.segments))
+    cache = cache.replace(k=constrain_batch(shared(cache.k, 1), 1), v=constrain_batch(shared(cache.v, 1), 1),
+                          segments=shared(cache.segments))
     steps = jnp.arange(t)
     live = (steps < micro.lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(shared(micro.starts)[:, None] + steps, (3, rows, t))
@@ -276,6 +278,18 @@ def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ba
         return completion_logps(model, micro, settings.temperature, settings.chunk)[0]
 
     return jax.lax.map(one, batch.replace(old_logp=None, ref_logp=None))
+
+
+def update_function(graphdef: nnx.GraphDef, optim, settings: LossSettings, shardings: TrainState, mesh):
+    """The jitted update (state, frozen, batch) -> (state, metrics): the state donated and kept where
+    `shardings` puts it, the metrics replicated."""
+    return jax.jit(functools.partial(grpo_update, graphdef, optim, settings),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+
+
+def logps_function(graphdef: nnx.GraphDef, settings: LossSettings):
+    """The jitted `batch_logps` (params, frozen, batch) -> (accum, B, T) log-probs."""
+    return jax.jit(functools.partial(batch_logps, graphdef, settings=settings))
 
 
 # ---------------------------------------------------------------- host side: prompts, completions
@@ -384,11 +398,9 @@ class GRPO:
                 self.reference = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p),
                                          out_shardings=jax.tree.map(lambda x: x.sharding, state.params)
                                          )(split_trainable(model)[1])
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        replicated = NamedSharding(run.mesh, PartitionSpec())
-        self.update_fn = jax.jit(functools.partial(grpo_update, run.graphdef, run.optim, self.settings),
-                                 out_shardings=(shardings, replicated), donate_argnums=0)
-        self.logps_fn = jax.jit(functools.partial(batch_logps, run.graphdef, settings=self.settings))
+        self.update_fn = on_mesh(update_function(run.graphdef, run.optim, self.settings,
+                                                 jax.tree.map(lambda x: x.sharding, state), run.mesh), run.mesh)
+        self.logps_fn = on_mesh(logps_function(run.graphdef, self.settings), run.mesh)
         self.completions_log = run.out / "completions.jsonl"
         if jax.process_index() == 0:  # a resumed run logs the steps after its checkpoint again
             drop_steps_after(self.completions_log, run.start_step)
@@ -420,7 +432,8 @@ class GRPO:
         keys = np.asarray(completion_keys(state.rng.addressable_data(0), step, ids, self.sampling.num_samples))
         keys = jax.random.wrap_key_data(place_rows(keys, self.rollout_mesh))
         weights = self.rollout_weights(run, state)
-        out = sample(self.rollout_graphdef, self.sampling, weights, inputs, jnp.int32(length - 1), start, keys)
+        out = on_mesh(sample, self.rollout_mesh)(self.rollout_graphdef, self.sampling, weights, inputs,
+                                                 jnp.int32(length - 1), start, keys)
         rows = len(prompts.input_ids) * self.sampling.num_samples
         return local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows)
 

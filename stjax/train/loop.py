@@ -24,10 +24,9 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
@@ -44,7 +43,7 @@ from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, check, check_out_dir
 from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
-from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable
+from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_state_shardings
 
 log = logging.getLogger(__name__)
 # Save a checkpoint, then exit with 128 + the signal: 143 for SIGTERM (schedulers read it as "stopped by
@@ -160,12 +159,8 @@ def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh
                  master_dtype: str = "float32") -> TrainState:
     """A fresh train state made on the devices: optimizer moments sharded like their parameters."""
     make = lambda p: init_state(p, optim, master_dtype, seed)
-    params_sharding = jax.tree.map(lambda x: x.sharding, trainable)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.eval_shape(make, trainable)
-    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
-                                         transform_non_params=lambda _: replicated)
-    shardings = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
+    shardings = train_state_shardings(jax.eval_shape(make, trainable), jax.tree.map(lambda x: x.sharding, trainable),
+                                      optim, mesh)
     return jax.jit(make, out_shardings=shardings)(trainable)
 
 

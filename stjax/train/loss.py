@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from stjax.sharding import constrain_batch
+
 AVERAGES = ("token", "sequence")
 
 
@@ -103,7 +105,8 @@ def chunks(length: int, chunk: int):
 
 
 def _slice_logits(h: jax.Array, table: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,vd->bcv", h, table, preferred_element_type=jnp.float32)
+    """One slice's logits (B, c, V), split by rows like the batch (never gathered whole)."""
+    return constrain_batch(jnp.einsum("bcd,vd->bcv", constrain_batch(h), table, preferred_element_type=jnp.float32))
 
 
 @jax.custom_vjp

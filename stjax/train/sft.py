@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from stjax.sharding import on_mesh
 from stjax.train import loop
 from stjax.train.batch import global_batch, host_batch
 from stjax.train.config import TrainConfig
 from stjax.train.metrics import mfu, step_flops
 from stjax.train.step import TrainState, train_step
+
+
+def step_function(graphdef, optim, cfg: TrainConfig, shardings: TrainState, mesh) -> Callable:
+    """The jitted SFT step (state, frozen, batch) -> (state, metrics): the state donated and kept where
+    `shardings` puts it, the metrics replicated."""
+    return jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average, loss_chunk=cfg.loss_chunk),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
 
 
 class SFT:
@@ -33,10 +41,8 @@ class SFT:
         return 1
 
     def setup(self, run: loop.Run, model, state: TrainState) -> None:
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        self.step_fn = jax.jit(functools.partial(train_step, run.graphdef, run.optim, average=run.cfg.loss_average,
-                                                 loss_chunk=run.cfg.loss_chunk),
-                               out_shardings=(shardings, NamedSharding(run.mesh, PartitionSpec())), donate_argnums=0)
+        self.step_fn = on_mesh(step_function(run.graphdef, run.optim, run.cfg,
+                                             jax.tree.map(lambda x: x.sharding, state), run.mesh), run.mesh)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         micro_batches = [next(data) for _ in range(run.cfg.accumulation)]

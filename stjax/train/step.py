@@ -97,6 +97,15 @@ def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float3
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def train_state_shardings(abstract: TrainState, params_sharding: nnx.State, optim: OptimConfig,
+                          mesh: jax.sharding.Mesh) -> TrainState:
+    """Where a train state lives: optimizer moments sharded like their parameters, the rest replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
+                                         transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
+
+
 def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
             loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0,
             loss_positions: jax.Array | None = None, totals: jax.Array | None = None) -> jax.Array:
