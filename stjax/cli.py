@@ -7,11 +7,9 @@ takes it) or the environment variable STJAX_DEBUG=1 brings it back.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -31,22 +29,23 @@ def one_line(error: BaseException) -> str:
     return text + (" [...]" if len(lines) > 1 else "")
 
 
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Callable[[], None]:
     """Hold back what libraries' background threads print of a failure that the tool reports in one
     line: orbax's error logs with tracebacks (absl), asyncio's unretrieved task errors, exceptions
-    ignored in callbacks (a disk filling up during a checkpoint save prints hundreds of lines)."""
+    ignored in callbacks (a disk filling up during a checkpoint save prints hundreds of lines).
+    Returns the function that lets them through again."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels, hook = [logger.level for logger in loggers], sys.unraisablehook
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
         sys.unraisablehook = hook
+
+    return restore
 
 
 def run_cli(main: Callable[[Sequence[str] | None], T], argv: Sequence[str] | None = None) -> T:
@@ -54,12 +53,16 @@ def run_cli(main: Callable[[Sequence[str] | None], T], argv: Sequence[str] | Non
     Without --debug, libraries' logs of errors are held back (`quiet_libraries`)."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("STJAX_DEBUG", "") not in ("", "0")
+    restore = (lambda: None) if debug else quiet_libraries()
     try:
-        with contextlib.nullcontext() if debug else quiet_libraries():
-            return main(argv)
+        result = main(argv)
     except Exception as e:
         if debug:
             raise
+        # Left held back: the process ends here, and a failed library task (an orbax save's) still
+        # reports itself when it is collected, as late as the interpreter's exit.
         hint = "" if "--debug" in one_line(e) else " (--debug for the traceback)"
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         raise SystemExit(1) from None
+    restore()
+    return result

@@ -43,7 +43,8 @@ def settings(out: Path, assets, **changes) -> list[str]:
               "data.max_pixels": 12544, "data.token_buckets": "[256, 512]", "data.patch_buckets": "[256, 512]",
               "optim.learning_rate": 3e-3, "optim.max_grad_norm": 1.0, "checkpoint.every": 0,
               "checkpoint.export_hf": "false", "mesh": "fsdp=-1",
-              "data.synthetic_walks": 2}  # as the command line's embedded default, so both ways agree
+              # the command line's embedded default sets these: given here, a run started either way agrees
+              "data.synthetic_walks": 2, "data.synthetic_tasks": "[direction, landmark, action]"}
     values.update(changes)
     return [f"{k}={v}" for k, v in values.items()]
 
