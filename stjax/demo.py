@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -77,17 +76,19 @@ def repeated(heldout: Path, k: int) -> Path:
 
 
 def mean_at_k(records: list[dict]) -> dict:
-    """Accuracy averaged over the k sampled answers to each question, with a 95% interval over questions
-    (normal approximation on the per-question means: one question's k answers are not independent trials)."""
+    """Accuracy averaged over the k sampled answers to each question, with a 95% interval over questions:
+    Wilson's, taking each question's mean as one trial. A value in [0, 1] with mean p varies at most as a
+    0/1 trial does (p(1 - p)), so the interval is conservative, and unlike p +- z * sd over the questions
+    it never shrinks to a point when every question scores alike."""
+    from stjax.eval.mcq import wilson
+
     per_question: dict[str, list[bool]] = {}
     for r in records:
         per_question.setdefault(r["id"].rsplit("#", 1)[0], []).append(bool(r["correct"]))
     means = [sum(v) / len(v) for v in per_question.values()]
     n = len(means)
     mean = sum(means) / n
-    spread = 1.959964 * math.sqrt(sum((m - mean) ** 2 for m in means) / (n - 1) / n) if n > 1 else 1.0
-    return {"n": n, "k": len(records) // n, "accuracy": mean,
-            "interval": [max(0.0, mean - spread), min(1.0, mean + spread)]}
+    return {"n": n, "k": len(records) // n, "accuracy": mean, "interval": wilson(mean * n, n)}
 
 
 def evaluate(models: dict[str, Path], heldout: Path, out: Path, cfg: TrainConfig) -> dict[str, dict]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stjax.demo import code_digest
@@ -57,3 +58,14 @@ def test_the_pipeline_learns_what_the_readme_says(tmp_path):
     claims = results["claims"]  # what the demo printed agrees with the numbers
     assert (claims["sft_above_majority"], claims["sft_above_text_only"]) == (True, True)
     assert (claims["grpo_above_sft_greedy"] or claims["grpo_above_sft_mean_at_k"]) == grpo_adds
+
+
+def test_mean_at_k_keeps_an_interval_when_every_question_scores_alike():
+    """All 96 questions right on all 8 samples: the interval is Wilson's over the 96 questions, whose
+    lower bound is n / (n + z^2), not the point [1, 1] that a spread over the questions would give."""
+    from stjax.demo import mean_at_k
+
+    records = [{"id": f"q{i}#{j}", "correct": True} for i in range(96) for j in range(8)]
+    result = mean_at_k(records)
+    assert (result["n"], result["k"], result["accuracy"]) == (96, 8, 1.0)
+    np.testing.assert_allclose(result["interval"], [96 / (96 + 1.959964**2), 1.0], rtol=1e-6)
