@@ -229,12 +229,14 @@ def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path,
     shutil.copytree(data / "synth", videos)
 
     def processor(sample, template):
-        return {"input_ids": np.zeros(3, np.int64), "pixel_values_videos": np.ones((4, 6), np.float32)}
+        return {"input_ids": np.zeros(3, np.int64), "pixel_values_videos": np.ones((4, 6), np.float32),
+                "pixel_values": np.ones((2, 6), np.float32)}
 
-    seen = []  # (blank_video, the largest pixel value given to the model)
+    seen = []  # (blank_media, the largest pixel value, of a video frame or an image, given to the model)
 
     def always_d(self, samples, arrays, step):
-        seen.extend((self.blank_video, float(np.abs(a["pixel_values_videos"]).max())) for a in arrays)
+        seen.extend((self.blank_media, float(max(np.abs(a[k]).max() for k in ("pixel_values_videos", "pixel_values"))))
+                    for a in arrays)
         return [{"pred": "D"} for _ in samples]
 
     monkeypatch.setattr(mcq, "make_runner", lambda cfg: mcq.Runner(cfg, None, processor, None, {}))

@@ -275,14 +275,14 @@ class Runner:
     tokenizer: object  # a second instance for decoding, so the background encoder never shares one
     letter_ids: dict[str, int]
     mesh: jax.sharding.Mesh | None = None
-    blank_video: bool = False  # every frame blank (all patch values 0: the processor's mean colour)
+    blank_media: bool = False  # every video frame and image blank (patch values 0: the processor's mean colour)
 
     def encode(self, sample: Sample) -> dict[str, np.ndarray] | str:
         """The sample's arrays, or why it cannot be run."""
         try:
             arrays = self.processor(sample, self.cfg.template)
-            if self.blank_video:  # the same prompt and video grid, so the same positions: only the pixels go
-                arrays = {**arrays, "pixel_values_videos": np.zeros_like(arrays["pixel_values_videos"])}
+            if self.blank_media:  # the same prompt and grids, so the same positions: only the pixels go
+                arrays |= {k: np.zeros_like(arrays[k]) for k in ("pixel_values_videos", "pixel_values")}
         except SampleError as e:
             return str(e)
         except Exception as e:  # any other failure of one sample (resizing, tokenising) is recorded too
@@ -529,7 +529,7 @@ def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
     records = predict(runner, samples, out / PREDICTIONS, "eval")
     blind = None
     if cfg.text_only:
-        blind = predict(lambda: dataclasses.replace(runner(), blank_video=True), samples, out / TEXT_ONLY,
+        blind = predict(lambda: dataclasses.replace(runner(), blank_media=True), samples, out / TEXT_ONLY,
                         "eval, blank frames")
     summary = summarize(records, blind)
     summary["skipped_records"] = skipped
