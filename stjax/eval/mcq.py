@@ -48,7 +48,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
+from stjax.data.formats import (EGO_ST_TASKS, PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl,
+                                read_st_r1_jsonl)
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
 from stjax.io import AppendLog, DirectoryLock, OutputError, as_path, file_digest, is_remote, write_text_atomic
@@ -222,15 +223,22 @@ def summarize(records: list[dict], text_only: list[dict] | None = None) -> dict:
     def groups(rows: list[dict] | None, key: str) -> dict[str, list[dict]]:
         grouped: dict[str, list[dict]] = defaultdict(list)
         for r in rows or []:
-            grouped[r[key]].append(r)
+            if r.get(key) is not None:  # a record without a direction is in no direction's group
+                grouped[r[key]].append(r)
         return grouped
 
     out: dict = {"overall": tally(records, text_only)}
     for key in ("file", "task", "direction"):
         seen, blind = groups(records, key), groups(text_only, key)
         out[f"by_{key}"] = {name: tally(seen[name], None if text_only is None else blind[name])
-                            for name in sorted(seen)}
+                            for name in breakdown_order(seen)}
     return out
+
+
+def breakdown_order(names) -> list[str]:
+    """Ego-ST's three tasks first, in their order, then every other name (other tasks, files,
+    directions) sorted: whatever tasks the data has are reported."""
+    return [t for t in EGO_ST_TASKS if t in names] + sorted(n for n in names if n not in EGO_ST_TASKS)
 
 
 def percent_with_interval(t: dict) -> str:
