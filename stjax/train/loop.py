@@ -286,7 +286,8 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
     bad_in_a_row, step, saved = 0, start, start
     try:
-        with MetricsLogger(out, steps, start_step=start) as logger:
+        with MetricsLogger(out, steps, start_step=start, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
+                           desc=cfg.stage, config=dataclasses.asdict(cfg)) as logger:
             while step < steps and not stop:
                 try:
                     state, metrics = stage.step(context, state, data, step)
