@@ -174,5 +174,5 @@ def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
 
     np.testing.assert_allclose(ours, logits(**batch), rtol=1e-4, atol=1e-4)
     batch.pop("position_ids")
-    through_video = np.flatnonzero(arrays["mm_token_type_ids"] == 2)[-1] + 1
+    through_video = np.flatnonzero(arrays["input_ids"] == config.video_token_id)[-1] + 1
     np.testing.assert_allclose(ours[:through_video], logits(**batch)[:through_video], rtol=1e-4, atol=1e-4)
