@@ -117,7 +117,7 @@ def model_types() -> tuple[str, ...]:
     """Every registered model_type, the built-in ones first."""
     for name in BUILTIN:
         importlib.import_module(f"stjax.models.{name}")
-    return tuple(_REGISTRY)
+    return BUILTIN + tuple(name for name in _REGISTRY if name not in BUILTIN)
 
 
 def family(model_type: str) -> Family:
