@@ -20,6 +20,7 @@ class ToyVL(Qwen2VL):
 
 @pytest.fixture
 def toy(monkeypatch):
+    families.model_types()  # the built-in families registered (on first use) before the copy
     monkeypatch.setattr(families, "_REGISTRY", dict(families._REGISTRY))  # forget the toy afterwards
     return families.register(ToyVL())
 

@@ -275,6 +275,13 @@ def qwen2_text_config(d: dict[str, Any]) -> TextConfig:
     )
 
 
+def patch_fields(d: dict[str, Any]) -> dict[str, int]:
+    """The patch and merge sizes of a config.json's `vision_config`, named alike by every family."""
+    return {"patch_size": d.get("patch_size", 14), "temporal_patch_size": d.get("temporal_patch_size", 2),
+            "spatial_merge_size": d.get("spatial_merge_size", 2),
+            "in_channels": d.get("in_channels", d.get("in_chans", 3))}
+
+
 def _family(model_type: str) -> Family:
     # Imported here: the families import this module (they build its dataclasses).
     from stjax.models.families import family

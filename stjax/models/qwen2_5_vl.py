@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stjax.models.config import VisionConfig
+from stjax.models.config import VisionConfig, patch_fields
 from stjax.models.families import Family, register
 from stjax.models.rope import window_order
 
@@ -29,10 +29,7 @@ class Qwen2_5VL(Family):
             intermediate_size=d["intermediate_size"],
             out_hidden_size=d["out_hidden_size"],
             hidden_act=d.get("hidden_act", "silu"),
-            patch_size=d.get("patch_size", 14),
-            temporal_patch_size=d.get("temporal_patch_size", 2),
-            spatial_merge_size=d.get("spatial_merge_size", 2),
-            in_channels=d.get("in_channels", d.get("in_chans", 3)),
+            **patch_fields(d),
             window_size=d.get("window_size", 112),
             fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", ())),
             tokens_per_second=d.get("tokens_per_second", 2),

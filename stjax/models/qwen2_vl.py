@@ -3,7 +3,7 @@ video time positions are frame-pair indices. Most of `Family`'s defaults are thi
 
 from __future__ import annotations
 
-from stjax.models.config import VisionConfig, number
+from stjax.models.config import VisionConfig, number, patch_fields
 from stjax.models.families import Family, register
 
 
@@ -20,10 +20,7 @@ class Qwen2VL(Family):
             intermediate_size=int(d["embed_dim"] * d.get("mlp_ratio", 4)),
             out_hidden_size=d["hidden_size"],
             hidden_act=d.get("hidden_act", "quick_gelu"),
-            patch_size=d.get("patch_size", 14),
-            temporal_patch_size=d.get("temporal_patch_size", 2),
-            spatial_merge_size=d.get("spatial_merge_size", 2),
-            in_channels=d.get("in_channels", d.get("in_chans", 3)),
+            **patch_fields(d),
         )
 
     def hf_vision_config(self, v: VisionConfig) -> dict:

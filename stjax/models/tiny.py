@@ -29,7 +29,8 @@ def save_tiny_model(out: Path, arch: str, seed: int, token_ids: dict[str, int], 
     `token_ids` (keyed like the config fields); `side_files` (the tokenizer's directory) are copied beside it."""
     cfg = QwenVLConfig.from_file(family(arch).tiny_preset)
     vocab = -(-token_ids["vocab_size"] // 64) * 64
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab), **{k: token_ids[k] for k in TOKEN_ID_FIELDS})
+    ids = {k: token_ids[k] for k in TOKEN_ID_FIELDS}
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab), **ids)
     params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param)))
     save_hf(out, cfg, {k: np.asarray(v) for k, v in params.items()}, side_files=side_files, overwrite=True)
     return out
