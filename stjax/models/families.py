@@ -27,6 +27,7 @@ A new family is one file here, its name in `BUILTIN`, and its presets in configs
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 
 import numpy as np
 from flax import nnx
@@ -42,7 +43,7 @@ BUILTIN = ("qwen2_vl", "qwen2_5_vl")
 _REGISTRY: dict[str, "Family"] = {}
 
 
-class Family:
+class Family(ABC):
     """One model family: its rules where shared code needs them (see the module docstring)."""
 
     model_type: str
@@ -55,11 +56,13 @@ class Family:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
         return (True,) * v.depth
 
+    @abstractmethod
     def vision_config(self, d: dict) -> VisionConfig:
-        raise NotImplementedError
+        """config.json's `vision_config` (raises KeyError for a missing required field)."""
 
+    @abstractmethod
     def hf_vision_config(self, v: VisionConfig) -> dict:
-        raise NotImplementedError
+        """The inverse of `vision_config`, in the hub's layout."""
 
     def text_config(self, d: dict) -> TextConfig:
         return qwen2_text_config(d)
