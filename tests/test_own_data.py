@@ -152,7 +152,7 @@ def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
     export = root / "runs/my-sft/hf"
     model, config = load_pretrained(export)
     processor = Processor.from_pretrained(export, media=MediaConfig(max_pixels=12544),
-                                          tokens_per_second=config.vision.tokens_per_second)
+                                          tokens_per_second=config.rope_spec().tokens_per_second)
     sample = read_plain_jsonl(root / "my_data/test.jsonl").samples[0]
     arrays = processor(sample, "problem")
     inputs = prepare_inputs(config, arrays["input_ids"][None], None, None, None, arrays["pixel_values_videos"],

@@ -53,13 +53,13 @@ from tqdm import tqdm
 from stjax.cli import add_debug_flag, run_cli
 from stjax.data.formats import (EGO_ST_TASKS, PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl,
                                 read_st_r1_jsonl)
+from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
 from stjax.io import AppendLog, DirectoryLock, OutputError, as_path, file_digest, is_remote, write_text_atomic
 from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import model_fingerprints
-from stjax.models.tiny import tiny_model_dir
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
@@ -405,7 +405,7 @@ def make_runner(cfg: EvalConfig) -> Runner:
     media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
                         second_per_grid=cfg.second_per_grid)
     processor = Processor.from_pretrained(
-        tokenizer_dir, media=media, tokens_per_second=config.vision.tokens_per_second if config.is_qwen2_5 else None)
+        tokenizer_dir, media=media, tokens_per_second=config.rope_spec().tokens_per_second)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     single = {k: tokenizer.encode(k, add_special_tokens=False) for k in LETTERS}
     letter_ids = {k: ids[0] for k, ids in single.items() if len(ids) == 1}

@@ -20,16 +20,14 @@ from flax import nnx
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
-from stjax.models.text import TextModel
 from stjax.sharding import batch_mesh_axes, constrain_batch
-from stjax.models.vision import VisionTower
 
 
 class QwenVLForConditionalGeneration(nnx.Module):
     def __init__(self, config: QwenVLConfig, rngs: nnx.Rngs):
         self.config = config
-        self.visual = VisionTower(config, rngs)
-        self.model = TextModel(config, rngs)
+        self.visual = config.family.vision_tower(config, rngs)
+        self.model = config.family.text_model(config, rngs)
         t = config.text
         self.lm_head = None if t.tie_word_embeddings else Linear(
             t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,

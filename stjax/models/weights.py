@@ -50,7 +50,12 @@ def _norm(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
 
 
 def rules(cfg: QwenVLConfig) -> list[Rule]:
-    """Every tensor of the checkpoint, in HF order."""
+    """Every tensor of the checkpoint, in HF order (the model family's table)."""
+    return cfg.family.rules(cfg)
+
+
+def text_rules(cfg: QwenVLConfig) -> list[Rule]:
+    """The Qwen2 decoder and the output head."""
     layer = "model.layers.{i}"
     lm = ("model", "layers")
     out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
@@ -63,15 +68,20 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
     out += _norm("model.norm", ("model", "norm"), False)
     if not cfg.text.tie_word_embeddings:
         out += _linear("lm_head", ("lm_head",), False)
+    return out
 
+
+def vision_rules(cfg: QwenVLConfig) -> list[Rule]:
+    """The vision tower of `stjax.models.vision`, whose norms and MLP the family chooses."""
+    family = cfg.family
     block, vb = "visual.blocks.{i}", ("visual", "blocks")
-    layer_norm = not cfg.is_qwen2_5  # Qwen2-VL uses LayerNorm (with bias), Qwen2.5-VL RMSNorm
-    out.append(Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch"))
+    layer_norm = family.vision_norm == "layer_norm"  # LayerNorm has a bias, RMSNorm none
+    out = [Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch")]
     out += _norm(f"{block}.norm1", vb + ("norm1",), layer_norm)
     out += _norm(f"{block}.norm2", vb + ("norm2",), layer_norm)
     out += _linear(f"{block}.attn.qkv", vb + ("qkv",), True)
     out += _linear(f"{block}.attn.proj", vb + ("proj",), True)
-    mlp = ("gate_proj", "up_proj", "down_proj") if cfg.is_qwen2_5 else ("fc1", "fc2")
+    mlp = ("gate_proj", "up_proj", "down_proj") if family.gated_mlp else ("fc1", "fc2")
     for name in mlp:
         out += _linear(f"{block}.mlp.{name}", vb + (name,), True)
     out += _norm("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)

@@ -49,7 +49,7 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         patches=np.zeros((sizes.rows, v.patch_dim), np.float32),
         rotary_positions=np.zeros((sizes.rows, 2), np.int32),
         frames=make_groups(none, sizes.frame_size, sizes.frame_count, sizes.rows),
-        windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if cfg.is_qwen2_5 else None,
+        windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if sizes.window_count else None,
         token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool))
 
 

@@ -31,12 +31,12 @@ from jax.sharding import Mesh
 from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import TRAINING_RECIPE, Processor, Template, hf_processor_files, training_recipe
+from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import MediaConfig
 from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
 from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
-from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
@@ -265,7 +265,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     d = cfg.data
     processor = Processor.from_pretrained(
         tokenizer, media=media_config(cfg),
-        tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
+        tokens_per_second=model_cfg.rope_spec().tokens_per_second,
         loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
 
