@@ -608,8 +608,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(default), str)
         choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES, "second_per_grid": SECOND_PER_GRID,
                    "quantize": QUANTIZE_FORMATS}.get(f.name)
+        recipe = " (a model stjax trained: its training recipe's)" if f.name in SEED_RECIPE else ""
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
-                            help=f"default: {default!r}" + (" or the model's training recipe" * (f.name in SEED_RECIPE)))
+                            help=f"default: {default!r}{recipe}")
     add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     args.pop("debug", None)
