@@ -74,9 +74,10 @@ def rows(config: str, topology: str):
                 count += 1
                 yield row(name, json.loads(line))
         log.seek(0)
-        error = log.read().strip().splitlines()
-    if child.wait() or not count:
-        yield f"| {name} | - | {topology} | failed: {(error or ['no output'])[-1][:200]} | | | | | |"
+        lines = log.read().strip().splitlines()
+    if child.wait() or not count:  # the exception's line, not JAX's note on filtered frames printed after it
+        error = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)] or lines or ["no output"]
+        yield f"| {name} | - | {topology} | failed: {error[-1][:200]} | | | | | |"
 
 
 def _config_of(row: str) -> str:
