@@ -220,8 +220,8 @@ def test_double_quantization_equals_transformers_load_in_4bit(bnb, hf_dirs, one_
         theirs = {"codes": linear.weight.data.numpy().reshape(-1), "absmax": state.absmax.numpy(),
                   "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
         ours = quant.quantize(weights[f"{name}.weight"].detach().numpy(), "nf4", double_quant=True)
-        for key in theirs:
-            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
+        for key, value in theirs.items():
+            np.testing.assert_array_equal(ours[key], value, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 33, 300, 4097, 40_000, (1 << 20) + 77])
