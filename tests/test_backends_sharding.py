@@ -52,8 +52,8 @@ def test_right_padded_rows_need_no_mask_for_dot_product(monkeypatch):
     assert not is_right_padded(np.array([[1, 0, 1]]))
     masks = []
     inner = attention._dot_product
-    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, key_lengths=None: (
-        masks.append(mask), inner(q, k, v, mask, is_causal, key_lengths))[1])
+    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, lengths=None: (
+        masks.append(mask), inner(q, k, v, mask, is_causal, lengths))[1])
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
@@ -74,8 +74,8 @@ def test_right_padded_groups_are_masked_by_key_counts_for_dot_product(monkeypatc
     alone; the real queries' outputs are those of `xla`."""
     calls = []
     inner = attention._dot_product
-    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, key_lengths=None: (
-        calls.append((mask, key_lengths)), inner(q, k, v, mask, is_causal, key_lengths))[1])
+    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, lengths=None: (
+        calls.append((mask, lengths)), inner(q, k, v, mask, is_causal, lengths))[1])
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(3, 24, 4, 16)), jnp.float32) for _ in range(3))
     seg = (np.arange(24)[None] < np.array([[24], [9], [0]])).astype(np.int32)
@@ -89,6 +89,24 @@ def test_right_padded_groups_are_masked_by_key_counts_for_dot_product(monkeypatc
     assert float(jnp.abs(out - ref)[1, 9:].max()) > 1e-3  # the padding queries do see real keys now
     attend(q, k, v, seg, seg, False, "dot_product")
     assert calls.pop()[0] is not None
+
+
+def test_cudnn_vision_groups_trace_under_the_per_sample_vmap(monkeypatch):
+    """The vision tower attends by groups inside a per-sample `vmap` (`qwen_vl.embed`). On a GPU in
+    bf16 that is cuDNN with each group's key count; its batching rule reshapes the query lengths
+    together with the key lengths, so both must be batched (a constant query length made every
+    H100 config fail at tracing). Traced here for a GPU: the rule runs at trace time, not on a GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # no cuDNN here: say 9.28
+
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 92800)
+
+    def groups(q, k, v, seg):
+        return attend(q, k, v, seg, seg, False, "dot_product", right_padded=True, split_batch=False)
+
+    x = jax.ShapeDtypeStruct((2, 4, 128, 2, 64), jnp.bfloat16)  # (samples, groups, slots, heads, dim)
+    out = jax.eval_shape(jax.vmap(groups), x, x, x, jax.ShapeDtypeStruct((2, 4, 128), jnp.int32))
+    assert out.shape == x.shape
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])

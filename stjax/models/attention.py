@@ -74,12 +74,15 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
 
 
 def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool,
-                 key_lengths: jax.Array | None = None) -> jax.Array:
+                 lengths: jax.Array | None = None) -> jax.Array:
     """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
     becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
     (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask;
-    `key_lengths` (B,) keeps each row's first keys only (cuDNN's padding mask: no bias)."""
-    kw = dict(mask=mask, is_causal=is_causal, key_value_seq_lengths=key_lengths)
+    `lengths` (B,), for queries and keys that are one right-padded sequence: each row keeps its
+    first keys only (cuDNN's padding mask: no bias). The query lengths are passed as well: left
+    out, jax makes them a constant, which its cuDNN batching rule cannot reshape under a `vmap`
+    whose lengths are batched (the vision tower's per-sample vmap)."""
+    kw = dict(mask=mask, is_causal=is_causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, **kw, implementation="cudnn")
@@ -162,7 +165,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segme
         if not causal and right_padded:
             # A group of padding alone keeps one key, so that no softmax row is empty.
             lengths = jnp.maximum(jnp.sum(segment_k != 0, axis=1), 1).astype(jnp.int32)
-            return _dot_product(q, k, v, None, is_causal=False, key_lengths=lengths)
+            return _dot_product(q, k, v, None, is_causal=False, lengths=lengths)
         mask = segment_mask(segment_q, segment_k, causal and not fused_causal, q_offset)
         return _dot_product(q, k, v, mask, is_causal=fused_causal)
     if backend == "cpu_flash" and cpu_attention.supports(q):
