@@ -16,7 +16,7 @@ from typing import Any
 
 from stjax.models.rope import RopeSpec
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
 QUANTIZE_TARGETS = ("lora", "all")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -44,6 +44,10 @@ class VisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     tokens_per_second: float | None = None
+    # Qwen3-VL only: the learned position table (a square grid, resampled to each image) and the blocks
+    # whose outputs, each through its own merger, are added to the first decoder layers (DeepStack).
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -73,10 +77,16 @@ class TextConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
+    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, no q/k/v biases, and
+    # the M-RoPE streams interleaved over the frequencies (T H W T H W ...) instead of in chunks.
+    explicit_head_dim: int | None = None
+    qk_norm: bool = False
+    attention_bias: bool = True
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -126,8 +136,10 @@ class QwenVLConfig:
                if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: must be positive integers")
-        for name, size, heads in (("hidden_size", t.hidden_size, t.num_heads),
-                                  ("vision hidden_size", v.hidden_size, v.num_heads)):
+        checks = (("vision hidden_size", v.hidden_size, v.num_heads),)
+        if t.explicit_head_dim is None:
+            checks += (("hidden_size", t.hidden_size, t.num_heads),)
+        for name, size, heads in checks:
             if size % heads:
                 raise ConfigError(f"{name}={size} is not a multiple of its {heads} attention heads")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
@@ -153,6 +165,10 @@ class QwenVLConfig:
     def is_qwen2_5(self) -> bool:
         return self.model_type == "qwen2_5_vl"
 
+    @property
+    def is_qwen3(self) -> bool:
+        return self.model_type == "qwen3_vl"
+
     def replace(self, **changes: Any) -> "QwenVLConfig":
         return dataclasses.replace(self, **changes)
 
@@ -163,6 +179,7 @@ class QwenVLConfig:
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.vision.spatial_merge_size,
             tokens_per_second=self.vision.tokens_per_second if self.is_qwen2_5 else None,
+            rule="qwen3" if self.is_qwen3 else "qwen2",
         )
 
     # ----------------------------------------------------------------- HF config.json
@@ -172,6 +189,10 @@ class QwenVLConfig:
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        if model_type == "qwen3_vl":
+            from stjax.models.qwen3_vl_host import config_from_hf_dict
+
+            return config_from_hf_dict(cls, d, **policy)
         # transformers 5.x nests the text fields; the hub keeps them at the top level.
         t = {**d, **d["text_config"]} if isinstance(d.get("text_config"), dict) else d
         rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
@@ -232,7 +253,11 @@ class QwenVLConfig:
                    initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The hub's flat layout (every transformers version reads it)."""
+        """The hub's flat layout (every transformers version reads it); Qwen3-VL's hub layout is nested."""
+        if self.is_qwen3:
+            from stjax.models.qwen3_vl_host import config_to_hf_dict
+
+            return config_to_hf_dict(self)
         t, v = self.text, self.vision
         if self.model_type == "qwen2_vl":
             vision = {"depth": v.depth, "embed_dim": v.hidden_size, "hidden_size": v.out_hidden_size,

@@ -68,6 +68,9 @@ class VisionInputs:
     windows: Optional[VisionGroups]  # Qwen2.5-VL windows, else None
     token_index: np.ndarray  # (B, L) merged-feature row feeding each text slot
     token_mask: np.ndarray  # (B, L) True where the text slot is an image or video pad
+    # Qwen3-VL: each patch's 4 rows of the learned position table and their bilinear weights (N, 4).
+    pos_embed_index: Optional[np.ndarray] = None
+    pos_embed_weight: Optional[np.ndarray] = None
 
 
 @struct.dataclass
@@ -191,6 +194,16 @@ def prepare_vision(
     patches[: len(patch_order)] = pixels[patch_order]
     rotary = np.zeros((rows, 2), np.int32)
     rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
+    taps = {}
+    if v.num_position_embeddings:
+        from stjax.models.qwen3_vl_host import position_embedding_taps
+
+        grid_hw = np.repeat(grids[:, 1:], patches_per_item, axis=0)[patch_order]
+        index, weight = position_embedding_taps(rotary[: len(patch_order)], grid_hw,
+                                                int(v.num_position_embeddings ** 0.5))
+        taps = dict(pos_embed_index=np.zeros((rows, 4), np.int32), pos_embed_weight=np.zeros((rows, 4), np.float32))
+        taps["pos_embed_index"][: len(patch_order)] = index
+        taps["pos_embed_weight"][: len(patch_order)] = weight
 
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     frames = make_groups(frame_lengths, sizes.frame_size, sizes.frame_count, rows)
@@ -207,7 +220,7 @@ def prepare_vision(
     token_index[input_ids == cfg.image_token_id] = position[: need["image"]]
     token_index[input_ids == cfg.video_token_id] = position[need["image"]:]
     return VisionInputs(patches=patches, rotary_positions=rotary, frames=frames, windows=windows,
-                        token_index=token_index, token_mask=token_mask)
+                        token_index=token_index, token_mask=token_mask, **taps)
 
 
 def prepare_inputs(

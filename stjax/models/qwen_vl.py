@@ -20,7 +20,7 @@ from flax import nnx
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
-from stjax.models.text import TextModel
+from stjax.models.text import KVCache, TextModel
 from stjax.sharding import batch_mesh_axes, constrain_batch
 from stjax.models.vision import VisionTower
 
@@ -35,25 +35,34 @@ class QwenVLForConditionalGeneration(nnx.Module):
             t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
             param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
 
+    def vision_slots(self, inputs: ModelInputs, dtype) -> jax.Array:
+        """The vision tower's output row feeding each text slot (B, L, width); meaningful at the image and
+        video pads only."""
+        vis = inputs.vision
+        if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row, rows split like the batch
+            axes = batch_mesh_axes(vis.patches.shape[0])
+            features = jax.vmap(self.visual, spmd_axis_name=axes or None)(vis).astype(dtype)  # (B, M, width)
+            features = constrain_batch(features)
+            return jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
+        return self.visual(vis).astype(dtype)[vis.token_index]
+
     def embed(self, inputs: ModelInputs) -> jax.Array:
         """Token embeddings with the vision features in the image / video pad slots."""
         x = self.model.embed(inputs.input_ids)
-        vis = inputs.vision
-        if vis is None:
+        if inputs.vision is None:
             return x
-        if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row, rows split like the batch
-            axes = batch_mesh_axes(vis.patches.shape[0])
-            features = jax.vmap(self.visual, spmd_axis_name=axes or None)(vis).astype(x.dtype)  # (B, M, hidden)
-            features = constrain_batch(features)
-            slots = jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
-        else:
-            slots = self.visual(vis).astype(x.dtype)[vis.token_index]
-        return jnp.where(vis.token_mask[..., None], slots, x)
+        return jnp.where(inputs.vision.token_mask[..., None], self.vision_slots(inputs, x.dtype), x)
 
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
         return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key,
                           right_padded=inputs.right_padded)
+
+    def prefill(self, inputs: ModelInputs, cache: KVCache, dropout_key: jax.Array | None = None,
+                offset: int | None = None) -> tuple[jax.Array, KVCache]:
+        """The prompts' hidden states and the cache after them (see `TextModel.extend`)."""
+        return self.model.extend(self.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, dropout_key,
+                                 offset=offset)
 
     def output_table(self) -> jax.Array:
         """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding
@@ -106,11 +115,20 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs) -> j
     return nnx.merge(graphdef, state).forward(inputs)
 
 
+def model_class(config: QwenVLConfig) -> type[QwenVLForConditionalGeneration]:
+    """The model class of the config's family."""
+    if config.is_qwen3:
+        from stjax.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+    return QwenVLForConditionalGeneration
+
+
 def init_model(config: QwenVLConfig, seed: int = 0) -> QwenVLForConditionalGeneration:
     """A randomly initialised model (tests, demos, training from scratch)."""
-    return QwenVLForConditionalGeneration(config, nnx.Rngs(seed))
+    return model_class(config)(config, nnx.Rngs(seed))
 
 
 def abstract_model(config: QwenVLConfig) -> QwenVLForConditionalGeneration:
     """The model with shapes and dtypes only (no memory), to be filled from a checkpoint."""
-    return nnx.eval_shape(lambda: QwenVLForConditionalGeneration(config, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: model_class(config)(config, nnx.Rngs(0)))

@@ -39,49 +39,65 @@ class Rule:
         return "{i}" in self.hf
 
 
-def _linear(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
+def linear_rules(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
     rules = [Rule(f"{hf}.weight", path + ("kernel",), "linear")]
     return rules + [Rule(f"{hf}.bias", path + ("bias",), "copy")] if bias else rules
 
 
-def _norm(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
+def norm_rules(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
     rules = [Rule(f"{hf}.weight", path + ("scale",), "copy")]
     return rules + [Rule(f"{hf}.bias", path + ("bias",), "copy")] if bias else rules
 
 
 def rules(cfg: QwenVLConfig) -> list[Rule]:
     """Every tensor of the checkpoint, in HF order."""
+    if cfg.is_qwen3:
+        from stjax.models.qwen3_vl_host import weight_rules
+
+        return weight_rules(cfg)
     layer = "model.layers.{i}"
     lm = ("model", "layers")
     out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
-    out += _norm(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
-    out += _norm(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
+    out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
+    out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
     for name, bias in (("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False)):
-        out += _linear(f"{layer}.self_attn.{name}", lm + (name,), bias)
+        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), bias)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        out += _linear(f"{layer}.mlp.{name}", lm + (name,), False)
-    out += _norm("model.norm", ("model", "norm"), False)
+        out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
+    out += norm_rules("model.norm", ("model", "norm"), False)
     if not cfg.text.tie_word_embeddings:
-        out += _linear("lm_head", ("lm_head",), False)
+        out += linear_rules("lm_head", ("lm_head",), False)
 
     block, vb = "visual.blocks.{i}", ("visual", "blocks")
     layer_norm = not cfg.is_qwen2_5  # Qwen2-VL uses LayerNorm (with bias), Qwen2.5-VL RMSNorm
     out.append(Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch"))
-    out += _norm(f"{block}.norm1", vb + ("norm1",), layer_norm)
-    out += _norm(f"{block}.norm2", vb + ("norm2",), layer_norm)
-    out += _linear(f"{block}.attn.qkv", vb + ("qkv",), True)
-    out += _linear(f"{block}.attn.proj", vb + ("proj",), True)
+    out += norm_rules(f"{block}.norm1", vb + ("norm1",), layer_norm)
+    out += norm_rules(f"{block}.norm2", vb + ("norm2",), layer_norm)
+    out += linear_rules(f"{block}.attn.qkv", vb + ("qkv",), True)
+    out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
     mlp = ("gate_proj", "up_proj", "down_proj") if cfg.is_qwen2_5 else ("fc1", "fc2")
     for name in mlp:
-        out += _linear(f"{block}.mlp.{name}", vb + (name,), True)
-    out += _norm("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
-    out += _linear("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
-    out += _linear("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
+        out += linear_rules(f"{block}.mlp.{name}", vb + (name,), True)
+    out += norm_rules("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
+    out += linear_rules("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
+    out += linear_rules("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
     return out
 
 
 def num_layers(cfg: QwenVLConfig, rule: Rule) -> int:
+    if rule.path[:2] == ("visual", "deepstack_merger"):
+        return len(cfg.vision.deepstack_visual_indexes)
     return cfg.vision.depth if rule.path[0] == "visual" else cfg.text.num_layers
+
+
+def disk_name(cfg: QwenVLConfig, name: str) -> str:
+    """The name `save_hf` writes for the canonical tensor name `name` (Qwen3-VL's hub nests the decoder
+    and the tower under `model.`)."""
+    if cfg.is_qwen3:
+        from stjax.models.qwen3_vl_host import disk_name as qwen3_disk_name
+
+        return qwen3_disk_name(name)
+    return name
 
 
 def hf_names(cfg: QwenVLConfig) -> list[str]:
