@@ -129,3 +129,87 @@ def test_comparison_detects_deepstack_and_position_table_changes(models):
         else:
             changed.visual.pos_embed[...] = changed.visual.pos_embed[...] * 1.01
         assert relative_error(np.asarray(changed(**batch)), ref, batch["attention_mask"]) > 10 * TOLERANCE, change
+
+
+def test_round_trip_is_bit_exact_in_the_hub_layout(hf_dirs, tmp_path):
+    """HF -> stjax -> HF (sharded, streaming) gives back every tensor under its own name, bit for bit; the
+    export loads in transformers."""
+    from stjax.convert import hf_to_stjax, stjax_to_hf
+    from stjax.models.safetensors_io import SafetensorsReader
+
+    src, ref_model = hf_dirs("qwen3_vl")
+    hf_to_stjax(src, tmp_path / "stjax")
+    stjax_to_hf(tmp_path / "stjax", tmp_path / "back", max_shard_bytes=200_000)
+    assert (tmp_path / "back" / "model.safetensors.index.json").exists()
+    before, after = SafetensorsReader(src), SafetensorsReader(tmp_path / "back")
+    assert sorted(before.tensors) == sorted(after.tensors)  # model.language_model.*, model.visual.*, lm_head
+    for name in before.tensors:
+        a, b = before.read(name), after.read(name)
+        assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes()), name
+    reloaded = type(ref_model).from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    cfg = load_pretrained(tmp_path / "stjax")[1]
+    batch = make_batch(cfg, CASES["image_and_video"])
+    batch["position_ids"] = hf_positions(ref_model, cfg, batch)
+    np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(ref_model, batch))
+
+
+def test_the_hub_id_loads_from_the_cache_offline(hf_dirs, tmp_path, monkeypatch):
+    """`Qwen/Qwen3-VL-8B-Instruct` resolves through the Hugging Face cache (HF_HUB_OFFLINE: nothing is
+    fetched); here the cache holds the tiny model under that id."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-VL-8B-Instruct"
+    shutil.copytree(hf_dirs("qwen3_vl")[0], repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model, cfg = load_pretrained("Qwen/Qwen3-VL-8B-Instruct")
+    assert cfg.is_qwen3 and cfg.vision.deepstack_visual_indexes == (0, 2)
+
+
+def test_the_8b_preset_is_transformers_config_of_the_8b_model():
+    """configs/models/qwen3-vl-8b.json read by stjax and by transformers gives the same architecture, and
+    stjax's parameter count is that of transformers' model of it (built on the meta device)."""
+    import transformers
+
+    from stjax.models.config import QwenVLConfig
+    from stjax.models.loading import param_shapes
+
+    cfg = QwenVLConfig.from_file("qwen3-vl-8b")
+    hf_cfg = transformers.Qwen3VLConfig.from_dict(cfg.to_hf_dict())
+    with torch.device("meta"):
+        ref = transformers.Qwen3VLForConditionalGeneration(hf_cfg)
+    ours = sum(int(np.prod(s)) for s in param_shapes(cfg).values())
+    assert ours == sum(p.numel() for p in ref.parameters())
+    assert (cfg.text.num_layers, cfg.text.head_dim, cfg.vision.deepstack_visual_indexes) == (36, 128, (8, 16, 24))
+
+
+def test_greedy_tokens_equal_transformers_generate_on_left_padded_mixed_rows(models):
+    """The jitted sampler (prefill with DeepStack into a KV cache, then one token at a time) against
+    transformers' own `generate` loop, greedy, on image, video and text-only rows of one left-padded batch."""
+    import jax
+
+    from stjax.models.inputs import prepare_inputs
+    from stjax.sampling.sampler import SamplingConfig, generate
+
+    model, ref = models
+    cfg = model.config
+    batch = make_batch(cfg, CASES["left_padded_mixed"], seed=3)
+    ids = batch["input_ids"]
+    kwargs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    kwargs["mm_token_type_ids"] = torch.from_numpy(
+        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0)))
+    with torch.no_grad():
+        expected = ref.generate(**kwargs, max_new_tokens=24, do_sample=False, eos_token_id=cfg.eos_token_id,
+                                pad_token_id=0).numpy()[:, ids.shape[1]:]
+    out = generate(model, prepare_inputs(cfg, **batch), ids.shape[1], jax.random.key(0),
+                   SamplingConfig(max_new_tokens=24, eos_ids=(cfg.eos_token_id,)))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for row in range(len(ids)):
+        n = lengths[row]
+        np.testing.assert_array_equal(tokens[row, :n], expected[row, :n])
+        assert n == 24 or expected[row, n - 1] == cfg.eos_token_id
+    assert (lengths == 24).any()
