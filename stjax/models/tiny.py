@@ -17,11 +17,13 @@ from stjax.models.config import QwenVLConfig
 from stjax.models.loading import save_hf
 from stjax.models.qwen_vl import init_model
 
+TINY_PRESETS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
+
 
 def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path:
     """A random tiny model whose vocabulary and special ids match the tokenizer, as a HF directory."""
     ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
-    cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl")
+    cfg = QwenVLConfig.from_file(TINY_PRESETS[arch])
     vocab = -(-ids["vocab_size"] // 64) * 64
     cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": vocab}),
                       **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "vision_start_token_id",

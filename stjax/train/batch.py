@@ -50,7 +50,9 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         rotary_positions=np.zeros((sizes.rows, 2), np.int32),
         frames=make_groups(none, sizes.frame_size, sizes.frame_count, sizes.rows),
         windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if cfg.is_qwen2_5 else None,
-        token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool))
+        token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool),
+        **({"pos_embed_index": np.zeros((sizes.rows, 4), np.int32),
+            "pos_embed_weight": np.zeros((sizes.rows, 4), np.float32)} if v.num_position_embeddings else {}))
 
 
 def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:
