@@ -138,3 +138,32 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
              zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
     assert min(moved) > 0
+
+
+def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
+    """`evaluate` in logits mode on the tiny Qwen3-VL: each record's letter logits are those of a plain forward
+    of the Qwen3-VL layout's arrays (timestamped frames, patches of 16) at the prompt's last position."""
+    from stjax.data.processor import Processor
+    from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, make_runner
+    from stjax.models.inputs import prepare_inputs
+    from stjax.models.qwen_vl import compiled_forward
+
+    data, model_dir = grpo_assets
+    cfg = EvalConfig(model=str(model_dir), data=[str(data / "plain.jsonl")], out=str(tmp_path), mode="logits",
+                     batch_size=2, limit=3, text_only=False)
+    evaluate(cfg)
+    records = {r["id"]: r for r in load_records(tmp_path / "predictions.jsonl")}
+    assert len(records) == 3
+    processor = make_runner(cfg).processor
+    assert processor.layout == "qwen3" and processor.media.patch_size == 16
+    model, config = load_pretrained(model_dir)
+    letters = {k: processor.tokenizer.convert_tokens_to_ids(k) for k in "ABCD"}
+    for _, sample in load_samples(cfg)[0]:
+        arrays = processor(sample, "seed_mcq")
+        assert "seconds>" in processor.tokenizer.decode(arrays["input_ids"])
+        inputs = prepare_inputs(config, arrays["input_ids"][None], None, None, None, arrays["pixel_values_videos"],
+                                arrays["video_grid_thw"], None, arrays["position_ids"][:, None])
+        logits = np.asarray(compiled_forward(model, inputs))[0, len(arrays["input_ids"]) - 1]
+        scores = {k: logits[letters[k]] for k in "ABCD"[: len(sample.options)]}
+        np.testing.assert_allclose([records[sample.id]["logits"][k] for k in scores], list(scores.values()),
+                                   rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ Outputs use the Hugging Face names so reference comparisons need no renaming.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,6 +113,16 @@ class Processor:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True), **kwargs)
+
+    @classmethod
+    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig = MediaConfig(),
+                  **kwargs) -> Processor:
+        """The processor of a model config (`stjax.models.config.QwenVLConfig`): its patch size, its
+        time positions and its video layout (the rule of its `rope_spec`)."""
+        spec = model_cfg.rope_spec()
+        media = dataclasses.replace(media, patch_size=model_cfg.vision.patch_size)
+        return cls.from_pretrained(tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second,
+                                   layout=spec.rule, **kwargs)
 
     def _id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)

@@ -247,11 +247,9 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
-    processor = Processor.from_pretrained(
-        tokenizer, media=MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels,
-                                     second_per_grid=d.second_per_grid),
-        tokens_per_second=model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None,
-        loss_rule=d.loss_rule)
+    processor = Processor.for_model(
+        tokenizer, model_cfg, MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels,
+                                          second_per_grid=d.second_per_grid), loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
