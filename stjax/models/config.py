@@ -195,22 +195,8 @@ class QwenVLConfig:
             return config_from_hf_dict(cls, d, **policy)
         # transformers 5.x nests the text fields; the hub keeps them at the top level.
         t = {**d, **d["text_config"]} if isinstance(d.get("text_config"), dict) else d
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
         try:
-            text = TextConfig(
-                vocab_size=t["vocab_size"],
-                hidden_size=t["hidden_size"],
-                intermediate_size=t["intermediate_size"],
-                num_layers=t["num_hidden_layers"],
-                num_heads=t["num_attention_heads"],
-                num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
-                rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-                rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
-                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-                tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-                hidden_act=t.get("hidden_act", "silu"),
-                max_position_embeddings=t.get("max_position_embeddings", 32768),
-            )
+            text = text_config(d, t, rope_theta=1e6, mrope_section=(16, 24, 24), max_position_embeddings=32768)
             v = d["vision_config"]
             if model_type == "qwen2_vl":
                 vision = VisionConfig(
@@ -243,14 +229,8 @@ class QwenVLConfig:
                 )
         except KeyError as e:
             raise ConfigError(f"{model_type} config is missing the field {e.args[0]!r}") from None
-        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                 "vision_end_token_id") if k in d}
-        for k in ("bos_token_id", "eos_token_id"):
-            value = d.get(k, t.get(k))
-            if isinstance(value, int):
-                ids[k] = value
         return cls(model_type=model_type, text=text, vision=vision,
-                   initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
+                   initializer_range=t.get("initializer_range", 0.02), extra=d, **token_ids(d, t), **policy)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The hub's flat layout (every transformers version reads it); Qwen3-VL's hub layout is nested."""
@@ -330,6 +310,39 @@ class QwenVLConfig:
         path = directory / "config.json"
         path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return path
+
+
+def text_config(d: dict[str, Any], t: dict[str, Any], **defaults: Any) -> TextConfig:
+    """The decoder's fields of a config.json (`t`: its text fields, `d`: the whole) with the family's
+    `defaults` for rope_theta, mrope_section and max_position_embeddings, and its own extra fields."""
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
+    extra = {k: v for k, v in defaults.items() if k not in ("rope_theta", "mrope_section", "max_position_embeddings")}
+    return TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_layers=t["num_hidden_layers"],
+        num_heads=t["num_attention_heads"],
+        num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", defaults["rope_theta"])),
+        mrope_section=tuple(rope.get("mrope_section", defaults["mrope_section"])),
+        tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+        hidden_act=t.get("hidden_act", "silu"),
+        max_position_embeddings=t.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        **extra,
+    )
+
+
+def token_ids(d: dict[str, Any], t: dict[str, Any]) -> dict[str, int]:
+    """The special token ids a config.json gives (the rest keep the dataclass defaults)."""
+    ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                             "vision_end_token_id") if k in d}
+    for k in ("bos_token_id", "eos_token_id"):
+        value = d.get(k, t.get(k))
+        if isinstance(value, int):
+            ids[k] = value
+    return ids
 
 
 def _number(x: float) -> int | float:

@@ -19,31 +19,16 @@ MODEL_TYPE = "qwen3_vl"
 
 def config_from_hf_dict(cls, d: dict[str, Any], **policy: Any):
     """A `QwenVLConfig` from Qwen3-VL's nested config.json (`text_config`, `vision_config`)."""
-    from stjax.models.config import ConfigError, TextConfig, VisionConfig
+    from stjax.models.config import ConfigError, VisionConfig, text_config, token_ids
 
     t, v = d.get("text_config"), d.get("vision_config")
     if not isinstance(t, dict) or not isinstance(v, dict):
         raise ConfigError("qwen3_vl config needs the mappings text_config and vision_config")
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     try:
-        text = TextConfig(
-            vocab_size=t["vocab_size"],
-            hidden_size=t["hidden_size"],
-            intermediate_size=t["intermediate_size"],
-            num_layers=t["num_hidden_layers"],
-            num_heads=t["num_attention_heads"],
-            num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", t.get("rope_theta", 500000.0)),
-            mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
-            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
-            hidden_act=t.get("hidden_act", "silu"),
-            max_position_embeddings=t.get("max_position_embeddings", 128000),
-            explicit_head_dim=t.get("head_dim", 128),
-            qk_norm=True,
-            attention_bias=t.get("attention_bias", False),
-            mrope_interleaved=True,  # transformers' Qwen3-VL always interleaves
-        )
+        # transformers' Qwen3-VL always interleaves the M-RoPE streams
+        text = text_config(d, t, rope_theta=500000.0, mrope_section=(24, 20, 20), max_position_embeddings=128000,
+                           explicit_head_dim=t.get("head_dim", 128), qk_norm=True,
+                           attention_bias=t.get("attention_bias", False), mrope_interleaved=True)
         vision = VisionConfig(
             depth=v["depth"],
             hidden_size=v["hidden_size"],
@@ -68,14 +53,8 @@ def config_from_hf_dict(cls, d: dict[str, Any], **policy: Any):
                           f"of the {vision.depth}-block vision tower")
     if len(vision.deepstack_visual_indexes) > text.num_layers:
         raise ConfigError("more deepstack_visual_indexes than decoder layers")
-    ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                             "vision_end_token_id") if k in d}
-    for k in ("bos_token_id", "eos_token_id"):
-        value = d.get(k, t.get(k))
-        if isinstance(value, int):
-            ids[k] = value
     return cls(model_type=MODEL_TYPE, text=text, vision=vision,
-               initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
+               initializer_range=t.get("initializer_range", 0.02), extra=d, **token_ids(d, t), **policy)
 
 
 def config_to_hf_dict(cfg) -> dict[str, Any]:
@@ -195,22 +174,9 @@ def position_embedding_taps(rotary_positions: np.ndarray, grid_hw: np.ndarray, s
 def weight_rules(cfg) -> list:
     """Every tensor of a Qwen3-VL checkpoint (on-disk names as `stjax.models.weights.canonical_name` gives
     them: `model.*` for the decoder, `visual.*` for the tower), in HF order."""
-    from stjax.models.weights import Rule, linear_rules, norm_rules
+    from stjax.models.weights import Rule, decoder_rules, linear_rules, norm_rules
 
-    layer, lm = "model.layers.{i}", ("model", "layers")
-    out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
-    out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
-    out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), cfg.text.attention_bias)
-    out += norm_rules(f"{layer}.self_attn.q_norm", lm + ("q_norm",), False)
-    out += norm_rules(f"{layer}.self_attn.k_norm", lm + ("k_norm",), False)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
-    out += norm_rules("model.norm", ("model", "norm"), False)
-    if not cfg.text.tie_word_embeddings:
-        out += linear_rules("lm_head", ("lm_head",), False)
-
+    out = decoder_rules(cfg)
     block, vb = "visual.blocks.{i}", ("visual", "blocks")
     out.append(Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch"))
     out.append(Rule("visual.patch_embed.proj.bias", ("visual", "patch_embed", "bias"), "copy"))

@@ -55,19 +55,7 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
         from stjax.models.qwen3_vl_host import weight_rules
 
         return weight_rules(cfg)
-    layer = "model.layers.{i}"
-    lm = ("model", "layers")
-    out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
-    out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
-    out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
-    for name, bias in (("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False)):
-        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), bias)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
-    out += norm_rules("model.norm", ("model", "norm"), False)
-    if not cfg.text.tie_word_embeddings:
-        out += linear_rules("lm_head", ("lm_head",), False)
-
+    out = decoder_rules(cfg)
     block, vb = "visual.blocks.{i}", ("visual", "blocks")
     layer_norm = not cfg.is_qwen2_5  # Qwen2-VL uses LayerNorm (with bias), Qwen2.5-VL RMSNorm
     out.append(Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch"))
@@ -81,6 +69,25 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
     out += norm_rules("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
     out += linear_rules("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
     out += linear_rules("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
+    return out
+
+
+def decoder_rules(cfg: QwenVLConfig) -> list[Rule]:
+    """The decoder's tensors and the LM head: q/k/v biases where `attention_bias`, q/k norms where `qk_norm`."""
+    t, layer, lm = cfg.text, "model.layers.{i}", ("model", "layers")
+    out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
+    out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
+    out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), t.attention_bias and name != "o_proj")
+    if t.qk_norm:
+        out += norm_rules(f"{layer}.self_attn.q_norm", lm + ("q_norm",), False)
+        out += norm_rules(f"{layer}.self_attn.k_norm", lm + ("k_norm",), False)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
+    out += norm_rules("model.norm", ("model", "norm"), False)
+    if not t.tie_word_embeddings:
+        out += linear_rules("lm_head", ("lm_head",), False)
     return out
 
 
