@@ -212,17 +212,8 @@ class QwenVLConfig:
                     in_channels=v.get("in_channels", v.get("in_chans", 3)),
                 )
             else:
-                vision = VisionConfig(
-                    depth=v["depth"],
-                    hidden_size=v["hidden_size"],
-                    num_heads=v["num_heads"],
-                    intermediate_size=v["intermediate_size"],
-                    out_hidden_size=v["out_hidden_size"],
-                    hidden_act=v.get("hidden_act", "silu"),
-                    patch_size=v.get("patch_size", 14),
-                    temporal_patch_size=v.get("temporal_patch_size", 2),
-                    spatial_merge_size=v.get("spatial_merge_size", 2),
-                    in_channels=v.get("in_channels", v.get("in_chans", 3)),
+                vision = vision_config(
+                    v, hidden_act="silu", patch_size=14,
                     window_size=v.get("window_size", 112),
                     fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
                     tokens_per_second=v.get("tokens_per_second", 2),
@@ -259,18 +250,8 @@ class QwenVLConfig:
         return {
             "architectures": [arch],
             "model_type": self.model_type,
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
+            **text_hf_dict(t),
             "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
-            "tie_word_embeddings": t.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -332,6 +313,41 @@ def text_config(d: dict[str, Any], t: dict[str, Any], **defaults: Any) -> TextCo
         max_position_embeddings=t.get("max_position_embeddings", defaults["max_position_embeddings"]),
         **extra,
     )
+
+
+def vision_config(v: dict[str, Any], hidden_act: str, patch_size: int, **extra: Any) -> VisionConfig:
+    """The vision tower's fields of a `vision_config` written with Qwen2.5-VL's names (Qwen3-VL's too), with
+    the family's default activation and patch size, and its own extra fields."""
+    return VisionConfig(
+        depth=v["depth"],
+        hidden_size=v["hidden_size"],
+        num_heads=v["num_heads"],
+        intermediate_size=v["intermediate_size"],
+        out_hidden_size=v["out_hidden_size"],
+        hidden_act=v.get("hidden_act", hidden_act),
+        patch_size=v.get("patch_size", patch_size),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        **extra,
+    )
+
+
+def text_hf_dict(t: TextConfig) -> dict[str, Any]:
+    """The decoder's fields under transformers' names."""
+    return {
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "hidden_act": t.hidden_act,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "tie_word_embeddings": t.tie_word_embeddings,
+    }
 
 
 def token_ids(d: dict[str, Any], t: dict[str, Any]) -> dict[str, int]:

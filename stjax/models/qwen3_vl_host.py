@@ -19,7 +19,7 @@ MODEL_TYPE = "qwen3_vl"
 
 def config_from_hf_dict(cls, d: dict[str, Any], **policy: Any):
     """A `QwenVLConfig` from Qwen3-VL's nested config.json (`text_config`, `vision_config`)."""
-    from stjax.models.config import ConfigError, VisionConfig, text_config, token_ids
+    from stjax.models.config import ConfigError, text_config, token_ids, vision_config
 
     t, v = d.get("text_config"), d.get("vision_config")
     if not isinstance(t, dict) or not isinstance(v, dict):
@@ -29,20 +29,9 @@ def config_from_hf_dict(cls, d: dict[str, Any], **policy: Any):
         text = text_config(d, t, rope_theta=500000.0, mrope_section=(24, 20, 20), max_position_embeddings=128000,
                            explicit_head_dim=t.get("head_dim", 128), qk_norm=True,
                            attention_bias=t.get("attention_bias", False), mrope_interleaved=True)
-        vision = VisionConfig(
-            depth=v["depth"],
-            hidden_size=v["hidden_size"],
-            num_heads=v["num_heads"],
-            intermediate_size=v["intermediate_size"],
-            out_hidden_size=v["out_hidden_size"],
-            hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
-            patch_size=v.get("patch_size", 16),
-            temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            in_channels=v.get("in_channels", 3),
-            num_position_embeddings=v.get("num_position_embeddings", 2304),
-            deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", (8, 16, 24))),
-        )
+        vision = vision_config(v, hidden_act="gelu_pytorch_tanh", patch_size=16,
+                               num_position_embeddings=v.get("num_position_embeddings", 2304),
+                               deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", (8, 16, 24))))
     except KeyError as e:
         raise ConfigError(f"qwen3_vl config is missing the field {e.args[0]!r}") from None
     side = int(vision.num_position_embeddings ** 0.5)
@@ -59,6 +48,8 @@ def config_from_hf_dict(cls, d: dict[str, Any], **policy: Any):
 
 def config_to_hf_dict(cfg) -> dict[str, Any]:
     """Qwen3-VL's hub layout (nested), which transformers' `Qwen3VLConfig` reads."""
+    from stjax.models.config import text_hf_dict
+
     t, v = cfg.text, cfg.vision
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
@@ -71,21 +62,11 @@ def config_to_hf_dict(cfg) -> dict[str, Any]:
         "torch_dtype": cfg.param_dtype,
         "text_config": {
             "model_type": "qwen3_vl_text",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
+            **text_hf_dict(t),
             "head_dim": t.head_dim,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
             "rope_scaling": {"rope_type": "default", "mrope_section": list(t.mrope_section),
                              "mrope_interleaved": True},
             "attention_bias": t.attention_bias,
-            "tie_word_embeddings": t.tie_word_embeddings,
             "initializer_range": cfg.initializer_range,
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id,
