@@ -21,8 +21,8 @@ from pathlib import Path
 import jax
 
 from stjax.data.synthetic import generate
+from stjax.data.tokenizer import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate
-from stjax.models.tiny import tiny_model_dir
 
 
 def timed_run(cfg: EvalConfig, out: Path) -> float:

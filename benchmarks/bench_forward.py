@@ -29,22 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def mid_config(arch: str, scale: int = 1):
     from stjax.models.config import QwenVLConfig
 
-    from stjax.models.tiny import TINY_PRESETS
+    from stjax.models.families import family
 
-    cfg = QwenVLConfig.from_file(TINY_PRESETS[arch])
+    cfg = QwenVLConfig.from_file(family(arch).tiny_preset)
+    qwen3 = arch == "qwen3_vl"
     # Qwen3-VL keeps its decoder's kind (q/k norms, interleaved M-RoPE, head_dim 64 given explicitly).
     text = dataclasses.replace(cfg.text, vocab_size=8192, hidden_size=512 * scale, intermediate_size=1536 * scale,
                                num_layers=4 * scale, num_heads=8 * scale, num_kv_heads=2 * scale,
-                               mrope_section=(12, 10, 10) if cfg.is_qwen3 else (8, 12, 12),
-                               explicit_head_dim=64 if cfg.is_qwen3 else None)
+                               mrope_section=(12, 10, 10) if qwen3 else (8, 12, 12),
+                               explicit_head_dim=64 if qwen3 else None)
     depth = 4 * scale
     vision = cfg.vision.__class__(**{**cfg.vision.__dict__, "depth": depth, "hidden_size": 256 * scale,
                                      "num_heads": 4 * scale, "intermediate_size": 1024 * scale,
                                      "out_hidden_size": 512 * scale,
                                      "fullatt_block_indexes": tuple(range(depth // 2 - 1, depth, depth // 2))
                                      if arch == "qwen2_5_vl" else (),
-                                     "num_position_embeddings": 2304 if cfg.is_qwen3 else 0,
-                                     "deepstack_visual_indexes": tuple(range(depth - 1)) if cfg.is_qwen3 else ()})
+                                     "num_position_embeddings": 2304 if qwen3 else 0,
+                                     "deepstack_visual_indexes": tuple(range(depth - 1)) if qwen3 else ()})
     return cfg.replace(text=text, vision=vision, initializer_range=0.02)
 
 
@@ -119,10 +120,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = hf_model(cfg, dtype=getattr(torch, args.dtype)).to(device)
     ref.set_attn_implementation(args.torch_attention)
-    args.size = args.size or (384 if cfg.is_qwen3 else 336)
+    args.size = args.size or (384 if qwen3 else 336)
     grid = args.size // cfg.vision.patch_size
     prompt = [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]]
-    if cfg.is_qwen3:  # the processor's layout and transformers' own position ids
+    if cfg.model_type == "qwen3_vl":  # the processor's layout and transformers' own position ids
         from test_qwen3_vl import hf_positions, make_batch as qwen3_batch
 
         batch = qwen3_batch(cfg, prompt)

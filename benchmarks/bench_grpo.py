@@ -46,7 +46,7 @@ SIDE = 672  # pixels: (672 / 14)^2 = 2304 patches
 def assets(root: Path) -> tuple[Path, Path]:
     """A synthetic set's tokenizer and a tiny random Qwen2-VL for it (HF directory)."""
     from stjax.data.synthetic import generate
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     data = generate(root / "data", 1, seed=0, sheet=0)
     return data / "tokenizer", tiny_model_dir(data / "tokenizer", root / "model", "qwen2_vl", seed=0)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stjax.models.config import PRESETS_DIR, ConfigError as ModelConfigError, QwenVLConfig, presets
+from stjax.models.families import family
 from stjax.models.inputs import ModelInputs, prepare_inputs
 from stjax.sharding import batch_sharding, input_shardings, state_shardings
 
@@ -354,7 +355,7 @@ def model_config(init: str, arch: str = "qwen2_vl", **changes) -> QwenVLConfig:
     that exists here, else the preset whose name the id or path contains (Qwen/Qwen2.5-VL-7B-Instruct,
     runs/sft-qwen2.5-vl-7b/hf -> qwen2.5-vl-7b); empty, the embedded default's tiny model."""
     if not init:
-        name = "tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl"
+        name = family(arch).tiny_preset
     elif Path(init).is_dir() or (PRESETS_DIR / f"{init}.json").exists():
         name = init
     else:

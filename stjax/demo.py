@@ -29,6 +29,7 @@ from pathlib import Path
 
 from stjax.cli import add_debug_flag, run_cli
 from stjax.io import write_text_atomic
+from stjax.models.families import model_types
 from stjax.train.config import EMBEDDED, TrainConfig, load
 
 STAGES = ("base", "sft", "grpo")
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"],
+    parser.add_argument("--arch", default="qwen2_vl", choices=model_types(),
                         help="architecture of the tiny model (the release's is Qwen2-VL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout-walks", type=int, default=48,

@@ -41,7 +41,7 @@ def synthetic_assets(tmp_path_factory):
     """A small synthetic ego-centric set (2 walks, 12 questions) and tiny random base models matching its
     tokenizer, made once: (data dir, {arch: HF model dir})."""
     from stjax.data.synthetic import generate
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     root = tmp_path_factory.mktemp("synthetic-assets")
     data = generate(root / "data", 2, seed=0, sheet=0)

@@ -8,12 +8,11 @@ import torch
 import transformers
 
 from stjax.models.config import QwenVLConfig
-
-PRESETS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
+from stjax.models.families import family
 
 
 def tiny_config(model_type: str, **changes) -> QwenVLConfig:
-    return QwenVLConfig.from_file(PRESETS[model_type]).replace(**changes)
+    return QwenVLConfig.from_file(family(model_type).tiny_preset).replace(**changes)
 
 
 def hf_model(cfg: QwenVLConfig, seed: int = 0, dtype=torch.float32):

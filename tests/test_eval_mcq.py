@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from stjax.data.tokenizer import tiny_model_dir
 import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.processor import Processor
@@ -16,7 +17,6 @@ from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, par
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
-from stjax.models.tiny import tiny_model_dir
 
 FAST = dict(max_new_tokens=6, batch_size=4, text_only=False)  # the text-only pass: its own test
 

@@ -168,7 +168,7 @@ def test_killed_checkpoint_saves_leave_checkpoints_that_restore(tmp_path):
 
 def test_a_killed_evaluation_resumes_to_the_same_records(tmp_path):
     from stjax.data.synthetic import generate
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
     from stjax.eval.mcq import load_records
 
     data = generate(tmp_path / "data", 1, seed=0, sheet=0)

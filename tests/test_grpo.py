@@ -36,7 +36,7 @@ MEDIA = MediaConfig(max_pixels=12544)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from stjax.data.synthetic import generate as generate_benchmark
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     root = tmp_path_factory.mktemp("grpo-assets")
     data = generate_benchmark(root / "data", 1, seed=0, sheet=0)
@@ -47,7 +47,7 @@ def assets(tmp_path_factory):
 def prompts(data, model_cfg, count: int = 2) -> tuple[dict, Processor]:
     """A loader batch of `count` GRPO prompts with their videos (right-padded, as the loader gives)."""
     processor = Processor.from_pretrained(data / "tokenizer", media=MEDIA, tokens_per_second=(
-        model_cfg.vision.tokens_per_second if model_cfg.is_qwen2_5 else None))
+        model_cfg.rope_spec().tokens_per_second))
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:count]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
     cfg = LoaderConfig(batch_size=count, token_buckets=(256, 512), patch_buckets=(256, 512), image_patch_buckets=(0,))

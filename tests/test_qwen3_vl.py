@@ -167,7 +167,7 @@ def test_the_hub_id_loads_from_the_cache_offline(hf_dirs, tmp_path, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model, cfg = load_pretrained("Qwen/Qwen3-VL-8B-Instruct")
-    assert cfg.is_qwen3 and cfg.vision.deepstack_visual_indexes == (0, 2)
+    assert cfg.model_type == "qwen3_vl" and cfg.vision.deepstack_visual_indexes == (0, 2)
 
 
 def test_greedy_tokens_equal_transformers_generate_on_left_padded_mixed_rows(models):

@@ -83,7 +83,7 @@ def test_sft_loss_and_gradients_equal_transformers(hf_dirs):
 @pytest.fixture(scope="module")
 def grpo_assets(tmp_path_factory):
     from stjax.data.synthetic import generate as generate_benchmark
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     root = tmp_path_factory.mktemp("qwen3-grpo")
     data = generate_benchmark(root / "data", 1, seed=0, sheet=0)

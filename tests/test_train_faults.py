@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from stjax.data.synthetic import generate
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     root = tmp_path_factory.mktemp("train-fault-assets")
     data = generate(root / "data", 1, seed=0, sheet=0)

@@ -29,7 +29,7 @@ STEPS = 24
 def assets(tmp_path_factory):
     """(synthetic data dir, tiny base model dir), made once."""
     from stjax.data.synthetic import generate
-    from stjax.models.tiny import tiny_model_dir
+    from stjax.data.tokenizer import tiny_model_dir
 
     root = tmp_path_factory.mktemp("train-assets")
     data = generate(root / "data", 2, seed=0, sheet=0)

@@ -13,6 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer
+
+from stjax.models.tiny import save_tiny_model
 
 # In Qwen's order; <|endoftext|> is the pad token and <|im_end|> the end of a turn.
 SPECIAL_TOKENS = (
@@ -109,3 +112,10 @@ def special_token_ids(tokenizer) -> dict[str, int]:
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
     }
+
+
+def tiny_model_dir(tokenizer_dir: Path, out: Path, arch: str, seed: int) -> Path:
+    """A random tiny model of family `arch` whose vocabulary and special ids match the tokenizer, as a HF
+    directory with the tokenizer's files beside it."""
+    ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True))
+    return save_tiny_model(out, arch, seed, ids, side_files=tokenizer_dir)

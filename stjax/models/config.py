@@ -1,5 +1,6 @@
-"""Model configuration: one dataclass tree for Qwen2-VL and Qwen2.5-VL, read from and written to
-Hugging Face `config.json` files.
+"""Model configuration: one dataclass tree for every model family, read from and written to
+Hugging Face `config.json` files (the family of `model_type` parses and writes its own parts, see
+`stjax.models.families`).
 
 The hub's `config.json` is flat (text fields at the top, `rope_scaling.mrope_section`); transformers
 5.x writes a nested one (`text_config`, `rope_parameters`). Both are read; the flat hub layout is
@@ -12,11 +13,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stjax.models.rope import RopeSpec
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+if TYPE_CHECKING:
+    from stjax.models.families import Family
+
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
 QUANTIZE_TARGETS = ("lora", "all")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -123,8 +126,7 @@ class QwenVLConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"unknown model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        _family(self.model_type)  # an unknown model_type fails here
         t, v = self.text, self.vision
         sizes = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
                  "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
@@ -162,12 +164,9 @@ class QwenVLConfig:
         return "none"
 
     @property
-    def is_qwen2_5(self) -> bool:
-        return self.model_type == "qwen2_5_vl"
-
-    @property
-    def is_qwen3(self) -> bool:
-        return self.model_type == "qwen3_vl"
+    def family(self) -> Family:
+        """The plug-in that holds what differs by model family (`stjax.models.families`)."""
+        return _family(self.model_type)
 
     def replace(self, **changes: Any) -> "QwenVLConfig":
         return dataclasses.replace(self, **changes)
@@ -178,8 +177,8 @@ class QwenVLConfig:
             video_token_id=self.video_token_id,
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.vision.spatial_merge_size,
-            tokens_per_second=self.vision.tokens_per_second if self.is_qwen2_5 else None,
-            rule="qwen3" if self.is_qwen3 else "qwen2",
+            tokens_per_second=self.family.video_tokens_per_second(self.vision),
+            rule=self.family.video_layout,
         )
 
     # ----------------------------------------------------------------- HF config.json
@@ -187,71 +186,42 @@ class QwenVLConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **policy: Any) -> "QwenVLConfig":
         model_type = d.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
-        if model_type == "qwen3_vl":
-            from stjax.models.qwen3_vl_host import config_from_hf_dict
-
-            return config_from_hf_dict(cls, d, **policy)
-        # transformers 5.x nests the text fields; the hub keeps them at the top level.
-        t = {**d, **d["text_config"]} if isinstance(d.get("text_config"), dict) else d
+        family = _family(model_type)
+        t = text_fields(d)
         try:
-            text = text_config(d, t, rope_theta=1e6, mrope_section=(16, 24, 24), max_position_embeddings=32768)
-            v = d["vision_config"]
-            if model_type == "qwen2_vl":
-                vision = VisionConfig(
-                    depth=v["depth"],
-                    hidden_size=v["embed_dim"],
-                    num_heads=v["num_heads"],
-                    intermediate_size=int(v["embed_dim"] * v.get("mlp_ratio", 4)),
-                    out_hidden_size=v["hidden_size"],
-                    hidden_act=v.get("hidden_act", "quick_gelu"),
-                    patch_size=v.get("patch_size", 14),
-                    temporal_patch_size=v.get("temporal_patch_size", 2),
-                    spatial_merge_size=v.get("spatial_merge_size", 2),
-                    in_channels=v.get("in_channels", v.get("in_chans", 3)),
-                )
-            else:
-                vision = vision_config(
-                    v, hidden_act="silu", patch_size=14,
-                    window_size=v.get("window_size", 112),
-                    fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
-                    tokens_per_second=v.get("tokens_per_second", 2),
-                )
+            text = family.text_config(d)
+            vision = family.vision_config(d["vision_config"])
         except KeyError as e:
             raise ConfigError(f"{model_type} config is missing the field {e.args[0]!r}") from None
+        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id") if k in d}
+        for k in ("bos_token_id", "eos_token_id"):
+            value = d.get(k, t.get(k))
+            if isinstance(value, int):
+                ids[k] = value
         return cls(model_type=model_type, text=text, vision=vision,
-                   initializer_range=t.get("initializer_range", 0.02), extra=d, **token_ids(d, t), **policy)
+                   initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The hub's flat layout (every transformers version reads it); Qwen3-VL's hub layout is nested."""
-        if self.is_qwen3:
-            from stjax.models.qwen3_vl_host import config_to_hf_dict
-
-            return config_to_hf_dict(self)
+        """The hub's flat layout (every transformers version reads it), or the family's own (`Family.hf_config`)."""
         t, v = self.text, self.vision
-        if self.model_type == "qwen2_vl":
-            vision = {"depth": v.depth, "embed_dim": v.hidden_size, "hidden_size": v.out_hidden_size,
-                      "hidden_act": v.hidden_act, "mlp_ratio": _number(v.intermediate_size / v.hidden_size),
-                      "num_heads": v.num_heads, "in_chans": v.in_channels, "patch_size": v.patch_size,
-                      "spatial_merge_size": v.spatial_merge_size,
-                      "temporal_patch_size": v.temporal_patch_size}
-            arch = "Qwen2VLForConditionalGeneration"
-        else:
-            vision = {"depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": v.hidden_act,
-                      "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
-                      "in_chans": v.in_channels, "out_hidden_size": v.out_hidden_size,
-                      "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
-                      "temporal_patch_size": v.temporal_patch_size, "window_size": v.window_size,
-                      "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                      "tokens_per_second": v.tokens_per_second}
-            arch = "Qwen2_5_VLForConditionalGeneration"
+        vision = self.family.hf_vision_config(v)
         vision["model_type"] = self.model_type
-        return {
-            "architectures": [arch],
+        return self.family.hf_config(self, {
+            "architectures": [self.family.architecture],
             "model_type": self.model_type,
-            **text_hf_dict(t),
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
             "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
+            "tie_word_embeddings": t.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -262,7 +232,7 @@ class QwenVLConfig:
             "vision_token_id": self.extra.get("vision_token_id", 151654),
             "torch_dtype": self.param_dtype,
             "vision_config": vision,
-        }
+        })
 
     @classmethod
     def from_file(cls, path: str | Path, **policy: Any) -> "QwenVLConfig":
@@ -293,75 +263,46 @@ class QwenVLConfig:
         return path
 
 
-def text_config(d: dict[str, Any], t: dict[str, Any], **defaults: Any) -> TextConfig:
-    """The decoder's fields of a config.json (`t`: its text fields, `d`: the whole) with the family's
-    `defaults` for rope_theta, mrope_section and max_position_embeddings, and its own extra fields."""
+def text_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's fields: transformers 5.x nests them (`text_config`), the hub keeps them at the top."""
+    return {**d, **d["text_config"]} if isinstance(d.get("text_config"), dict) else d
+
+
+def qwen2_text_config(d: dict[str, Any]) -> TextConfig:
+    """The Qwen2 decoder's fields of a config.json (raises KeyError for a missing required field)."""
+    t = text_fields(d)
     rope = t.get("rope_parameters") or t.get("rope_scaling") or d.get("rope_scaling") or {}
-    extra = {k: v for k, v in defaults.items() if k not in ("rope_theta", "mrope_section", "max_position_embeddings")}
     return TextConfig(
         vocab_size=t["vocab_size"],
         hidden_size=t["hidden_size"],
         intermediate_size=t["intermediate_size"],
         num_layers=t["num_hidden_layers"],
         num_heads=t["num_attention_heads"],
-        num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+        num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", t.get("rope_theta", defaults["rope_theta"])),
-        mrope_section=tuple(rope.get("mrope_section", defaults["mrope_section"])),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
         tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
         hidden_act=t.get("hidden_act", "silu"),
-        max_position_embeddings=t.get("max_position_embeddings", defaults["max_position_embeddings"]),
-        **extra,
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
     )
 
 
-def vision_config(v: dict[str, Any], hidden_act: str, patch_size: int, **extra: Any) -> VisionConfig:
-    """The vision tower's fields of a `vision_config` written with Qwen2.5-VL's names (Qwen3-VL's too), with
-    the family's default activation and patch size, and its own extra fields."""
-    return VisionConfig(
-        depth=v["depth"],
-        hidden_size=v["hidden_size"],
-        num_heads=v["num_heads"],
-        intermediate_size=v["intermediate_size"],
-        out_hidden_size=v["out_hidden_size"],
-        hidden_act=v.get("hidden_act", hidden_act),
-        patch_size=v.get("patch_size", patch_size),
-        temporal_patch_size=v.get("temporal_patch_size", 2),
-        spatial_merge_size=v.get("spatial_merge_size", 2),
-        in_channels=v.get("in_channels", v.get("in_chans", 3)),
-        **extra,
-    )
+def patch_fields(d: dict[str, Any]) -> dict[str, int]:
+    """The patch and merge sizes of a config.json's `vision_config`, named alike by every family."""
+    return {"patch_size": d.get("patch_size", 14), "temporal_patch_size": d.get("temporal_patch_size", 2),
+            "spatial_merge_size": d.get("spatial_merge_size", 2),
+            "in_channels": d.get("in_channels", d.get("in_chans", 3))}
 
 
-def text_hf_dict(t: TextConfig) -> dict[str, Any]:
-    """The decoder's fields under transformers' names."""
-    return {
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.hidden_size,
-        "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_layers,
-        "num_attention_heads": t.num_heads,
-        "num_key_value_heads": t.num_kv_heads,
-        "hidden_act": t.hidden_act,
-        "max_position_embeddings": t.max_position_embeddings,
-        "rms_norm_eps": t.rms_norm_eps,
-        "rope_theta": t.rope_theta,
-        "tie_word_embeddings": t.tie_word_embeddings,
-    }
+def _family(model_type: str) -> Family:
+    # Imported here: the families import this module (they build its dataclasses).
+    from stjax.models.families import family
+
+    return family(model_type)
 
 
-def token_ids(d: dict[str, Any], t: dict[str, Any]) -> dict[str, int]:
-    """The special token ids a config.json gives (the rest keep the dataclass defaults)."""
-    ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                             "vision_end_token_id") if k in d}
-    for k in ("bos_token_id", "eos_token_id"):
-        value = d.get(k, t.get(k))
-        if isinstance(value, int):
-            ids[k] = value
-    return ids
-
-
-def _number(x: float) -> int | float:
+def number(x: float) -> int | float:
     """An int where the value is integral (strict config validators want int mlp_ratio)."""
     return int(x) if float(x).is_integer() else x
 

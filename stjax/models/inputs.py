@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.rope import get_rope_index, vision_rotary_positions, window_order
+from stjax.models.rope import vision_rotary_positions
 
 
 class InputError(ValueError):
@@ -62,13 +62,14 @@ class VisionInputs:
     `stjax.train.batch`).
     """
 
-    patches: np.ndarray  # (N, C*T*P*P) in processing order (window order for Qwen2.5-VL)
+    patches: np.ndarray  # (N, C*T*P*P) in the family's processing order (window order for Qwen2.5-VL)
     rotary_positions: np.ndarray  # (N, 2) patch (row, col)
     frames: VisionGroups  # one group per temporal slice
-    windows: Optional[VisionGroups]  # Qwen2.5-VL windows, else None
+    windows: Optional[VisionGroups]  # attention windows (Qwen2.5-VL), None for a family without them
     token_index: np.ndarray  # (B, L) merged-feature row feeding each text slot
     token_mask: np.ndarray  # (B, L) True where the text slot is an image or video pad
-    # Qwen3-VL: each patch's 4 rows of the learned position table and their bilinear weights (N, 4).
+    # Qwen3-VL (`Family.patch_inputs`): each patch's 4 rows of the learned position table and their bilinear
+    # weights (N, 4).
     pos_embed_index: Optional[np.ndarray] = None
     pos_embed_weight: Optional[np.ndarray] = None
 
@@ -121,25 +122,16 @@ class VisionSizes:
     rows: int
     frame_count: int
     frame_size: int
-    window_count: int  # 0 for Qwen2-VL
+    window_count: int  # 0 for a family without attention windows (Qwen2-VL)
 
     def max(self, other: "VisionSizes") -> "VisionSizes":
         return VisionSizes(*np.maximum(astuple(self), astuple(other)).tolist())
 
 
-def _processing_order(cfg: QwenVLConfig, grids: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Merged-token order of the vision pass (window order for Qwen2.5-VL) and window lengths in patches."""
-    v = cfg.vision
-    if not cfg.is_qwen2_5:
-        return np.arange(int(grids.prod(axis=1).sum()) // v.spatial_merge_size**2), None
-    order, window_lengths = window_order(grids, v.spatial_merge_size, v.window_merged)
-    return order, window_lengths * v.spatial_merge_size**2
-
-
 def vision_sizes(cfg: QwenVLConfig, grids: np.ndarray) -> VisionSizes:
     """The bucketed shapes `prepare_vision` gives these grids (a batch takes the maximum of its rows)."""
     grids = _as_grid(grids)
-    return _sizes(grids, _processing_order(cfg, grids)[1])
+    return _sizes(grids, cfg.family.processing_order(cfg.vision, grids)[1])
 
 
 def _sizes(grids: np.ndarray, window_lengths: Optional[np.ndarray]) -> VisionSizes:
@@ -182,7 +174,7 @@ def prepare_vision(
         if counts[name] != need[name]:
             raise InputError(f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
                              f"{need[name]} features (t*h*w/{merge_unit} per item)")
-    order, window_lengths = _processing_order(cfg, grids)
+    order, window_lengths = cfg.family.processing_order(cfg.vision, grids)
     least = _sizes(grids, window_lengths)
     sizes = least if sizes is None else sizes
     if sizes.max(least) != sizes:
@@ -194,16 +186,9 @@ def prepare_vision(
     patches[: len(patch_order)] = pixels[patch_order]
     rotary = np.zeros((rows, 2), np.int32)
     rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
-    taps = {}
-    if v.num_position_embeddings:
-        from stjax.models.qwen3_vl_host import position_embedding_taps
-
-        grid_hw = np.repeat(grids[:, 1:], patches_per_item, axis=0)[patch_order]
-        index, weight = position_embedding_taps(rotary[: len(patch_order)], grid_hw,
-                                                int(v.num_position_embeddings ** 0.5))
-        taps = dict(pos_embed_index=np.zeros((rows, 4), np.int32), pos_embed_weight=np.zeros((rows, 4), np.float32))
-        taps["pos_embed_index"][: len(patch_order)] = index
-        taps["pos_embed_weight"][: len(patch_order)] = weight
+    grid_hw = np.repeat(grids[:, 1:], patches_per_item, axis=0)[patch_order]
+    extra = {name: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1)) for name, a in
+             cfg.family.patch_inputs(v, rotary[: len(patch_order)], grid_hw).items()}
 
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     frames = make_groups(frame_lengths, sizes.frame_size, sizes.frame_count, rows)
@@ -220,7 +205,7 @@ def prepare_vision(
     token_index[input_ids == cfg.image_token_id] = position[: need["image"]]
     token_index[input_ids == cfg.video_token_id] = position[need["image"]:]
     return VisionInputs(patches=patches, rotary_positions=rotary, frames=frames, windows=windows,
-                        token_index=token_index, token_mask=token_mask, **taps)
+                        token_index=token_index, token_mask=token_mask, **extra)
 
 
 def prepare_inputs(
@@ -248,8 +233,8 @@ def prepare_inputs(
     mask = np.ones((batch, seq), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
     mask = mask.reshape(batch, seq)
     if position_ids is None:
-        position_ids, _ = get_rope_index(input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw,
-                                         second_per_grid_ts, mask)
+        position_ids, _ = cfg.family.rope_index(cfg, input_ids, image_grid_thw, video_grid_thw,
+                                                second_per_grid_ts, mask)
     position_ids = np.asarray(position_ids).reshape(3, batch, seq)
     ids = np.where(mask == 1, input_ids, -1)  # padding never counts as a vision pad
     vision = prepare_vision(cfg, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)

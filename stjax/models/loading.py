@@ -25,7 +25,7 @@ from stjax.models.config import ConfigError, QwenVLConfig
 from stjax.models.quant import quantize
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, abstract_model
 from stjax.models.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
-from stjax.models.weights import Rule, canonical_name, disk_name, hf_names, num_layers, rules, to_hf, to_stjax
+from stjax.models.weights import Rule, canonical_name, hf_names, num_layers, rules, to_hf, to_stjax
 
 Params = dict[tuple[str, ...], np.ndarray]
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float64))
@@ -214,7 +214,7 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
                 array = load(rule.path)
                 return np.asarray(to_hf(rule, array if i is None else array[i], cfg), out_dtype)
 
-            name = disk_name(cfg, rule.hf if i is None else rule.hf.format(i=i))
+            name = cfg.family.hf_name(rule.hf if i is None else rule.hf.format(i=i))
             plan.append(PlannedTensor(name, hf_shape(rule, shape if i is None else shape[1:], cfg), out_dtype, make))
     return plan
 

@@ -20,16 +20,15 @@ from flax import nnx
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
-from stjax.models.text import KVCache, TextModel
+from stjax.models.text import KVCache
 from stjax.sharding import batch_mesh_axes, constrain_batch
-from stjax.models.vision import VisionTower
 
 
 class QwenVLForConditionalGeneration(nnx.Module):
     def __init__(self, config: QwenVLConfig, rngs: nnx.Rngs):
         self.config = config
-        self.visual = VisionTower(config, rngs)
-        self.model = TextModel(config, rngs)
+        self.visual = config.family.vision_tower(config, rngs)
+        self.model = config.family.text_model(config, rngs)
         t = config.text
         self.lm_head = None if t.tie_word_embeddings else Linear(
             t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
@@ -46,23 +45,34 @@ class QwenVLForConditionalGeneration(nnx.Module):
             return jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
         return self.visual(vis).astype(dtype)[vis.token_index]
 
-    def embed(self, inputs: ModelInputs) -> jax.Array:
-        """Token embeddings with the vision features in the image / video pad slots."""
+    def embed(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array | None]:
+        """Token embeddings with the vision features in the image / video pad slots, and the DeepStack
+        features (K, B, L, hidden), zero outside the pad slots, for a tower that has K DeepStack blocks
+        (Qwen3-VL: its rows are each merged token's feature then its K DeepStack features side by side);
+        None without vision or DeepStack."""
         x = self.model.embed(inputs.input_ids)
         if inputs.vision is None:
-            return x
-        return jnp.where(inputs.vision.token_mask[..., None], self.vision_slots(inputs, x.dtype), x)
+            return x, None
+        b, l, hidden = x.shape
+        mask = inputs.vision.token_mask[..., None]
+        slots = jnp.where(mask, self.vision_slots(inputs, x.dtype), 0)
+        x = jnp.where(mask, slots[..., :hidden], x)
+        if slots.shape[-1] == hidden:
+            return x, None
+        return x, jnp.moveaxis(slots[..., hidden:].reshape(b, l, -1, hidden), 2, 0)
 
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
-        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key,
-                          right_padded=inputs.right_padded)
+        x, deepstack = self.embed(inputs)
+        return self.model(x, inputs.position_ids, inputs.attention_mask, dropout_key, right_padded=inputs.right_padded,
+                          deepstack=deepstack)
 
     def prefill(self, inputs: ModelInputs, cache: KVCache, dropout_key: jax.Array | None = None,
                 offset: int | None = None) -> tuple[jax.Array, KVCache]:
         """The prompts' hidden states and the cache after them (see `TextModel.extend`)."""
-        return self.model.extend(self.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, dropout_key,
-                                 offset=offset)
+        x, deepstack = self.embed(inputs)
+        return self.model.extend(x, inputs.position_ids, inputs.attention_mask, cache, dropout_key, offset=offset,
+                                 deepstack=deepstack)
 
     def output_table(self) -> jax.Array:
         """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding
@@ -115,20 +125,11 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: ModelInputs) -> j
     return nnx.merge(graphdef, state).forward(inputs)
 
 
-def model_class(config: QwenVLConfig) -> type[QwenVLForConditionalGeneration]:
-    """The model class of the config's family."""
-    if config.is_qwen3:
-        from stjax.models.qwen3_vl import Qwen3VLForConditionalGeneration
-
-        return Qwen3VLForConditionalGeneration
-    return QwenVLForConditionalGeneration
-
-
 def init_model(config: QwenVLConfig, seed: int = 0) -> QwenVLForConditionalGeneration:
     """A randomly initialised model (tests, demos, training from scratch)."""
-    return model_class(config)(config, nnx.Rngs(seed))
+    return QwenVLForConditionalGeneration(config, nnx.Rngs(seed))
 
 
 def abstract_model(config: QwenVLConfig) -> QwenVLForConditionalGeneration:
     """The model with shapes and dtypes only (no memory), to be filled from a checkpoint."""
-    return nnx.eval_shape(lambda: model_class(config)(config, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: QwenVLForConditionalGeneration(config, nnx.Rngs(0)))

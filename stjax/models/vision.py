@@ -1,7 +1,8 @@
-"""The vision towers of Qwen2-VL (LayerNorm, QuickGELU MLP, per-frame attention) and Qwen2.5-VL
-(RMSNorm, gated SiLU MLP with biases, window attention with a few per-frame blocks).
+"""The vision tower of Qwen2-VL (LayerNorm, QuickGELU MLP, per-frame attention) and Qwen2.5-VL
+(RMSNorm, gated SiLU MLP with biases, window attention with a few per-frame blocks): the model
+family (`cfg.family`) chooses the norm, the MLP and which blocks attend over whole frames.
 
-Patches arrive from the host already in processing order (window order for Qwen2.5-VL) together
+Patches arrive from the host already in processing order (the family's, e.g. window order) together
 with group tables (see `stjax.models.inputs.VisionGroups`): each attention block gathers q, k, v
 into fixed-size groups (one frame or one window per group), attends inside each group, and
 gathers the result back. The cost is linear in the number of groups, never N x N.
@@ -48,12 +49,13 @@ class VisionBlock(nnx.Module):
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         lin = dict(std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "blocks")),
                    double_quant=cfg.double_quant, **kw)
-        Norm = RMSNorm if cfg.is_qwen2_5 else LayerNorm
+        Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
         self.norm1 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
         self.norm2 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
         self.qkv = Linear(v.hidden_size, 3 * v.hidden_size, ("vision_embed", "vision_heads"), bias=True, **lin)
         self.proj = Linear(v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, **lin)
-        if cfg.is_qwen2_5:
+        self.gated = cfg.family.gated_mlp
+        if self.gated:
             self.gate_proj = Linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin)
             self.up_proj = Linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin)
             self.down_proj = Linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True, **lin)
@@ -62,11 +64,10 @@ class VisionBlock(nnx.Module):
             self.fc2 = Linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True, **lin)
         self.act = ACTIVATIONS[v.hidden_act]
         self.heads = v.num_heads
-        self.qwen2_5 = cfg.is_qwen2_5
         self.backend = cfg.attention
 
     def mlp(self, x: jax.Array) -> jax.Array:
-        if self.qwen2_5:
+        if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -87,7 +88,7 @@ class PatchMerger(nnx.Module):
         v = cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         width = v.hidden_size * v.spatial_merge_size**2
-        Norm = RMSNorm if cfg.is_qwen2_5 else LayerNorm
+        Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
         self.ln_q = Norm(width, "vision_merge", eps=1e-6, **kw) if postshuffle_norm else \
             Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
         self.postshuffle_norm = postshuffle_norm
@@ -110,8 +111,7 @@ class VisionTower(nnx.Module):
                                   compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, r), v.depth, rngs)
         self.merger = PatchMerger(cfg, rngs)
-        full = [i in v.fullatt_block_indexes or not cfg.is_qwen2_5 for i in range(v.depth)]
-        self.full_attention = tuple(full)
+        self.full_attention = cfg.family.full_attention(v)
         self.head_dim = v.head_dim
         self.remat = cfg.remat
 
@@ -130,7 +130,7 @@ class VisionTower(nnx.Module):
 
         def step(block: VisionBlock, x: jax.Array, full: jax.Array) -> jax.Array:
             x = unconstrained(x)
-            if vis.windows is None:  # Qwen2-VL: every block attends within frames
+            if vis.windows is None:  # a family without windows: every block attends within frames
                 return block(x, cos, sin, vis.frames)
             return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames),
                                 lambda: block(x, cos, sin, vis.windows))

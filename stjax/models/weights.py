@@ -50,30 +50,12 @@ def norm_rules(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
 
 
 def rules(cfg: QwenVLConfig) -> list[Rule]:
-    """Every tensor of the checkpoint, in HF order."""
-    if cfg.is_qwen3:
-        from stjax.models.qwen3_vl_host import weight_rules
-
-        return weight_rules(cfg)
-    out = decoder_rules(cfg)
-    block, vb = "visual.blocks.{i}", ("visual", "blocks")
-    layer_norm = not cfg.is_qwen2_5  # Qwen2-VL uses LayerNorm (with bias), Qwen2.5-VL RMSNorm
-    out.append(Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch"))
-    out += norm_rules(f"{block}.norm1", vb + ("norm1",), layer_norm)
-    out += norm_rules(f"{block}.norm2", vb + ("norm2",), layer_norm)
-    out += linear_rules(f"{block}.attn.qkv", vb + ("qkv",), True)
-    out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
-    mlp = ("gate_proj", "up_proj", "down_proj") if cfg.is_qwen2_5 else ("fc1", "fc2")
-    for name in mlp:
-        out += linear_rules(f"{block}.mlp.{name}", vb + (name,), True)
-    out += norm_rules("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
-    out += linear_rules("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
-    out += linear_rules("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
-    return out
+    """Every tensor of the checkpoint, in HF order (the model family's table)."""
+    return cfg.family.rules(cfg)
 
 
-def decoder_rules(cfg: QwenVLConfig) -> list[Rule]:
-    """The decoder's tensors and the LM head: q/k/v biases where `attention_bias`, q/k norms where `qk_norm`."""
+def text_rules(cfg: QwenVLConfig) -> list[Rule]:
+    """The decoder and the output head: q/k/v biases where `attention_bias`, q/k norms where `qk_norm`."""
     t, layer, lm = cfg.text, "model.layers.{i}", ("model", "layers")
     out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
     out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
@@ -86,25 +68,34 @@ def decoder_rules(cfg: QwenVLConfig) -> list[Rule]:
     for name in ("gate_proj", "up_proj", "down_proj"):
         out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
     out += norm_rules("model.norm", ("model", "norm"), False)
-    if not t.tie_word_embeddings:
+    if not cfg.text.tie_word_embeddings:
         out += linear_rules("lm_head", ("lm_head",), False)
     return out
 
 
+def vision_rules(cfg: QwenVLConfig) -> list[Rule]:
+    """The vision tower of `stjax.models.vision`, whose norms and MLP the family chooses."""
+    family = cfg.family
+    block, vb = "visual.blocks.{i}", ("visual", "blocks")
+    layer_norm = family.vision_norm == "layer_norm"  # LayerNorm has a bias, RMSNorm none
+    out = [Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch")]
+    out += norm_rules(f"{block}.norm1", vb + ("norm1",), layer_norm)
+    out += norm_rules(f"{block}.norm2", vb + ("norm2",), layer_norm)
+    out += linear_rules(f"{block}.attn.qkv", vb + ("qkv",), True)
+    out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
+    mlp = ("gate_proj", "up_proj", "down_proj") if family.gated_mlp else ("fc1", "fc2")
+    for name in mlp:
+        out += linear_rules(f"{block}.mlp.{name}", vb + (name,), True)
+    out += norm_rules("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
+    out += linear_rules("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
+    out += linear_rules("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
+    return out
+
+
 def num_layers(cfg: QwenVLConfig, rule: Rule) -> int:
-    if rule.path[:2] == ("visual", "deepstack_merger"):
+    if rule.path[:2] == ("visual", "deepstack_merger"):  # Qwen3-VL: one merger per DeepStack block
         return len(cfg.vision.deepstack_visual_indexes)
     return cfg.vision.depth if rule.path[0] == "visual" else cfg.text.num_layers
-
-
-def disk_name(cfg: QwenVLConfig, name: str) -> str:
-    """The name `save_hf` writes for the canonical tensor name `name` (Qwen3-VL's hub nests the decoder
-    and the tower under `model.`)."""
-    if cfg.is_qwen3:
-        from stjax.models.qwen3_vl_host import disk_name as qwen3_disk_name
-
-        return qwen3_disk_name(name)
-    return name
 
 
 def hf_names(cfg: QwenVLConfig) -> list[str]:

@@ -49,10 +49,10 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         patches=np.zeros((sizes.rows, v.patch_dim), np.float32),
         rotary_positions=np.zeros((sizes.rows, 2), np.int32),
         frames=make_groups(none, sizes.frame_size, sizes.frame_count, sizes.rows),
-        windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if cfg.is_qwen2_5 else None,
+        windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if sizes.window_count else None,
         token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool),
-        **({"pos_embed_index": np.zeros((sizes.rows, 4), np.int32),
-            "pos_embed_weight": np.zeros((sizes.rows, 4), np.float32)} if v.num_position_embeddings else {}))
+        **{name: np.zeros((sizes.rows,) + a.shape[1:], a.dtype) for name, a in
+           cfg.family.patch_inputs(v, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int64)).items()})
 
 
 def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:

@@ -64,24 +64,9 @@ def model_flops_per_token(cfg: QwenVLConfig, seq_len: int) -> float:
 
 
 def vision_flops_per_patch(cfg: QwenVLConfig, group_size: int) -> float:
-    """Training FLOPs per patch of the vision tower, for attention groups of `group_size` patches
-    (the patches of one frame).
-
-    Qwen2.5-VL's windowed blocks attend over min(window, group_size) patches (windows at a frame's
-    edge are smaller, so this is an upper bound); its `fullatt_block_indexes` blocks and every
-    Qwen2-VL block attend over the whole group. The mergers (Qwen3-VL's DeepStack ones too) run once
-    per spatial_merge_size**2 patches, so their parameters count divided by that.
-    """
-    v = cfg.vision
-    merge = v.spatial_merge_size**2
-    mlp = (3 if cfg.is_qwen2_5 else 2) * v.hidden_size * v.intermediate_size  # gated (3) or fc1, fc2
-    block = 4 * v.hidden_size**2 + mlp  # qkv (3 d^2) and proj (d^2)
-    merger = (v.hidden_size * merge) ** 2 + v.hidden_size * merge * v.out_hidden_size
-    merger *= 1 + len(v.deepstack_visual_indexes)  # Qwen3-VL's DeepStack mergers beside the last one
-    params = v.patch_dim * v.hidden_size + v.depth * block + merger // merge
-    window = min((v.window_merged * v.spatial_merge_size) ** 2, group_size)
-    keys = sum(group_size if i in v.fullatt_block_indexes or not cfg.is_qwen2_5 else window for i in range(v.depth))
-    return float(6 * params + 12 * keys * v.hidden_size)
+    """Training FLOPs per patch of the vision tower for attention groups of `group_size` patches (the
+    patches of one frame), as the model's family counts them (`Family.vision_flops_per_patch`)."""
+    return cfg.family.vision_flops_per_patch(cfg, group_size)
 
 
 def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> float:

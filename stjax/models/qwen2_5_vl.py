@@ -1,0 +1,55 @@
+"""Qwen2.5-VL: an RMSNorm vision tower with a gated SiLU MLP that attends within windows of merged
+tokens except in its `fullatt_block_indexes` blocks; video time positions are scaled by
+tokens_per_second * second_per_grid_t."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stjax.models.config import VisionConfig, patch_fields
+from stjax.models.families import Family, register
+from stjax.models.rope import window_order
+
+
+class Qwen2_5VL(Family):
+    model_type = "qwen2_5_vl"
+    architecture = "Qwen2_5_VLForConditionalGeneration"
+    tiny_preset = "tiny-qwen2.5-vl"
+    vision_norm = "rms_norm"
+    gated_mlp = True
+
+    def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
+        return tuple(i in v.fullatt_block_indexes for i in range(v.depth))
+
+    def vision_config(self, d: dict) -> VisionConfig:
+        return VisionConfig(
+            depth=d["depth"],
+            hidden_size=d["hidden_size"],
+            num_heads=d["num_heads"],
+            intermediate_size=d["intermediate_size"],
+            out_hidden_size=d["out_hidden_size"],
+            hidden_act=d.get("hidden_act", "silu"),
+            **patch_fields(d),
+            window_size=d.get("window_size", 112),
+            fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", ())),
+            tokens_per_second=d.get("tokens_per_second", 2),
+        )
+
+    def hf_vision_config(self, v: VisionConfig) -> dict:
+        return {"depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": v.hidden_act,
+                "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_chans": v.in_channels,
+                "out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+                "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "tokens_per_second": v.tokens_per_second}
+
+    def video_tokens_per_second(self, v: VisionConfig) -> float | None:
+        return v.tokens_per_second
+
+    def processing_order(self, v: VisionConfig, grids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Window order (`rope.window_order`), window lengths in patches."""
+        order, window_lengths = window_order(grids, v.spatial_merge_size, v.window_merged)
+        return order, window_lengths * v.spatial_merge_size**2
+
+
+register(Qwen2_5VL())
