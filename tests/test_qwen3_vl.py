@@ -196,3 +196,15 @@ def test_greedy_tokens_equal_transformers_generate_on_left_padded_mixed_rows(mod
         np.testing.assert_array_equal(tokens[row, :n], expected[row, :n])
         assert n == 24 or expected[row, n - 1] == cfg.eos_token_id
     assert (lengths == 24).any()
+
+
+def test_a_video_not_in_qwen3_layout_is_one_line_saying_so():
+    """A video written as one block of pads (Qwen2-VL's layout) cannot be positioned by Qwen3-VL's rule."""
+    from stjax.models.inputs import prepare_inputs
+
+    cfg = tiny_config("qwen3_vl")
+    ids = np.array([[1, cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id, 2]])
+    with pytest.raises(ValueError, match="a run of 8 video pad tokens where its grid gives 4: Qwen3-VL writes each "
+                                         "temporal patch of a video as its own vision block"):
+        prepare_inputs(cfg, ids, pixel_values_videos=np.zeros((32, cfg.vision.patch_dim), np.float32),
+                       video_grid_thw=np.array([[2, 4, 4]]))

@@ -44,6 +44,10 @@ def rope_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int, 
                 continue
             t, h, w = next(grids[kind])
             h, w = h // merge, w // merge
+            if end - start != t * h * w:
+                raise ValueError(f"a run of {end - start} {('image', 'video')[kind - 1]} pad tokens where its grid "
+                                 f"gives {t * h * w}: Qwen3-VL writes each temporal patch of a video as its own "
+                                 "vision block (stjax.data.processor.Processor with layout='qwen3')")
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
             chunks.append(np.stack([tt, hh, ww]).reshape(3, -1) + cur)
             cur += max(h, w)
