@@ -28,12 +28,16 @@ TARGETS = {  # the pod configs first: they are the ones no machine here has chec
     "configs/grpo/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
     "configs/sft/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
     "configs/grpo/qwen2-vl-7b-tpu-v5p-16.yaml": "v5p:2x2x2",
+    "configs/grpo/qwen3-vl-8b-tpu-v5p-64.yaml": "v5p:4x4x2",
+    "configs/sft/qwen3-vl-8b-tpu-v5p-64.yaml": "v5p:4x4x2",
     "configs/grpo/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
     "configs/sft/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
     "configs/grpo/qwen2-vl-7b-h100x4.yaml": "h100x4",
     "configs/sft/qwen2-vl-7b-h100x8.yaml": "h100x8",
     "configs/sft/qwen2.5-vl-7b-h100x4.yaml": "h100x4",
     "configs/sft/qwen2-vl-7b-h100x4.yaml": "h100x4",
+    "configs/grpo/qwen3-vl-8b-h100x8.yaml": "h100x8",
+    "configs/sft/qwen3-vl-8b-h100x8.yaml": "h100x8",
 }
 HEADER = ("| config | program | target | GiB per chip | headroom GiB | collective GiB/step | roofline step | "
           "MFU ceiling | compile s |\n|---|---|---|---|---|---|---|---|---|")
@@ -68,26 +72,36 @@ def rows(config: str, topology: str):
     with tempfile.TemporaryFile("w+") as log:  # the child's reports and errors (a pipe could fill and stall it)
         child = subprocess.Popen([sys.executable, __file__, "--one", config, topology], stdout=subprocess.PIPE,
                                  stderr=log, text=True, env=env, cwd=ROOT)
-        name, count = Path(config).stem, 0
+        name, count = f"{Path(config).parent.name}/{Path(config).stem}", 0
         for line in child.stdout:
             if line.startswith("{"):
                 count += 1
                 yield row(name, json.loads(line))
         log.seek(0)
-        error = log.read().strip().splitlines()
-    if child.wait() or not count:
-        yield f"| {name} | - | {topology} | failed: {(error or ['no output'])[-1][:200]} | | | | | |"
+        lines = log.read().strip().splitlines()
+    if child.wait() or not count:  # the exception's line, not JAX's note on filtered frames printed after it
+        error = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)] or lines or ["no output"]
+        yield f"| {name} | - | {topology} | failed: {error[-1][:200]} | | | | | |"
+
+
+def _config_of(row: str) -> str:
+    return row.split("|")[1].strip()
 
 
 def write(path: Path, label: str, table: list[str]) -> None:
-    """Replace (or add) the `label` table in the "Compile check" section."""
+    """Put `table`'s rows in the `label` table of the "Compile check" section (made if missing), replacing
+    the rows of the configs compiled now and keeping the others (so configs can be compiled one at a time)."""
     text = path.read_text()
     title = "## Compile check: every accelerator config on its target (issue 22)"
-    block = f"### {label}, {datetime.date.today()}\n\n{HEADER}\n" + "\n".join(table) + "\n"
     if title not in text:
         text = text.rstrip("\n") + f"\n\n{title}\n\n`python benchmarks/compile_check.py --write BENCHMARKS.md`\n"
     pattern = re.compile(rf"### {re.escape(label)}, [\d-]+\n\n.*?(?=\n### |\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: block.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    found = pattern.search(text)
+    compiled = {_config_of(line) for line in table}
+    kept = [line for line in (found.group(0).splitlines() if found else [])
+            if line.startswith("| ") and not line.startswith("| config |") and _config_of(line) not in compiled]
+    block = f"### {label}, {datetime.date.today()}\n\n{HEADER}\n" + "\n".join(kept + table)
+    text = pattern.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 

@@ -10,6 +10,7 @@ the run length (1 step), GRPO's completion length (8 tokens), the loader workers
 final export."""
 
 import dataclasses
+import importlib.util
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from stjax.compile_only import CHIPS
 from stjax.eval.mcq import EvalConfig, check_config, parse_config
 from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import abstract_model
@@ -36,6 +38,40 @@ MODELS = sorted(CONFIGS.glob("models/*.json"))
 def test_every_config_is_listed():
     assert len(TRAIN) == 17 and len(EVAL) == 2 and len(MODELS) == 7
     assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "grpo", "eval", "models"}
+
+
+def compile_targets() -> dict[str, str]:
+    """benchmarks/compile_check.py's config -> target table."""
+    path = CONFIGS.parent / "benchmarks" / "compile_check.py"
+    spec = importlib.util.spec_from_file_location("compile_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TARGETS
+
+
+def target_devices(topology: str) -> tuple[str, int]:
+    """(chip, device count) a target names: v5p:2x2x2 -> (v5p, 8), h100x4 -> (h100, 4)."""
+    chip, _, shape = topology.partition(":")
+    if not shape:
+        chip, _, shape = topology.rpartition("x")
+    return chip, math.prod(int(n) for n in shape.split("x"))
+
+
+def test_every_accelerator_config_names_a_target_the_compile_check_compiles_it_for():
+    """Each shipped training config but the CPU ones (run whole by the test below) is in
+    benchmarks/compile_check.py's table, so BENCHMARKS.md's compile table can cover it: a known chip, and
+    as many devices as the config's mesh passes its checks on. No entry names a config that is gone."""
+    targets = compile_targets()
+    assert all((CONFIGS.parent / name).is_file() for name in targets)
+    for path in TRAIN:
+        name = f"configs/{path.parent.name}/{path.name}"
+        if "cpu" in path.stem:
+            assert name not in targets
+            continue
+        assert name in targets, f"{name} has no target in benchmarks/compile_check.py"
+        chip, devices = target_devices(targets[name])
+        assert chip in CHIPS, (name, targets[name])
+        train_config.check(train_config.load(path), devices)
 
 
 def architecture(cfg: train_config.TrainConfig) -> str:

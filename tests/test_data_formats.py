@@ -136,6 +136,21 @@ def test_plain_jsonl_round_trip_and_errors(tmp_path):
     assert "not among the options" in reasons["z"]
 
 
+def test_plain_jsonl_takes_any_task_name_and_no_direction(tmp_path):
+    """Another video question set need not pretend to be Ego-ST: its own task names, no direction."""
+    path = tmp_path / "own.jsonl"
+    rows = [{"video": "a.mp4", "question": "Which way does the ball roll?", "options": ["left", "right"],
+             "answer": "right", "task": "motion"},
+            {"video": "b.mp4", "question": "How many cars pass?", "options": ["A. one", "B. two"], "answer": "A"},
+            {"video": "c.mp4", "question": Q_REV, "options": OPTIONS, "answer": "B"},
+            {"video": "d.mp4", "question": "q", "options": OPTIONS, "answer": "B", "direction": "sideways"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_plain_jsonl(path)
+    got = [(s.task, s.direction, s.answer) for s in result.samples]
+    assert got == [("motion", None, "B"), ("other", None, "A"), ("direction", "reverse", "B")]
+    assert [e.sample_id for e in result.skipped] == ["own:4"] and "sideways" in result.skipped[0].reason
+
+
 def test_split_problem_keeps_letters_in_order():
     q, opts = split_problem("Q? Options: A. a, B. b, with C. inside, C. c\n\nInstructions: ...")
     assert q == "Q?" and opts == ["A. a", "B. b, with C. inside", "C. c"]

@@ -160,3 +160,38 @@ def test_release_rows_render(processor):
             out = processor.encode(text, videos=[video], target=sample.solution if template == "sft" else None)
             assert int((out["input_ids"] == pad).sum()) == 1 * 4 * 4 // 4  # grid (1, 4, 4)
             assert out["position_ids"].shape == (3, len(out["input_ids"]))
+
+
+def test_mm_token_type_ids_are_transformers(processor):
+    """The modality ids transformers' processor returns (ProcessorMixin.create_mm_token_type_ids, run on the
+    same ids with the tokenizer's image and video pad tokens), for a prompt with a video and an image."""
+    from types import SimpleNamespace
+
+    from transformers.processing_utils import ProcessorMixin
+
+    arrays = processor.encode("which way?", videos=[clip(4, 56, 56)], images=[np.zeros((28, 56, 3), np.uint8)])
+    pads = SimpleNamespace(image_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")],
+                           video_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")],
+                           audio_token_ids=[])
+    expected = ProcessorMixin.create_mm_token_type_ids(pads, [arrays["input_ids"].tolist()])[0]
+    assert arrays["mm_token_type_ids"].tolist() == expected and set(expected) == {0, 1, 2}
+
+
+def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_recipe(processor, tmp_path):
+    import json
+    import shutil
+
+    from stjax.train.loop import export_files
+
+    tokenizer = Path(processor.tokenizer.name_or_path)
+    files = export_files(processor, tokenizer, "sft", "sft")
+    assert set(files) == {"stjax_training.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                          "chat_template.jinja"}
+    assert json.loads(files["stjax_training.json"]) == {"stage": "sft", "template": "problem", "num_frames": 8,
+                                                        "fps": 1.0, "max_pixels": 360 * 420, "second_per_grid": "seed"}
+    own = tmp_path / "model"  # a real model's directory: its own processor files are copied, not replaced
+    shutil.copytree(tokenizer, own)
+    (own / "preprocessor_config.json").write_text("{}")
+    (own / "chat_template.json").write_text("{}")
+    kept = set(export_files(processor, own, "grpo", "grpo"))
+    assert kept == {"stjax_training.json", "video_preprocessor_config.json"}

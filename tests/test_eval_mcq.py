@@ -13,7 +13,7 @@ import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
-from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, parse_config, summarize
+from stjax.eval.mcq import EvalConfig, evaluate, format_summary, load_records, load_samples, parse_config, summarize
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
@@ -151,6 +151,20 @@ def test_accuracy_on_a_hand_made_predictions_file(tmp_path):
         "by_direction": {"forward": t(3, 1, 1 / 4, 1 / 3, 1, failed=1, no_answer=1),
                          "reverse": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 0)},
     }
+
+
+def test_accuracy_is_broken_down_by_whatever_tasks_the_data_has():
+    """Ego-ST's tasks first, then the data's own; a record without a direction is in no direction's group."""
+    rows = [("motion", None, "A", "A"), ("motion", None, "B", "A"), ("landmark", "forward", "C", "C"),
+            ("counting", "reverse", "A", "B"), ("direction", "forward", "D", "D")]
+    records = [{"id": str(i), "file": "own.jsonl", "task": t, "direction": d, "pred": p, "gold": g, "correct": p == g,
+                "n_options": 4} for i, (t, d, p, g) in enumerate(rows)]
+    summary = summarize(records)
+    assert list(summary["by_task"]) == ["direction", "landmark", "counting", "motion"]
+    assert {k: (v["n"], v["correct"]) for k, v in summary["by_task"].items()} == {
+        "direction": (1, 1), "landmark": (1, 1), "counting": (1, 0), "motion": (2, 1)}
+    assert {k: v["n"] for k, v in summary["by_direction"].items()} == {"forward": 2, "reverse": 1}
+    assert "task motion" in format_summary(summary)
 
 
 def test_data_formats_are_detected_and_config_file_is_overridden_by_flags(bench, tmp_path):

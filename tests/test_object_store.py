@@ -78,7 +78,8 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     from stjax.train.export import export_checkpoint
 
     out = "gs://bucket/runs/sft"
-    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1, "checkpoint.export_hf": "true"}
+    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1, "checkpoint.export_hf": "true",
+               "report_to": "[tensorboard]"}
     cfg = train_config.load(None, settings(out, assets, steps=2, **changes))
     sft.run(cfg)
     records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
@@ -119,7 +120,7 @@ def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
     assert cfg.out_dir.startswith("gs://")
     train_config.check(cfg, 32, 8)
     train_config.check_out_dir(cfg)
-    with MetricsLogger(cfg.out_dir, 2, progress=False) as logger:
+    with MetricsLogger(cfg.out_dir, 2, progress=False, report_to=["tensorboard"]) as logger:
         logger.log(1, {"loss": 0.5, "reward": 0.25})
         logger.summary()
     assert json.loads(read(f"{cfg.out_dir}/metrics.jsonl"))["reward"] == 0.25

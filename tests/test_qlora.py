@@ -131,29 +131,109 @@ def test_int8_values_are_within_half_a_step_of_the_weights_without_bitsandbytes(
     assert np.all(np.abs(got - w) <= absmax / 254 * (1 + 1e-5))
 
 
-def test_double_quantization_is_bitsandbytes_scheme(bnb):
-    """compress_statistics=True: the absmax less its mean, in blocks of 256, on bitsandbytes' 8-bit
-    dynamic map. Our map is its, bit for bit (made in float32 as torch makes it), and its
-    double-quantized state through our dequantize gives its dequantize_4bit to 1e-6. Our scale codes are the nearest map values; bitsandbytes' CPU kernel
-    rounds a few of them (0.2% here) to a farther one."""
-    np.testing.assert_array_equal(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy())  # bit for bit
-    shape = (1280, 3420)
-    w = weights(shape, "float32")
-    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread: above 32768 values its float32 sum (bitsandbytes' offset) depends on how many
+    threads split it (see `quant._torch_sum`), so bitsandbytes on two threads disagrees with itself on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def near_tie_weights(rows: int = 512, cols: int = 256, seed: int = 6) -> np.ndarray:
+    """Weights whose block absmax, once double-quantized, lands on or within a few float32 ulps of the
+    midpoints between 8-bit map codes and of the edges between bitsandbytes' table points: each block's
+    largest weight is set to offset + s x scale for targets s in ± pairs (so the mean stays the offset) and
+    ±1 in each group of 256 blocks (so the scale stays the scale)."""
+    rng = np.random.default_rng(seed)
+    blocks = rows * cols // 64
+    offset, scale = np.float32(0.05), np.float32(0.01)
+    middles = (quant.DYNAMIC[:-1] + quant.DYNAMIC[1:]) / np.float32(2)
+    edges = (np.arange(quant.DYNAMIC_POINTS - 1) + 0.5) / 32767.5 - 1  # where table points change
+    targets = np.concatenate([rng.choice(middles, blocks // 4), rng.choice(edges, blocks // 4)])
+    targets = targets * (1 + rng.choice([-2, -1, 0, 1, 2], targets.size) * 2.0**-23)
+    targets = np.clip(targets, -1, 1)
+    targets = np.stack([targets, -targets], axis=1).reshape(-1)[:blocks]
+    targets.reshape(-1, 256)[:, :2] = [1, -1]
+    absmax = (offset + targets * scale).astype(np.float32)
+    w = rng.uniform(-1, 1, (blocks, 64)).astype(np.float32) * absmax[:, None] * np.float32(0.99)
+    w[np.arange(blocks), rng.integers(0, 64, blocks)] = absmax * rng.choice([-1, 1], blocks).astype(np.float32)
+    return w.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("case", ["random", "near ties", "equal scales"])
+def test_double_quantization_equals_bitsandbytes_bit_for_bit(bnb, one_torch_thread, case):
+    """compress_statistics=True: bitsandbytes' 4-bit codes, 8-bit scale codes, second-level scales and
+    offset equal ours, bit for bit, on: random weights (Qwen2.5-VL's vision MLP down projection, 68400
+    blocks: the offset's sum is split in torch's way above 32768); weights whose block scales sit at
+    near-ties of the 8-bit map and of bitsandbytes' 65536-point table (where the nearest code and its
+    table's code differ, checked below so the case keeps its teeth); and weights whose blocks all share
+    one absmax 0.5 (every scale less the mean is 0: blocks of zeros get code 0). Our map is its map, and
+    its state through our dequantize gives its dequantize_4bit to 1e-6."""
+    import torch
+
+    np.testing.assert_array_equal(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy())
+    w = {"random": lambda: weights((1280, 3420), "float32").numpy(), "near ties": near_tie_weights,
+         "equal scales": lambda: np.where(np.arange(64 * 600) % 3, 0.25, -0.5).astype(np.float32).reshape(300, 128),
+         }[case]()
+    packed, state = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True)
     theirs = {"codes": packed.numpy().reshape(-1), "absmax": state.absmax.numpy(),
               "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
-    np.testing.assert_allclose(quant.dequantize(theirs, "nf4", shape, "float32"),
+    ours = quant.quantize(w, "nf4", double_quant=True)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+        assert ours[name].dtype == theirs[name].dtype, name
+    np.testing.assert_allclose(quant.dequantize(theirs, "nf4", w.shape, "float32"),
                                bnb.dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=0)
+    if case == "near ties":  # the nearest map value (float64) is not bitsandbytes' code for some of them
+        absmax = quant.quantize(w, "nf4")["absmax"].astype(np.float64)
+        scaled = (absmax - theirs["absmax_offset"]) / np.repeat(theirs["absmax_scale"], 256)[: absmax.size]
+        nearest = np.abs(scaled[:, None] - quant.DYNAMIC[None, :].astype(np.float64)).argmin(axis=1)
+        assert np.sum(nearest != theirs["absmax"]) > 10
+    if case == "equal scales":
+        assert np.all(theirs["absmax"] == 0)
 
-    ours = quant.quantize(w.numpy(), "nf4", double_quant=True)
-    np.testing.assert_array_equal(ours["codes"], theirs["codes"])  # 4-bit codes from the unquantized absmax
-    np.testing.assert_allclose(ours["absmax_offset"], theirs["absmax_offset"], rtol=1e-6)
-    np.testing.assert_allclose(ours["absmax_scale"], theirs["absmax_scale"], rtol=1e-6)
-    absmax = quant.quantize(w.numpy(), "nf4")["absmax"]
-    scaled = (absmax - ours["absmax_offset"]) / np.repeat(ours["absmax_scale"], 256)[: absmax.size]
-    distance = np.abs(scaled[:, None] - quant.DYNAMIC[None, :])
-    np.testing.assert_allclose(distance[np.arange(absmax.size), ours["absmax"]], distance.min(axis=1), atol=1e-6)
-    assert np.mean(ours["absmax"] != theirs["absmax"]) < 0.01
+
+def test_double_quantization_equals_transformers_load_in_4bit(bnb, hf_dirs, one_torch_thread):
+    """transformers' `BitsAndBytesConfig(load_in_4bit, nf4, bnb_4bit_use_double_quant)` loading a tiny
+    Qwen2-VL on the CPU: every linear it quantizes (vision and decoder) holds our storage of its weight,
+    bit for bit. transformers refuses any bitsandbytes quantization without accelerate (its
+    `validate_environment`), which is not a test dependency: skipped without it."""
+    pytest.importorskip("accelerate", reason="transformers' load_in_4bit needs accelerate")
+    import bitsandbytes
+    import torch
+    import transformers
+
+    path, model = hf_dirs("qwen2_vl")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    loaded = type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    weights = dict(model.named_parameters())
+    linears = [(n, m) for n, m in loaded.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert len(linears) == 24  # 2 vision blocks x 4, 2 decoder layers x 7, the merger's 2 (lm_head is kept)
+    for name, linear in linears:
+        state = linear.weight.quant_state
+        theirs = {"codes": linear.weight.data.numpy().reshape(-1), "absmax": state.absmax.numpy(),
+                  "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
+        ours = quant.quantize(weights[f"{name}.weight"].detach().numpy(), "nf4", double_quant=True)
+        for key, value in theirs.items():
+            np.testing.assert_array_equal(ours[key], value, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 33, 300, 4097, 40_000, (1 << 20) + 77])
+def test_the_offsets_sum_is_torchs_float32_sum_on_one_thread(one_torch_thread, size):
+    """`quant._torch_sum` against torch.sum on one thread, bit for bit: lengths with a tail of single
+    values, whole vectors left over, and enough rows (32768 at 2^20) to carry through all 4 levels of
+    ATen's cascade; values of mixed sign and scale, so the order of additions shows in the last bits."""
+    import torch
+
+    x = np.random.default_rng(size).standard_normal(size).astype(np.float32) * np.float32(3.3)
+    x[::7] *= np.float32(1e3)
+    assert quant._torch_sum(x) == torch.from_numpy(x).sum().item()
 
 
 def test_a_weight_that_does_not_divide_into_blocks_is_named():

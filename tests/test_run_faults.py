@@ -202,7 +202,7 @@ def test_summary_json_keeps_the_history_of_the_runs_invocations(tmp_path):
     from stjax.train.metrics import MetricsLogger
 
     for start_step, steps, loss in ((0, (1, 2, 3), 2.0), (2, (3, 4), 1.0)):  # resumed from checkpoint 2
-        with MetricsLogger(tmp_path, total_steps=4, start_step=start_step, tensorboard=False, progress=False) as log:
+        with MetricsLogger(tmp_path, total_steps=4, start_step=start_step, progress=False) as log:
             for step in steps:
                 log.log(step, {"loss": loss})
             summary = log.summary()

@@ -178,7 +178,7 @@ STEPS = [
 
 def test_jsonl_has_one_valid_line_per_step(tmp_path):
     before = time.time()
-    with MetricsLogger(tmp_path, total_steps=3, tensorboard=False, progress=False) as logger:
+    with MetricsLogger(tmp_path, total_steps=3, progress=False) as logger:
         for step, metrics in enumerate(STEPS, start=1):
             logger.log(step, metrics)
             # Flushed at once: a killed run keeps every line written so far.
@@ -193,7 +193,7 @@ def test_jsonl_has_one_valid_line_per_step(tmp_path):
 
 
 def test_tensorboard_event_file_holds_the_scalars(tmp_path):
-    with MetricsLogger(tmp_path, total_steps=3, progress=False) as logger:
+    with MetricsLogger(tmp_path, total_steps=3, progress=False, report_to=["tensorboard"]) as logger:
         for step, metrics in enumerate(STEPS, start=1):
             logger.log(step, metrics)
     values = scalars(read_events(tmp_path / "tensorboard"))
@@ -232,10 +232,10 @@ def test_summary(tmp_path, capsys):
 
 
 def test_resumed_run_appends_and_starts_the_bar_at_start_step(tmp_path):
-    with MetricsLogger(tmp_path, total_steps=10, tensorboard=False, progress=False) as logger:
+    with MetricsLogger(tmp_path, total_steps=10, progress=False) as logger:
         for step in (1, 2):
             logger.log(step, {"loss": 1.0})
-    with MetricsLogger(tmp_path, total_steps=10, start_step=2, tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, total_steps=10, start_step=2, interactive=True) as logger:
         assert logger.bar.n == 2 and logger.bar.total == 10
         for step in (3, 4, 5):
             logger.log(step, {"loss": 0.5, "tokens_per_s": 1234.0})

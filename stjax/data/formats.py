@@ -6,8 +6,9 @@
   `correct_answer`; a letter or the option's text).
 - ST-R1 training rows (JSONL with problem, solution, video, ...): options and answer are parsed out
   of the problem and solution text.
-- Our plain JSONL: video, question, options, answer, task, direction, pair_id (and optional
-  solution / problem / id).
+- Our plain JSONL: video, question, options, answer (and optional id, task, direction, pair_id,
+  solution, problem). `task` may be any name; `direction` is optional. The README's "Your own data"
+  tables list every field and which stage needs it.
 
 A malformed record raises SampleError naming the file and sample. With `strict=False` (the default)
 readers skip it and keep the error in `ReadResult.skipped`, so one bad row never stops a run.
@@ -24,7 +25,11 @@ from pathlib import Path
 
 from stjax.data.video import SampleError
 
-TASKS = ("direction", "landmark", "action", "colour", "walls")  # colour, walls: the synthetic set only
+# The tasks whose wording `infer_task` knows (colour, walls: the synthetic set only); a plain JSONL row may
+# name any other task.
+TASKS = ("direction", "landmark", "action", "colour", "walls")
+EGO_ST_TASKS = TASKS[:3]  # the evaluator's breakdown lists these first, then any other task in the data
+OTHER_TASK = "other"  # a plain row's task when it names none and its wording names none of TASKS
 DIRECTIONS = ("forward", "reverse")
 ANSWER_FIELDS = ("answer", "gt", "label", "correct_answer")
 # Ego-ST Bench keeps each part's videos in its own folder.
@@ -44,8 +49,8 @@ class Sample:
     question: str  # the question alone, without options
     options: list[str]  # "A. ...", "B. ...", in order
     answer: str  # the correct letter
-    task: str  # direction | landmark | action (| colour, walls: synthetic)
-    direction: str  # forward | reverse
+    task: str  # direction | landmark | action (| colour, walls: synthetic), or any name a plain JSONL row gives
+    direction: str | None  # forward | reverse; None where a plain row gives none and the wording tells none
     pair_id: str | None = None  # id of the same question asked in the opposite direction, when loaded
     solution: str | None = None  # long-CoT target (ST-R1 rows, synthetic set)
     problem: str | None = None  # the release's full user text (question + options + instructions), if any
@@ -311,8 +316,17 @@ def read_st_r1_jsonl(path: str | Path, video_root: str | Path | None = None, str
     return result
 
 
+def _inferred(infer: Callable[[str], str], question: str, default: str | None) -> str | None:
+    """What `infer` tells from the question's wording, else `default`."""
+    try:
+        return infer(question)
+    except ValueError:
+        return default
+
+
 def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, strict: bool = False) -> ReadResult:
-    """Our JSONL: video, question, options, answer required; task and direction inferred when absent."""
+    """Our JSONL: video, question, options, answer required. An absent task is inferred from Ego-ST's wording
+    (else `OTHER_TASK`), an absent direction likewise (else None); any task name is accepted."""
     path = Path(path)
     result = ReadResult()
     for number, row in _jsonl_rows(path, result, strict):
@@ -320,10 +334,11 @@ def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, str
         try:
             options = normalize_options(row.get("options"))
             question = row["question"]
-            task = row.get("task") or infer_task(question)
-            direction = row.get("direction") or infer_direction(question)
-            if task not in TASKS or direction not in DIRECTIONS:
-                raise ValueError(f"unknown task {task!r} or direction {direction!r}")
+            task = row.get("task") or _inferred(infer_task, question, OTHER_TASK)
+            direction = row.get("direction") or _inferred(infer_direction, question, None)
+            if not isinstance(task, str) or direction not in (*DIRECTIONS, None):
+                raise ValueError(f"task {task!r} is not text or direction {direction!r} is not one of "
+                                 f"{', '.join(DIRECTIONS)}")
             result.samples.append(
                 Sample(
                     id=sample_id,

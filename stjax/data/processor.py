@@ -3,12 +3,16 @@
 Mirrors the Hugging Face processor: pixels normalised and cut into (C, 2, 14, 14) patch vectors in
 merge-block order, the prompt rendered with the tokenizer's own chat template, each vision pad token
 expanded to one token per merged patch, M-RoPE positions from `stjax.models.rope.get_rope_index`.
-Outputs use the Hugging Face names so reference comparisons need no renaming.
+Outputs use the Hugging Face names, and hold every array transformers' processor returns
+(`mm_token_type_ids` included), so one batch feeds either model. `hf_processor_files` writes the files that
+let `AutoProcessor.from_pretrained` load a model directory stjax made, and `training_recipe` the prompt and
+media settings a model was trained with, which the evaluator then uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,8 +24,13 @@ from stjax.data.formats import MCQ_INSTRUCTION, Sample, release_problem
 from stjax.data.video import MediaConfig, SampleError, VideoClip, read_video
 from stjax.models.rope import RopeSpec, get_rope_index
 
-IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / _STD, Qwen-VL's normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_MEAN = np.array(CLIP_MEAN, np.float32)
+IMAGE_STD = np.array(CLIP_STD, np.float32)
+# transformers' modality ids (ProcessorMixin.create_mm_token_type_ids): what its M-RoPE reads the prompt's layout from
+TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
+TRAINING_RECIPE = "stjax_training.json"  # in an export: the prompt template and media settings it was trained with
 
 Template = Literal["seed_mcq", "grpo", "sft", "problem"]
 LossRule = Literal["assistant", "release"]
@@ -182,9 +191,12 @@ class Processor:
             skip = [self._id("<|endoftext|>"), self._id("<|image_pad|>"), self._id("<|video_pad|>")]
             loss_mask = (~np.isin(input_ids, skip)).astype(np.int32)
         empty = np.zeros((0, 3 * self.media.temporal_patch_size * self.media.patch_size**2), np.float32)
+        mm_types = np.select([input_ids == self._id("<|image_pad|>"), input_ids == self._id("<|video_pad|>")],
+                             [IMAGE_TYPE, VIDEO_TYPE], TEXT_TYPE)
         return {
             "input_ids": input_ids,
             "attention_mask": np.ones_like(input_ids, np.int32),
+            "mm_token_type_ids": mm_types.astype(np.int32),
             "position_ids": position_ids[:, 0],  # (3, L)
             "pixel_values_videos": np.concatenate([p for p, _ in video_patches]) if videos else empty,
             "video_grid_thw": video_grid,
@@ -235,3 +247,35 @@ class Processor:
             target = sample.solution
         clip = read_video(sample.video, self.media, sample_id=sample.id)
         return self.encode(user_text(sample, template), videos=[clip], target=target)
+
+
+def hf_processor_files(media: MediaConfig, chat_template: str) -> dict[str, str]:
+    """transformers' processor files for a Qwen2-VL / Qwen2.5-VL directory, with stjax's patch layout, pixel
+    bounds and normalisation: the image and video processors' configs and the chat template. The processor
+    class follows from config.json's model_type, so the same files serve both families."""
+    common = {"patch_size": media.patch_size, "temporal_patch_size": media.temporal_patch_size,
+              "merge_size": media.merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
+             "min_pixels": media.image_min_pixels, "max_pixels": media.image_max_pixels}
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", **common,
+             "min_pixels": media.min_pixels, "max_pixels": media.video_max_pixels}
+    return {"preprocessor_config.json": json.dumps(image, indent=2) + "\n",
+            "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",
+            "chat_template.jinja": chat_template}
+
+
+# The settings an export records, which the evaluator takes unless told otherwise.
+RECIPE_MEDIA = ("num_frames", "fps", "max_pixels", "second_per_grid")
+
+
+def training_recipe(stage: str, template: Template, media: MediaConfig) -> dict:
+    """What a model was trained with, as the evaluator's options: the prompt template it answers (sft's
+    prompt is problem's, without the target) and the media settings."""
+    return {"stage": stage, "template": "problem" if template == "sft" else template,
+            **{k: getattr(media, k) for k in RECIPE_MEDIA}}
+
+
+def read_training_recipe(model_dir: str | Path) -> dict | None:
+    """The training recipe a stjax export records, or None (a model stjax did not train)."""
+    path = Path(model_dir) / TRAINING_RECIPE
+    return json.loads(path.read_text()) if path.is_file() else None

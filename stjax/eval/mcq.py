@@ -5,8 +5,11 @@
     python -m stjax.eval.mcq                      # embedded default: synthetic set + tiny model, no download
     python -m stjax.eval.mcq --model DIR --data FILE... --quantize nf4    # a 4-bit model (stjax.models.quant)
 
-Defaults are the seed's recipe: the "seed_mcq" prompt, 8 frames, max_pixels 360*420, fps 1.0, greedy,
-512 new tokens. A YAML config may set any option (same names, "-" or "_"); flags override it.
+A model stjax trained is evaluated as it was trained: its export's training recipe (`stjax_training.json`:
+prompt template, frames, fps, max_pixels, second_per_grid) gives those options unless they are set; other
+models get the seed's recipe: the "seed_mcq" prompt, 8 frames, max_pixels 360*420, fps 1.0. The run prints
+which it used. Greedy, 512 new tokens. A YAML config may set any option (same names, "-" or "_"); flags
+override it.
 
 Data files: Ego-ST MCQ JSON (`Part1_forward_mcq.json`, ...; a folder means its `*_mcq*.json`), ST-R1
 JSONL (rows with `problem` and `solution`) or our plain JSONL (rows with `options`). `--videos` gives
@@ -48,7 +51,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.data.formats import PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl, read_st_r1_jsonl
+from stjax.data.formats import (EGO_ST_TASKS, PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl,
+                                read_st_r1_jsonl)
 from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
@@ -84,11 +88,12 @@ class EvalConfig:
     quantize: Literal["none", "nf4", "int8"] = "none"
     mode: Literal["generate", "logits"] = "generate"
     extract: Literal["default", "seed"] = "default"
-    template: Literal["seed_mcq", "grpo", "problem"] = "seed_mcq"
-    num_frames: int = 8
-    fps: float = 1.0
-    max_pixels: int = 360 * 420
-    second_per_grid: Literal["seed", "kept_frames"] = "seed"  # Qwen2.5-VL time spacing (see MediaConfig)
+    # None: the model's training recipe where its export records one, else SEED_RECIPE's value
+    template: Literal["seed_mcq", "grpo", "problem"] | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    max_pixels: int | None = None
+    second_per_grid: Literal["seed", "kept_frames"] | None = None  # Qwen2.5-VL time spacing (see MediaConfig)
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy, the recipe
     top_p: float = 1.0
@@ -100,6 +105,10 @@ class EvalConfig:
     limit: int | None = None  # evaluate only the first N samples (over all files, in order)
     walks: int = 2  # size of the embedded default's synthetic benchmark (6 questions per walk)
     text_only: bool = True  # also run the model with blank frames: what it scores without looking
+
+
+# The seed's inference recipe: the prompt and media options of a model that records no training recipe.
+SEED_RECIPE = {"template": "seed_mcq", "num_frames": 8, "fps": 1.0, "max_pixels": 360 * 420, "second_per_grid": "seed"}
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
@@ -222,15 +231,22 @@ def summarize(records: list[dict], text_only: list[dict] | None = None) -> dict:
     def groups(rows: list[dict] | None, key: str) -> dict[str, list[dict]]:
         grouped: dict[str, list[dict]] = defaultdict(list)
         for r in rows or []:
-            grouped[r[key]].append(r)
+            if r.get(key) is not None:  # a record without a direction is in no direction's group
+                grouped[r[key]].append(r)
         return grouped
 
     out: dict = {"overall": tally(records, text_only)}
     for key in ("file", "task", "direction"):
         seen, blind = groups(records, key), groups(text_only, key)
         out[f"by_{key}"] = {name: tally(seen[name], None if text_only is None else blind[name])
-                            for name in sorted(seen)}
+                            for name in breakdown_order(seen)}
     return out
+
+
+def breakdown_order(names) -> list[str]:
+    """Ego-ST's three tasks first, in their order, then every other name (other tasks, files,
+    directions) sorted: whatever tasks the data has are reported."""
+    return [t for t in EGO_ST_TASKS if t in names] + sorted(n for n in names if n not in EGO_ST_TASKS)
 
 
 def percent_with_interval(t: dict) -> str:
@@ -377,6 +393,7 @@ def make_runner(cfg: EvalConfig) -> Runner:
     from stjax.data.processor import Processor
     from stjax.models.loading import ModelNotFoundError, load_pretrained, resolve_model_dir
 
+    cfg = with_training_recipe(cfg)
     mesh = make_mesh(parse_mesh(cfg.mesh)) if cfg.mesh else None
     try:
         model_dir = resolve_model_dir(cfg.model, cfg.revision)
@@ -436,6 +453,28 @@ def embedded_default(cfg: EvalConfig) -> EvalConfig:
     return dataclasses.replace(cfg, model=str(out / "tiny-model"), data=[str(out / "data" / "plain.jsonl")])
 
 
+def with_training_recipe(cfg: EvalConfig) -> EvalConfig:
+    """The prompt and media options left unset taken from the model's training recipe (a stjax export's),
+    else from the seed's; says which."""
+    unset = [k for k in SEED_RECIPE if getattr(cfg, k) is None]
+    recipe, source = None, "the seed's recipe (the model records no training recipe)"
+    if unset and cfg.model:
+        from stjax.data.processor import TRAINING_RECIPE, read_training_recipe
+        from stjax.models.loading import ModelNotFoundError, resolve_model_dir
+
+        try:
+            recipe = read_training_recipe(resolve_model_dir(cfg.model, cfg.revision))
+        except ModelNotFoundError:  # reported where the model is loaded
+            source = "the seed's recipe (the model is not found)"
+        if recipe is not None:
+            source = f"the model's training recipe ({TRAINING_RECIPE}, {recipe.get('stage')} stage)"
+    values = {k: (recipe or SEED_RECIPE).get(k, SEED_RECIPE[k]) for k in unset}
+    if values:
+        print(f"evaluating with {source}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+              + " (set these options to override)")
+    return dataclasses.replace(cfg, **values)
+
+
 def check_config(cfg: EvalConfig) -> None:
     """Every option's choices, type and range, before any work (a YAML file's values are not checked
     by the flag parser)."""
@@ -445,7 +484,7 @@ def check_config(cfg: EvalConfig) -> None:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for f in dataclasses.fields(EvalConfig):
         value = getattr(cfg, f.name)
-        kinds = {int: (int,), float: (int, float)}.get(type(f.default))
+        kinds = {int: (int,), float: (int, float)}.get(type(SEED_RECIPE.get(f.name, f.default)))
         if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
                              f"got {value!r}")
@@ -488,7 +527,7 @@ def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
-    check_config(cfg)
+    check_config(dataclasses.replace(cfg, **{k: v for k, v in SEED_RECIPE.items() if getattr(cfg, k) is None}))
     try:
         out = as_path(cfg.out)  # local, or an object store URL (stjax.io)
     except OutputError as e:
@@ -500,6 +539,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         cfg = embedded_default(cfg)
     elif cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
+    cfg = with_training_recipe(cfg)
+    check_config(cfg)
     with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
         return _evaluate(cfg, out)
 
@@ -544,7 +585,8 @@ def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
-    """Defaults, then the YAML file's keys, then the flags given on the command line."""
+    """Defaults, then the YAML file's keys, then the flags given on the command line, then the model's
+    training recipe (or the seed's) for the prompt and media options still unset."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="YAML file with any of the options below")
@@ -561,11 +603,13 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                                 help=f"default: {f.default!r}")
             continue
-        kind = int if f.name == "limit" else {int: int, float: float}.get(type(f.default), str)
+        default = SEED_RECIPE.get(f.name, f.default)
+        kind = int if f.name == "limit" else {int: int, float: float}.get(type(default), str)
         choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES, "second_per_grid": SECOND_PER_GRID,
                    "quantize": QUANTIZE_FORMATS}.get(f.name)
+        recipe = " (a model stjax trained: its training recipe's)" if f.name in SEED_RECIPE else ""
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
-                            help=f"default: {f.default!r}")
+                            help=f"default: {default!r}{recipe}")
     add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     args.pop("debug", None)
@@ -581,7 +625,7 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
             if name in ("data", "videos"):  # a list of paths, or one path
                 value = [str(v) for v in (value if isinstance(value, list) else [value])]
             values[name] = value
-    return EvalConfig(**(values | args))
+    return with_training_recipe(EvalConfig(**(values | args)))
 
 
 def compile_programs(cfg: EvalConfig, mesh) -> list:
@@ -623,6 +667,7 @@ def compile_only(cfg: EvalConfig, topology: str | None) -> None:
     """`--compile-only`: compile the evaluator's program for `topology` and report, evaluating nothing."""
     from stjax import compile_only as co
 
+    cfg = with_training_recipe(cfg)
     target = co.target(topology)
     mesh = make_mesh(parse_mesh(cfg.mesh or "fsdp=-1"), target.devices)
     print(f"evaluation compiled for {target.name} ({len(target.devices)} devices), mesh {dict(mesh.shape)}")

@@ -234,16 +234,20 @@ def float_dtype(dtype) -> Optional[np.dtype]:
 
 def save_hf(directory: str | Path, cfg: QwenVLConfig, params: dict, dtype=None,
             max_shard_bytes: int = 5 << 30, progress: Optional[Callable[[int], None]] = None,
-            side_files: str | Path | None = None, overwrite: bool = False) -> None:
-    """Write a HF model directory: safetensors (sharded past `max_shard_bytes`), config.json and the
-    side files of the `side_files` directory, all built beside `directory` and put in place when
-    complete (`stjax.io.atomic_dir`: an occupied `directory` is refused unless `overwrite`)."""
+            side_files: str | Path | None = None, overwrite: bool = False,
+            files: dict[str, str] | None = None) -> None:
+    """Write a HF model directory: safetensors (sharded past `max_shard_bytes`), config.json, the
+    side files of the `side_files` directory and the text `files` (name: text), all built beside
+    `directory` and put in place when complete (`stjax.io.atomic_dir`: an occupied `directory` is
+    refused unless `overwrite`)."""
     plan = plan_hf_tensors(cfg, params, float_dtype(dtype))
     with atomic_dir(directory, overwrite) as partial:
         write_safetensors(partial, plan, max_shard_bytes, progress)
         cfg.replace(param_dtype=str(plan[0].dtype)).save(partial)
         if side_files is not None:
             copy_side_files(side_files, partial)
+        for name, text in (files or {}).items():
+            (partial / name).write_text(text)
 
 
 def _param_dir(directory: Path, path: tuple[str, ...]) -> Path:

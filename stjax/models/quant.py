@@ -10,7 +10,9 @@ The storage is bitsandbytes', bit for bit, for torch's weight W (out, in) = kern
   (out * in / 64,) float32. With `double_quant` (bitsandbytes' `compress_statistics`, transformers'
   `bnb_4bit_use_double_quant`) absmax less its mean is itself quantized, in blocks of 256, to the
   8-bit `DYNAMIC` map: `absmax` becomes uint8 codes, `absmax_scale` (one per 256 blocks) and
-  `absmax_offset` (the mean) float32; 0.516 instead of 0.5625 bytes per weight.
+  `absmax_offset` (the mean) float32; 0.516 instead of 0.5625 bytes per weight. Both steps follow
+  bitsandbytes' CPU backend bit for bit: the mean is torch's float32 sum in its order (`_torch_sum`)
+  and the codes come from its kernel's 65536-point table (`_dynamic_codes`), not a nearest search.
 - `int8` (LLM.int8's weight storage, `bitsandbytes.functional.int8_vectorwise_quant`): `codes`
   (out, in) int8 = round(W x 127 / absmax of its row), `absmax` (out,) float32.
 
@@ -74,6 +76,19 @@ def _dynamic_map() -> np.ndarray:
 
 
 DYNAMIC = _dynamic_map()
+DYNAMIC_POINTS = 65536  # bitsandbytes' CPU kernel rounds a scaled value to one of this many points on [-1, 1]
+
+
+def _points_to_codes(table: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU quantization table (`build_quantize_lut`): for each of `DYNAMIC_POINTS` points
+    -1 + 2i / 65535 (float32), the nearest code, ties to the lower (the count of float32 midpoints
+    below the point)."""
+    midpoints = np.float32(0.5) * (table[:-1] + table[1:])
+    points = np.float32(-1) + np.float32(2) * np.arange(DYNAMIC_POINTS, dtype=np.float32) / np.float32(65535)
+    return np.searchsorted(midpoints, points, side="left").astype(np.uint8)
+
+
+DYNAMIC_CODES = _points_to_codes(DYNAMIC)
 
 
 class QuantizationError(ValueError):
@@ -102,20 +117,74 @@ def _blockwise(values: jax.Array, size: int, table: np.ndarray) -> tuple[jax.Arr
     return _nearest(scaled.reshape(-1)[: values.size], table), absmax
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize(weight: jax.Array, fmt: str, double_quant: bool) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize(weight: jax.Array, fmt: str) -> dict[str, jax.Array]:
     w = weight.astype(jnp.float32)
     if fmt == "int8":
         absmax = jnp.max(jnp.abs(w), axis=1)
         scale = 127 * jnp.where(absmax > 0, 1 / absmax, 0)  # torch's 127 / absmax: a reciprocal, then a product
         return {"codes": jnp.round(w * scale[:, None]).astype(jnp.int8), "absmax": absmax}
     codes, absmax = _blockwise(w.reshape(-1), BLOCKSIZE, NF4)
-    out = {"codes": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
-    if double_quant:
-        offset = jnp.mean(absmax)
-        out["absmax"], out["absmax_scale"] = _blockwise(absmax - offset, SCALE_BLOCKSIZE, DYNAMIC)
-        out["absmax_offset"] = offset
-    return out
+    return {"codes": (codes[0::2] << 4) | codes[1::2], "absmax": absmax}
+
+
+def _cascade(rows: np.ndarray) -> np.ndarray:
+    """Column sums of `rows` in float32 as ATen's `multi_row_sum` adds them: one by one within steps of
+    2^p rows (p = 4 up to 2^19 rows), each step's sum carried through 4 levels, a level passed on to the
+    next when its count of steps is a multiple of 2^p."""
+    count = len(rows)
+    power = max(4, (1 if count <= 2 else (count - 1).bit_length()) // 4)
+    step = 1 << power
+    levels = np.zeros((4, rows.shape[1]), np.float32)
+    i = 0
+    while i + step <= count:
+        levels[0] = np.cumsum(rows[i:i + step], axis=0, dtype=np.float32)[-1]  # one by one (np.sum pairs)
+        i += step
+        for j in range(1, 4):
+            levels[j] += levels[j - 1]
+            levels[j - 1] = 0
+            if i & ((step - 1) << (j * power)):
+                break
+    for row in rows[i:]:
+        levels[0] += row
+    for j in range(1, 4):
+        levels[0] += levels[j]
+    return levels[0]
+
+
+def _torch_sum(values: np.ndarray) -> np.float32:
+    """torch's float32 sum on the CPU, bit for bit, as one thread computes it (ATen's `cascade_sum`,
+    whose AVX2 kernel torch runs on AVX-512 machines too): 4 vectors of 8 lanes summed over rows of 32
+    values (`_cascade`), the whole vectors left over added to the first, the 4 folded into one, then
+    the values after the last whole vector and the 8 lanes added one by one. torch splits a sum of
+    32768 values or more (ATen's grain size) between its threads, so there its result depends on the
+    thread count; below that, and on one thread, it is this."""
+    x = np.asarray(values, np.float32).reshape(-1)
+    lanes, rows = 8, x.size // 32
+    vectors = x[: rows * 32].reshape(rows, 32)
+    sums = _cascade(vectors).reshape(4, lanes)
+    for start in range(rows * 32, x.size // lanes * lanes, lanes):
+        sums[0] += x[start:start + lanes]
+    for k in range(1, 4):
+        sums[0] += sums[k]
+    total = np.float32(0)
+    for value in [*x[x.size // lanes * lanes:], *sums[0]]:
+        total = np.float32(total + value)
+    return total
+
+
+def _dynamic_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, absmax) of `values` on the `DYNAMIC` map in blocks of `SCALE_BLOCKSIZE`, as bitsandbytes'
+    CPU `quantize_blockwise` makes them: each value times its block's float32 reciprocal absmax, clipped
+    to [-1, 1], rounded to a table point by float32 steps ((v + 1) x 0.5 x 65535 + 0.5, truncated) and
+    given that point's code (`DYNAMIC_CODES`); a block of zeros gets code 0."""
+    one, half = np.float32(1), np.float32(0.5)
+    blocks = np.pad(values, (0, -values.size % SCALE_BLOCKSIZE)).reshape(-1, SCALE_BLOCKSIZE)
+    absmax = np.abs(blocks).max(axis=1)
+    scaled = np.clip(blocks * (one / np.where(absmax > 0, absmax, one))[:, None], -one, one)
+    points = (((scaled + one) * half) * np.float32(DYNAMIC_POINTS - 1) + half).astype(np.int64)
+    codes = np.where(absmax[:, None] > 0, DYNAMIC_CODES[points], 0).astype(np.uint8)
+    return codes.reshape(-1)[: values.size], absmax
 
 
 def quantize(weight: np.ndarray | jax.Array, fmt: str, double_quant: bool = False,
@@ -126,7 +195,12 @@ def quantize(weight: np.ndarray | jax.Array, fmt: str, double_quant: bool = Fals
         out, din = np.shape(weight)
         raise QuantizationError(f"{name}: its {out} x {din} = {out * din} values do not divide into nf4 blocks "
                                 f"of {BLOCKSIZE}")
-    return {k: np.asarray(v) for k, v in _quantize(weight, fmt, double_quant).items()}
+    out = {k: np.asarray(v) for k, v in _quantize(weight, fmt).items()}
+    if fmt == "nf4" and double_quant:  # on the host, in bitsandbytes' order (its torch mean, its CPU kernel's table)
+        offset = np.float32(_torch_sum(out["absmax"]) / np.float32(out["absmax"].size))
+        out["absmax"], out["absmax_scale"] = _dynamic_codes(out["absmax"] - offset)
+        out["absmax_offset"] = np.asarray(offset)
+    return out
 
 
 def dequantize(arrays: dict[str, jax.Array], fmt: str, shape: tuple[int, int], dtype) -> jax.Array:

@@ -27,6 +27,7 @@ from stjax.models.config import QUANTIZE_FORMATS, QUANTIZE_TARGETS
 from stjax.models.layers import REMAT_POLICIES
 from stjax.sharding import mesh_shape, parse_mesh
 from stjax.train import rewards
+from stjax.train.reporters import check_report_to
 from stjax.train.step import OptimConfig
 
 
@@ -144,6 +145,10 @@ class TrainConfig:
     mesh: str = "fsdp=-1"  # data=..,fsdp=..,tensor=..; -1: the remaining devices
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     peak_flops: float = 0.0  # per-device peak for MFU; 0: look the device up
+    # a plain metric line every this many steps where stdout is not a terminal (a batch job's log; a terminal
+    # shows a progress bar); below 1: that fraction of the run's steps (TRL's meaning, and TRL's default 10)
+    logging_steps: float = 10
+    report_to: tuple[str, ...] = ()  # tensorboard, wandb (stjax.train.reporters); every step's metrics; none
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
     data: DataSection = field(default_factory=DataSection)
@@ -324,6 +329,12 @@ def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[st
     unknown = sorted(set(cfg.lora.targets) - set(LORA_TARGETS))
     if unknown:
         raise ConfigError(f"lora.targets {unknown} are not decoder projections; choose from {', '.join(LORA_TARGETS)}")
+    if not cfg.logging_steps > 0:
+        raise ConfigError(f"logging_steps={cfg.logging_steps} must be > 0 (below 1: a fraction of the steps)")
+    try:
+        check_report_to(cfg.report_to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.max_bad_steps < 1 or cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0 or cfg.loss_chunk < 0:
         raise ConfigError("max_bad_steps and checkpoint.keep must be >= 1, checkpoint.every and loss_chunk >= 0")
     if not cfg.data.synthetic_tasks or set(cfg.data.synthetic_tasks) - set(TASKS):

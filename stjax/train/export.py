@@ -16,12 +16,14 @@ from pathlib import Path
 from flax import nnx
 
 from stjax.cli import add_debug_flag, run_cli
+from stjax.data.processor import Processor
 from stjax.io import as_path, check_target
 from stjax.models.loading import is_stjax_dir
 from stjax.sharding import make_mesh
+from stjax.train import grpo, sft
 from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.train.config import ConfigError, TrainConfig, from_dict
-from stjax.train.loop import export_hf, placed_state, prepare_model, tokenizer_dir
+from stjax.train.loop import export_files, export_hf, media_config, placed_state, prepare_model, tokenizer_dir
 from stjax.train.step import split_trainable
 
 
@@ -53,7 +55,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
         raise CheckpointDamaged(f"checkpoint {step} in {run_dir / 'checkpoints'} is damaged ({e}); export another "
                                 f"with --step (there are {steps})") from None
     checkpoints.close()
-    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite)
+    processor = Processor.from_pretrained(tokenizer, media=media_config(cfg))
+    stage = {"sft": sft.SFT, "grpo": grpo.GRPO}[cfg.stage]
+    files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template)
+    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite, files)
     return out
 
 

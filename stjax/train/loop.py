@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
-from stjax.data.processor import Processor, Template
+from stjax.data.processor import TRAINING_RECIPE, Processor, Template, hf_processor_files, training_recipe
 from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import MediaConfig
 from stjax.io import as_path, write_text_atomic
@@ -174,18 +174,34 @@ def non_finite_arrays(model: QwenVLForConditionalGeneration) -> list[str]:
     return [name for (name, _), ok in zip(leaves, finite) if not ok]
 
 
-def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True) -> None:
+def media_config(cfg: TrainConfig) -> MediaConfig:
+    d = cfg.data
+    return MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels, second_per_grid=d.second_per_grid)
+
+
+def export_files(processor: Processor, tokenizer: Path, stage: str, template: Template) -> dict[str, str]:
+    """An export's own files: the training recipe the evaluator reads (`stjax.data.processor.TRAINING_RECIPE`),
+    and transformers' processor files that the tokenizer's directory lacks (a real model's own are copied)."""
+    files = {TRAINING_RECIPE: json.dumps(training_recipe(stage, template, processor.media), indent=1) + "\n"}
+    made = hf_processor_files(processor.media, processor.tokenizer.chat_template)
+    if (tokenizer / "chat_template.json").exists():  # the older file name of the same template
+        del made["chat_template.jinja"]
+    return files | {name: text for name, text in made.items() if not (tokenizer / name).exists()}
+
+
+def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True,
+              files: dict[str, str] | None = None) -> None:
     """The trained model as a Hugging Face directory in its parameter dtype (adapters merged into the
-    base, dequantized where it is stored quantized), written beside `target` and put in place whole
-    (`save_hf`). One parameter at a time is made and brought to the host, by every process (a
-    collective where the processes hold parts of it); process 0 writes it."""
+    base, dequantized where it is stored quantized), with the tokenizer's files and `files` (`export_files`),
+    written beside `target` and put in place whole (`save_hf`). One parameter at a time is made and brought
+    to the host, by every process (a collective where the processes hold parts of it); process 0 writes it."""
     bad = non_finite_arrays(model)
     if bad:
         raise TrainingStopped(f"the trained model holds NaN or infinite values ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}); nothing exported to {target}")
     cfg, params = merged_params(model)
     if jax.process_index() == 0:
-        save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite)
+        save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite, files=files)
     else:
         for source in params.values():  # the same gathers, in the same order, as process 0's writer makes
             source.read()
@@ -247,9 +263,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
-    processor = Processor.for_model(
-        tokenizer, model_cfg, MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels,
-                                          second_per_grid=d.second_per_grid), loss_rule=d.loss_rule)
+    processor = Processor.for_model(tokenizer, model_cfg, media_config(cfg), loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
@@ -284,7 +298,8 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
     bad_in_a_row, step, saved = 0, start, start
     try:
-        with MetricsLogger(out, steps, start_step=start) as logger:
+        with MetricsLogger(out, steps, start_step=start, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
+                           desc=cfg.stage, config=dataclasses.asdict(cfg)) as logger:
             while step < steps and not stop:
                 try:
                     state, metrics = stage.step(context, state, data, step)
@@ -322,7 +337,8 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
                               f"{out}/skipped_samples.*.json); nothing exported")
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
-        export_hf(trained, out / "hf", tokenizer)
+        export_hf(trained, out / "hf", tokenizer,
+                  files=export_files(processor, tokenizer, cfg.stage, d.template or stage.template))
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:
         lock.release()

@@ -1,5 +1,5 @@
 """Training metrics: FLOP counts for MFU, accelerator peaks, and a logger that writes every step to
-JSONL, TensorBoard and a progress bar.
+JSONL and the `report_to` integrations, with a progress bar on a terminal and plain lines elsewhere.
 
 FLOP convention (PaLM, Chowdhery et al. 2022, appendix B): a training step costs 3x the forward
 (forward + backward for activations and weights), and a matmul with an (in, out) kernel costs
@@ -14,19 +14,22 @@ their weight gradients are not computed).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 import jax
 from etils import epath
-from tensorboardX import SummaryWriter, record_writer
 from tqdm import tqdm
 
 from stjax.io import AppendLog, as_path, write_text_atomic
 from stjax.models.config import QwenVLConfig
+from stjax.train.reporters import make_reporters
 
 # Dense bf16 peak FLOP/s per chip, keyed by a lower-case piece of `jax.Device.device_kind`.
 DEVICE_PEAK_FLOPS: dict[str, float] = {
@@ -107,21 +110,6 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class _EventFiles:
-    """tensorboardX's event files on object stores written through stjax.io (its own gs:// writer
-    needs google-cloud-storage): each file is uploaded whole at each of tensorboardX's flushes."""
-
-    def open(self, path: str) -> AppendLog:
-        return AppendLog(path, binary=True, autoflush=False)
-
-    def directory_check(self, path: str) -> None:
-        pass  # object stores have no directories to make
-
-
-for _scheme in ("gs", "s3", "az"):
-    record_writer.register_writer_factory(_scheme, _EventFiles())
-
-
 def drop_steps_after(path: epath.Path, step: int) -> None:
     """Remove the records of steps after `step` (and a line cut short by a kill) from a metrics JSONL:
     a run resumed from checkpoint `step` logs them again, and each step must appear once."""
@@ -138,36 +126,94 @@ def drop_steps_after(path: epath.Path, step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
+def logging_interval(logging_steps: float, total_steps: int) -> int:
+    """Steps between plain lines: `logging_steps` itself, or below 1 that fraction of the run (TRL's meaning)."""
+    return max(1, math.ceil(total_steps * logging_steps) if logging_steps < 1 else int(logging_steps))
+
+
+class Pace:
+    """Seconds per step after the first step of an invocation, which compiles: an ETA from the steps that
+    train alone (with the compile step, a 5-minute run's first ETA read hours)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None  # (time, step) at the end of the invocation's first step
+        self.last: tuple[float, int] | None = None  # ... of its latest step
+
+    def update(self, step: int) -> None:
+        self.last = (time.time(), step)
+        self.first = self.first or self.last
+
+    def seconds_per_step(self) -> float | None:
+        if self.last is None or self.last[1] <= self.first[1]:
+            return None
+        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+
+    def eta(self, total: int) -> float | None:
+        rate = self.seconds_per_step()
+        return None if rate is None else rate * (total - self.last[1])
+
+
+class _Bar(tqdm):
+    """tqdm whose rate and ETA come from `Pace`: the compile step left out."""
+
+    pace: Pace | None = None
+
+    @property
+    def format_dict(self) -> dict:
+        d = super().format_dict
+        rate = self.pace.seconds_per_step() if self.pace is not None else None
+        # tqdm computes (n - initial) / elapsed when rate is None: 0 prints the ETA as "?"
+        return d | ({"rate": 1 / rate} if rate else {"rate": None, "initial": d["n"]})
+
+
+def _clock(seconds: float | None) -> str:
+    return "?" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
+
+
 class MetricsLogger:
-    """Per-step metrics to out_dir/metrics.jsonl, TensorBoard (out_dir/tensorboard) and a tqdm bar.
+    """Per-step metrics to out_dir/metrics.jsonl and the `report_to` integrations (stjax.train.reporters),
+    and the run's progress: a tqdm bar named after the stage on a terminal, else (a batch job's log) a plain
+    line every `logging_steps` steps, and after the first step and the last, with each metric's mean over
+    the steps since the previous line. Both give an ETA that leaves out the first (compiling) step.
 
     `step` is the number of steps done including the one logged, so the bar reads step / total and
     a resumed run passes the steps already done as `start_step`. The bar shows the `loss`, `reward`
     (GRPO) and `tokens_per_s` metrics; `summary` also sums `skipped`. Non-finite values are written to the
-    JSONL (and summary.json) as null, which every JSON reader accepts; TensorBoard gets them as is.
+    JSONL (and summary.json) as null, which every JSON reader accepts; reporters get them as is.
     The JSONL is appended to, one flushed line per step, so a killed or resumed run keeps its lines;
     a logger starting at `start_step` first drops the lines of later steps (they are logged again).
-    Only process 0 logs by default; a disabled logger does nothing.
+    Only process 0 logs by default; a disabled logger does nothing. `interactive` (default: whether
+    stdout is a terminal) chooses the bar over plain lines; `progress=False` shows neither.
     """
 
     def __init__(self, out_dir: str | os.PathLike | None, total_steps: int, start_step: int = 0,
-                 enabled: bool | None = None, tensorboard: bool = True, progress: bool = True):
+                 enabled: bool | None = None, report_to: Sequence[str] = (), progress: bool = True,
+                 logging_steps: float = 10, desc: str = "train", interactive: bool | None = None,
+                 config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.out_dir = as_path(out_dir) if out_dir is not None else None
         self.start_step = self.last_step = start_step
+        self.total_steps, self.desc = total_steps, desc
+        self.interval = logging_interval(logging_steps, total_steps)
         self.records: list[dict[str, float]] = []
+        self.unprinted: list[dict[str, float]] = []  # steps since the last plain line
         self.started = time.time()
-        self.jsonl = self.writer = self.bar = None
+        self.pace = Pace()
+        self.jsonl = self.bar = None
+        self.reporters: list = []
+        self.lines = False
         if not self.enabled:
             return
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             drop_steps_after(self.out_dir / "metrics.jsonl", start_step)
             self.jsonl = AppendLog(self.out_dir / "metrics.jsonl")
-            if tensorboard:
-                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+            self.reporters = make_reporters(report_to, self.out_dir, config)
+        if progress and (sys.stdout.isatty() if interactive is None else interactive):
+            self.bar = _Bar(total=total_steps, initial=start_step, dynamic_ncols=True, desc=desc, smoothing=0)
+            self.bar.pace = self.pace
+        else:
+            self.lines = progress
 
     def log(self, step: int, metrics: dict[str, float | jax.Array]) -> None:
         if not self.enabled:
@@ -178,9 +224,14 @@ class MetricsLogger:
         if self.jsonl is not None:
             record = {"step": step, **{k: _finite_or_none(x) for k, x in values.items()}, "time": time.time()}
             self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+        for reporter in self.reporters:
+            reporter.log(step, values)
+        self.pace.update(step)
+        if self.lines:
+            self.unprinted.append(values)
+            if step % self.interval == 0 or step == self.total_steps or len(self.records) == 1:
+                print(self.plain_line(step), flush=True)
+                self.unprinted = []
         if self.bar is not None:
             postfix = {}
             if "loss" in values:
@@ -191,6 +242,18 @@ class MetricsLogger:
                 postfix["tok/s"] = f"{values['tokens_per_s']:,.0f}"
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
+
+    def plain_line(self, step: int) -> str:
+        """`sft step 20/200 loss=0.4123 ... elapsed=0:01:02 eta=0:09:18`: each metric's mean over the steps
+        since the previous line (a non-finite value makes its mean non-finite)."""
+        columns: dict[str, list[float]] = {}
+        for record in self.unprinted:
+            for name, value in record.items():
+                columns.setdefault(name, []).append(value)
+        means = {name: sum(values) / len(values) for name, values in columns.items()}
+        metrics = " ".join(f"{n}={v:.4g}" for n, v in means.items())
+        return (f"{self.desc} step {step}/{self.total_steps} {metrics} elapsed={_clock(time.time() - self.started)} "
+                f"eta={_clock(self.pace.eta(self.total_steps))}")
 
     def summary(self) -> dict:
         """Totals of this invocation, printed, and saved to out_dir/summary.json with the history of
@@ -232,10 +295,11 @@ class MetricsLogger:
         return earlier.get("invocations", [earlier]) if isinstance(earlier, dict) else []
 
     def close(self) -> None:
-        for handle in (self.bar, self.writer, self.jsonl):
+        for handle in (self.bar, *self.reporters, self.jsonl):
             if handle is not None:
                 handle.close()
-        self.jsonl = self.writer = self.bar = None
+        self.jsonl = self.bar = None
+        self.reporters = []
 
     def __enter__(self) -> "MetricsLogger":
         return self
