@@ -4,7 +4,8 @@ weights, same inputs, same device, fp32.
     python benchmarks/bench_forward.py [--arch qwen2_5_vl] [--attention xla,cpu_flash] [--frames 8] ...
 
 Default config: text hidden 512 x 4 layers, vision hidden 256 x depth 4, an 8-frame 336x336 video
-plus 64 text tokens. Prints the latencies (each stjax attention backend named, timed in turn with
+plus 64 text tokens (Qwen3-VL: 384x384, the same 2304 patches of 16 pixels, three DeepStack layers,
+each temporal patch its own timestamped block). Prints the latencies (each stjax attention backend named, timed in turn with
 torch) and the ratios torch / stjax (> 1: stjax is faster). On a CPU it also prints a floor: the
 forward's FLOPs (the decoder's causal attention at half, real tokens only) at the best
 matrix-product rate this machine shows in the same run (a 2048^3 float32 product, the fastest
@@ -14,6 +15,7 @@ run of XLA's and PyTorch's), which no implementation beats, and so the largest s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -27,16 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def mid_config(arch: str, scale: int = 1):
     from stjax.models.config import QwenVLConfig
 
-    cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl")
-    text = cfg.text.__class__(vocab_size=8192, hidden_size=512 * scale, intermediate_size=1536 * scale,
-                              num_layers=4 * scale, num_heads=8 * scale, num_kv_heads=2 * scale,
-                              mrope_section=(8, 12, 12))
+    from stjax.models.families import family
+
+    cfg = QwenVLConfig.from_file(family(arch).tiny_preset)
+    qwen3 = arch == "qwen3_vl"
+    # Qwen3-VL keeps its decoder's kind (q/k norms, interleaved M-RoPE, head_dim 64 given explicitly).
+    text = dataclasses.replace(cfg.text, vocab_size=8192, hidden_size=512 * scale, intermediate_size=1536 * scale,
+                               num_layers=4 * scale, num_heads=8 * scale, num_kv_heads=2 * scale,
+                               mrope_section=(12, 10, 10) if qwen3 else (8, 12, 12),
+                               explicit_head_dim=64 if qwen3 else None)
     depth = 4 * scale
     vision = cfg.vision.__class__(**{**cfg.vision.__dict__, "depth": depth, "hidden_size": 256 * scale,
                                      "num_heads": 4 * scale, "intermediate_size": 1024 * scale,
                                      "out_hidden_size": 512 * scale,
                                      "fullatt_block_indexes": tuple(range(depth // 2 - 1, depth, depth // 2))
-                                     if arch == "qwen2_5_vl" else ()})
+                                     if arch == "qwen2_5_vl" else (),
+                                     "num_position_embeddings": 2304 if qwen3 else 0,
+                                     "deepstack_visual_indexes": tuple(range(depth - 1)) if qwen3 else ()})
     return cfg.replace(text=text, vision=vision, initializer_range=0.02)
 
 
@@ -87,9 +96,10 @@ def best_matmul_rate(repeats: int = 15) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
+    parser.add_argument("--size", type=int, default=0,
+                        help="frame side in pixels, a multiple of patch x merge (default 336; Qwen3-VL 384)")
     parser.add_argument("--text", type=int, default=64, help="text tokens around the video")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention", default="cpu_flash", help="stjax attention backends, comma-separated (each timed)")
@@ -110,8 +120,16 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = hf_model(cfg, dtype=getattr(torch, args.dtype)).to(device)
     ref.set_attn_implementation(args.torch_attention)
-    grid = args.size // 14
-    batch = make_batch(cfg, [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]])
+    args.size = args.size or (384 if qwen3 else 336)
+    grid = args.size // cfg.vision.patch_size
+    prompt = [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]]
+    if cfg.model_type == "qwen3_vl":  # the processor's layout and transformers' own position ids
+        from test_qwen3_vl import hf_positions, make_batch as qwen3_batch
+
+        batch = qwen3_batch(cfg, prompt)
+        batch["position_ids"] = hf_positions(ref, cfg, batch)
+    else:
+        batch = make_batch(cfg, prompt)
     backends = args.attention.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)

@@ -28,12 +28,16 @@ TARGETS = {  # the pod configs first: they are the ones no machine here has chec
     "configs/grpo/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
     "configs/sft/qwen2.5-vl-7b-lora-tpu-v6e-8.yaml": "v6e:2x4",
     "configs/grpo/qwen2-vl-7b-tpu-v5p-16.yaml": "v5p:2x2x2",
+    "configs/grpo/qwen3-vl-8b-tpu-v5p-64.yaml": "v5p:4x4x2",
+    "configs/sft/qwen3-vl-8b-tpu-v5p-64.yaml": "v5p:4x4x2",
     "configs/grpo/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
     "configs/sft/qwen2.5-vl-7b-h100x8.yaml": "h100x8",
     "configs/grpo/qwen2-vl-7b-h100x4.yaml": "h100x4",
     "configs/sft/qwen2-vl-7b-h100x8.yaml": "h100x8",
     "configs/sft/qwen2.5-vl-7b-h100x4.yaml": "h100x4",
     "configs/sft/qwen2-vl-7b-h100x4.yaml": "h100x4",
+    "configs/grpo/qwen3-vl-8b-h100x8.yaml": "h100x8",
+    "configs/sft/qwen3-vl-8b-h100x8.yaml": "h100x8",
 }
 HEADER = ("| config | program | target | GiB per chip | headroom GiB | collective GiB/step | roofline step | "
           "MFU ceiling | compile s |\n|---|---|---|---|---|---|---|---|---|")

@@ -392,8 +392,10 @@ def example_inputs(model_cfg: QwenVLConfig, rows: int, length: int, grid: np.nda
     ids[:, 0] = model_cfg.vision_start_token_id
     ids[:, 1:1 + merged] = model_cfg.video_token_id
     pixels = np.zeros((rows * int(grid.prod()), v.patch_dim), np.float32)
+    # Positions are given (any values give the same shapes): the video is one block, not every family's layout.
+    positions = np.broadcast_to(np.arange(length), (3, rows, length))
     return prepare_inputs(model_cfg, ids, np.ones((rows, length), np.int32), pixel_values_videos=pixels,
-                          video_grid_thw=np.repeat(grid, rows, axis=0), length=length)
+                          video_grid_thw=np.repeat(grid, rows, axis=0), position_ids=positions, length=length)
 
 
 def batched_inputs(one: ModelInputs, batch: int, mesh, lead: tuple[int, ...] = ()) -> ModelInputs:

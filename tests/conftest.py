@@ -45,5 +45,6 @@ def synthetic_assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic-assets")
     data = generate(root / "data", 2, seed=0, sheet=0)
-    models = {arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in ("qwen2_vl", "qwen2_5_vl")}
+    archs = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    models = {arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in archs}
     return data, models

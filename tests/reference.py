@@ -20,11 +20,17 @@ def hf_model(cfg: QwenVLConfig, seed: int = 0, dtype=torch.float32):
     classes = {
         "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
         "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+        "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
     }
     config_cls, model_cls = classes[cfg.model_type]
     hf_cfg = config_cls.from_dict(cfg.to_hf_dict())
     torch.manual_seed(seed)
     model = model_cls._from_config(hf_cfg, attn_implementation="eager", dtype=dtype)
+    if cfg.model_type == "qwen3_vl":  # norms start at 1 and 0: random ones tell a misplaced norm apart
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.copy_(torch.randn_like(param) * 0.2 + (name.endswith("weight")))
     return model.eval()
 
 

@@ -36,7 +36,7 @@ MODELS = sorted(CONFIGS.glob("models/*.json"))
 
 
 def test_every_config_is_listed():
-    assert len(TRAIN) == 13 and len(EVAL) == 2 and len(MODELS) == 5
+    assert len(TRAIN) == 17 and len(EVAL) == 2 and len(MODELS) == 7
     assert {p.parent.name for p in CONFIGS.glob("*/*")} == {"sft", "grpo", "eval", "models"}
 
 
@@ -78,7 +78,7 @@ def architecture(cfg: train_config.TrainConfig) -> str:
     """The config's architecture: named by its model directory, else `model.arch`."""
     if not cfg.model.init:
         return cfg.model.arch
-    return "qwen2_5_vl" if "2.5" in cfg.model.init else "qwen2_vl"
+    return "qwen3_vl" if "qwen3" in cfg.model.init.lower() else "qwen2_5_vl" if "2.5" in cfg.model.init else "qwen2_vl"
 
 
 def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
@@ -136,7 +136,8 @@ def test_eval_config_check_refuses_bad_values():
 
 
 HF_CLASSES = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-              "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
+              "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+              "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)

@@ -50,4 +50,4 @@ def test_registered_family_is_picked_by_model_type(toy):
 def test_unknown_model_type_is_one_line_naming_the_known_ones(toy):
     with pytest.raises(ConfigError) as e:
         QwenVLConfig.from_hf_dict({"model_type": "llava"})
-    assert str(e.value) == "unknown model_type 'llava'; supported: qwen2_vl, qwen2_5_vl, toy_vl"
+    assert str(e.value) == "unknown model_type 'llava'; supported: qwen2_vl, qwen2_5_vl, qwen3_vl, toy_vl"

@@ -11,6 +11,7 @@ media settings a model was trained with, which the evaluator then uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from stjax.data import qwen3_vl
 from stjax.data.formats import MCQ_INSTRUCTION, Sample, release_problem
 from stjax.data.video import MediaConfig, SampleError, VideoClip, read_video
 from stjax.models.rope import RopeSpec, get_rope_index
@@ -58,7 +60,7 @@ def user_text(sample: Sample, template: Template) -> str:
     raise ValueError(f"unknown template {template!r}")
 
 
-def normalize(patches: np.ndarray) -> np.ndarray:
+def normalize(patches: np.ndarray, mean: np.ndarray = IMAGE_MEAN, std: np.ndarray = IMAGE_STD) -> np.ndarray:
     """uint8 patch vectors (N, 3*rest) -> float32 (x/255 - mean)/std per channel, as the HF processor.
 
     Works on patch vectors (channel-major, see `patchify`) rather than frames: the same numbers, and the
@@ -66,15 +68,16 @@ def normalize(patches: np.ndarray) -> np.ndarray:
     """
     x = patches.reshape(len(patches), 3, -1).astype(np.float32)
     x *= np.float32(1 / 255)
-    x -= IMAGE_MEAN[:, None]
-    x /= IMAGE_STD[:, None]
+    x -= mean[:, None]
+    x /= std[:, None]
     return x.reshape(patches.shape)
 
 
-def vision_patches(frames: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
+def vision_patches(frames: np.ndarray, cfg: MediaConfig, mean: np.ndarray = IMAGE_MEAN,
+                   std: np.ndarray = IMAGE_STD) -> tuple[np.ndarray, np.ndarray]:
     """(T, H, W, 3) uint8 frames -> normalised float32 patch vectors and grid_thw."""
     patches, grid = patchify(frames.transpose(0, 3, 1, 2), cfg)
-    return normalize(patches), grid
+    return normalize(patches, mean, std), grid
 
 
 def patchify(x: np.ndarray, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +105,16 @@ class Processor:
     `loss_rule` chooses which tokens are SFT targets: "assistant" marks only the assistant reply
     (its text and closing <|im_end|>\\n); "release" marks every token except padding and the
     image/video pad tokens, as the public SFT script did.
+
+    `layout` "qwen3" lays videos out as Qwen3-VL's processor does (`stjax.data.qwen3_vl`): one vision block per
+    temporal patch after its `<t seconds>`, pixels normalised by 0.5 / 0.5, Qwen3-VL's position ids.
     """
 
     tokenizer: object  # a transformers tokenizer with the Qwen special tokens and a chat template
     media: MediaConfig = MediaConfig()
     tokens_per_second: float | None = None  # None: Qwen2-VL time positions; 2: Qwen2.5-VL
     loss_rule: LossRule = "assistant"
+    layout: Literal["qwen2", "qwen3"] = "qwen2"
 
     @classmethod
     def from_pretrained(cls, tokenizer_dir: str | Path, **kwargs) -> Processor:
@@ -115,6 +122,16 @@ class Processor:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True), **kwargs)
+
+    @classmethod
+    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig = MediaConfig(),
+                  **kwargs) -> Processor:
+        """The processor of a model config (`stjax.models.config.QwenVLConfig`): its patch size, its
+        time positions and its video layout (the rule of its `rope_spec`)."""
+        spec = model_cfg.rope_spec()
+        media = dataclasses.replace(media, patch_size=model_cfg.vision.patch_size)
+        return cls.from_pretrained(tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second,
+                                   layout=spec.rule, **kwargs)
 
     def _id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
@@ -127,6 +144,7 @@ class Processor:
             vision_start_token_id=self._id("<|vision_start|>"),
             spatial_merge_size=self.media.merge_size,
             tokens_per_second=self.tokens_per_second,
+            rule=self.layout,
         )
 
     def encode(
@@ -143,6 +161,8 @@ class Processor:
         content = [{"type": "video"} for _ in videos] + [{"type": "image"} for _ in images]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.layout == "qwen3":
+            prompt = self._timestamped_videos(prompt, videos)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assistant = [0] * len(ids)
         if target is not None:
@@ -150,10 +170,14 @@ class Processor:
             reply = self.tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
             ids, assistant = ids + reply, assistant + [1] * len(reply)
 
-        video_patches = [vision_patches(v.frames, self.media) for v in videos]
-        image_patches = [vision_patches(im[None], self.media) for im in images]
+        mean_std = (qwen3_vl.MEAN, qwen3_vl.STD) if self.layout == "qwen3" else (IMAGE_MEAN, IMAGE_STD)
+        video_patches = [vision_patches(v.frames, self.media, *mean_std) for v in videos]
+        image_patches = [vision_patches(im[None], self.media, *mean_std) for im in images]
         merge_area = self.media.merge_size**2
-        ids, assistant = self._expand(ids, assistant, "<|video_pad|>", [g for _, g in video_patches], merge_area)
+        pad_grids = [g for _, g in video_patches]
+        if self.layout == "qwen3":  # a pad per temporal patch, each expanded by one frame's (1, h, w) grid
+            pad_grids = [np.array([1, h, w]) for t, h, w in pad_grids for _ in range(t)]
+        ids, assistant = self._expand(ids, assistant, "<|video_pad|>", pad_grids, merge_area)
         ids, assistant = self._expand(ids, assistant, "<|image_pad|>", [g for _, g in image_patches], merge_area)
 
         input_ids = np.asarray(ids, np.int64)
@@ -181,6 +205,17 @@ class Processor:
             "image_grid_thw": image_grid,
             "loss_mask": loss_mask,
         }
+
+    def _timestamped_videos(self, prompt: str, videos: list[VideoClip]) -> str:
+        """The chat template's `<|vision_start|><|video_pad|><|vision_end|>` of each video replaced by its
+        timestamped blocks (one pad each), before tokenising, as transformers' Qwen3-VL processor."""
+        wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
+        parts = prompt.split(wrapper)
+        if len(parts) - 1 != len(videos):
+            raise ValueError(f"prompt has {len(parts) - 1} video blocks but {len(videos)} videos were given")
+        texts = [qwen3_vl.video_text(qwen3_vl.timestamps(v.frame_indices, v.video_fps, self.media.temporal_patch_size),
+                                     "<|vision_start|>", "<|video_pad|>", "<|vision_end|>") for v in videos]
+        return parts[0] + "".join(t + p for t, p in zip(texts, parts[1:]))
 
     def _expand(
         self, ids: list[int], mask: list[int], token: str, grids: list[np.ndarray], merge_area: int

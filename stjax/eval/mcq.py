@@ -404,8 +404,7 @@ def make_runner(cfg: EvalConfig) -> Runner:
                                     quantize_targets="all")
     media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
                         second_per_grid=cfg.second_per_grid)
-    processor = Processor.from_pretrained(
-        tokenizer_dir, media=media, tokens_per_second=config.rope_spec().tokens_per_second)
+    processor = Processor.for_model(tokenizer_dir, config, media)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     single = {k: tokenizer.encode(k, add_special_tokens=False) for k in LETTERS}
     letter_ids = {k: ids[0] for k, ids in single.items() if len(ids) == 1}

@@ -47,6 +47,10 @@ class VisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     tokens_per_second: float | None = None
+    # Qwen3-VL only: the learned position table (a square grid, resampled to each image) and the blocks
+    # whose outputs, each through its own merger, are added to the first decoder layers (DeepStack).
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -76,10 +80,16 @@ class TextConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
+    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, no q/k/v biases, and
+    # the M-RoPE streams interleaved over the frequencies (T H W T H W ...) instead of in chunks.
+    explicit_head_dim: int | None = None
+    qk_norm: bool = False
+    attention_bias: bool = True
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,10 @@ class QwenVLConfig:
                if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: must be positive integers")
-        for name, size, heads in (("hidden_size", t.hidden_size, t.num_heads),
-                                  ("vision hidden_size", v.hidden_size, v.num_heads)):
+        checks = (("vision hidden_size", v.hidden_size, v.num_heads),)
+        if t.explicit_head_dim is None:
+            checks += (("hidden_size", t.hidden_size, t.num_heads),)
+        for name, size, heads in checks:
             if size % heads:
                 raise ConfigError(f"{name}={size} is not a multiple of its {heads} attention heads")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
@@ -166,6 +178,7 @@ class QwenVLConfig:
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.vision.spatial_merge_size,
             tokens_per_second=self.family.video_tokens_per_second(self.vision),
+            rule=self.family.video_layout,
         )
 
     # ----------------------------------------------------------------- HF config.json
@@ -190,11 +203,11 @@ class QwenVLConfig:
                    initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The hub's flat layout (every transformers version reads it)."""
+        """The hub's flat layout (every transformers version reads it), or the family's own (`Family.hf_config`)."""
         t, v = self.text, self.vision
         vision = self.family.hf_vision_config(v)
         vision["model_type"] = self.model_type
-        return {
+        return self.family.hf_config(self, {
             "architectures": [self.family.architecture],
             "model_type": self.model_type,
             "vocab_size": t.vocab_size,
@@ -219,7 +232,7 @@ class QwenVLConfig:
             "vision_token_id": self.extra.get("vision_token_id", 151654),
             "torch_dtype": self.param_dtype,
             "vision_config": vision,
-        }
+        })
 
     @classmethod
     def from_file(cls, path: str | Path, **policy: Any) -> "QwenVLConfig":

@@ -10,15 +10,20 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - config: `vision_config(d)` parses config.json's `vision_config` into a `VisionConfig` (a subclass
   may add the family's own fields) and `hf_vision_config(v)` writes it back; `text_config(d)` parses
   the decoder's fields (a family whose decoder differs sets flags `TextConfig` carries and `text.py`
-  honours, such as q/k norms or interleaved M-RoPE sections).
+  honours, such as q/k norms or interleaved M-RoPE sections); `hf_config(cfg, flat)` lays the whole
+  config.json out (default the hub's flat layout).
 - modules: `vision_tower(cfg, rngs)`, an nnx.Module `(VisionInputs) -> merged features` (default the
   tower of `vision.py`, shaped by the facts `vision_norm`, `gated_mlp` and `full_attention`);
   `text_model(cfg, rngs)`, the decoder (default `text.TextModel`).
 - weights: `rules(cfg)`, the table between Hugging Face tensor names and stjax parameter paths
-  (default the decoder's rules plus those of the default tower, see `weights.py`).
+  (default the decoder's rules plus those of the default tower, see `weights.py`); `hf_name(name)`,
+  the name an export writes for a table name (default the same).
 - positions: `rope_index(...)`, M-RoPE position ids (default `rope.get_rope_index`, the Qwen2 rule);
   `video_tokens_per_second(v)`, the time scale of video positions (None: the frame-pair index);
-  `processing_order(v, grids)`, the order of the vision pass and its attention windows (default none).
+  `processing_order(v, grids)`, the order of the vision pass and its attention windows (default none);
+  `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none);
+  `video_layout`, how the processor lays a video out in the prompt and which position rule it takes
+  ("qwen2": one vision block per video; "qwen3": one timestamped block per temporal patch).
 - metrics: `vision_flops_per_patch(cfg, group_size)`, for MFU (default: the default tower's count).
 
 A new family is one file here, its name in `BUILTIN`, and its presets in configs/models.
@@ -39,7 +44,7 @@ from stjax.models.vision import VisionTower
 from stjax.models.weights import Rule, text_rules, vision_rules
 
 # The families that ship with stjax, each the module stjax/models/<model_type>.py, imported on first use.
-BUILTIN = ("qwen2_vl", "qwen2_5_vl")
+BUILTIN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _REGISTRY: dict[str, "Family"] = {}
 
 
@@ -51,6 +56,7 @@ class Family(ABC):
     tiny_preset: str
     vision_norm = "layer_norm"  # or "rms_norm": the vision blocks' and merger's norms (LayerNorm has a bias)
     gated_mlp = False  # vision MLP: fc1, act, fc2 (False) or down(act(gate) * up) (True)
+    video_layout = "qwen2"  # see the module docstring and `stjax.models.rope.RopeSpec.rule`
 
     def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
@@ -67,6 +73,10 @@ class Family(ABC):
     def text_config(self, d: dict) -> TextConfig:
         return qwen2_text_config(d)
 
+    def hf_config(self, cfg: QwenVLConfig, flat: dict) -> dict:
+        """config.json of `cfg`, given its fields in the hub's flat layout."""
+        return flat
+
     def vision_tower(self, cfg: QwenVLConfig, rngs: nnx.Rngs) -> nnx.Module:
         return VisionTower(cfg, rngs)
 
@@ -75,6 +85,10 @@ class Family(ABC):
 
     def rules(self, cfg: QwenVLConfig) -> list[Rule]:
         return text_rules(cfg) + vision_rules(cfg)
+
+    def hf_name(self, name: str) -> str:
+        """The tensor name an export writes for the table name `name` (see `weights.canonical_name`)."""
+        return name
 
     def rope_index(self, cfg: QwenVLConfig, input_ids: np.ndarray, image_grid_thw: np.ndarray | None,
                    video_grid_thw: np.ndarray | None, second_per_grid_ts: np.ndarray | None,
@@ -90,6 +104,10 @@ class Family(ABC):
         """Merged-token order of the vision pass and the length in patches of each attention window
         (None: no windows, every block attends within frames)."""
         return np.arange(int(grids.prod(axis=1).sum()) // v.spatial_merge_size**2), None
+
+    def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
+        """Extra `VisionInputs` fields for patches at these (row, col) of images of these (h, w) grids."""
+        return {}
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """Training FLOPs per patch of the default tower (the convention of `stjax.train.metrics`), for

@@ -68,6 +68,10 @@ class VisionInputs:
     windows: Optional[VisionGroups]  # attention windows (Qwen2.5-VL), None for a family without them
     token_index: np.ndarray  # (B, L) merged-feature row feeding each text slot
     token_mask: np.ndarray  # (B, L) True where the text slot is an image or video pad
+    # Qwen3-VL (`Family.patch_inputs`): each patch's 4 rows of the learned position table and their bilinear
+    # weights (N, 4).
+    pos_embed_index: Optional[np.ndarray] = None
+    pos_embed_weight: Optional[np.ndarray] = None
 
 
 @struct.dataclass
@@ -182,6 +186,9 @@ def prepare_vision(
     patches[: len(patch_order)] = pixels[patch_order]
     rotary = np.zeros((rows, 2), np.int32)
     rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
+    grid_hw = np.repeat(grids[:, 1:], patches_per_item, axis=0)[patch_order]
+    extra = {name: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1)) for name, a in
+             cfg.family.patch_inputs(v, rotary[: len(patch_order)], grid_hw).items()}
 
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     frames = make_groups(frame_lengths, sizes.frame_size, sizes.frame_count, rows)
@@ -198,7 +205,7 @@ def prepare_vision(
     token_index[input_ids == cfg.image_token_id] = position[: need["image"]]
     token_index[input_ids == cfg.video_token_id] = position[need["image"]:]
     return VisionInputs(patches=patches, rotary_positions=rotary, frames=frames, windows=windows,
-                        token_index=token_index, token_mask=token_mask)
+                        token_index=token_index, token_mask=token_mask, **extra)
 
 
 def prepare_inputs(

@@ -214,7 +214,7 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
                 array = load(rule.path)
                 return np.asarray(to_hf(rule, array if i is None else array[i], cfg), out_dtype)
 
-            name = rule.hf if i is None else rule.hf.format(i=i)
+            name = cfg.family.hf_name(rule.hf if i is None else rule.hf.format(i=i))
             plan.append(PlannedTensor(name, hf_shape(rule, shape if i is None else shape[1:], cfg), out_dtype, make))
     return plan
 

@@ -20,6 +20,7 @@ from flax import nnx
 from stjax.models.config import QwenVLConfig
 from stjax.models.inputs import ModelInputs, cast_floats, prepare_inputs
 from stjax.models.layers import Linear
+from stjax.models.text import KVCache
 from stjax.sharding import batch_mesh_axes, constrain_batch
 
 
@@ -33,25 +34,45 @@ class QwenVLForConditionalGeneration(nnx.Module):
             t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
             param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
 
-    def embed(self, inputs: ModelInputs) -> jax.Array:
-        """Token embeddings with the vision features in the image / video pad slots."""
-        x = self.model.embed(inputs.input_ids)
+    def vision_slots(self, inputs: ModelInputs, dtype) -> jax.Array:
+        """The vision tower's output row feeding each text slot (B, L, width); meaningful at the image and
+        video pads only."""
         vis = inputs.vision
-        if vis is None:
-            return x
         if vis.patches.ndim == 3:  # per-sample layout: one vision pass per batch row, rows split like the batch
             axes = batch_mesh_axes(vis.patches.shape[0])
-            features = jax.vmap(self.visual, spmd_axis_name=axes or None)(vis).astype(x.dtype)  # (B, M, hidden)
+            features = jax.vmap(self.visual, spmd_axis_name=axes or None)(vis).astype(dtype)  # (B, M, width)
             features = constrain_batch(features)
-            slots = jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
-        else:
-            slots = self.visual(vis).astype(x.dtype)[vis.token_index]
-        return jnp.where(vis.token_mask[..., None], slots, x)
+            return jnp.take_along_axis(features, vis.token_index[..., None], axis=1)
+        return self.visual(vis).astype(dtype)[vis.token_index]
+
+    def embed(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array | None]:
+        """Token embeddings with the vision features in the image / video pad slots, and the DeepStack
+        features (K, B, L, hidden), zero outside the pad slots, for a tower that has K DeepStack blocks
+        (Qwen3-VL: its rows are each merged token's feature then its K DeepStack features side by side);
+        None without vision or DeepStack."""
+        x = self.model.embed(inputs.input_ids)
+        if inputs.vision is None:
+            return x, None
+        b, l, hidden = x.shape
+        mask = inputs.vision.token_mask[..., None]
+        slots = jnp.where(mask, self.vision_slots(inputs, x.dtype), 0)
+        x = jnp.where(mask, slots[..., :hidden], x)
+        if slots.shape[-1] == hidden:
+            return x, None
+        return x, jnp.moveaxis(slots[..., hidden:].reshape(b, l, -1, hidden), 2, 0)
 
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
-        return self.model(self.embed(inputs), inputs.position_ids, inputs.attention_mask, dropout_key,
-                          right_padded=inputs.right_padded)
+        x, deepstack = self.embed(inputs)
+        return self.model(x, inputs.position_ids, inputs.attention_mask, dropout_key, right_padded=inputs.right_padded,
+                          deepstack=deepstack)
+
+    def prefill(self, inputs: ModelInputs, cache: KVCache, dropout_key: jax.Array | None = None,
+                offset: int | None = None) -> tuple[jax.Array, KVCache]:
+        """The prompts' hidden states and the cache after them (see `TextModel.extend`)."""
+        x, deepstack = self.embed(inputs)
+        return self.model.extend(x, inputs.position_ids, inputs.attention_mask, cache, dropout_key, offset=offset,
+                                 deepstack=deepstack)
 
     def output_table(self) -> jax.Array:
         """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding

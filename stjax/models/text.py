@@ -17,15 +17,29 @@ def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig) -> tuple[jax.Array, 
     """cos, sin (B, L, head_dim) from (3, B, L) positions.
 
     Frequency slot i of the head_dim/2 rotary frequencies takes its position from the T, H or W
-    stream in consecutive chunks of `mrope_section` (not interleaved), then the angles are doubled
-    like ordinary rotary embeddings.
+    stream in consecutive chunks of `mrope_section` (Qwen3-VL, `mrope_interleaved`: H at slots 1, 4, ...
+    below 3 * sections[1], W at slots 2, 5, ... below 3 * sections[2], T elsewhere), then the angles are
+    doubled like ordinary rotary embeddings.
     """
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
     stream = np.repeat(np.arange(3), cfg.mrope_section)  # static: which stream feeds each frequency
+    if cfg.mrope_interleaved:
+        slot = np.arange(cfg.head_dim // 2)
+        stream = np.zeros_like(slot)
+        for s in (1, 2):
+            stream[(slot % 3 == s) & (slot < 3 * cfg.mrope_section[s])] = s
     positions = jnp.asarray(position_ids, jnp.float32)[stream]  # (head_dim / 2, B, L)
     angles = jnp.moveaxis(positions, 0, -1) * inv_freq  # (B, L, half)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def add_deepstack(x: jax.Array, deepstack: jax.Array | None, layer: jax.Array) -> jax.Array:
+    """x plus the DeepStack features of this layer, if it is one of the first K (else x unchanged)."""
+    if deepstack is None:
+        return x
+    count = deepstack.shape[0]
+    return jnp.where(layer < count, x + deepstack[jnp.minimum(layer, count - 1)].astype(x.dtype), x)
 
 
 @struct.dataclass
@@ -62,10 +76,14 @@ class DecoderLayer(nnx.Module):
 
         self.input_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
-        self.q_proj = linear("q_proj", t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), True)
-        self.k_proj = linear("k_proj", t.hidden_size, kv, ("embed", "kv_heads"), True)
-        self.v_proj = linear("v_proj", t.hidden_size, kv, ("embed", "kv_heads"), True)
+        bias = t.attention_bias
+        self.q_proj = linear("q_proj", t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), bias)
+        self.k_proj = linear("k_proj", t.hidden_size, kv, ("embed", "kv_heads"), bias)
+        self.v_proj = linear("v_proj", t.hidden_size, kv, ("embed", "kv_heads"), bias)
         self.o_proj = linear("o_proj", t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
+        # Qwen3: RMSNorm over each head's q and k before the rotary embedding.
+        self.q_norm = RMSNorm(t.head_dim, "head_dim", eps=t.rms_norm_eps, **kw) if t.qk_norm else None
+        self.k_norm = RMSNorm(t.head_dim, "head_dim", eps=t.rms_norm_eps, **kw) if t.qk_norm else None
         self.gate_proj = linear("gate_proj", t.hidden_size, t.intermediate_size, ("embed", "mlp"), False)
         self.up_proj = linear("up_proj", t.hidden_size, t.intermediate_size, ("embed", "mlp"), False)
         self.down_proj = linear("down_proj", t.intermediate_size, t.hidden_size, ("mlp", "embed"), False)
@@ -91,6 +109,8 @@ class DecoderLayer(nnx.Module):
         q = self.q_proj(h, keys[0]).reshape(b, l, self.heads, self.head_dim)
         k = self.k_proj(h, keys[1]).reshape(b, l, self.kv_heads, self.head_dim)
         v = self.v_proj(h, keys[2]).reshape(b, l, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             attn = attend(q, k, v, segments, segments, True, self.backend, right_padded=right_padded)
@@ -128,28 +148,37 @@ class TextModel(nnx.Module):
         return self.embed_tokens[...][input_ids].astype(self.compute_dtype)
 
     def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 dropout_key: jax.Array | None = None, right_padded: bool = False) -> jax.Array:
+                 dropout_key: jax.Array | None = None, right_padded: bool = False,
+                 deepstack: jax.Array | None = None) -> jax.Array:
+        """`deepstack` (K, B, L, hidden), zero outside the vision slots: added to the outputs of the first
+        K layers (Qwen3-VL's DeepStack)."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
-        step = lambda layer, x, key: layer(x, cos, sin, attention_mask, dropout_key=key, right_padded=right_padded)
+
+        def step(layer: DecoderLayer, x: jax.Array, xs):
+            i, key = xs
+            x = layer(x, cos, sin, attention_mask, dropout_key=key, right_padded=right_padded)
+            return add_deepstack(x, deepstack, i)
+
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
-        x = scan_layers(self.layers, x, step, xs=keys, remat=self.remat)
+        x = scan_layers(self.layers, x, step, xs=(jnp.arange(self.cfg.num_layers), keys), remat=self.remat)
         return constrain_batch(self.norm(x))
 
     def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,
-               cache: KVCache, dropout_key: jax.Array | None = None, offset: int | None = None
-               ) -> tuple[jax.Array, KVCache]:
+               cache: KVCache, dropout_key: jax.Array | None = None, offset: int | None = None,
+               deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens x (B, T, hidden) after the cache's `index` slots (a prefill when the cache
         is empty, one decoding step when T = 1, a whole completion after a shared prompt in GRPO);
         returns their hidden states and the cache. `dropout_key` turns on LoRA dropout. `offset`: the
         cache's index when the caller knows it (0 for a prefill into an empty cache), a static value
-        that lets the Pallas kernel serve the attention (a traced index falls back to `xla` there)."""
+        that lets the Pallas kernel serve the attention (a traced index falls back to `xla` there).
+        `deepstack`: as in `__call__` (a prefill's)."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
         cache = cache.replace(segments=jax.lax.dynamic_update_slice(cache.segments, segments, (0, cache.index)))
 
         def step(layer: DecoderLayer, carry, xs):
             (x, k, v), (i, key) = carry, xs
             x, (k, v) = layer(x, cos, sin, segments, (k, v, i, cache.segments, cache.index), key, offset=offset)
-            return x, k, v
+            return add_deepstack(x, deepstack, i), k, v
 
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
         layers = (jnp.arange(self.cfg.num_layers), keys)

@@ -35,6 +35,14 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: VisionGr
     return flat[groups.inverse]
 
 
+def unconstrained(x: jax.Array) -> jax.Array:
+    """x free to be sharded as XLA likes: under the per-sample vmap (spmd_axis_name) this keeps each
+    sample's rows on its batch shard."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * x.ndim))
+
+
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
@@ -74,12 +82,16 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
     """Norm, then each 2x2 block of patches (4 consecutive rows) -> MLP -> one LLM token."""
 
-    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs, postshuffle_norm: bool = False):
+        """`postshuffle_norm` (Qwen3-VL's DeepStack mergers): the norm runs over the 2x2 block's
+        concatenated patches rather than over each patch."""
         v = cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         width = v.hidden_size * v.spatial_merge_size**2
         Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
-        self.ln_q = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
+        self.ln_q = Norm(width, "vision_merge", eps=1e-6, **kw) if postshuffle_norm else \
+            Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
+        self.postshuffle_norm = postshuffle_norm
         lin = dict(bias=True, std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "merger")),
                    double_quant=cfg.double_quant, **kw)
         self.mlp_0 = Linear(width, width, ("vision_merge", "vision_mlp"), **lin)
@@ -87,7 +99,7 @@ class PatchMerger(nnx.Module):
         self.width = width
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(-1, self.width)
+        x = self.ln_q(x.reshape(-1, self.width)) if self.postshuffle_norm else self.ln_q(x).reshape(-1, self.width)
         return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
@@ -117,9 +129,7 @@ class VisionTower(nnx.Module):
         cos, sin = self.rotary(vis.rotary_positions)
 
         def step(block: VisionBlock, x: jax.Array, full: jax.Array) -> jax.Array:
-            # Under the per-sample vmap (spmd_axis_name) this keeps each sample's rows on its batch shard.
-            x = jax.lax.with_sharding_constraint(x, PartitionSpec(*[PartitionSpec.UNCONSTRAINED] * x.ndim)) \
-                if not jax.sharding.get_abstract_mesh().empty else x
+            x = unconstrained(x)
             if vis.windows is None:  # a family without windows: every block attends within frames
                 return block(x, cos, sin, vis.frames)
             return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames),

@@ -39,12 +39,12 @@ class Rule:
         return "{i}" in self.hf
 
 
-def _linear(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
+def linear_rules(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
     rules = [Rule(f"{hf}.weight", path + ("kernel",), "linear")]
     return rules + [Rule(f"{hf}.bias", path + ("bias",), "copy")] if bias else rules
 
 
-def _norm(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
+def norm_rules(hf: str, path: tuple[str, ...], bias: bool) -> list[Rule]:
     rules = [Rule(f"{hf}.weight", path + ("scale",), "copy")]
     return rules + [Rule(f"{hf}.bias", path + ("bias",), "copy")] if bias else rules
 
@@ -55,19 +55,21 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
 
 
 def text_rules(cfg: QwenVLConfig) -> list[Rule]:
-    """The Qwen2 decoder and the output head."""
-    layer = "model.layers.{i}"
-    lm = ("model", "layers")
+    """The decoder and the output head: q/k/v biases where `attention_bias`, q/k norms where `qk_norm`."""
+    t, layer, lm = cfg.text, "model.layers.{i}", ("model", "layers")
     out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
-    out += _norm(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
-    out += _norm(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
-    for name, bias in (("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False)):
-        out += _linear(f"{layer}.self_attn.{name}", lm + (name,), bias)
+    out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
+    out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), t.attention_bias and name != "o_proj")
+    if t.qk_norm:
+        out += norm_rules(f"{layer}.self_attn.q_norm", lm + ("q_norm",), False)
+        out += norm_rules(f"{layer}.self_attn.k_norm", lm + ("k_norm",), False)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        out += _linear(f"{layer}.mlp.{name}", lm + (name,), False)
-    out += _norm("model.norm", ("model", "norm"), False)
+        out += linear_rules(f"{layer}.mlp.{name}", lm + (name,), False)
+    out += norm_rules("model.norm", ("model", "norm"), False)
     if not cfg.text.tie_word_embeddings:
-        out += _linear("lm_head", ("lm_head",), False)
+        out += linear_rules("lm_head", ("lm_head",), False)
     return out
 
 
@@ -77,20 +79,22 @@ def vision_rules(cfg: QwenVLConfig) -> list[Rule]:
     block, vb = "visual.blocks.{i}", ("visual", "blocks")
     layer_norm = family.vision_norm == "layer_norm"  # LayerNorm has a bias, RMSNorm none
     out = [Rule("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), "patch")]
-    out += _norm(f"{block}.norm1", vb + ("norm1",), layer_norm)
-    out += _norm(f"{block}.norm2", vb + ("norm2",), layer_norm)
-    out += _linear(f"{block}.attn.qkv", vb + ("qkv",), True)
-    out += _linear(f"{block}.attn.proj", vb + ("proj",), True)
+    out += norm_rules(f"{block}.norm1", vb + ("norm1",), layer_norm)
+    out += norm_rules(f"{block}.norm2", vb + ("norm2",), layer_norm)
+    out += linear_rules(f"{block}.attn.qkv", vb + ("qkv",), True)
+    out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
     mlp = ("gate_proj", "up_proj", "down_proj") if family.gated_mlp else ("fc1", "fc2")
     for name in mlp:
-        out += _linear(f"{block}.mlp.{name}", vb + (name,), True)
-    out += _norm("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
-    out += _linear("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
-    out += _linear("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
+        out += linear_rules(f"{block}.mlp.{name}", vb + (name,), True)
+    out += norm_rules("visual.merger.ln_q", ("visual", "merger", "ln_q"), layer_norm)
+    out += linear_rules("visual.merger.mlp.0", ("visual", "merger", "mlp_0"), True)
+    out += linear_rules("visual.merger.mlp.2", ("visual", "merger", "mlp_2"), True)
     return out
 
 
 def num_layers(cfg: QwenVLConfig, rule: Rule) -> int:
+    if rule.path[:2] == ("visual", "deepstack_merger"):  # Qwen3-VL: one merger per DeepStack block
+        return len(cfg.vision.deepstack_visual_indexes)
     return cfg.vision.depth if rule.path[0] == "visual" else cfg.text.num_layers
 
 

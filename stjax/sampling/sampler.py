@@ -116,7 +116,7 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
     batch, length = inputs.input_ids.shape
     slots = length + cfg.max_new_tokens
     cache = KVCache.zeros(model.config.text, batch, slots, jnp.dtype(model.config.compute_dtype))
-    hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, offset=0)
+    hidden, cache = model.prefill(inputs, cache, offset=0)
     logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1))[:, 0]
 
     n = cfg.num_samples

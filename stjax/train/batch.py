@@ -50,7 +50,9 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         rotary_positions=np.zeros((sizes.rows, 2), np.int32),
         frames=make_groups(none, sizes.frame_size, sizes.frame_count, sizes.rows),
         windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if sizes.window_count else None,
-        token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool))
+        token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool),
+        **{name: np.zeros((sizes.rows,) + a.shape[1:], a.dtype) for name, a in
+           cfg.family.patch_inputs(v, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int64)).items()})
 
 
 def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:

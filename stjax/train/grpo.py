@@ -210,8 +210,7 @@ def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
     run = rows // prompts
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     cache = KVCache.zeros(model.config.text, prompts, length + t, jnp.dtype(model.config.compute_dtype))
-    prompt_hidden, cache = text.extend(model.embed(inputs), inputs.position_ids, inputs.attention_mask, cache, keys[0],
-                                       offset=0)
+    prompt_hidden, cache = model.prefill(inputs, cache, keys[0], offset=0)
     shared = lambda x, axis=0: jnp.repeat(x, run, axis=axis)
     cache = cache.replace(k=constrain_batch(shared(cache.k, 1), 1), v=constrain_batch(shared(cache.v, 1), 1),
                           segments=shared(cache.segments))

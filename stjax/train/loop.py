@@ -263,10 +263,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     model = prepare_model(cfg, out, tokenizer, mesh)
     model_cfg = model.config
     d = cfg.data
-    processor = Processor.from_pretrained(
-        tokenizer, media=media_config(cfg),
-        tokens_per_second=model_cfg.rope_spec().tokens_per_second,
-        loss_rule=d.loss_rule)
+    processor = Processor.for_model(tokenizer, model_cfg, media_config(cfg), loss_rule=d.loss_rule)
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
