@@ -480,12 +480,13 @@ def check_config(cfg: EvalConfig) -> None:
     by the flag parser)."""
     for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
                           ("second_per_grid", SECOND_PER_GRID), ("quantize", QUANTIZE_FORMATS)):
-        if getattr(cfg, name) not in allowed:
+        if getattr(cfg, name) not in allowed and not (name in SEED_RECIPE and getattr(cfg, name) is None):
             raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for f in dataclasses.fields(EvalConfig):
         value = getattr(cfg, f.name)
         kinds = {int: (int,), float: (int, float)}.get(type(SEED_RECIPE.get(f.name, f.default)))
-        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+        unset = f.name in SEED_RECIPE and value is None  # filled from the model's training recipe
+        if kinds and not unset and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
                              f"got {value!r}")
     least = {"num_frames": 1, "max_pixels": 28 * 28, "max_new_tokens": 1, "top_k": 0, "batch_size": 1,
@@ -494,7 +495,7 @@ def check_config(cfg: EvalConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < minimum:
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
-    if not (cfg.fps > 0 and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
+    if not ((cfg.fps is None or cfg.fps > 0) and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
         raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
                          f"--top-p {cfg.top_p} in (0, 1]")
 
