@@ -145,12 +145,10 @@ def test_a_converter_writes_to_the_bucket_what_it_writes_locally(bucket, hf_dirs
 def test_grpo_completions_are_appended_on_the_bucket(bucket):
     from types import SimpleNamespace
 
-    from stjax.train.grpo import GRPO
+    from stjax.train.grpo import log_completions
 
-    stage = GRPO()
-    stage.completions_log = as_path("gs://bucket/grpo/completions.jsonl")
     for step in (1, 2):
-        stage.log_completions(step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
+        log_completions(as_path("gs://bucket/grpo/completions.jsonl"), step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
                               np.array([[1.0]]), np.array([1.0]), ["accuracy"], 1)
     lines = [json.loads(line) for line in read("gs://bucket/grpo/completions.jsonl").splitlines()]
     assert [(r["step"], r["prompt_id"]) for r in lines] == [(1, "p1"), (2, "p2")]

@@ -192,13 +192,13 @@ def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Pa
 
 
 @dataclasses.dataclass
-class Run:
+class Context:
     """What the loop sets up once and hands to the stage: the config, the mesh, the model split into
     its traced structure and frozen weights, the processor and where outputs go."""
 
     cfg: TrainConfig
     mesh: Mesh
-    out: Path
+    output_dir: Path
     model_cfg: QwenVLConfig
     graphdef: nnx.GraphDef
     frozen: nnx.State
@@ -210,27 +210,32 @@ class Run:
 
 
 class Stage(Protocol):
-    """A training stage: the parts of a run that differ between SFT and GRPO."""
+    """A training stage: the parts of a training run that differ between SFT and GRPO. The loop asks
+    the class how a step draws its data, then makes one (`__init__`) once the model and the train
+    state are placed, and calls its `step`."""
 
     template: Template  # the prompt template its samples are encoded with
 
-    def samples_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def samples_per_step(cfg: TrainConfig) -> int:
         """Samples (prompts) one step draws from the data, over all processes."""
 
-    def loader_batch(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def loader_batch(cfg: TrainConfig) -> int:
         """Samples in one loader batch, over all processes."""
 
-    def updates_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def updates_per_step(cfg: TrainConfig) -> int:
         """Optimizer updates one step makes (the learning-rate schedule's length is steps x this)."""
 
-    def setup(self, run: Run, model: QwenVLForConditionalGeneration, state: TrainState) -> None:
-        """Compile, keep a reference model: whatever the steps need (called once, before any step)."""
+    def __init__(self, context: Context, model: QwenVLForConditionalGeneration, state: TrainState) -> None:
+        """Compile, keep a reference model: whatever the steps need (made once, before any step)."""
 
-    def step(self, run: Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
+    def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         """One step from `data` (StopIteration when it runs out); `step` counts the steps done before it."""
 
 
-def run(cfg: TrainConfig, stage: Stage) -> dict:
+def run(cfg: TrainConfig, stage: type[Stage]) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
     check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
@@ -277,10 +282,10 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
         log.info("resumed from step %d", start)
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
-    context = Run(cfg=cfg, mesh=mesh, out=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
+    context = Context(cfg=cfg, mesh=mesh, output_dir=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
                   processor=processor, samples={s.id: s for s in samples}, start_step=start,
                   peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
-    stage.setup(context, model, state)
+    trainer = stage(context, model, state)
     del model
     stop = {}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
@@ -289,7 +294,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
         with MetricsLogger(out, steps, start_step=start) as logger:
             while step < steps and not stop:
                 try:
-                    state, metrics = stage.step(context, state, data, step)
+                    state, metrics = trainer.step(state, data, step)
                 except StopIteration:
                     log.warning("the data ran out after %d steps (skipped samples: %d)", step, len(data.skipped))
                     break

@@ -20,7 +20,7 @@ Built in:
   both the ST-R1 rows and the synthetic set write in that template.
 
 A function that raises is retried one completion at a time; the completions it still raises on
-score 0 and are counted (`Scores.errors`), so a strange completion never stops a run. A broken
+score 0 and are counted (`RewardTable.errors`), so a strange completion never stops a run. A broken
 function does (`check`): one that raises on every completion of a step, or returns anything but a
 finite number or None (a string, NaN, an infinity).
 """
@@ -135,7 +135,7 @@ class RewardError(RuntimeError):
 
 
 @dataclass
-class Scores:
+class RewardTable:
     values: np.ndarray  # (N, F) float64, NaN where a function said None ("does not apply")
     errors: np.ndarray  # (F,) completions each function raised on (scored 0)
     invalid: np.ndarray  # (F,) values each function returned that are neither a finite number nor None (scored 0)
@@ -143,7 +143,7 @@ class Scores:
 
 
 def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str],
-          samples: Sequence[Sample]) -> Scores:
+          samples: Sequence[Sample]) -> RewardTable:
     """Every function on every completion; one that raises is retried one completion at a time."""
     values = np.zeros((len(completions), len(funcs)))
     errors, invalid = np.zeros(len(funcs), np.int64), np.zeros(len(funcs), np.int64)
@@ -178,7 +178,7 @@ def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequ
                 problems[f] = problems[f] or f"{v!r} for sample {samples[i].id}"
                 v = 0.0
             values[i, f] = np.nan if v is None else float(v)
-    return Scores(values=values, errors=errors, invalid=invalid, problems=problems)
+    return RewardTable(values=values, errors=errors, invalid=invalid, problems=problems)
 
 
 def check(names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problems: Sequence[str], total: np.ndarray,
