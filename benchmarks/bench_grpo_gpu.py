@@ -168,8 +168,8 @@ def main() -> None:
     full, first = timed(lambda: generate(args.tokens), args.repeats), timed(lambda: generate(1), args.repeats)
     decode_step = (full - first) / (args.tokens - 1)
     out = generate(args.tokens)
-    t = cfg.text
-    kv_bytes = 2 * t.num_layers * rows * t.num_kv_heads * t.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    text = cfg.text
+    kv_bytes = 2 * text.num_layers * rows * text.num_kv_heads * text.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
     step_bytes = decoder_bytes(model) + kv_bytes * (length + args.tokens / 2)
     bandwidth = device_peak_bandwidth(args.peak_bandwidth)
 

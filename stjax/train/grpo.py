@@ -16,7 +16,6 @@ One step, as data (TRL's `GRPOTrainer` names; roles as Tunix names them, one mod
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from stjax.data.formats import Sample
 from stjax.io import AppendLog
 from stjax.sampling.sampler import SamplingConfig
 from stjax.sharding import make_mesh, parse_mesh
-from stjax.train import config, distributed, loop, rewards, sft
+from stjax.train import loop, rewards
 from stjax.train.config import TrainConfig
 from stjax.train.metrics import drop_steps_after, mfu
 from stjax.train.rl.learner import Learner, LossSettings, reference_params, update_flops
@@ -119,7 +118,8 @@ class GRPO:
             metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(scores.metrics(options.reward_funcs, options.num_generations), **clock.seconds)
         metrics.update(self.speed(metrics, batch, scores))
-        if jax.process_index() == 0 and options.log_completions_steps and (step + 1) % options.log_completions_steps == 0:
+        every = options.log_completions_steps
+        if jax.process_index() == 0 and every and (step + 1) % every == 0:
             log_completions(self.completions_log, step + 1, groups, texts, scores.rewards[mine], scores.reward[mine],
                             options.reward_funcs, options.num_completions_to_print)
         return state, metrics
@@ -164,25 +164,3 @@ def log_completions(path: Path, step: int, groups: list[Sample], texts: list[str
                                 "rewards": scores, "reward": None if np.isnan(total[i]) else float(total[i])},
                                ensure_ascii=False) + "\n")
 
-
-def cold_start(cfg: TrainConfig) -> TrainConfig:
-    """The embedded default's starting point: the SFT cold start as `--stage sft` makes it (under
-    <out_dir>/sft, made when missing), and its synthetic set."""
-    out = Path(cfg.out_dir) / "sft"
-    if not (out / "hf" / "config.json").exists():
-        sft.run(config.load(None, [], config.EMBEDDED["sft"], stage="sft", out_dir=str(out), seed=cfg.seed,
-                            model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks,
-                                                                    "synthetic_tasks": list(cfg.data.synthetic_tasks)}))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(out / "hf")),
-                               data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")))
-
-
-def run(cfg: TrainConfig) -> dict:
-    """The GRPO stage on the shared loop (`stjax.train.loop.run`); with no model.init, from the
-    embedded SFT cold start."""
-    if not cfg.model.init and cfg.data.format == "synthetic":
-        d = cfg.distributed
-        distributed.initialize(d.coordinator, d.num_processes, d.process_id)
-        config.check(cfg, jax.device_count(), jax.process_count())  # errors before the cold start's work
-        cfg = cold_start(cfg)
-    return loop.run(cfg, GRPO)

@@ -62,7 +62,3 @@ class SFT:
                                  context.peak_flops)
         return state, metrics
 
-
-def run(cfg: TrainConfig) -> dict:
-    """The SFT stage on the shared loop (`stjax.train.loop.run`)."""
-    return loop.run(cfg, SFT)

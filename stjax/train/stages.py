@@ -1,6 +1,6 @@
 """Training from a config: the stages by name, and the embedded default turned into plain paths.
 
-    config -> checked against the devices (`loop.start`) -> `resolve`: what the config leaves to be
+    config -> checked against the devices (`loop.checked_mesh`) -> `resolve`: what the config leaves to be
     made is made and named (the synthetic set, a tiny random model, GRPO's SFT cold start) -> the
     stage's loop (`loop.train`)
 
@@ -27,7 +27,7 @@ STAGES: dict[str, type[loop.Stage]] = {"sft": SFT, "grpo": GRPO}
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary. Config errors come before any work."""
-    mesh = loop.start(cfg)
+    mesh = loop.checked_mesh(cfg)
     return loop.train(resolve(cfg), STAGES[cfg.stage], mesh)
 
 

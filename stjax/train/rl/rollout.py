@@ -113,7 +113,8 @@ class Rollout:
         out = on_mesh(sample, self.mesh)(self.decode_graphdef, self.sampling, self.weights(state.params), inputs,
                                          jnp.int32(length - 1), start, keys)
         rows = len(prompts.input_ids) * self.sampling.num_samples
-        return Completions(local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows))
+        return Completions(local_rows(out.tokens, rows), local_rows(out.lengths, rows),
+                           local_rows(out.logp_model, rows))
 
     def logps(self, params: nnx.State, batch: GRPOBatch) -> jax.Array:
         """(accum, B, T) log-probs of the batch's completions under `params` (the old policy's or the
