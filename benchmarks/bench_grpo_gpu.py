@@ -185,11 +185,10 @@ def main() -> None:
     holder = {"state": state}
 
     def one_update():
-        holder["state"], metrics = learner.update(holder["state"], batch)
-        holder["metrics"] = jax.block_until_ready(metrics)
+        holder["state"], holder["metrics"] = learner.update(holder["state"], batch, iterations=1)  # synced: floats
 
     update_time = timed(one_update, args.repeats)
-    metrics = {k: float(v) for k, v in holder["metrics"].items()}
+    metrics = holder["metrics"]
     flops = update_flops(cfg, batch, metrics)
     peak = device_peak_flops(jax.devices()[0], args.peak_flops)
 

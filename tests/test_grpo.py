@@ -227,8 +227,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
     outside the clip range), the batch as 2 micro-batches of unequal token counts (and bnpo's, whose
     micro-batches each normalise by their own tokens, also as one): the loss is the sum of TRL's
     per-micro-batch losses (`_compute_loss` in training, transcribed in torch) of the update's
-    log-probs, and the gradient norm is that of TRL's gradient carried back through them (1e-5
-    relative). One compile per case: the loss types share one test."""
+    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl and
+    clip ratios are the mean of TRL's per micro-batch (1e-5 relative). One compile per case: the loss
+    types share one test."""
     import torch
 
     from test_grpo_loss import LOSS_TYPES, trl_loss
@@ -257,12 +258,12 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             _, metrics = jax.jit(functools.partial(grpo_update, graphdef, optim, loss_settings))(
                 init_state(params, optim), frozen, host)
             x = torch.tensor(logp, requires_grad=True)
-            want = sum(trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
-                                torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
-                                beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
-                                importance_sampling_level="token", max_completion_length=T,
-                                accumulation=accumulation, num_items_in_batch=mask.sum())[0]
-                       for m in range(accumulation))
+            trl = [trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
+                            torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
+                            beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
+                            importance_sampling_level="token", max_completion_length=T,
+                            accumulation=accumulation, num_items_in_batch=mask.sum()) for m in range(accumulation)]
+            want = sum(loss for loss, _ in trl)
             want.backward()
             grads = pullback(params, host, jnp.asarray(x.grad.numpy()))
             want_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
@@ -270,6 +271,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             assert int(metrics["skipped"]) == 0 and want_norm > 0, message
             np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
             np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
+            for name in trl[0][1]:  # TRL logs each micro-batch's kl and clip ratios; a step logs their mean
+                np.testing.assert_allclose(float(metrics[name]), np.mean([m[name].item() for _, m in trl]), rtol=1e-5,
+                                           atol=1e-7, err_msg=f"{message}: {name}")
 
 
 def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):

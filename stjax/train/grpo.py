@@ -113,10 +113,9 @@ class GRPO:
                 batch = batch.replace(old_logp=self.rollout.logps(state.params, batch))
             jax.block_until_ready((batch.ref_logp, batch.old_logp))
         with clock("update_time"):
-            for _ in range(options.num_iterations):
-                state, metrics = self.learner.update(state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(scores.metrics(options.reward_funcs, options.num_generations), **clock.seconds)
+            state, metrics = self.learner.update(state, batch, options.num_iterations)
+        metrics.update(scores.metrics(options.reward_funcs, options.num_generations, options.scale_rewards),
+                       **clock.seconds)
         metrics.update(self.speed(metrics, batch, scores))
         every = options.log_completions_steps
         if jax.process_index() == 0 and every and (step + 1) % every == 0:

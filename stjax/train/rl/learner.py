@@ -112,8 +112,13 @@ def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State
         num_items_in_batch=tokens if bnpo else jnp.sum(batch.completion_mask), num_sequences=batch.advantages.size)
     if bnpo:
         loss = loss / batch.advantages.shape[0]
-    sums = {k: v * tokens for k, v in metrics.items()}  # token-weighted over the micro-batches
-    return loss, {**sums, "entropy": jnp.sum(entropy * micro.completion_mask), "loss_tokens": tokens}
+    entropy = jnp.sum(entropy * micro.completion_mask) / jnp.maximum(tokens, 1.0)
+    return loss, {**metrics, "entropy": entropy, "loss_tokens": tokens}
+
+
+# The update's metrics TRL logs once per micro-batch (`GRPOTrainer._compute_loss`): a step logs their mean.
+POLICY_METRICS = {"kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "cispo_clip_ratio"}
 
 
 def grpo_update(graphdef: nnx.GraphDef, optim, settings: LossSettings, state: TrainState, frozen: nnx.State,
@@ -121,8 +126,8 @@ def grpo_update(graphdef: nnx.GraphDef, optim, settings: LossSettings, state: Tr
     state, metrics = update(graphdef, optim, state, frozen, batch,
                             functools.partial(grpo_micro_loss, settings=settings))
     tokens = jnp.maximum(metrics.pop("loss_tokens"), 1.0)
-    for name in [k for k in metrics if k == "entropy" or k == "kl" or "clip_ratio" in k]:
-        metrics[name] = metrics[name] / tokens
+    for name in POLICY_METRICS & set(metrics):  # TRL logs each micro-batch's masked mean, then their mean
+        metrics[name] = metrics[name] / batch.advantages.shape[0]
     prompt_tokens = jnp.sum(batch.inputs.attention_mask)
     completion_tokens = jnp.sum(jnp.arange(batch.completions.shape[-1]) < batch.lengths[..., None])
     metrics.update(tokens=prompt_tokens + completion_tokens, prompt_tokens=prompt_tokens,
@@ -216,5 +221,12 @@ class Learner:
                             self.accumulation, shards)
         return global_batch(host, self.mesh)
 
-    def update(self, state: TrainState, batch: GRPOBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.update_fn(state, self.frozen, batch)
+    def update(self, state: TrainState, batch: GRPOBatch, iterations: int) -> tuple[TrainState, dict[str, float]]:
+        """`iterations` optimizer updates on the batch: the last one's metrics, with the policy metrics
+        TRL logs per micro-batch (`POLICY_METRICS`) averaged over every update's micro-batches."""
+        policy = []
+        for _ in range(iterations):
+            state, metrics = self.update_fn(state, self.frozen, batch)
+            policy.append({k: v for k, v in metrics.items() if k in POLICY_METRICS})
+        metrics = {k: float(v) for k, v in metrics.items()}
+        return state, metrics | {k: float(np.mean([float(m[k]) for m in policy])) for k in policy[0]}

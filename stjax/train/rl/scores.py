@@ -1,4 +1,4 @@
-"""The scores of one GRPO step's completions, every process's rows gathered, as the metrics read them."""
+"""The scores of one GRPO step's completions, every process's rows gathered, and the metrics TRL logs of them."""
 
 from __future__ import annotations
 
@@ -53,21 +53,42 @@ class Scores:
         return cls(rewards=per_func, reward=reward, accuracy=accuracy, format=format_, lengths=lengths,
                    truncated=truncated, think_words=think_words, answers=answers, errors=errors, invalid=invalid)
 
-    def metrics(self, names: Sequence[str], group_size: int) -> dict[str, float]:
-        """The reward metrics, by TRL's names where TRL logs the same quantity."""
-        grouped = self.reward.reshape(-1, group_size)
+    def metrics(self, names: Sequence[str], group_size: int, scale_rewards: str) -> dict[str, float]:
+        """The reward and completion metrics; those TRL logs by TRL 1.16's formulas
+        (`GRPOTrainer._generate_and_score_completions`): stds with Bessel's correction, NaN where fewer
+        than two values count; `frac_reward_zero_std` the share of completions whose advantage's
+        divisor (their group's std, the batch's with scale_rewards batch) is 0."""
+        if scale_rewards == "batch":
+            spread = np.full_like(self.reward, _nanstd(self.reward))
+        else:
+            spread = np.repeat(np.nanstd(self.reward.reshape(-1, group_size), axis=1, ddof=1), group_size)
+        terminated = self.lengths[self.truncated == 0]
+        terminated = terminated if len(terminated) else np.zeros(1)  # TRL's edge case: no completion ended
         out = {
-            "reward": float(np.nanmean(self.reward)), "reward_std": float(np.nanstd(self.reward, ddof=1)),
-            "frac_reward_zero_std": float(np.mean(np.isclose(np.nanstd(grouped, axis=1, ddof=1), 0.0))),
+            "reward": _nanmean(self.reward), "reward_std": _nanstd(self.reward),
+            "frac_reward_zero_std": float(np.mean(np.isclose(spread, 0.0))),
             "accuracy": float(self.accuracy.mean()), "format_rate": float(self.format.mean()),
-            "completions/mean_length": float(self.lengths.mean()), "completions/max_length": float(self.lengths.max()),
+            "completions/mean_length": float(self.lengths.mean()), "completions/min_length": float(self.lengths.min()),
+            "completions/max_length": float(self.lengths.max()),
             "completions/clipped_ratio": float(self.truncated.mean()),
+            "completions/mean_terminated_length": float(terminated.mean()),
+            "completions/min_terminated_length": float(terminated.min()),
+            "completions/max_terminated_length": float(terminated.max()),
             "completions/think_words": float(self.think_words.mean()),
         }
         out.update({f"answers/{letter}": float(np.mean(self.answers == k)) for k, letter in enumerate(LETTERS)})
         for f, name in enumerate(names):
-            column = self.rewards[:, f]
-            out[f"rewards/{name}/mean"] = float(np.nanmean(column)) if np.isfinite(column).any() else float("nan")
-            out[f"rewards/{name}/std"] = float(np.nanstd(column, ddof=1)) if np.isfinite(column).sum() > 1 else 0.0
+            out[f"rewards/{name}/mean"] = _nanmean(self.rewards[:, f])
+            out[f"rewards/{name}/std"] = _nanstd(self.rewards[:, f])
             out[f"rewards/{name}/errors"] = float(self.errors[f])
         return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _nanstd(x: np.ndarray) -> float:
+    """TRL's `nanstd`: the std of the values that are not NaN, with Bessel's correction (NaN for fewer than two)."""
+    return float(np.nanstd(x, ddof=1)) if np.isfinite(x).sum() > 1 else float("nan")
