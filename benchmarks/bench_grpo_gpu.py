@@ -9,18 +9,19 @@ card's memory bandwidth, and the update's MFU, for a Qwen2.5-VL-3B-shaped model 
 The model is `bench_train_gpu.model_config(size)` (bf16 parameters and compute, cuDNN attention)
 with random weights and the special token ids of the synthetic set's tokenizer, whose chat template
 and processor make the prompts: P prompts, each an 8-frame 336x336 random video and a question, as
-the loader pads them. The stage's own functions run, as `stjax.train.grpo.GRPO.step` calls them:
+the loader pads them. The stage's own parts run, as `stjax.train.grpo.GRPO.step` calls them:
 
-- Rollout: `stjax.sampling.sample` (one prefill per prompt shared by its G completions, one key per
-  completion), temperature 1, EOS never ends a completion, so each row decodes all `--tokens`.
+- Rollout: `stjax.train.rl.rollout.Rollout.generate` (the weights cast for decoding, one prefill per
+  prompt shared by its G completions, one key per completion), temperature 1, EOS never ends a
+  completion, so each row decodes all `--tokens`.
   Decoding step time = (time for T tokens - time for 1 token) / (T - 1). Bytes per decoding step:
   the decoder's weights (every layer, the final norm, the LM head matrix) and the KV cache slots
   read on average (the prompt and half the completion, every row, layer, K and V). Bandwidth share
   = bytes / step time / the card's peak (`--peak-bandwidth`, else by device kind). Target 50%.
-- Update: the reference's log-probs (beta 0.1: a frozen copy of the weights), then the compiled
-  update (`grpo.grpo_update`: the loss forward and backward over each prompt once and its G
-  completions, AdamW on fp32 masters) on the rollout's completions. MFU = `grpo.update_flops` /
-  (median update time x peak FLOP/s). Target 35%.
+- Update: the reference's log-probs (`Rollout.logps`, beta 0.1: a frozen copy of the weights), then
+  the compiled update (`stjax.train.rl.learner.Learner`: the loss forward and backward over each
+  prompt once and its G completions, AdamW on fp32 masters) on the rollout's completions.
+  MFU = `learner.update_flops` / (median update time x peak FLOP/s). Target 35%.
 
 Each part is compiled and run once untimed, then timed `--repeats` times (medians).
 """
@@ -131,16 +132,14 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from stjax.sampling.sampler import SamplingConfig, sample
+    from stjax.sampling.sampler import SamplingConfig
     from stjax.sharding import make_mesh
     from stjax.train import config
-    from stjax.train.batch import global_batch, global_inputs, place_rows
-    from stjax.train.grpo import LossSettings, batch_logps, grpo_update, prompt_inputs, update_batch, update_flops
     from stjax.train.loop import placed_state
     from stjax.train.metrics import device_peak_flops, mfu
+    from stjax.train.rl.learner import Learner, LossSettings, reference_params, update_flops
+    from stjax.train.rl.rollout import Rollout, prompt_inputs
     from stjax.train.step import split_trainable
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,51 +149,46 @@ def main() -> None:
     prompts, starts = prompt_inputs(cfg, loaded)
     length = prompts.input_ids.shape[1]
     rows = args.prompts * g
+    train_cfg = config.load(None, [f"batch_size={rows}", f"grpo.num_generations={g}", "grpo.beta=0.1",
+                                   f"grpo.max_completion_length={args.tokens}", "grpo.loss_type=grpo"], stage="grpo")
+    settings = LossSettings.of(train_cfg)
+    optim = dataclasses.replace(train_cfg.optim, total_steps=100)
+    graphdef, params, frozen = split_trainable(model)
+    state = placed_state(params, optim, 0, mesh)
+    sample_ids = [f"prompt-{i}" for i in range(args.prompts)]
 
-    # ---- rollout
-    graphdef, weights = nnx.split(model)
-    keys = jax.random.split(jax.random.key(0), rows)
-    inputs, start = global_inputs(prompts, mesh), place_rows(starts, mesh)
-
+    # ---- rollout: the stage's `Rollout.generate` (the actor's weights cast for decoding, one key per completion)
     def rollout(tokens: int):
         sampling = SamplingConfig(max_new_tokens=tokens, temperature=1.0, num_samples=g, eos_ids=(), pad_id=0,
                                   suppress_ids=(cfg.image_token_id, cfg.video_token_id))
-        return jax.block_until_ready(sample(graphdef, sampling, weights, inputs, jnp.int32(length - 1), start, keys))
+        return Rollout(model, graphdef, frozen, sampling, settings, mesh)
 
-    full, first = timed(lambda: rollout(args.tokens), args.repeats), timed(lambda: rollout(1), args.repeats)
+    decoders = {tokens: rollout(tokens) for tokens in (args.tokens, 1)}
+    generate = lambda tokens: decoders[tokens].generate(state, prompts, starts, sample_ids, 0)
+    full, first = timed(lambda: generate(args.tokens), args.repeats), timed(lambda: generate(1), args.repeats)
     decode_step = (full - first) / (args.tokens - 1)
-    out = rollout(args.tokens)
-    t = cfg.text
-    kv_bytes = 2 * t.num_layers * rows * t.num_kv_heads * t.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    out = generate(args.tokens)
+    text = cfg.text
+    kv_bytes = 2 * text.num_layers * rows * text.num_kv_heads * text.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
     step_bytes = decoder_bytes(model) + kv_bytes * (length + args.tokens / 2)
     bandwidth = device_peak_bandwidth(args.peak_bandwidth)
 
-    # ---- update: the reference's log-probs, then the compiled update
-    train_cfg = config.load(None, [f"batch_size={rows}", f"grpo.num_generations={g}", "grpo.beta=0.1",
-                                   f"grpo.max_completion_length={args.tokens}", "grpo.loss_type=grpo"], stage="grpo")
-    graphdef, params, frozen = split_trainable(model)
-    optim = dataclasses.replace(train_cfg.optim, total_steps=100)
-    state = placed_state(params, optim, 0, mesh)
-    settings = LossSettings.of(train_cfg)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    # ---- update: the reference's log-probs, then the compiled update (the stage's `Learner`)
+    learner = Learner(graphdef, optim, settings, state, frozen, mesh, group_size=g, accumulation=1)
     advantages = np.random.default_rng(0).normal(size=rows).astype(np.float32)
-    mask = np.arange(args.tokens) < lengths[:, None]
-    batch = global_batch(update_batch(prompts, starts, tokens, lengths, mask, advantages, g, 1, 1), mesh)
-    logps = jax.jit(lambda p, f, b: batch_logps(graphdef, p, f, b, settings))
-    reference = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)
-    logp_time = timed(lambda: jax.block_until_ready(logps(reference, frozen, batch)), args.repeats)
-    batch = batch.replace(ref_logp=logps(reference, frozen, batch))
-    shardings = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, PartitionSpec()))
-    update = jax.jit(lambda s, f, b: grpo_update(graphdef, optim, settings, s, f, b), out_shardings=shardings,
-                     donate_argnums=0)  # as the stage compiles it: the state keeps its placement, one compile
+    mask = np.arange(args.tokens) < out.lengths[:, None]
+    batch = learner.batch(prompts, starts, out.tokens, out.lengths, mask, advantages)
+    reference = reference_params(model, state, cfg.compute_dtype, lora=False)  # beta 0.1: a frozen copy
+    scorer = decoders[args.tokens]
+    logp_time = timed(lambda: jax.block_until_ready(scorer.logps(reference, batch)), args.repeats)
+    batch = batch.replace(ref_logp=scorer.logps(reference, batch))
     holder = {"state": state}
 
     def one_update():
-        holder["state"], metrics = update(holder["state"], frozen, batch)
-        holder["metrics"] = jax.block_until_ready(metrics)
+        holder["state"], holder["metrics"] = learner.update(holder["state"], batch, iterations=1)  # synced: floats
 
     update_time = timed(one_update, args.repeats)
-    metrics = {k: float(v) for k, v in holder["metrics"].items()}
+    metrics = holder["metrics"]
     flops = update_flops(cfg, batch, metrics)
     peak = device_peak_flops(jax.devices()[0], args.peak_flops)
 

@@ -53,14 +53,14 @@ def code_digest() -> str:
 def train(out: Path, cfg: TrainConfig) -> tuple[dict[str, Path], dict[str, float]]:
     """The cold start, then GRPO from it (each made once: a finished stage is reused); the models and
     the seconds each stage took."""
-    from stjax.train import grpo
+    from stjax.train import stages
 
     began = time.perf_counter()
-    cfg = grpo.cold_start(cfg)
+    cfg = stages.resolve(cfg)  # the synthetic set, the tiny base model, the SFT cold start: plain paths
     seconds = {"data and SFT": time.perf_counter() - began}
     began = time.perf_counter()
     if not (out / "grpo" / "hf" / "config.json").exists():
-        grpo.run(cfg)
+        stages.train(cfg)  # nothing left to make: the resolved config names only files
     seconds["GRPO"] = time.perf_counter() - began
     sft = out / "grpo" / "sft"
     return {"base": sft / "base-model", "sft": sft / "hf", "grpo": out / "grpo" / "hf"}, seconds

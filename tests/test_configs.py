@@ -1,5 +1,5 @@
 """Every file in configs/ loads and passes its checks; every training config runs one step of its
-stage (`stjax.train.sft.run`, `stjax.train.grpo.run`) with its shapes shrunk to a tiny model (the same overrides a user would give
+stage (`stjax.train.stages.train`) with its shapes shrunk to a tiny model (the same overrides a user would give
 with --set), so no shipped config can rot unseen.
 
 What the overrides keep: the config's dtypes, attention backend, remat policy, LoRA settings
@@ -26,7 +26,7 @@ from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import abstract_model
 from stjax.sharding import parse_mesh
 from stjax.train import config as train_config
-from stjax.train import grpo, sft
+from stjax.train import stages
 from stjax.train.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -114,7 +114,7 @@ def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
             shrunk.model.attention) == (cfg.model.param_dtype, cfg.model.master_dtype, cfg.model.compute_dtype,
                                         cfg.model.remat, cfg.model.attention)
     train_config.check(shrunk, jax.device_count())
-    summary = (grpo.run if cfg.stage == "grpo" else sft.run)(shrunk)
+    summary = stages.train(shrunk)
     assert summary["steps"] == 1 and summary["skipped_steps"] == 0 and np.isfinite(summary["final_loss"])
     assert (tmp_path / "checkpoints" / "1").is_dir()
 
@@ -157,10 +157,10 @@ def test_cold_start_is_trained_as_stage_sft_makes_it(monkeypatch, tmp_path):
     """GRPO's embedded cold start: `--stage sft`'s embedded config but for what GRPO sets (its folder, seed,
     architecture and walk count); the SFT media settings (112 x 112 frames, small buckets) are kept."""
     made = []
-    monkeypatch.setattr(sft, "run", made.append)
+    monkeypatch.setattr(stages, "train", made.append)
     cfg = train_config.load(None, [], train_config.EMBEDDED["grpo"], stage="grpo", out_dir=str(tmp_path), seed=3,
                             model={"arch": "qwen2_5_vl"}, data={"synthetic_walks": 5})
-    grpo.cold_start(cfg)
+    stages.cold_start(cfg)
     stage_sft = train_config.load(None, [], train_config.EMBEDDED["sft"], stage="sft")
     assert made == [dataclasses.replace(
         stage_sft, out_dir=str(tmp_path / "sft"), seed=3, model=dataclasses.replace(stage_sft.model, arch="qwen2_5_vl"),

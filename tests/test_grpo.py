@@ -6,6 +6,7 @@ The update batch is built as the stage builds it (`prompt_inputs` for the sample
 synthetic set with 8-frame videos, for both architectures. The reference for the log-probs is a
 plain forward of each prompt with its completion written after it."""
 
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -21,10 +22,12 @@ from stjax.data.processor import Processor
 from stjax.data.video import MediaConfig
 from stjax.models.loading import load_pretrained
 from stjax.sampling.sampler import SamplingConfig, generate
-from stjax.sharding import make_mesh, shard_model
+from stjax.sharding import make_mesh, parse_mesh, shard_model
 from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
-from stjax.train.grpo import GRPO, LossSettings, batch_logps, grpo_update, prompt_inputs, update_batch
+from stjax.train.grpo import GRPO
+from stjax.train.rl.learner import LossSettings, batch_logps, grpo_update, update_batch
+from stjax.train.rl.rollout import Rollout, prompt_inputs
 from stjax.train.lora import with_lora
 from stjax.train.loop import placed_state
 from stjax.train.step import OptimConfig, init_state, split_trainable
@@ -199,23 +202,22 @@ def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
     model, _ = load_pretrained(dirs["qwen2_vl"])
     batch, processor = prompts(data, model.config, count=8)
     tokens = {}
+    eos = tuple(processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    sampling = SamplingConfig(max_new_tokens=T, temperature=1.0, num_samples=G, eos_ids=eos,
+                              pad_id=processor.tokenizer.pad_token_id,
+                              suppress_ids=(model.config.image_token_id, model.config.video_token_id))
     for rollout_mesh in ("", "data=2,tensor=4"):
-        cfg = train_config.load(None, [f"grpo.rollout_mesh={rollout_mesh!r}", "grpo.num_generations=2",
-                                       "grpo.max_completion_length=6", "batch_size=16", "grpo.beta=0"], stage="grpo")
         mesh = make_mesh({"fsdp": 8})
         placed = shard_model(model, mesh)
         graphdef, params, frozen = split_trainable(placed)
-        run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen,
-                              optim=OptimConfig(), processor=processor, out=tmp_path,
-                              start_step=0)
-        stage = GRPO()
+        rollout = Rollout(placed, graphdef, frozen, sampling, SETTINGS, mesh,
+                          make_mesh(parse_mesh(rollout_mesh)) if rollout_mesh else None)
         state = init_state(params, OptimConfig())
-        stage.setup(run, placed, state)
-        weights = stage.rollout_weights(run, state)
+        weights = rollout.weights(state.params)
         if rollout_mesh:
             assert jax.tree.leaves(weights)[0].sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
-        samples = [SimpleNamespace(id=i) for i in batch["sample_id"]]
-        tokens[rollout_mesh] = stage.rollout(run, state, *prompt_inputs(model.config, without_ids(batch)), samples, 0)
+        completions = rollout.generate(state, *prompt_inputs(model.config, without_ids(batch)), batch["sample_id"], 0)
+        tokens[rollout_mesh] = dataclasses.astuple(completions)
     for a, b in zip(tokens[""], tokens["data=2,tensor=4"]):
         np.testing.assert_array_equal(a, b) if a.dtype.kind == "i" else np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -225,8 +227,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
     outside the clip range), the batch as 2 micro-batches of unequal token counts (and bnpo's, whose
     micro-batches each normalise by their own tokens, also as one): the loss is the sum of TRL's
     per-micro-batch losses (`_compute_loss` in training, transcribed in torch) of the update's
-    log-probs, and the gradient norm is that of TRL's gradient carried back through them (1e-5
-    relative). One compile per case: the loss types share one test."""
+    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl and
+    clip ratios are the mean of TRL's per micro-batch (1e-5 relative). One compile per case: the loss
+    types share one test."""
     import torch
 
     from test_grpo_loss import LOSS_TYPES, trl_loss
@@ -255,12 +258,12 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             _, metrics = jax.jit(functools.partial(grpo_update, graphdef, optim, loss_settings))(
                 init_state(params, optim), frozen, host)
             x = torch.tensor(logp, requires_grad=True)
-            want = sum(trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
-                                torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
-                                beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
-                                importance_sampling_level="token", max_completion_length=T,
-                                accumulation=accumulation, num_items_in_batch=mask.sum())[0]
-                       for m in range(accumulation))
+            trl = [trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
+                            torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
+                            beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
+                            importance_sampling_level="token", max_completion_length=T,
+                            accumulation=accumulation, num_items_in_batch=mask.sum()) for m in range(accumulation)]
+            want = sum(loss for loss, _ in trl)
             want.backward()
             grads = pullback(params, host, jnp.asarray(x.grad.numpy()))
             want_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
@@ -268,6 +271,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             assert int(metrics["skipped"]) == 0 and want_norm > 0, message
             np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
             np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
+            for name in trl[0][1]:  # TRL logs each micro-batch's kl and clip ratios; a step logs their mean
+                np.testing.assert_allclose(float(metrics[name]), np.mean([m[name].item() for _, m in trl]), rtol=1e-5,
+                                           atol=1e-7, err_msg=f"{message}: {name}")
 
 
 def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):
@@ -286,7 +292,7 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
 
     import torch
 
-    from stjax.train import grpo
+    from stjax.train.rl import rollout as rollout_lib
     from stjax.train.rewards import format_reward
 
     data, dirs = assets
@@ -303,19 +309,19 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     graphdef, params, frozen = split_trainable(placed)
     optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
     samples = {s.id: s for s in read_plain_jsonl(data / "plain.jsonl").samples}
-    run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
-                          processor=processor, out=tmp_path, start_step=0, samples=samples, peak_flops=None)
-    stage = GRPO()
+    context = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen,
+                              optim=optim, processor=processor, output_dir=tmp_path, start_step=0, samples=samples,
+                              peak_flops=None)
     state = placed_state(params, optim, 0, mesh)
-    stage.setup(run, placed, state)
+    stage = GRPO(context, placed, state)
     # accuracy_rule: default, from the config: the evaluator's extractor credits what the release's rule does not
     assert stage.reward_funcs[2](completions=["<answer>the answer is (B)</answer>"], answer=["B"],
                                  options=[["A. x", "B. y"]]) == [1.0]
 
     seen, sampled = [], []
-    update_fn, sample_fn = stage.update_fn, grpo.sample
+    update_fn, sample_fn = stage.learner.update_fn, rollout_lib.sample
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
-    stage.update_fn = lambda state, frozen, batch: (seen.append((copy(state.params), batch)),
+    stage.learner.update_fn = lambda state, frozen, batch: (seen.append((copy(state.params), batch)),
                                                     update_fn(state, frozen, batch))[1]
     eos = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
 
@@ -328,11 +334,11 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
         tokens = tokens.at[jnp.arange(1, 4), lengths[1:] - 1].set(eos[0])
         return out.replace(tokens=tokens, lengths=lengths)
 
-    monkeypatch.setattr(grpo, "sample", sample)
-    logps = jax.jit(functools.partial(batch_logps, graphdef, settings=stage.settings))
+    monkeypatch.setattr(rollout_lib, "sample", sample)
+    logps = jax.jit(functools.partial(batch_logps, graphdef, settings=LossSettings.of(cfg)))
     initial = copy(params)
     for step in range(2):
-        state, metrics = stage.step(run, state, iter([dict(batch)]), step)
+        state, metrics = stage.step(state, iter([dict(batch)]), step)
     assert metrics["kl"] > 0 and metrics["skipped"] == 0
 
     (before_2, batch_2) = seen[2]  # step 2's first update

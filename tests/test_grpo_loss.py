@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from stjax.train import config as train_config
-from stjax.train.grpo import LossSettings, completion_keys, group_advantages, policy_loss
+from stjax.train.rl.learner import LossSettings
+from stjax.train.rl.objective import group_advantages, policy_loss
+from stjax.train.rl.rollout import completion_keys
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

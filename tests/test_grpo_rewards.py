@@ -126,3 +126,21 @@ def test_collapse_watch_reads_think_length_and_answer_letter():
                    "<think></think><answer> D. Sky</answer>", "Let D <answer></answer>", "B"]
     assert [rewards.think_words(c) for c in completions] == [6, 0, 0, 0]
     assert [rewards.answer_letter(c) for c in completions] == ["B", "D", "", None]
+
+
+def test_a_reward_named_by_file_sees_every_field_of_the_record(tmp_path):
+    """`path/to/rewards.py:function` needs no PYTHONPATH; the function gets every field of the record as
+    a column, as TRL passes every dataset column (here `video` and `problem`, beyond the seven it got before)."""
+    file = tmp_path / "my_rewards.py"
+    file.write_text("def by_video(completions, video, problem, **_):\n"
+                    "    return [float(v == 'b.mp4') + (p is not None) for v, p in zip(video, problem)]\n")
+    fn = rewards.resolve(f"{file}:by_video")
+    records = [sample(), Sample(**{**vars(sample()), "video": "b.mp4", "problem": "Which way? A. left"})]
+    scores = rewards.score([fn], ["p"] * 2, ["x", "y"], records)
+    assert scores.values[:, 0].tolist() == [0.0, 2.0] and scores.errors.tolist() == [0]
+    assert set(rewards.columns(records)) >= {"id", "video", "question", "options", "answer", "task", "direction",
+                                             "pair_id", "solution", "problem"}
+    with pytest.raises(ValueError, match="no file"):
+        rewards.resolve(f"{tmp_path / 'missing.py'}:by_video")
+    with pytest.raises(ValueError, match="no_such_function"):
+        rewards.resolve(f"{file}:no_such_function")

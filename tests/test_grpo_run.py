@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stjax.train import config as train_config
-from stjax.train import grpo, loop
+from stjax.train import loop, stages
 from stjax.train.config import ConfigError
 from test_train_run import (ROOT, assets, finish, logged_steps, losses, one_and_two_processes, start,  # noqa: F401
                             wait_for)
@@ -154,4 +154,4 @@ def test_config_errors_come_before_any_loading(assets, tmp_path, monkeypatch, ch
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
     values = {**GRPO, "out_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}
     with pytest.raises(ConfigError, match=message):
-        grpo.run(train_config.load(None, [f"{k}={v}" for k, v in values.items()], stage="grpo"))
+        stages.train(train_config.load(None, [f"{k}={v}" for k, v in values.items()], stage="grpo"))

@@ -102,15 +102,15 @@ def test_evaluator_takes_a_hub_id(offline_cache, models):
 
 def test_trainer_takes_a_hub_id(offline_cache, models, tmp_path):
     cfg = TrainConfig(model=ModelSection(init=REPO, revision="v1"), data=DataSection(format="plain", path="x.jsonl"))
-    tokenizer = loop.tokenizer_dir(cfg, tmp_path)
+    tokenizer = loop.tokenizer_dir(cfg)
     assert tokenizer == offline_cache / "models--stjax-test--tiny-vl" / "snapshots" / V1
-    model = loop.prepare_model(cfg, tmp_path, tokenizer, make_mesh())
+    model = loop.prepare_model(cfg, make_mesh())
     assert same_weights(model, load_pretrained(models[1])[0])
     missing = TrainConfig(model=ModelSection(init="stjax-test/nope"), data=DataSection(format="plain", path="x"))
     with pytest.raises(ConfigError, match="model.init: stjax-test/nope: no such directory"):
-        loop.tokenizer_dir(missing, tmp_path)
+        loop.tokenizer_dir(missing)
     with pytest.raises(ConfigError, match="model.init: stjax-test/nope: .*; nor is it a preset"):
-        loop.prepare_model(missing, tmp_path, tokenizer, make_mesh())
+        loop.prepare_model(missing, make_mesh())
 
 
 def test_convert_script_takes_a_hub_id_from_HF_HOME(hf_home, models, tmp_path):

@@ -25,7 +25,7 @@ from stjax.cli import run_cli
 from stjax.eval.mcq import EvalConfig, evaluate, load_records
 from stjax.io import DirectoryLock, OutputError, as_path
 from stjax.train import config as train_config
-from stjax.train import sft
+from stjax.train import stages
 from stjax.train.config import ConfigError
 from test_train_run import assets, settings  # noqa: F401  (assets: the module's fixture)
 
@@ -81,7 +81,7 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1, "checkpoint.export_hf": "true",
                "report_to": "[tensorboard]"}
     cfg = train_config.load(None, settings(out, assets, steps=2, **changes))
-    sft.run(cfg)
+    stages.train(cfg)
     records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
     assert json.loads(read(f"{out}/summary.json"))["steps"] == 2
@@ -146,12 +146,10 @@ def test_a_converter_writes_to_the_bucket_what_it_writes_locally(bucket, hf_dirs
 def test_grpo_completions_are_appended_on_the_bucket(bucket):
     from types import SimpleNamespace
 
-    from stjax.train.grpo import GRPO
+    from stjax.train.grpo import log_completions
 
-    stage = GRPO()
-    stage.completions_log = as_path("gs://bucket/grpo/completions.jsonl")
     for step in (1, 2):
-        stage.log_completions(step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
+        log_completions(as_path("gs://bucket/grpo/completions.jsonl"), step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
                               np.array([[1.0]]), np.array([1.0]), ["accuracy"], 1)
     lines = [json.loads(line) for line in read("gs://bucket/grpo/completions.jsonl").splitlines()]
     assert [(r["step"], r["prompt_id"]) for r in lines] == [(1, "p1"), (2, "p2")]
@@ -207,7 +205,7 @@ def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tm
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"gs://b/run: writing to gs:// needs gcsfs"):
-        sft.run(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
+        stages.train(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
     with pytest.raises(ConfigError, match=r"gs://BUCKET/runs/grpo-qwen2.5-vl-7b: writing to gs:// needs gcsfs"):
         train_config.check_out_dir(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"))
     with pytest.raises(SystemExit):

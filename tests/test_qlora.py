@@ -22,7 +22,7 @@ from stjax.models.qwen_vl import compiled_forward, init_model
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh
 from stjax.train import config as train_config
-from stjax.train import sft
+from stjax.train import stages
 from stjax.train.loop import export_hf
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.step import Batch, sft_micro_loss, split_trainable
@@ -422,7 +422,7 @@ def test_the_sft_demo_config_learns_over_an_nf4_base_as_over_a_bf16_one(syntheti
             "data.synthetic_walks=2", "model.param_dtype=bfloat16", "lora.rank=8", f"lora.quantize_base={quantize}",
             "optim.learning_rate=2e-2", "mesh=fsdp=4,tensor=2", "checkpoint.every=0",
             f"checkpoint.export_hf={quantize == 'nf4'}"])
-        sft.run(cfg)
+        stages.train(cfg)
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         falls[name] = losses[0] - np.mean(losses[-4:])
     assert falls["bf16"] > 1.0 and falls["nf4"] > 1.0 and abs(falls["nf4"] - falls["bf16"]) < 0.15, falls

@@ -15,7 +15,7 @@ import pytest
 
 from stjax.data.formats import Sample
 from stjax.train import config as train_config
-from stjax.train import grpo, loop, rewards, rundir, sft
+from stjax.train import loop, rewards, rundir, stages
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError
 from test_grpo_run import GRPO
@@ -50,12 +50,12 @@ def test_a_grpo_run_on_an_sft_runs_directory_is_refused_and_the_reverse(assets, 
     monkeypatch.setattr(loop, "prepare_model", no_model)
     values = settings(out, assets, **{**lora_run[1], **GRPO, **IN_PROCESS})
     with pytest.raises(ConfigError, match=r"other settings \(stage: 'sft' -> 'grpo'"):
-        grpo.run(train_config.load(None, values, stage="grpo"))
+        stages.train(train_config.load(None, values, stage="grpo"))
     assert files(out) == before  # nothing written, the sound SFT checkpoints not set aside
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "stage": "grpo"}))  # as a GRPO run would leave it
     with pytest.raises(ConfigError, match=r"other settings \(stage: 'grpo' -> 'sft'"):
-        sft.run(train_config.load(None, settings(out, assets, **{**lora_run[1], **IN_PROCESS})))
+        stages.train(train_config.load(None, settings(out, assets, **{**lora_run[1], **IN_PROCESS})))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
 
 
@@ -70,7 +70,7 @@ def test_a_resume_on_a_changed_base_model_is_refused(assets, lora_run, tmp_path,
         weights.write_bytes(bytes(changed))
         with pytest.raises(ConfigError, match=r"the model files in .*model changed since this run began "
                                               r"\(model.safetensors\)"):
-            sft.run(train_config.load(None, settings(out, assets, **{**lora_run[1], "steps": 4, **IN_PROCESS})))
+            stages.train(train_config.load(None, settings(out, assets, **{**lora_run[1], "steps": 4, **IN_PROCESS})))
     finally:
         weights.write_bytes(original)
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -184,7 +184,7 @@ def test_a_refused_grpo_rerun_writes_nothing(assets, tmp_path, monkeypatch, chan
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
     values = settings(tmp_path, assets, **{**GRPO, **IN_PROCESS, **changes})
     with pytest.raises(ConfigError, match=message):
-        grpo.run(train_config.load(None, values, stage="grpo"))
+        stages.train(train_config.load(None, values, stage="grpo"))
     assert files(tmp_path) == {"config.json": b"the previous run's settings"}
 
 

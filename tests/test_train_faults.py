@@ -18,7 +18,7 @@ import pytest
 
 from stjax.io import OutputError
 from stjax.train import config as train_config
-from stjax.train import loop, sft
+from stjax.train import loop, stages
 from stjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer, abstract_like
 from stjax.train.config import ConfigError
 from test_train_run import finish, logged_steps, settings, start, wait_for
@@ -43,7 +43,7 @@ def train(out: Path, assets, expect: int = 0, **changes) -> str:
 
 def refused(out: Path, assets, **changes) -> None:
     """An in-process run that must be refused before any device work (this process has 8 devices)."""
-    sft.run(train_config.load(None, settings(out, assets, **{"mesh": "fsdp=2,tensor=4", **changes})))
+    stages.train(train_config.load(None, settings(out, assets, **{"mesh": "fsdp=2,tensor=4", **changes})))
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -132,7 +132,7 @@ def test_a_run_resumes_past_a_damaged_checkpoint(assets, tmp_path):
 FILL_DISK = """
 import resource, signal, sys
 from stjax.cli import run_cli
-from stjax.train import checkpoint, config, sft
+from stjax.train import checkpoint, config, stages
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
 save, saves = checkpoint.Checkpointer.save, []
 def save_then_fill(self, *args):
@@ -141,7 +141,7 @@ def save_then_fill(self, *args):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
     save(self, *args)
 checkpoint.Checkpointer.save = save_then_fill
-run_cli(lambda argv: sft.run(config.load(None, sys.argv[1:])))
+run_cli(lambda argv: stages.train(config.load(None, sys.argv[1:])))
 """
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from stjax.train import config as train_config
-from stjax.train import loop, sft
+from stjax.train import loop, sft, stages
 from stjax.train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     monkeypatch.setattr(sft, "host_batch", poisoned)
     cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.rank": 4})
     with pytest.raises(loop.TrainingStopped, match="3 non-finite steps in a row"):
-        sft.run(cfg)
+        stages.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [1, 1, 1]
     assert (tmp_path / "checkpoints" / "3").is_dir()
@@ -243,7 +243,7 @@ def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, mo
     monkeypatch.setattr(loop, "prepare_data", too_far)
     monkeypatch.setattr(jax, "jit", too_far)
     with pytest.raises(ConfigError, match=message):
-        sft.run(config(tmp_path, assets, **changes))
+        stages.train(config(tmp_path, assets, **changes))
 
 
 def test_set_needs_key_equals_value():
@@ -261,7 +261,7 @@ def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, t
     cfg = config(tmp_path / "run", assets, steps=1, peak_flops=1e12, **{
         "data.format": "plain", "data.path": path, "data.video_root": data / "synth", "data.tokenizer": data / "tokenizer",
         "data.shuffle": "false"})
-    summary = sft.run(cfg)
+    summary = stages.train(cfg)
     assert summary["steps"] == 1
     skipped = json.loads((tmp_path / "run" / "skipped_samples.0.json").read_text())
     assert [s["id"] for s in skipped] == ["broken-sample"]

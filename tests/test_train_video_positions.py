@@ -1,4 +1,4 @@
-"""Qwen2.5-VL through the training run (`stjax.train.sft.run`, as `python -m stjax.train`): the M-RoPE
+"""Qwen2.5-VL through the training run (`stjax.train.stages.train`, as `python -m stjax.train`): the M-RoPE
 positions of a training batch's video tokens equal transformers' `get_rope_index` on the same videos.
 
 With `data.second_per_grid: kept_frames` (what the Qwen2.5-VL training configs set), the reference's
@@ -19,7 +19,7 @@ from reference import rope_index
 from stjax.data.formats import read_plain_jsonl
 from stjax.models.config import QwenVLConfig
 from stjax.train import config as train_config
-from stjax.train import sft
+from stjax.train import sft, stages
 
 ROWS = 8  # one micro-batch over the 8 simulated devices
 
@@ -43,7 +43,7 @@ def test_qwen2_5_vl_training_batch_positions_equal_transformers(synthetic_assets
                                    "data.second_per_grid=kept_frames",
                                    "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
                                    "data.patch_buckets=[1024, 2048]", "checkpoint.export_hf=false"])
-    sft.run(cfg)
+    stages.train(cfg)
     batch = batches[0][0]
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:ROWS]  # unshuffled: row b is sample b
 

@@ -442,9 +442,16 @@ def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[
 
 
 def embedded_default(cfg: EvalConfig) -> EvalConfig:
-    """A synthetic benchmark and a tiny random model under the output folder (made once, then reused)."""
+    """With neither a model nor data: a synthetic benchmark and a tiny random model under the output
+    folder (made once, then reused), named as plain paths; else `cfg` as it is."""
     from stjax.data.synthetic import generate as generate_benchmark
 
+    if cfg.model is not None or cfg.data:
+        return cfg
+    check_config(cfg)  # errors before the benchmark and the model are made
+    if is_remote(cfg.out):
+        raise SystemExit(f"--out {cfg.out}: the embedded default makes its model and data under --out, which "
+                         "must then be local")
     out = Path(cfg.out)
     if not (out / "data" / "plain.jsonl").exists():
         generate_benchmark(out / "data", cfg.walks, cfg.seed)
@@ -533,12 +540,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         out = as_path(cfg.out)  # local, or an object store URL (stjax.io)
     except OutputError as e:
         raise SystemExit(f"--out {e}") from None
-    if cfg.model is None and not cfg.data:
-        if is_remote(out):
-            raise SystemExit(f"--out {cfg.out}: the embedded default makes its model and data under --out, which "
-                             "must then be local")
-        cfg = embedded_default(cfg)
-    elif cfg.model is None or not cfg.data:
+    if cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
     cfg = with_training_recipe(cfg)
     check_config(cfg)
@@ -683,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     compiling, argv = flags.parse_known_args(argv)
     if compiling.compile_only:
         return compile_only(parse_config(argv), compiling.topology)
-    overall = evaluate(parse_config(argv))["overall"]
+    overall = evaluate(embedded_default(parse_config(argv)))["overall"]
     if overall["n"] == overall["failed"]:
         raise SystemExit(f"error: none of the {overall['n']} samples could be evaluated (their errors are in "
                          f"{PREDICTIONS})")

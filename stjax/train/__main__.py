@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stjax").setLevel(logging.INFO)
 
-    from stjax.train import config, grpo, sft
+    from stjax.train import config, stages
 
     defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
     cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
         compile_run(cfg, args.topology)
         return
-    summary = (grpo.run if cfg.stage == "grpo" else sft.run)(cfg)
+    summary = stages.train(cfg)
     print(f"done: {summary}")
 
 

@@ -19,7 +19,8 @@ from stjax import compile_only as co
 from stjax.models.qwen_vl import abstract_model
 from stjax.sampling.sampler import SamplingConfig, sample
 from stjax.sharding import batch_sharding, make_mesh, parse_mesh
-from stjax.train import grpo, sft
+from stjax.train import sft
+from stjax.train.rl import learner
 from stjax.train.config import TrainConfig, check
 from stjax.train.metrics import model_flops_per_token, step_flops, vision_flops
 from stjax.train.step import Batch, init_state, split_trainable, train_state_shardings
@@ -82,30 +83,30 @@ def _sft_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> lis
 
 def _grpo_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> list[co.Program]:
     g, model_cfg = cfg.grpo, run.model_cfg
-    settings = grpo.LossSettings.of(cfg)
+    settings = learner.LossSettings.of(cfg)
     accum, length, t = cfg.accumulation, one.input_ids.shape[1], g.max_completion_length
     shards = micro // batch_sharding(mesh, (micro,)).shard_shape((micro,))[0]
     run_rows = math.gcd(g.num_generations, micro // shards)
-    copies = micro // run_rows  # prompt copies per micro-batch (`grpo.update_batch`)
+    copies = micro // run_rows  # prompt copies per micro-batch (`learner.update_batch`)
     rows = lambda *shape, dtype=jnp.float32: co.abstract(
         (accum,) + shape, dtype, batch_sharding(mesh, (accum,) + shape, 1))
-    batch = grpo.GRPOBatch(
+    batch = learner.GRPOBatch(
         inputs=co.batched_inputs(one, copies, mesh, (accum,)), starts=rows(copies, dtype=jnp.int32),
         completions=rows(micro, t, dtype=jnp.int32), lengths=rows(micro, dtype=jnp.int32),
         completion_mask=rows(micro, t), advantages=rows(micro))
     counts = {"prompt_tokens": accum * copies * length, "completion_tokens": accum * micro * t,
               "patches": accum * copies * _patches(one)}
-    update_flops = grpo.update_flops(model_cfg, batch, counts)
+    update_flops = learner.update_flops(model_cfg, batch, counts)
     state_bytes = co.tree_bytes_per_chip(run.state)
     reference, reference_bytes = None, 0.0
-    if g.beta:  # as GRPO.setup keeps it: the adapters' zeros (LoRA) or the trained weights in the compute dtype
+    if g.beta:  # as `learner.reference_params` makes it: the adapters' zeros (LoRA) or the weights in the compute dtype
         compute = run.state.params if model_cfg.lora_rank else co.replace_dtype(
             run.state.params, co.is_float, jnp.dtype(model_cfg.compute_dtype))
         reference, reference_bytes = compute, co.tree_bytes_per_chip(compute)
-    logps = grpo.logps_function(run.graphdef, settings)
+    logps = learner.logps_function(run.graphdef, settings)
     logp_batch = batch.replace(old_logp=None, ref_logp=None)
-    found = [co.Program("grpo update", grpo.update_function(run.graphdef, run.optim, settings, _shardings(run.state),
-                                                            mesh),
+    found = [co.Program("grpo update", learner.update_function(run.graphdef, run.optim, settings,
+                                                               _shardings(run.state), mesh),
                         (run.state, run.frozen, batch.replace(
                             old_logp=rows(micro, t) if g.num_iterations > 1 else None,
                             ref_logp=rows(micro, t) if g.beta else None)),
@@ -122,7 +123,7 @@ def _grpo_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> li
 
 
 def _rollout(cfg: TrainConfig, mesh, run: Abstract, one, resident: float) -> co.Program:
-    """The sampler as `GRPO.rollout` calls it: the actor's weights in the compute dtype, P prompts."""
+    """The sampler as `Rollout.generate` calls it: the actor's weights in the compute dtype, P prompts."""
     g, model_cfg = cfg.grpo, run.model_cfg
     rollout_mesh = make_mesh(parse_mesh(g.rollout_mesh), list(mesh.devices.flat)) if g.rollout_mesh else mesh
     graphdef, trainable, frozen = split_trainable(abstract_model(model_cfg))

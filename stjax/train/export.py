@@ -46,8 +46,8 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     out = as_path(out or run_dir / f"hf-{step}")
     check_target(out, overwrite)  # before building the model
     mesh = make_mesh({"fsdp": -1})
-    tokenizer = tokenizer_dir(cfg, run_dir)
-    graphdef, trainable, frozen = split_trainable(prepare_model(cfg, run_dir, tokenizer, mesh))
+    tokenizer = tokenizer_dir(cfg)
+    graphdef, trainable, frozen = split_trainable(prepare_model(cfg, mesh))
     target = abstract_like(placed_state(trainable, cfg.optim, cfg.seed, mesh, cfg.model.master_dtype))
     try:
         state = checkpoints.restore(step, target, None)

@@ -1,6 +1,7 @@
 """The run loop that every training stage shares, from a laptop CPU to a multi-host mesh.
 
-    config -> check against the devices -> model (+ LoRA) on the mesh -> train state -> data iterator
+    config -> check against the devices (`checked_mesh`) -> [its inputs made and named as plain paths:
+    `stjax.train.stages.resolve`] -> model (+ LoRA) on the mesh -> train state -> data iterator
     -> [restore the latest checkpoint] -> stage steps (metrics, periodic async saves, SIGTERM save)
     -> final checkpoint -> Hugging Face export (LoRA merged)
 
@@ -25,7 +26,6 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
@@ -57,20 +57,10 @@ class TrainingStopped(RuntimeError):
     not one step could be trained."""
 
 
-def _on_process_zero(make, what: Path) -> None:
-    """Let process 0 create `what` (if missing) while the others wait for it."""
-    if jax.process_index() == 0 and not what.exists():
-        make()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"made {what}")
-
-
-def tokenizer_dir(cfg: TrainConfig, out: Path) -> Path:
-    """data.tokenizer, else the synthetic set's tokenizer, else the model directory's (hub ids resolved)."""
-    d = cfg.data
-    if d.format == "synthetic" and not d.tokenizer:
-        return Path(d.path or out / "data") / "tokenizer"
-    key, name, revision = ("data.tokenizer", d.tokenizer, None) if d.tokenizer else \
+def tokenizer_dir(cfg: TrainConfig) -> Path:
+    """data.tokenizer, else the model directory's (hub ids resolved)."""
+    data = cfg.data
+    key, name, revision = ("data.tokenizer", data.tokenizer, None) if data.tokenizer else \
         ("model.init", cfg.model.init, cfg.model.revision or None)
     try:
         return resolve_model_dir(name, revision)
@@ -78,73 +68,55 @@ def tokenizer_dir(cfg: TrainConfig, out: Path) -> Path:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def prepare_data(cfg: TrainConfig, out: Path) -> list:
-    """The training samples (rendering the synthetic set first if asked)."""
-    d = cfg.data
-    if d.format == "synthetic":
-        from stjax.data.synthetic import generate
-
-        root = Path(d.path or out / "data")
-        _on_process_zero(lambda: generate(root, d.synthetic_walks, cfg.seed, tasks=d.synthetic_tasks), root / "plain.jsonl")
-        result = read_plain_jsonl(root / "plain.jsonl")
-    else:
-        reader = read_st_r1_jsonl if d.format == "st_r1" else read_plain_jsonl
-        result = reader(d.path, video_root=d.video_root or None)
+def prepare_data(cfg: TrainConfig) -> list:
+    """The training samples of data.path."""
+    data = cfg.data
+    reader = read_st_r1_jsonl if data.format == "st_r1" else read_plain_jsonl
+    result = reader(data.path, video_root=data.video_root or None)
     for reason, count in result.reasons().items():
-        log.warning("%d records of %s skipped: %s", count, d.path or "the synthetic set", reason)
+        log.warning("%d records of %s skipped: %s", count, data.path, reason)
     if not result.samples:
-        raise ConfigError(f"no usable samples in {d.path or d.format}")
+        raise ConfigError(f"no usable samples in {data.path}")
     return result.samples
-
-
-def data_file(cfg: TrainConfig, out: Path) -> Path:
-    """The JSONL file the samples come from (recorded, so a resume can tell when it changed)."""
-    d = cfg.data
-    return Path(d.path or out / "data") / "plain.jsonl" if d.format == "synthetic" else Path(d.path)
 
 
 def model_source(cfg: TrainConfig) -> str | Path:
     """model.init as a preset's name (random weights of its shape) or a model directory (a hub id
     resolved through the local cache)."""
-    m = cfg.model
-    if not Path(m.init).is_dir() and (PRESETS_DIR / f"{m.init}.json").exists():
-        return m.init
+    init, revision = cfg.model.init, cfg.model.revision
+    if not Path(init).is_dir() and (PRESETS_DIR / f"{init}.json").exists():
+        return init
     try:
-        return resolve_model_dir(m.init, m.revision or None)
+        return resolve_model_dir(init, revision or None)
     except ModelNotFoundError as e:
         raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
 
 
-def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
+def prepare_model(cfg: TrainConfig, mesh: Mesh) -> QwenVLForConditionalGeneration:
     """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
-    m, lora = cfg.model, cfg.lora
-    policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    model_section, lora = cfg.model, cfg.lora
+    policy = dict(compute_dtype=model_section.compute_dtype, attention=model_section.attention,
+                  remat=model_section.remat)
     quantization = dict(quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets,
                         double_quant=lora.double_quant, lora_targets=tuple(lora.targets))
-    if m.init:
-        source = model_source(cfg)
-    else:  # the embedded default: a tiny random model for the tokenizer, made once
-        source = out / "base-model"
-        _on_process_zero(lambda: tiny_model_dir(tokenizer, source, m.arch, cfg.seed), source / "config.json")
+    source = model_source(cfg)
     if isinstance(source, str):  # a preset
-        model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=m.param_dtype, **policy)
+        model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=model_section.param_dtype, **policy)
         model = init_model(model_cfg, cfg.seed)
         if lora.quantize_base != "none":
             model = quantize_model(model, mesh, **quantization)
         else:
             model = shard_model(model, mesh)
     else:
-        model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy, **quantization)
+        model, _ = load_pretrained(source, dtype=model_section.param_dtype, mesh=mesh, **policy, **quantization)
     if lora.rank:
         model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
     return model
 
 
 def check_tokenizer_early(cfg: TrainConfig, tokenizer: Path) -> None:
-    """`check_tokenizer` on model.init's config.json (small files), before the large model is built; the
-    embedded default's model is made for its tokenizer."""
-    if cfg.model.init:
-        check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(model_source(cfg)))
+    """`check_tokenizer` on model.init's config.json (small files), before the large model is built."""
+    check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(model_source(cfg)))
 
 
 def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
@@ -208,13 +180,13 @@ def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Pa
 
 
 @dataclasses.dataclass
-class Run:
+class Context:
     """What the loop sets up once and hands to the stage: the config, the mesh, the model split into
     its traced structure and frozen weights, the processor and where outputs go."""
 
     cfg: TrainConfig
     mesh: Mesh
-    out: Path
+    output_dir: Path
     model_cfg: QwenVLConfig
     graphdef: nnx.GraphDef
     frozen: nnx.State
@@ -226,44 +198,54 @@ class Run:
 
 
 class Stage(Protocol):
-    """A training stage: the parts of a run that differ between SFT and GRPO."""
+    """A training stage: the parts of a training run that differ between SFT and GRPO. The loop asks
+    the class how a step draws its data, then makes one (`__init__`) once the model and the train
+    state are placed, and calls its `step`."""
 
     template: Template  # the prompt template its samples are encoded with
 
-    def samples_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def samples_per_step(cfg: TrainConfig) -> int:
         """Samples (prompts) one step draws from the data, over all processes."""
 
-    def loader_batch(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def loader_batch(cfg: TrainConfig) -> int:
         """Samples in one loader batch, over all processes."""
 
-    def updates_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def updates_per_step(cfg: TrainConfig) -> int:
         """Optimizer updates one step makes (the learning-rate schedule's length is steps x this)."""
 
-    def setup(self, run: Run, model: QwenVLForConditionalGeneration, state: TrainState) -> None:
-        """Compile, keep a reference model: whatever the steps need (called once, before any step)."""
+    def __init__(self, context: Context, model: QwenVLForConditionalGeneration, state: TrainState) -> None:
+        """Compile, keep a reference model: whatever the steps need (made once, before any step)."""
 
-    def step(self, run: Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
+    def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         """One step from `data` (StopIteration when it runs out); `step` counts the steps done before it."""
 
 
-def run(cfg: TrainConfig, stage: Stage) -> dict:
-    """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
+def checked_mesh(cfg: TrainConfig) -> Mesh:
+    """The mesh of a config checked against the devices, this process joined to the others: every
+    error a run can know of comes before any work."""
     check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
-    mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
+    return make_mesh(check(cfg, jax.device_count(), jax.process_count()))
+
+
+def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
+    """Train as configured on `mesh` (from `checked_mesh`); returns the summary. The config's inputs are
+    plain paths (`stjax.train.stages.resolve`)."""
     out = as_path(cfg.out_dir)
     lock = rundir.lock(out)  # a second run on out_dir is refused
     rundir.check_resume(out, cfg)
 
-    samples = prepare_data(cfg, out)
-    source = model_source(cfg) if cfg.model.init else None
-    rundir.check_inputs(out, data_file(cfg, out), source if isinstance(source, Path) else None)
-    tokenizer = tokenizer_dir(cfg, out)
+    samples = prepare_data(cfg)
+    source = model_source(cfg)
+    rundir.check_inputs(out, Path(cfg.data.path), source if isinstance(source, Path) else None)
+    tokenizer = tokenizer_dir(cfg)
     check_tokenizer_early(cfg, tokenizer)
-    model = prepare_model(cfg, out, tokenizer, mesh)
+    model = prepare_model(cfg, mesh)
     model_cfg = model.config
-    d = cfg.data
-    processor = Processor.for_model(tokenizer, model_cfg, media_config(cfg), loss_rule=d.loss_rule)
+    processor = Processor.for_model(tokenizer, model_cfg, media_config(cfg), loss_rule=cfg.data.loss_rule)
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
@@ -273,8 +255,9 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     epochs = max(cfg.epochs, math.ceil(steps * per_step / len(samples)))
     loader = make_loader(samples, processor, LoaderConfig(
         batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
-        shuffle=d.shuffle, num_workers=d.num_workers, template=d.template or stage.template, token_buckets=d.token_buckets,
-        patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1, images_per_sample=0))
+        shuffle=data_cfg.shuffle, num_workers=data_cfg.num_workers, template=data_cfg.template or stage.template,
+        token_buckets=data_cfg.token_buckets, patch_buckets=data_cfg.patch_buckets, image_patch_buckets=(0,),
+        videos_per_sample=1, images_per_sample=0))
     data = iter(loader)
 
     updates = steps * stage.updates_per_step(cfg)
@@ -289,10 +272,10 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
         log.info("resumed from step %d", start)
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
-    context = Run(cfg=cfg, mesh=mesh, out=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen, optim=optim,
-                  processor=processor, samples={s.id: s for s in samples}, start_step=start,
-                  peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
-    stage.setup(context, model, state)
+    context = Context(cfg=cfg, mesh=mesh, output_dir=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen,
+                      optim=optim, processor=processor, samples={s.id: s for s in samples}, start_step=start,
+                      peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
+    trainer = stage(context, model, state)
     del model
     stop = {}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
@@ -302,7 +285,7 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
                            desc=cfg.stage, config=dataclasses.asdict(cfg)) as logger:
             while step < steps and not stop:
                 try:
-                    state, metrics = stage.step(context, state, data, step)
+                    state, metrics = trainer.step(state, data, step)
                 except StopIteration:
                     log.warning("the data ran out after %d steps (skipped samples: %d)", step, len(data.skipped))
                     break

@@ -1,11 +1,11 @@
 """GRPO's verifiable rewards: named functions of the decoded completions and their records.
 
 A reward function takes TRL's arguments, `fn(prompts=..., completions=..., **columns)`, where
-`completions` are the decoded texts and `columns` the records' fields as lists (`answer`,
-`solution`, `options`, `question`, `direction`, `task`, `id`), and returns one float (or None:
-"does not apply") per completion. The config names them (`grpo.reward_funcs`, weighted by
-`grpo.reward_weights`, then summed as TRL does); a dotted path `package.module.function` names one
-of your own.
+`completions` are the decoded texts and `columns` every field of the records as lists (`answer`,
+`solution`, `options`, `question`, `direction`, `task`, `id`, `video`, ...: `stjax.data.formats.Sample`),
+and returns one float (or None: "does not apply") per completion. The config names them
+(`grpo.reward_funcs`, weighted by `grpo.reward_weights`, then summed as TRL does); a dotted path
+`package.module.function` or a file `path/to/rewards.py:function` names one of your own.
 
 Built in:
 - `accuracy`: the release's rule, 1 when the first character inside the first `<answer>...</answer>`
@@ -20,21 +20,25 @@ Built in:
   both the ST-R1 rows and the synthetic set write in that template.
 
 A function that raises is retried one completion at a time; the completions it still raises on
-score 0 and are counted (`Scores.errors`), so a strange completion never stops a run. A broken
+score 0 and are counted (`RewardTable.errors`), so a strange completion never stops a run. A broken
 function does (`check`): one that raises on every completion of a step, or returns anything but a
 finite number or None (a string, NaN, an infinity).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import logging
 import math
 import numbers
 import re
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -108,25 +112,40 @@ REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy, "format": format_reward,
 
 
 def resolve(name: str, accuracy_rule: str = "release") -> RewardFunc:
-    """A built-in reward by name, or a function of one's own by dotted path (`package.module.function`)."""
+    """A built-in reward by name, or a function of one's own by dotted path (`package.module.function`)
+    or by file (`path/to/rewards.py:function`, no PYTHONPATH needed)."""
     if name == "accuracy":
         return functools.partial(accuracy, rule=accuracy_rule)
     if name in REWARDS:
         return REWARDS[name]
-    module, _, attr = name.rpartition(".")
+    path, by_file, attr = name.rpartition(":")
+    if not by_file:
+        path, _, attr = name.rpartition(".")
     try:
-        fn = getattr(importlib.import_module(module), attr) if module else None
-    except (ImportError, AttributeError) as e:
+        module = _module_of_file(path) if by_file else importlib.import_module(path) if path else None
+        fn = getattr(module, attr) if module else None
+    except (ImportError, AttributeError, OSError) as e:
         raise ValueError(f"reward function {name!r}: {e}") from None
     if not callable(fn):
         raise ValueError(f"reward function {name!r} is neither built in ({', '.join(REWARDS)}) nor a dotted path "
-                         "to a function")
+                         "or file:function naming a function")
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _module_of_file(path: str) -> types.ModuleType:
+    """The Python file at `path` as a module, run once (the config check and the stage share it)."""
+    if not Path(path).is_file():
+        raise OSError(f"no file {path}")
+    spec = importlib.util.spec_from_file_location(f"stjax_rewards_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def columns(samples: Sequence[Sample]) -> dict[str, list]:
-    """The records' fields as TRL passes dataset columns: one list per field."""
-    names = ("id", "answer", "solution", "options", "question", "direction", "task")
+    """Every field of the records, as TRL passes every dataset column: one list per field."""
+    names = [f.name for f in dataclasses.fields(Sample)]
     return {n: [getattr(s, n) for s in samples] for n in names}
 
 
@@ -135,7 +154,7 @@ class RewardError(RuntimeError):
 
 
 @dataclass
-class Scores:
+class RewardTable:
     values: np.ndarray  # (N, F) float64, NaN where a function said None ("does not apply")
     errors: np.ndarray  # (F,) completions each function raised on (scored 0)
     invalid: np.ndarray  # (F,) values each function returned that are neither a finite number nor None (scored 0)
@@ -143,7 +162,7 @@ class Scores:
 
 
 def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str],
-          samples: Sequence[Sample]) -> Scores:
+          samples: Sequence[Sample]) -> RewardTable:
     """Every function on every completion; one that raises is retried one completion at a time."""
     values = np.zeros((len(completions), len(funcs)))
     errors, invalid = np.zeros(len(funcs), np.int64), np.zeros(len(funcs), np.int64)
@@ -178,7 +197,7 @@ def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequ
                 problems[f] = problems[f] or f"{v!r} for sample {samples[i].id}"
                 v = 0.0
             values[i, f] = np.nan if v is None else float(v)
-    return Scores(values=values, errors=errors, invalid=invalid, problems=problems)
+    return RewardTable(values=values, errors=errors, invalid=invalid, problems=problems)
 
 
 def check(names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problems: Sequence[str], total: np.ndarray,

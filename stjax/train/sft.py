@@ -31,32 +31,34 @@ def step_function(graphdef, optim, cfg: TrainConfig, shardings: TrainState, mesh
 class SFT:
     template = "sft"
 
-    def samples_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def samples_per_step(cfg: TrainConfig) -> int:
         return cfg.batch_size
 
-    def loader_batch(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def loader_batch(cfg: TrainConfig) -> int:
         return cfg.micro_batch_size or cfg.batch_size
 
-    def updates_per_step(self, cfg: TrainConfig) -> int:
+    @staticmethod
+    def updates_per_step(cfg: TrainConfig) -> int:
         return 1
 
-    def setup(self, run: loop.Run, model, state: TrainState) -> None:
-        self.step_fn = on_mesh(step_function(run.graphdef, run.optim, run.cfg,
-                                             jax.tree.map(lambda x: x.sharding, state), run.mesh), run.mesh)
+    def __init__(self, context: loop.Context, model, state: TrainState):
+        self.context = context
+        self.step_fn = on_mesh(step_function(context.graphdef, context.optim, context.cfg,
+                                             jax.tree.map(lambda x: x.sharding, state), context.mesh), context.mesh)
 
-    def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
-        micro_batches = [next(data) for _ in range(run.cfg.accumulation)]
-        batch = global_batch(host_batch(run.model_cfg, micro_batches), run.mesh)
+    def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
+        context = self.context
+        micro_batches = [next(data) for _ in range(context.cfg.accumulation)]
+        batch = global_batch(host_batch(context.model_cfg, micro_batches), context.mesh)
         began = time.perf_counter()
-        state, metrics = self.step_fn(state, run.frozen, batch)
+        state, metrics = self.step_fn(state, context.frozen, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         seconds = time.perf_counter() - began
         metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
-        if run.peak_flops:
-            metrics["mfu"] = mfu(step_flops(run.model_cfg, batch, metrics), seconds, jax.device_count(), run.peak_flops)
+        if context.peak_flops:
+            metrics["mfu"] = mfu(step_flops(context.model_cfg, batch, metrics), seconds, jax.device_count(),
+                                 context.peak_flops)
         return state, metrics
 
-
-def run(cfg: TrainConfig) -> dict:
-    """The SFT stage on the shared loop (`stjax.train.loop.run`)."""
-    return loop.run(cfg, SFT())
