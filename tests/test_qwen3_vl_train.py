@@ -98,7 +98,7 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     from stjax.data import qwen3_vl
     from stjax.data.formats import read_plain_jsonl
     from stjax.data.processor import Processor
-    from stjax.train.grpo import batch_logps, grpo_update
+    from stjax.train.rl.learner import batch_logps, grpo_update
     from stjax.train.lora import with_lora
     from stjax.train.step import OptimConfig, init_state
 

@@ -255,8 +255,8 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     epochs = max(cfg.epochs, math.ceil(steps * per_step / len(samples)))
     loader = make_loader(samples, processor, LoaderConfig(
         batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
-        shuffle=data_cfg.shuffle, num_workers=data_cfg.num_workers, template=data_cfg.template or stage.template,
-        token_buckets=data_cfg.token_buckets, patch_buckets=data_cfg.patch_buckets, image_patch_buckets=(0,),
+        shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, template=cfg.data.template or stage.template,
+        token_buckets=cfg.data.token_buckets, patch_buckets=cfg.data.patch_buckets, image_patch_buckets=(0,),
         videos_per_sample=1, images_per_sample=0))
     data = iter(loader)
 
