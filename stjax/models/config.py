@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from stjax.models.rope import RopeSpec
+from stjax.settings import ConfigError
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
 QUANTIZE_TARGETS = ("lora", "all")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
-class ConfigError(ValueError):
-    """A config file that cannot describe a supported model."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The embedded default model: a tiny random Qwen-VL matching a locally built tokenizer.
 
-The demo, the trainer (no `model.init`) and the evaluator (no `--model`) use it so that every path
+The demo, the trainer (no `model.model_name_or_path`) and the evaluator (no `--model`) use it so that every path
 runs with nothing downloaded.
 """
 

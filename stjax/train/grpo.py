@@ -471,10 +471,11 @@ class GRPO:
         completion_mask = np.arange(tokens.shape[1]) < lengths[:, None]
         if g.mask_truncated_completions:  # a completion cut at the length limit weighs nothing
             completion_mask &= ~truncated[:, None]
-        micro = len(tokens) // run.cfg.accumulation * jax.process_count()  # rows of a micro-batch, all processes
+        # rows of a micro-batch, all processes
+        micro = len(tokens) // run.cfg.gradient_accumulation_steps * jax.process_count()
         shards = micro // batch_sharding(run.mesh, (micro,)).shard_shape((micro,))[0]  # as `global_batch` places them
         host = update_batch(prompts, starts, tokens, lengths, completion_mask, advantages_all[mine], g.num_generations,
-                            run.cfg.accumulation, shards)
+                            run.cfg.gradient_accumulation_steps, shards)
         batch = global_batch(host, run.mesh)
         if self.reference is not None:
             batch = batch.replace(ref_logp=self.logps_fn(self.reference, run.frozen, batch))
@@ -518,7 +519,7 @@ class GRPO:
 
     def log_completions(self, step: int, groups: list[Sample], texts: list[str], values: np.ndarray,
                         total: np.ndarray, names: Sequence[str], count: int) -> None:
-        """A few completions with their rewards, appended to <out_dir>/completions.jsonl."""
+        """A few completions with their rewards, appended to <output_dir>/completions.jsonl."""
         with AppendLog(self.completions_log, autoflush=False) as f:
             for i in range(min(count, len(texts))):
                 scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values[i])}
@@ -529,20 +530,20 @@ class GRPO:
 
 def cold_start(cfg: TrainConfig) -> TrainConfig:
     """The embedded default's starting point: the SFT cold start as `--stage sft` makes it (under
-    <out_dir>/sft, made when missing), and its synthetic set."""
-    out = Path(cfg.out_dir) / "sft"
+    <output_dir>/sft, made when missing), and its synthetic set."""
+    out = Path(cfg.output_dir) / "sft"
     if not (out / "hf" / "config.json").exists():
-        sft.run(config.load(None, [], config.EMBEDDED["sft"], stage="sft", out_dir=str(out), seed=cfg.seed,
+        sft.run(config.load(None, [], config.EMBEDDED["sft"], stage="sft", output_dir=str(out), seed=cfg.seed,
                             model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks,
                                                                     "synthetic_tasks": list(cfg.data.synthetic_tasks)}))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(out / "hf")),
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_name_or_path=str(out / "hf")),
                                data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")))
 
 
 def run(cfg: TrainConfig) -> dict:
-    """The GRPO stage on the shared loop (`stjax.train.loop.run`); with no model.init, from the
-    embedded SFT cold start."""
-    if not cfg.model.init and cfg.data.format == "synthetic":
+    """The GRPO stage on the shared loop (`stjax.train.loop.run`); with no model.model_name_or_path, from
+    the embedded SFT cold start."""
+    if not cfg.model.model_name_or_path and cfg.data.format == "synthetic":
         d = cfg.distributed
         distributed.initialize(d.coordinator, d.num_processes, d.process_id)
         config.check(cfg, jax.device_count(), jax.process_count())  # errors before the cold start's work

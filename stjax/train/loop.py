@@ -40,7 +40,7 @@ from stjax.models.tiny import tiny_model_dir
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, check, check_out_dir
+from stjax.train.config import ConfigError, TrainConfig, check, check_output_dir
 from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_state_shardings
@@ -71,7 +71,7 @@ def tokenizer_dir(cfg: TrainConfig, out: Path) -> Path:
     if d.format == "synthetic" and not d.tokenizer:
         return Path(d.path or out / "data") / "tokenizer"
     key, name, revision = ("data.tokenizer", d.tokenizer, None) if d.tokenizer else \
-        ("model.init", cfg.model.init, cfg.model.revision or None)
+        ("model.model_name_or_path", cfg.model.model_name_or_path, cfg.model.revision or None)
     try:
         return resolve_model_dir(name, revision)
     except ModelNotFoundError as e:
@@ -104,24 +104,24 @@ def data_file(cfg: TrainConfig, out: Path) -> Path:
 
 
 def model_source(cfg: TrainConfig) -> str | Path:
-    """model.init as a preset's name (random weights of its shape) or a model directory (a hub id
+    """model.model_name_or_path as a preset's name (random weights of its shape) or a model directory (a hub id
     resolved through the local cache)."""
     m = cfg.model
-    if not Path(m.init).is_dir() and (PRESETS_DIR / f"{m.init}.json").exists():
-        return m.init
+    if not Path(m.model_name_or_path).is_dir() and (PRESETS_DIR / f"{m.model_name_or_path}.json").exists():
+        return m.model_name_or_path
     try:
-        return resolve_model_dir(m.init, m.revision or None)
+        return resolve_model_dir(m.model_name_or_path, m.revision or None)
     except ModelNotFoundError as e:
-        raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
+        raise ConfigError(f"model.model_name_or_path: {e}; nor is it a preset in {PRESETS_DIR}") from None
 
 
 def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> QwenVLForConditionalGeneration:
-    """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
+    """The base model on the mesh, with fresh LoRA adapters when `lora.r` > 0."""
     m, lora = cfg.model, cfg.lora
-    policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    policy = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.gradient_checkpointing)
     quantization = dict(quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets,
-                        double_quant=lora.double_quant, lora_targets=tuple(lora.targets))
-    if m.init:
+                        double_quant=lora.double_quant, lora_targets=tuple(lora.target_modules))
+    if m.model_name_or_path:
         source = model_source(cfg)
     else:  # the embedded default: a tiny random model for the tokenizer, made once
         source = out / "base-model"
@@ -135,15 +135,16 @@ def prepare_model(cfg: TrainConfig, out: Path, tokenizer: Path, mesh: Mesh) -> Q
             model = shard_model(model, mesh)
     else:
         model, _ = load_pretrained(source, dtype=m.param_dtype, mesh=mesh, **policy, **quantization)
-    if lora.rank:
-        model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
+    if lora.r:
+        model = shard_model(with_lora(model, lora.r, lora.lora_alpha, lora.target_modules, cfg.seed, lora.lora_dropout),
+                            mesh)
     return model
 
 
 def check_tokenizer_early(cfg: TrainConfig, tokenizer: Path) -> None:
-    """`check_tokenizer` on model.init's config.json (small files), before the large model is built; the
+    """`check_tokenizer` on model.model_name_or_path's config.json (small files), before the large model is built; the
     embedded default's model is made for its tokenizer."""
-    if cfg.model.init:
+    if cfg.model.model_name_or_path:
         check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(model_source(cfg)))
 
 
@@ -232,15 +233,15 @@ class Stage(Protocol):
 
 def run(cfg: TrainConfig, stage: Stage) -> dict:
     """Train as configured; returns the summary. Raises ConfigError before compiling anything."""
-    check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
+    check_output_dir(cfg)  # a gs:// output_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     mesh = make_mesh(check(cfg, jax.device_count(), jax.process_count()))
-    out = as_path(cfg.out_dir)
-    lock = rundir.lock(out)  # a second run on out_dir is refused
+    out = as_path(cfg.output_dir)
+    lock = rundir.lock(out)  # a second run on output_dir is refused
     rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg, out)
-    source = model_source(cfg) if cfg.model.init else None
+    source = model_source(cfg) if cfg.model.model_name_or_path else None
     rundir.check_inputs(out, data_file(cfg, out), source if isinstance(source, Path) else None)
     tokenizer = tokenizer_dir(cfg, out)
     check_tokenizer_early(cfg, tokenizer)
@@ -255,14 +256,15 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
-    steps = cfg.steps or len(samples) * cfg.epochs // per_step
+    steps = cfg.max_steps or len(samples) * cfg.num_train_epochs // per_step
     if steps == 0:
-        raise ConfigError(f"{len(samples)} samples x {cfg.epochs} epochs do not fill one step of {per_step}")
-    epochs = max(cfg.epochs, math.ceil(steps * per_step / len(samples)))
+        raise ConfigError(f"{len(samples)} samples x {cfg.num_train_epochs} epochs do not fill one step of {per_step}")
+    epochs = max(cfg.num_train_epochs, math.ceil(steps * per_step / len(samples)))
     loader = make_loader(samples, processor, LoaderConfig(
         batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
-        shuffle=d.shuffle, num_workers=d.num_workers, template=d.template or stage.template, token_buckets=d.token_buckets,
-        patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1, images_per_sample=0))
+        shuffle=d.shuffle, num_workers=d.dataloader_num_workers, template=d.template or stage.template,
+        token_buckets=d.token_buckets, patch_buckets=d.patch_buckets, image_patch_buckets=(0,), videos_per_sample=1,
+        images_per_sample=0))
     data = iter(loader)
 
     updates = steps * stage.updates_per_step(cfg)
@@ -270,7 +272,8 @@ def run(cfg: TrainConfig, stage: Stage) -> dict:
     graphdef, trainable, frozen = split_trainable(model)
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del trainable  # the state holds the trained copies
-    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit,
+                               cfg.checkpoint.async_save)
     start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
         state = restored

@@ -35,7 +35,7 @@ class SFT:
         return cfg.batch_size
 
     def loader_batch(self, cfg: TrainConfig) -> int:
-        return cfg.micro_batch_size or cfg.batch_size
+        return cfg.micro_batch
 
     def updates_per_step(self, cfg: TrainConfig) -> int:
         return 1
@@ -45,7 +45,7 @@ class SFT:
                                              jax.tree.map(lambda x: x.sharding, state), run.mesh), run.mesh)
 
     def step(self, run: loop.Run, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
-        micro_batches = [next(data) for _ in range(run.cfg.accumulation)]
+        micro_batches = [next(data) for _ in range(run.cfg.gradient_accumulation_steps)]
         batch = global_batch(host_batch(run.model_cfg, micro_batches), run.mesh)
         began = time.perf_counter()
         state, metrics = self.step_fn(state, run.frozen, batch)
