@@ -5,7 +5,7 @@ A setting is a dataclass field made by `setting(default, help, choices=..., leas
 and allowed values live in the field's metadata, the one place that `--help` (`help_lines`), the check
 of allowed values and ranges (`check_fields`) and the README's tables read them from. A config is a
 tree of such dataclasses ("sections"); `from_dict` fills it from YAML, refusing unknown keys, and
-names the new key when a renamed one is given.
+names the new key when a renamed one is given (`hints`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tupl
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _listed(values: tuple, sep: str) -> str:
+    return sep.join(repr(v) if v == "" else str(v) for v in values)
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
@@ -45,8 +49,7 @@ def help_lines(cls: type, prefix: str = "", sep: str = ".") -> Iterator[str]:
             yield from help_lines(type(default), f"{prefix}{f.name}{sep}", sep)
             continue
         meta = f.metadata
-        shown_choices = (repr(c) if c == "" else str(c) for c in meta.get("choices", ()))
-        allowed = f" (one of {' | '.join(shown_choices)})" if meta.get("choices") else ""
+        allowed = f" (one of {_listed(meta['choices'], ' | ')})" if meta.get("choices") else ""
         least = f" (>= {meta['least']})" if meta.get("least") is not None else ""
         shown = list(default) if isinstance(default, tuple) else default
         yield f"  {prefix}{f.name} = {shown!r}: {meta.get('help', '')}{allowed}{least}"
@@ -77,18 +80,18 @@ def check_fields(section: Any, prefix: str = "") -> None:
         bad = [v for v in items if v not in allowed] if allowed else []
         if bad:
             shown = value if isinstance(value, str) else bad[0]
-            raise ConfigError(f"{key}={shown!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{key}={shown!r} is not one of {_listed(allowed, ', ')}")
         least = meta.get("least")
         if least is not None and any(v is not None and v < least for v in items):
             raise ConfigError(f"{key}={value} must be >= {least}")
 
 
-def _coerce(value: Any, kind: Any, key: str, meta: dict, renamed: dict[str, str]) -> Any:
+def _coerce(value: Any, kind: Any, key: str, meta: dict, hints: dict[str, str]) -> Any:
     """A YAML value as the field's type (ints for floats, lists for tuples), or a ConfigError."""
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a section; give it a mapping, not {value!r}")
-        return from_dict(kind, value, key + ".", renamed)
+        return from_dict(kind, value, key + ".", hints)
     aliases = meta.get("aliases") or {}
     if not isinstance(value, (list, dict)) and value in aliases:
         return aliases[value]
@@ -101,7 +104,7 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, renamed: dict[str, str]
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} takes a list, got {value!r}")
-        return origin(_coerce(v, args[0], key, {}, renamed) for v in value)
+        return origin(_coerce(v, args[0], key, {}, hints) for v in value)
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):
@@ -114,18 +117,18 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, renamed: dict[str, str]
     return value
 
 
-def from_dict(cls: type, values: dict, prefix: str = "", renamed: dict[str, str] | None = None) -> Any:
+def from_dict(cls: type, values: dict, prefix: str = "", hints: dict[str, str] | None = None) -> Any:
     """The dataclass `cls` from a (nested) mapping. An unknown key is an error that lists the known ones;
-    a key in `renamed` (dotted, old -> hint) is an error that names its new key."""
-    renamed = renamed or {}
-    hints = get_type_hints(cls)
+    a key in `hints` (dotted: a renamed key, or another tool's) is an error that says what to type instead."""
+    hints = hints or {}
     known = {f.name: f for f in fields(cls)}
     for key in sorted(set(values) - set(known)):
-        if prefix + key in renamed:
-            raise ConfigError(f"`{prefix}{key}` is now {renamed[prefix + key]}")
+        if prefix + key in hints:
+            raise ConfigError(f"`{prefix}{key}` {hints[prefix + key]}")
         raise ConfigError(f"unknown config key {prefix}{key}; {prefix or 'the top level '}takes "
                           f"{', '.join(sorted(known))}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k, known[k].metadata, renamed) for k, v in values.items()})
+    types = get_type_hints(cls)
+    return cls(**{k: _coerce(v, types[k], prefix + k, known[k].metadata, hints) for k, v in values.items()})
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

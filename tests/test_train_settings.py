@@ -15,7 +15,7 @@ import stjax.settings
 from stjax.models.attention import BACKENDS
 from stjax.train import config as train_config
 from stjax.train.__main__ import main as train_main
-from stjax.train.config import RENAMED, STAGES, ConfigError, TrainConfig
+from stjax.train.config import HINTS, RENAMED, STAGES, ConfigError, TrainConfig
 
 
 def keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
@@ -50,23 +50,23 @@ def test_help_describes_every_setting_with_its_allowed_values():
     assert described["grpo.beta"].startswith(field.metadata["help"])
 
 
-@pytest.mark.parametrize("old", sorted(RENAMED))
-def test_an_old_name_is_refused_with_its_new_one(tmp_path, old):
+@pytest.mark.parametrize("old", sorted(HINTS))
+def test_an_old_or_trl_name_is_refused_with_what_to_type(tmp_path, old):
     *section, name = old.split(".")
-    with pytest.raises(ConfigError, match=rf"^`{re.escape(old)}` is now `") as error:
+    with pytest.raises(ConfigError, match=rf"^`{re.escape(old)}` {re.escape(HINTS[old])}$") as error:
         train_config.load(None, [f"{old}=1"])
     assert "\n" not in str(error.value)
     path = tmp_path / "old.yaml"
     path.write_text(f"{section[0]}:\n  {name}: 1\n" if section else f"{name}: 1\n")
-    with pytest.raises(ConfigError, match=rf"^`{re.escape(old)}` is now "):
+    with pytest.raises(ConfigError, match=rf"^`{re.escape(old)}` {re.escape(HINTS[old])}$"):
         train_config.load(path)
 
 
 def test_the_renames_name_existing_keys_and_the_hints_say_what_to_type():
     assert str(pytest.raises(ConfigError, train_config.load, None, ["steps=3"]).value) == "`steps` is now `max_steps`"
-    for old, hint in RENAMED.items():
-        new = re.match(r"`([a-z_.0-9]+)`", hint).group(1)
-        assert new in keys(), (old, new)
+    assert HINTS["micro_batch_size"] == "is now `gradient_accumulation_steps` (= batch_size / micro_batch_size)"
+    assert "`batch_size`, the global batch" in HINTS["per_device_train_batch_size"]
+    assert all(new in keys() for new in RENAMED.values())
     assert train_config.load(None, ["batch_size=8", "gradient_accumulation_steps=4"]).micro_batch == 2
 
 

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (YAML keys, or --set key=value): default, meaning and allowed values\n"
                + "\n".join(help_lines(TrainConfig)))
-    parser.add_argument("--stage", choices=list(STAGES), help="training stage (default: the config's, else sft)")
+    parser.add_argument("--stage", choices=list(STAGES),
+                        help="training stage (default: the config's, else sft; a config naming another is refused)")
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")

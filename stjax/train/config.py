@@ -15,11 +15,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from stjax.data.formats import TASKS
+from stjax.data.processor import Template
 from stjax.data.video import SECOND_PER_GRID
 from stjax.io import OutputError, as_path, is_remote
 from stjax.models.attention import BACKENDS
@@ -33,20 +34,22 @@ from stjax.train.step import OptimConfig
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16")
-TEMPLATES = ("", "sft", "grpo", "problem", "seed_mcq")
+TEMPLATES = ("",) + get_args(Template)  # "": the stage's own
 
 # Keys renamed to the names TRL / transformers / PEFT users type: the old ones are refused with the new name.
-RENAMED = {"out_dir": "`output_dir`", "steps": "`max_steps`", "epochs": "`num_train_epochs`",
-           "micro_batch_size": "`gradient_accumulation_steps` (= batch_size / micro_batch_size)",
-           "model.init": "`model.model_name_or_path`", "model.remat": "`model.gradient_checkpointing`",
-           "lora.rank": "`lora.r`", "lora.alpha": "`lora.lora_alpha`", "lora.dropout": "`lora.lora_dropout`",
-           "lora.targets": "`lora.target_modules`", "data.num_workers": "`data.dataloader_num_workers`",
-           "optim.b1": "`optim.adam_beta1`", "optim.b2": "`optim.adam_beta2`", "optim.eps": "`optim.adam_epsilon`",
-           "checkpoint.every": "`checkpoint.save_steps`", "checkpoint.keep": "`checkpoint.save_total_limit`"}
-# TRL keys whose meaning stjax holds otherwise: refused with where that meaning lives.
-for _key in ("per_device_train_batch_size", "train_batch_size"):
-    RENAMED[_key] = ("`batch_size`, the global batch: per_device_train_batch_size x data x fsdp devices x "
-                     "gradient_accumulation_steps")
+RENAMED = {"out_dir": "output_dir", "steps": "max_steps", "epochs": "num_train_epochs",
+           "micro_batch_size": "gradient_accumulation_steps",
+           "model.init": "model.model_name_or_path", "model.remat": "model.gradient_checkpointing",
+           "lora.rank": "lora.r", "lora.alpha": "lora.lora_alpha", "lora.dropout": "lora.lora_dropout",
+           "lora.targets": "lora.target_modules", "data.num_workers": "data.dataloader_num_workers",
+           "optim.b1": "optim.adam_beta1", "optim.b2": "optim.adam_beta2", "optim.eps": "optim.adam_epsilon",
+           "checkpoint.every": "checkpoint.save_steps", "checkpoint.keep": "checkpoint.save_total_limit"}
+HINTS = {old: f"is now `{new}`" for old, new in RENAMED.items()}
+HINTS["micro_batch_size"] += " (= batch_size / micro_batch_size)"
+# TRL keys whose meaning a stjax key holds otherwise: refused with where that meaning lives.
+HINTS |= {key: "is TRL's per-device batch; stjax takes `batch_size`, the global batch (per_device_train_batch_size "
+               "x data x fsdp devices x gradient_accumulation_steps)"
+          for key in ("per_device_train_batch_size", "train_batch_size")}
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | No
 
 def parse(values: dict) -> TrainConfig:
     """A TrainConfig from a nested mapping (a YAML file's, or a run's config.json)."""
-    return from_dict(TrainConfig, values, renamed=RENAMED)
+    return from_dict(TrainConfig, values, hints=HINTS)
 
 
 def check(cfg: TrainConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
