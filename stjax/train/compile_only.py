@@ -1,7 +1,7 @@
 """The programs a training run compiles, built from its config alone for `--compile-only`
 (`stjax.compile_only`): SFT's step; GRPO's rollout (prefill and decoding), reference and old-policy
 log-probs, and update. Shapes are the config's largest: the longest token bucket, the largest video
-`data.num_frames` and `data.max_pixels` admit, the micro-batch of `micro_batch_size`.
+`data.num_frames` and `data.max_pixels` admit, the micro-batch of `batch_size / gradient_accumulation_steps`.
 """
 
 from __future__ import annotations
