@@ -136,3 +136,18 @@ def test_the_evaluator_explains_every_option_and_reads_yaml_as_training_does(tmp
     config.write_text("max_new_tokens: many\n")
     with pytest.raises(SystemExit, match=r"eval.yaml: max_new_tokens takes a int, got 'many'$"):
         parse_config(["--config", str(config)])
+
+
+@pytest.mark.parametrize("config", ["configs/sft/tiny-cpu.yaml", "configs/grpo/tiny-cpu.yaml"])
+def test_the_single_node_launcher_runs_the_configs_stage(config):
+    """The launcher hands the config over as it is (no stage of its own): PYTHON=echo prints the command."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": "echo", "XLA_CLIENT_MEM_FRACTION": "0.9"}
+    result = subprocess.run(["bash", "launch/h100_single_node.sh", config, "--set", "max_steps=1"], cwd=root, env=env,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["-m", "stjax.train", "--config", config, "--set", "max_steps=1"]
+    assert "the config's stage (SFT or GRPO)" in (root / "launch/h100_single_node.sh").read_text()
