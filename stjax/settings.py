@@ -2,10 +2,10 @@
 allowed values and a resume guard.
 
 A setting is a dataclass field made by `setting(default, help, choices=..., least=...)`. Its help line
-and allowed values live in the field's metadata, the one place that `--help` (`help_lines`), the check
-of allowed values and ranges (`check_fields`) and the README's tables read them from. A config is a
-tree of such dataclasses ("sections"); `from_dict` fills it from YAML, refusing unknown keys, and
-names the new key when a renamed one is given (`hints`).
+and allowed values live in the field's metadata, the one place that `--help` (`help_lines`) and the
+check of allowed values and ranges (`check_fields`) read them from. A config is a tree of such
+dataclasses ("sections"); `from_dict` fills it from YAML, refusing unknown keys, and says what to type
+instead of a renamed key (`hints`). `changed` is the resume guard's comparison.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def help_lines(cls: type, prefix: str = "", sep: str = ".") -> Iterator[str]:
+def help_lines(cls: type, prefix: str = "") -> Iterator[str]:
     """'key = default: meaning (one of a | b)' for every setting of a config tree, sections flattened."""
     for f in fields(cls):
         default = _default(f)
         if dataclasses.is_dataclass(default):
-            yield from help_lines(type(default), f"{prefix}{f.name}{sep}", sep)
+            yield from help_lines(type(default), f"{prefix}{f.name}.")
             continue
         meta = f.metadata
         allowed = f" (one of {_listed(meta['choices'], ' | ')})" if meta.get("choices") else ""
