@@ -120,7 +120,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = hf_model(cfg, dtype=getattr(torch, args.dtype)).to(device)
     ref.set_attn_implementation(args.torch_attention)
-    args.size = args.size or (384 if qwen3 else 336)
+    args.size = args.size or (384 if cfg.model_type == "qwen3_vl" else 336)
     grid = args.size // cfg.vision.patch_size
     prompt = [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]]
     if cfg.model_type == "qwen3_vl":  # the processor's layout and transformers' own position ids

@@ -198,8 +198,8 @@ class TorchStep:
         self.params = [p for p in ref.parameters() if p.requires_grad]
         self.count = sum(p.numel() for p in self.params)
         impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
-        self.opt = torch.optim.AdamW(self.params, lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
-                                     weight_decay=optim.weight_decay, **impl)
+        self.opt = torch.optim.AdamW(self.params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
+                                     eps=optim.adam_epsilon, weight_decay=optim.weight_decay, **impl)
         # the same warmup + cosine schedule, tabulated once (no JAX work inside the timed step)
         lrs = np.asarray(optim.schedule()(np.arange(optim.total_steps + 1)), np.float64) / optim.learning_rate
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: float(lrs[min(step, len(lrs) - 1)]))

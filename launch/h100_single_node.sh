@@ -6,8 +6,8 @@
 #   launch/h100_single_node.sh configs/sft/qwen2.5-vl-7b-h100x8.yaml --set optim.learning_rate=2e-5
 #   launch/h100_single_node.sh configs/grpo/qwen2.5-vl-7b-h100x8.yaml   # GRPO from the SFT run's export
 #
-# Run it from the repository root (the configs' relative paths, out_dir included, are relative to
-# the working directory). Rerunning the same command resumes from the latest checkpoint in out_dir.
+# Run it from the repository root (the configs' relative paths, output_dir included, are relative to
+# the working directory). Rerunning the same command resumes from the latest checkpoint in output_dir.
 # On SIGTERM the run finishes its step, saves a checkpoint and exits with code 143; `exec` below
 # makes python this script's process, so a signal sent to the script reaches it.
 # launch/slurm_multinode.sbatch runs this script once per node.

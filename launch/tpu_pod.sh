@@ -28,7 +28,8 @@
 #
 # The stage (SFT or GRPO), the attention backend (model.attention) and everything else come from the
 # config; the one override given before yours (a later --set of the same key wins) is mesh=$MESH.
-# micro_batch_size must be a multiple of data x fsdp (every chip for fsdp=-1) and of the number of hosts.
+# The micro-batch (batch_size / gradient_accumulation_steps) must be a multiple of data x fsdp (every chip
+# for fsdp=-1) and of the number of hosts.
 #
 # Peers: every worker reads the slice's worker list and its own number from the metadata server
 # (what jax's own Cloud TPU detection reads) and, on a multi-host slice, exports
@@ -37,25 +38,25 @@
 # stjax detects SLURM and the TPU_WORKER_HOSTNAMES variable of GKE, which a Compute Engine TPU VM
 # does not set.)
 #
-# out_dir (the config's) must be one place every worker sees and that outlives the VMs: a gs://
+# output_dir (the config's) must be one place every worker sees and that outlives the VMs: a gs://
 # bucket (stjax writes metrics, settings, TensorBoard, checkpoints and the export there through
 # etils.epath; the `gcs` extra installs gcsfs), or a Filestore / NFS mount. Inputs are read locally:
-# model.init and data.path must be on every worker (or on a shared mount).
+# model.model_name_or_path and data.path must be on every worker (or on a shared mount).
 #
-# SFT -> GRPO on one pod: run the SFT config (out_dir gs://BUCKET/runs/sft); its end-of-run export,
+# SFT -> GRPO on one pod: run the SFT config (output_dir gs://BUCKET/runs/sft); its end-of-run export,
 # adapters merged, is gs://BUCKET/runs/sft/hf. Copy it to every worker, then run the GRPO config
-# with model.init pointing at the copy:
+# with model.model_name_or_path pointing at the copy:
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all \
 #     --command 'gcloud storage cp -r gs://BUCKET/runs/sft/hf stjax/runs/sft-hf'
-#   launch/tpu_pod.sh configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml --set model.init=runs/sft-hf
-# (the GRPO run's out_dir must be another directory: each stage has its own.)
+#   launch/tpu_pod.sh configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml --set model.model_name_or_path=runs/sft-hf
+# (the GRPO run's output_dir must be another directory: each stage has its own.)
 #
 # Preemption: a preempted VM is shut down after a short notice (Compute Engine VMs get about 30 s)
 # and the shutdown sends SIGTERM to the training processes, which save a checkpoint and exit with
 # code 143 if the save completes in time; otherwise the latest periodic save (checkpoint.every)
 # is the restart point, so keep that interval short on preemptible capacity. Once the TPU is back
 # (recreated, or a queued resource granted again), rerun the same command: it resumes from the
-# latest checkpoint in out_dir. Losing this ssh session also ends the run: launch from a machine
+# latest checkpoint in output_dir. Losing this ssh session also ends the run: launch from a machine
 # that stays up (tmux, screen).
 set -euo pipefail
 

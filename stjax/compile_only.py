@@ -351,7 +351,7 @@ def is_float(x) -> bool:
 
 
 def model_config(init: str, arch: str = "qwen2_vl", **changes) -> QwenVLConfig:
-    """The model config a run's `model.init` names, without its weights: a preset, a model directory
+    """The model config a run's `model.model_name_or_path` names, without its weights: a preset, a model directory
     that exists here, else the preset whose name the id or path contains (Qwen/Qwen2.5-VL-7B-Instruct,
     runs/sft-qwen2.5-vl-7b/hf -> qwen2.5-vl-7b); empty, the embedded default's tiny model."""
     if not init:
@@ -361,8 +361,8 @@ def model_config(init: str, arch: str = "qwen2_vl", **changes) -> QwenVLConfig:
     else:
         name = next((p for p in sorted(presets(), key=len, reverse=True) if p in init.lower()), None)
         if name is None:
-            raise ModelConfigError(f"model.init={init!r} is not here and names no preset ({', '.join(presets())});"
-                                   " compile with --set model.init=PRESET")
+            raise ModelConfigError(f"model.model_name_or_path={init!r} is not here and names no preset "
+                                   f"({', '.join(presets())}); compile with --set model.model_name_or_path=PRESET")
     return QwenVLConfig.from_file(name).replace(**changes)
 
 

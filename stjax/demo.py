@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     start = time.perf_counter()
-    cfg = load(None, [], EMBEDDED["grpo"], stage="grpo", out_dir=str(out / "grpo"), seed=args.seed,
+    cfg = load(None, [], EMBEDDED["grpo"], stage="grpo", output_dir=str(out / "grpo"), seed=args.seed,
                model={"arch": args.arch})
     print("[1-3/4] synthetic set, SFT cold start, GRPO (python -m stjax.train --stage grpo, embedded default)")
     models, seconds = train(out, cfg)

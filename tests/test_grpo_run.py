@@ -20,7 +20,7 @@ STEPS = 6
 # The built-in rewards are all 0 for a random tiny model; distinct_characters tells its completions apart, so the
 # advantages are not 0 and the policy-gradient term carries the completions.
 DISTINCT = "test_grpo_rewards.distinct_characters"
-GRPO = {"steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
+GRPO = {"max_steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
         "grpo.beta": 0.1, "grpo.reward_funcs": f"[accuracy, format, reverse_thinking, {DISTINCT}]",
         "grpo.reward_weights": "[]",  # all 1 (the embedded default weighs its own two rewards)
         "optim.learning_rate": 1e-2, "grpo.log_completions_steps": 2}
@@ -73,12 +73,12 @@ def test_a_run_logs_what_a_user_watches(uninterrupted):
 
 
 def test_sigterm_and_the_rerun_give_the_uninterrupted_runs_steps_bit_for_bit(assets, uninterrupted, tmp_path):
-    proc = run_grpo(tmp_path, assets, **{"checkpoint.every": 2})
+    proc = run_grpo(tmp_path, assets, **{"checkpoint.save_steps": 2})
     wait_for(lambda: logged_steps(tmp_path) >= 3, proc, timeout=900)
     proc.send_signal(signal.SIGTERM)
     assert "stopped by SIGTERM" in finish(proc, expect=loop.PREEMPTED_EXIT_CODE)
     assert logged_steps(tmp_path) < STEPS
-    finish(run_grpo(tmp_path, assets, **{"checkpoint.every": 2}))
+    finish(run_grpo(tmp_path, assets, **{"checkpoint.save_steps": 2}))
     assert per_step(tmp_path) == per_step(uninterrupted)
     logged = lambda out: (out / "completions.jsonl").read_text().splitlines()
     assert logged(tmp_path) == logged(uninterrupted)  # each logged step once, the same completions
@@ -90,7 +90,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
     tells them apart, to 1e-6: summed in another order) and the same losses (1e-5)."""
     user = DISTINCT
     single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", env=TESTS_PATH, **{
-        **GRPO, "steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch",
+        **GRPO, "max_steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch",
         "grpo.reward_funcs": f"[accuracy, format, {user}]"})
     a, b = per_step(single), per_step(multi)
     tells_apart = lambda out: losses(out, f"rewards/{user}/mean")
@@ -108,16 +108,16 @@ OTHER_OPTIONS = {
     # reference is the base with the adapters off), a user's reward (by dotted path) that raises on some completions
     "dapo": {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
              "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
-             "grpo.reward_funcs": "[accuracy, test_grpo_rewards.raises_on_odd_length]", "steps": 3,
-             "lora.rank": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"},
+             "grpo.reward_funcs": "[accuracy, test_grpo_rewards.raises_on_odd_length]", "max_steps": 3,
+             "lora.r": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"},
     # no reference model (beta 0), LoRA over an int8 base, sampling at 0.7 with top_k and top_p, 2 micro-batches,
     # weighted rewards, the evaluator's accuracy rule
-    "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0, "lora.rank": 4, "lora.quantize_base": "int8",
-             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "micro_batch_size": 2,
+    "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0, "lora.r": 4, "lora.quantize_base": "int8",
+             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "gradient_accumulation_steps": 2,
              "grpo.reward_funcs": f"[accuracy, format, {DISTINCT}]", "grpo.reward_weights": "[1.0, 0.5, 2.0]",
-             "grpo.accuracy_rule": "default", "steps": 2},
+             "grpo.accuracy_rule": "default", "max_steps": 2},
     "cispo": {"grpo.loss_type": "cispo", "grpo.num_iterations": 2, "grpo.epsilon_high": 2.0,
-              "grpo.scale_rewards": "batch", "steps": 2},
+              "grpo.scale_rewards": "batch", "max_steps": 2},
 }
 
 
@@ -131,7 +131,7 @@ def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path, los
     changes = OTHER_OPTIONS[loss_type]
     finish(run_grpo(tmp_path, assets, devices=2, **{"mesh": "fsdp=2", "batch_size": 4, **changes}))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, changes["steps"] + 1))
+    assert [r["step"] for r in records] == list(range(1, changes["max_steps"] + 1))
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
     # a gradient wherever a completion weighs in: with truncated completions masked (a random model rarely
     # ends one within 8 tokens), a step whose completions were all cut has none
@@ -152,6 +152,6 @@ def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path, los
 ])
 def test_config_errors_come_before_any_loading(assets, tmp_path, monkeypatch, changes, message):
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
-    values = {**GRPO, "out_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}
+    values = {**GRPO, "output_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}
     with pytest.raises(ConfigError, match=message):
         stages.train(train_config.load(None, [f"{k}={v}" for k, v in values.items()], stage="grpo"))

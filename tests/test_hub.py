@@ -101,15 +101,15 @@ def test_evaluator_takes_a_hub_id(offline_cache, models):
 
 
 def test_trainer_takes_a_hub_id(offline_cache, models, tmp_path):
-    cfg = TrainConfig(model=ModelSection(init=REPO, revision="v1"), data=DataSection(format="plain", path="x.jsonl"))
+    cfg = TrainConfig(model=ModelSection(model_name_or_path=REPO, revision="v1"), data=DataSection(format="plain", path="x.jsonl"))
     tokenizer = loop.tokenizer_dir(cfg)
     assert tokenizer == offline_cache / "models--stjax-test--tiny-vl" / "snapshots" / V1
     model = loop.prepare_model(cfg, make_mesh())
     assert same_weights(model, load_pretrained(models[1])[0])
-    missing = TrainConfig(model=ModelSection(init="stjax-test/nope"), data=DataSection(format="plain", path="x"))
-    with pytest.raises(ConfigError, match="model.init: stjax-test/nope: no such directory"):
+    missing = TrainConfig(model=ModelSection(model_name_or_path="stjax-test/nope"), data=DataSection(format="plain", path="x"))
+    with pytest.raises(ConfigError, match="model.model_name_or_path: stjax-test/nope: no such directory"):
         loop.tokenizer_dir(missing)
-    with pytest.raises(ConfigError, match="model.init: stjax-test/nope: .*; nor is it a preset"):
+    with pytest.raises(ConfigError, match="model.model_name_or_path: stjax-test/nope: .*; nor is it a preset"):
         loop.prepare_model(missing, make_mesh())
 
 

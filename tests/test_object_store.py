@@ -78,14 +78,14 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     from stjax.train.export import export_checkpoint
 
     out = "gs://bucket/runs/sft"
-    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.every": 1, "checkpoint.export_hf": "true",
+    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.save_steps": 1, "checkpoint.export_hf": "true",
                "report_to": "[tensorboard]"}
-    cfg = train_config.load(None, settings(out, assets, steps=2, **changes))
+    cfg = train_config.load(None, settings(out, assets, max_steps=2, **changes))
     stages.train(cfg)
     records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
     assert json.loads(read(f"{out}/summary.json"))["steps"] == 2
-    assert json.loads(read(f"{out}/config.json"))["out_dir"] == out
+    assert json.loads(read(f"{out}/config.json"))["output_dir"] == out
     events = next(as_path(f"{out}/tensorboard").iterdir()).read_bytes()
     assert b"loss" in events  # tensorboardX's records of the scalars
     assert not as_path(f"{out}/.lock").exists()  # released
@@ -117,15 +117,15 @@ def test_the_tpu_configs_gs_out_dir_takes_metrics_and_tensorboard(bucket):
     from stjax.train.metrics import MetricsLogger
 
     cfg = train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml")
-    assert cfg.out_dir.startswith("gs://")
+    assert cfg.output_dir.startswith("gs://")
     train_config.check(cfg, 32, 8)
-    train_config.check_out_dir(cfg)
-    with MetricsLogger(cfg.out_dir, 2, progress=False, report_to=["tensorboard"]) as logger:
+    train_config.check_output_dir(cfg)
+    with MetricsLogger(cfg.output_dir, 2, progress=False, report_to=["tensorboard"]) as logger:
         logger.log(1, {"loss": 0.5, "reward": 0.25})
         logger.summary()
-    assert json.loads(read(f"{cfg.out_dir}/metrics.jsonl"))["reward"] == 0.25
-    assert json.loads(read(f"{cfg.out_dir}/summary.json"))["final_loss"] == 0.5
-    assert b"reward" in next(as_path(f"{cfg.out_dir}/tensorboard").iterdir()).read_bytes()
+    assert json.loads(read(f"{cfg.output_dir}/metrics.jsonl"))["reward"] == 0.25
+    assert json.loads(read(f"{cfg.output_dir}/summary.json"))["final_loss"] == 0.5
+    assert b"reward" in next(as_path(f"{cfg.output_dir}/tensorboard").iterdir()).read_bytes()
 
 
 def test_a_converter_writes_to_the_bucket_what_it_writes_locally(bucket, hf_dirs, tmp_path):
@@ -207,9 +207,9 @@ def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tm
     with pytest.raises(ConfigError, match=r"gs://b/run: writing to gs:// needs gcsfs"):
         stages.train(train_config.load(None, settings("gs://b/run", assets, mesh="fsdp=2,tensor=4")))
     with pytest.raises(ConfigError, match=r"gs://BUCKET/runs/grpo-qwen2.5-vl-7b: writing to gs:// needs gcsfs"):
-        train_config.check_out_dir(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"))
+        train_config.check_output_dir(train_config.load(ROOT / "configs/grpo/qwen2.5-vl-7b-tpu-v5p-64.yaml"))
     with pytest.raises(SystemExit):
-        run_cli(train_main, ["--stage", "sft", "--set", "out_dir=gs://b/run"])
+        run_cli(train_main, ["--stage", "sft", "--set", "output_dir=gs://b/run"])
     assert capsys.readouterr().err.strip().count("\n") == 0
     with pytest.raises(SystemExit, match="--out gs://b/eval: writing to gs:// needs gcsfs"):
         evaluate(EvalConfig(out="gs://b/eval"))

@@ -45,11 +45,11 @@ def own_run(synthetic_assets, tmp_path_factory):
         shutil.copy(walk, root / "my_data" / row["video"])
     for name in ("train.jsonl", "test.jsonl"):
         (root / "my_data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sft = tiny_config("configs/sft/tiny-cpu.yaml", root / "sft.yaml", steps=2, logging_steps=1,
-                      checkpoint={"every": 0})
-    grpo = tiny_config("configs/grpo/tiny-cpu.yaml", root / "grpo.yaml", steps=1, batch_size=8,
+    sft = tiny_config("configs/sft/tiny-cpu.yaml", root / "sft.yaml", max_steps=2, logging_steps=1,
+                      checkpoint={"save_steps": 0})
+    grpo = tiny_config("configs/grpo/tiny-cpu.yaml", root / "grpo.yaml", max_steps=1, batch_size=8,
                        grpo={"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["accuracy"]},
-                       checkpoint={"every": 0})
+                       checkpoint={"save_steps": 0})
     block = readme_block("SFT, then GRPO, then evaluation on your data", "bash")
     assignments = {"MODEL": models["qwen2_5_vl"], "SFT": sft, "GRPO": grpo}
     lines = block.splitlines()

@@ -418,9 +418,9 @@ def test_the_sft_demo_config_learns_over_an_nf4_base_as_over_a_bf16_one(syntheti
     for name, quantize in (("bf16", "none"), ("nf4", "nf4")):
         out = tmp_path / name
         cfg = train_config.load("configs/sft/tiny-cpu.yaml", [
-            f"out_dir={out}", "steps=16", f"model.init={models['qwen2_vl']}", f"data.path={data}",
-            "data.synthetic_walks=2", "model.param_dtype=bfloat16", "lora.rank=8", f"lora.quantize_base={quantize}",
-            "optim.learning_rate=2e-2", "mesh=fsdp=4,tensor=2", "checkpoint.every=0",
+            f"output_dir={out}", "max_steps=16", f"model.model_name_or_path={models['qwen2_vl']}", f"data.path={data}",
+            "data.synthetic_walks=2", "model.param_dtype=bfloat16", "lora.r=8", f"lora.quantize_base={quantize}",
+            "optim.learning_rate=2e-2", "mesh=fsdp=4,tensor=2", "checkpoint.save_steps=0",
             f"checkpoint.export_hf={quantize == 'nf4'}"])
         stages.train(cfg)
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -143,7 +143,6 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
 def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     """`evaluate` in logits mode on the tiny Qwen3-VL: each record's letter logits are those of a plain forward
     of the Qwen3-VL layout's arrays (timestamped frames, patches of 16) at the prompt's last position."""
-    from stjax.data.processor import Processor
     from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, make_runner
     from stjax.models.inputs import prepare_inputs
     from stjax.models.qwen_vl import compiled_forward

@@ -53,31 +53,32 @@ def test_optimizer_defaults_are_the_sft_recipe():
     o = OptimConfig()
     assert (o.learning_rate, o.warmup_ratio, o.max_grad_norm) == (8e-5, 0.1, 0.3)
     # transformers' TrainingArguments defaults for what the recipe leaves unsaid
-    assert (o.weight_decay, o.b1, o.b2, o.eps) == (0.0, 0.9, 0.999, 1e-8)
+    assert (o.weight_decay, o.adam_beta1, o.adam_beta2, o.adam_epsilon) == (0.0, 0.9, 0.999, 1e-8)
 
 
 def test_training_data_defaults_are_the_recipes_video():
     d = train_config.DataSection()
     assert (d.num_frames, d.fps, d.max_pixels) == (8, 1.0, 151200)
     lora = train_config.LoRASection()
-    assert (lora.alpha, lora.targets) == (8.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert (lora.lora_alpha, lora.target_modules) == (8.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
     t = train_config.TrainConfig()
-    assert (t.epochs, t.loss_average) == (1, "token")
+    assert (t.num_train_epochs, t.loss_average) == (1, "token")
 
 
 @pytest.mark.parametrize("name", RECIPE_SFT)
 def test_7b_h100x4_configs_are_the_released_cold_start(name):
     cfg = train_config.load(CONFIGS / "sft" / name)
     raw = yaml.safe_load((CONFIGS / "sft" / name).read_text())
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (8, 8.0, 0.1)
-    assert cfg.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 8.0, 0.1)
+    assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     # 4-bit base: BitsAndBytesConfig(load_in_4bit, nf4, bnb_4bit_use_double_quant), every linear but lm_head
     assert (cfg.lora.quantize_base, cfg.lora.quantize_targets, cfg.lora.double_quant) == ("nf4", "all", True)
     assert (cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.max_grad_norm) == (8e-5, 0.1, 0.3)
     assert raw["optim"] == {"learning_rate": 8e-5, "warmup_ratio": 0.1, "max_grad_norm": 0.3}
     # 1 sample per GPU per micro-batch, 4 accumulated, 4 GPUs; 1 epoch
-    assert (cfg.batch_size, cfg.micro_batch_size, cfg.accumulation, cfg.mesh, cfg.epochs) == (16, 4, 4, "fsdp=4", 1)
+    assert (cfg.batch_size, cfg.micro_batch, cfg.gradient_accumulation_steps, cfg.mesh,
+            cfg.num_train_epochs) == (16, 4, 4, "fsdp=4", 1)
     assert (cfg.model.param_dtype, cfg.model.compute_dtype) == ("bfloat16", "bfloat16")
-    assert cfg.model.remat != "none"  # gradient checkpointing
+    assert cfg.model.gradient_checkpointing != "none"  # gradient checkpointing
     assert (cfg.data.format, cfg.data.loss_rule) == ("st_r1", "release")
     assert (cfg.data.num_frames, cfg.data.fps, cfg.data.max_pixels) == (8, 1.0, 151200)

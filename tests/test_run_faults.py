@@ -39,7 +39,7 @@ def lora_run(assets, tmp_path_factory):
     """A 2-step LoRA SFT run (checkpoints 1 and 2) on its own copy of the base model."""
     root = tmp_path_factory.mktemp("lora-run")
     model = shutil.copytree(assets[1], root / "model")
-    changes = {"steps": 2, "checkpoint.every": 1, "lora.rank": 4, "model.init": model}
+    changes = {"max_steps": 2, "checkpoint.save_steps": 1, "lora.r": 4, "model.model_name_or_path": model}
     train(root / "run", assets, **changes)
     return root / "run", changes
 
@@ -61,7 +61,7 @@ def test_a_grpo_run_on_an_sft_runs_directory_is_refused_and_the_reverse(assets, 
 
 def test_a_resume_on_a_changed_base_model_is_refused(assets, lora_run, tmp_path, monkeypatch):
     out = shutil.copytree(lora_run[0], tmp_path / "run")
-    weights = Path(lora_run[1]["model.init"]) / "model.safetensors"
+    weights = Path(lora_run[1]["model.model_name_or_path"]) / "model.safetensors"
     original, stat = weights.read_bytes(), weights.stat()
     monkeypatch.setattr(loop, "prepare_model", no_model)
     try:
@@ -70,7 +70,7 @@ def test_a_resume_on_a_changed_base_model_is_refused(assets, lora_run, tmp_path,
         weights.write_bytes(bytes(changed))
         with pytest.raises(ConfigError, match=r"the model files in .*model changed since this run began "
                                               r"\(model.safetensors\)"):
-            stages.train(train_config.load(None, settings(out, assets, **{**lora_run[1], "steps": 4, **IN_PROCESS})))
+            stages.train(train_config.load(None, settings(out, assets, **{**lora_run[1], "max_steps": 4, **IN_PROCESS})))
     finally:
         weights.write_bytes(original)
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -81,7 +81,7 @@ def test_the_export_tool_says_what_is_wrong(assets, lora_run, tmp_path):
     from stjax.train.export import export_checkpoint
     from test_train_faults import damage
 
-    with pytest.raises(ConfigError, match=r"is not a training run's out_dir .*; it is a model directory"):
+    with pytest.raises(ConfigError, match=r"is not a training run's output_dir .*; it is a model directory"):
         export_checkpoint(assets[1])
     out = shutil.copytree(lora_run[0], tmp_path / "run")
     damage(out / "checkpoints" / "2", "missing state")
@@ -161,7 +161,7 @@ def test_a_reward_that_raises_on_some_completions_does_not_stop_the_run():
 
 def test_a_reward_that_raises_on_every_completion_stops_the_run_in_one_line(assets, tmp_path):
     proc = start(tmp_path, assets, stage="grpo", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}, **{
-        **GRPO, "steps": 2, "grpo.reward_funcs": "[accuracy, test_run_faults.always_raises]"})
+        **GRPO, "max_steps": 2, "grpo.reward_funcs": "[accuracy, test_run_faults.always_raises]"})
     output = finish(proc, expect=1)
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.fullmatch(

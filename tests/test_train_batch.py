@@ -108,7 +108,7 @@ def test_a_step_on_the_loss_positions_equals_a_step_on_every_position():
     assert batch.loss_positions.shape == (1, 4, 64) and batch.loss_mask.shape == (1, 4, 256)
     everywhere = batch.replace(loss_positions=None)
     # a large Adam eps keeps the update linear in the gradient (see test_train_step's accumulation test)
-    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, adam_epsilon=1e-3)
     graphdef, params, frozen = split_trainable(init_model(cfg, seed=6))
     a, ma = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, batch)
     b, mb = compiled_train_step(graphdef, optim, init_state(params, optim), frozen, everywhere)

@@ -119,9 +119,9 @@ def test_a_checkpoint_of_another_train_state_is_refused_not_set_aside(tmp_path):
 
 
 def test_a_run_resumes_past_a_damaged_checkpoint(assets, tmp_path):
-    train(tmp_path, assets, steps=4, **{"checkpoint.every": 2})
+    train(tmp_path, assets, max_steps=4, **{"checkpoint.save_steps": 2})
     damage(tmp_path / "checkpoints" / "4", "truncated array")
-    train(tmp_path, assets, steps=6, **{"checkpoint.every": 2})
+    train(tmp_path, assets, max_steps=6, **{"checkpoint.save_steps": 2})
     assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]  # 3 and 4 redone from checkpoint 2, each once
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert any(n.startswith("4.damaged-") for n in names) and "6" in names
@@ -146,7 +146,7 @@ run_cli(lambda argv: stages.train(config.load(None, sys.argv[1:])))
 
 
 def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(assets, tmp_path):
-    args = settings(tmp_path, assets, steps=24, **{"checkpoint.every": 6})
+    args = settings(tmp_path, assets, max_steps=24, **{"checkpoint.save_steps": 6})
     result = subprocess.run([sys.executable, "-c", FILL_DISK, *args], capture_output=True, text=True, cwd=ROOT,
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1, result.stderr[-2000:]
@@ -156,12 +156,12 @@ def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(
     assert last.startswith("error: writing checkpoint 12") and "the last good checkpoint is 6" in last, last
     assert max(steps_logged(tmp_path)) < 18  # stopped when the save failed, not at the next save
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]  # no partial left
-    train(tmp_path, assets, steps=24, **{"checkpoint.every": 6})  # resumes from 6
+    train(tmp_path, assets, max_steps=24, **{"checkpoint.save_steps": 6})  # resumes from 6
     assert steps_logged(tmp_path) == list(range(1, 25))
 
 
 def test_sigint_saves_like_sigterm(assets, tmp_path):
-    proc = start(tmp_path, assets, steps=40)
+    proc = start(tmp_path, assets, max_steps=40)
     wait_for(lambda: logged_steps(tmp_path) >= 3, proc)
     proc.send_signal(signal.SIGINT)
     output = finish(proc, expect=130)
@@ -171,11 +171,11 @@ def test_sigint_saves_like_sigterm(assets, tmp_path):
 
 
 def test_metrics_hold_each_step_once_after_a_kill(assets, tmp_path):
-    proc = start(tmp_path, assets, steps=8, **{"checkpoint.every": 2})
+    proc = start(tmp_path, assets, max_steps=8, **{"checkpoint.save_steps": 2})
     wait_for(lambda: logged_steps(tmp_path) >= 5, proc)
     proc.kill()
     proc.wait()
-    train(tmp_path, assets, steps=8, **{"checkpoint.every": 2})
+    train(tmp_path, assets, max_steps=8, **{"checkpoint.save_steps": 2})
     assert steps_logged(tmp_path) == list(range(1, 9))
 
 
@@ -184,10 +184,10 @@ def test_metrics_hold_each_step_once_after_a_kill(assets, tmp_path):
 
 def test_negative_steps_are_refused_before_any_work(assets, tmp_path):
     result = subprocess.run([sys.executable, "-m", "stjax.train", *sum((["--set", a] for a in settings(
-        tmp_path, assets, steps=-5, **{"checkpoint.export_hf": "true"})), [])], capture_output=True, text=True,
+        tmp_path, assets, max_steps=-5, **{"checkpoint.export_hf": "true"})), [])], capture_output=True, text=True,
         cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "steps=-5 must be >= 0" in result.stderr
+    assert "max_steps=-5 must be >= 0" in result.stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -210,7 +210,7 @@ def test_a_run_where_every_sample_is_unreadable_fails_and_exports_nothing(assets
 
 
 def test_a_refused_resume_changes_nothing_and_is_refused_before_the_model_is_built(assets, tmp_path, monkeypatch):
-    train(tmp_path, assets, steps=2)
+    train(tmp_path, assets, max_steps=2)
     files = lambda: {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
     before = files()
 
@@ -218,8 +218,8 @@ def test_a_refused_resume_changes_nothing_and_is_refused_before_the_model_is_bui
         raise AssertionError("the model was built before the resume was refused")
 
     monkeypatch.setattr(loop, "prepare_model", no_model)
-    with pytest.raises(ConfigError, match=r"other settings \(lora.rank: 0 -> 4\)"):
-        refused(tmp_path, assets, steps=4, **{"lora.rank": 4})
+    with pytest.raises(ConfigError, match=r"other settings \(lora.r: 0 -> 4\)"):
+        refused(tmp_path, assets, max_steps=4, **{"lora.r": 4})
     assert files() == before  # (the lock file names its latest holder)
 
 
@@ -230,7 +230,7 @@ def test_a_tokenizer_that_does_not_match_the_model_is_refused_before_the_model_i
     (other / "config.json").write_text(json.dumps(dict(config, video_token_id=config["video_token_id"] + 1)))
     monkeypatch.setattr(loop, "prepare_model", lambda *args: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match="image/video/vision-start ids .* differ from the model's"):
-        refused(tmp_path / "run", assets, **{"model.init": other})
+        refused(tmp_path / "run", assets, **{"model.model_name_or_path": other})
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -240,12 +240,12 @@ def test_a_changed_data_file_is_detected_on_resume(assets, tmp_path, monkeypatch
     shutil.copy(data / "plain.jsonl", plain)
     changes = {"data.format": "plain", "data.path": plain, "data.video_root": data / "synth",
                "data.tokenizer": data / "tokenizer"}
-    train(tmp_path / "run", assets, steps=2, **changes)
+    train(tmp_path / "run", assets, max_steps=2, **changes)
     rows = plain.read_text().splitlines()
     plain.write_text("\n".join(reversed(rows)) + "\n")
     monkeypatch.setattr(loop, "prepare_model", lambda *args: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match="plain.jsonl changed since this run began"):
-        refused(tmp_path / "run", assets, steps=4, **changes)
+        refused(tmp_path / "run", assets, max_steps=4, **changes)
 
 
 @contextlib.contextmanager
@@ -265,5 +265,5 @@ def locked_elsewhere(directory: Path, what: str):
 def test_a_second_run_on_the_same_out_dir_is_refused(assets, tmp_path):
     with locked_elsewhere(tmp_path, "training run"):
         with pytest.raises(OutputError, match="is in use by another training run"):
-            refused(tmp_path, assets, steps=2)
+            refused(tmp_path, assets, max_steps=2)
     assert not (tmp_path / "metrics.jsonl").exists()

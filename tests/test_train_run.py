@@ -39,9 +39,10 @@ def assets(tmp_path_factory):
 
 def settings(out: Path, assets, **changes) -> list[str]:
     data, model = assets
-    values = {"out_dir": out, "steps": STEPS, "batch_size": 2, "model.init": model, "data.path": data,
+    values = {"output_dir": out, "max_steps": STEPS, "batch_size": 2, "model.model_name_or_path": model,
+              "data.path": data,
               "data.max_pixels": 12544, "data.token_buckets": "[256, 512]", "data.patch_buckets": "[256, 512]",
-              "optim.learning_rate": 3e-3, "optim.max_grad_norm": 1.0, "checkpoint.every": 0,
+              "optim.learning_rate": 3e-3, "optim.max_grad_norm": 1.0, "checkpoint.save_steps": 0,
               "checkpoint.export_hf": "false", "mesh": "fsdp=-1",
               # the command line's embedded default sets these: given here, a run started either way agrees
               "data.synthetic_walks": 2, "data.synthetic_tasks": "[direction, landmark, action]"}
@@ -103,13 +104,17 @@ def reference(uninterrupted):
     return result
 
 
-def test_export_on_request_equals_the_end_of_run_export(uninterrupted, tmp_path):
+def test_export_on_request_equals_the_end_of_run_export(uninterrupted, tmp_path, capsys):
     from safetensors.numpy import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
-    from stjax.train.export import export_checkpoint
+    from stjax.train.export import export_checkpoint, main
 
-    out = export_checkpoint(uninterrupted, out=tmp_path / "hf")
+    out = tmp_path / "hf"
+    main([str(uninterrupted), "--out", str(out)])  # as `python -m stjax.train.export` runs it: it says what it wrote
+    printed = capsys.readouterr().out
+    assert f"exported the latest checkpoint of {uninterrupted} to {out}: " in printed
+    assert "config.json" in printed and "model.safetensors" in printed and "tokenizer.json" in printed
     ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "hf" / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -121,24 +126,24 @@ def test_export_on_request_equals_the_end_of_run_export(uninterrupted, tmp_path)
 
 
 def test_sigterm_saves_and_the_rerun_continues_the_exact_run(assets, reference, tmp_path):
-    proc = start(tmp_path, assets, **{"checkpoint.every": 5})
+    proc = start(tmp_path, assets, **{"checkpoint.save_steps": 5})
     wait_for(lambda: logged_steps(tmp_path) >= 7, proc)
     proc.send_signal(signal.SIGTERM)
     output = finish(proc, expect=loop.PREEMPTED_EXIT_CODE)
     assert "stopped by SIGTERM" in output
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] >= 7 and saved[-1] % 5  # the SIGTERM checkpoint, not a periodic one
-    finish(start(tmp_path, assets, **{"checkpoint.every": 5}))
+    finish(start(tmp_path, assets, **{"checkpoint.save_steps": 5}))
     assert losses(tmp_path) == reference  # bit for bit
 
 
 def test_kill_between_saves_resumes_from_the_last_checkpoint(assets, reference, tmp_path):
-    proc = start(tmp_path, assets, **{"checkpoint.every": 4})
+    proc = start(tmp_path, assets, **{"checkpoint.save_steps": 4})
     wait_for(lambda: logged_steps(tmp_path) >= 10, proc)
     proc.kill()
     proc.wait()
     assert logged_steps(tmp_path) < STEPS
-    finish(start(tmp_path, assets, **{"checkpoint.every": 4}))
+    finish(start(tmp_path, assets, **{"checkpoint.save_steps": 4}))
     assert losses(tmp_path) == reference
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [16, 20, 24]  # checkpoint.keep = 3: the older ones were deleted
@@ -146,7 +151,7 @@ def test_kill_between_saves_resumes_from_the_last_checkpoint(assets, reference, 
 
 def test_kill_during_an_async_save_leaves_the_previous_checkpoint(assets, reference, tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    proc = start(tmp_path, assets, **{"checkpoint.every": 4})
+    proc = start(tmp_path, assets, **{"checkpoint.save_steps": 4})
     wait_for(lambda: (checkpoints / "4").is_dir(), proc)
     partial = lambda: [p for p in checkpoints.iterdir() if "tmp" in p.name and not p.name.startswith("4")]
     wait_for(lambda: bool(partial()), proc, poll=0.0005)
@@ -155,7 +160,7 @@ def test_kill_during_an_async_save_leaves_the_previous_checkpoint(assets, refere
     left = partial()
     assert left, "the kill came after the save finished"
     complete = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    output = finish(start(tmp_path, assets, **{"checkpoint.every": 4}))
+    output = finish(start(tmp_path, assets, **{"checkpoint.save_steps": 4}))
     assert f"resumed from step {complete[-1]}" in output
     assert losses(tmp_path) == reference
 
@@ -180,7 +185,7 @@ def one_and_two_processes(tmp_path: Path, assets, **settings) -> tuple[Path, Pat
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
-    single, multi = one_and_two_processes(tmp_path, assets, steps=3, batch_size=4, mesh="fsdp=-1",
+    single, multi = one_and_two_processes(tmp_path, assets, max_steps=3, batch_size=4, mesh="fsdp=-1",
                                           **{"checkpoint.export_hf": "true"})
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -214,7 +219,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
             patches=np.full_like(b.inputs.vision.patches, np.nan))))
 
     monkeypatch.setattr(sft, "host_batch", poisoned)
-    cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.rank": 4})
+    cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.r": 4})
     with pytest.raises(loop.TrainingStopped, match="3 non-finite steps in a row"):
         stages.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -227,14 +232,14 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     ({"mesh": "fsdp=3,tensor=-1"}, "does not divide 8 devices"),
     ({"mesh": "fsdp=4"}, "needs 4 devices, but 8 are available"),
     ({"mesh": "fsdp=8", "batch_size": 4}, "does not divide over data x fsdp = 8"),
-    ({"batch_size": 6, "micro_batch_size": 4}, "multiple of micro_batch_size"),
+    ({"batch_size": 6, "gradient_accumulation_steps": 4}, "multiple of gradient_accumulation_steps"),
     ({"stage": "ppo"}, "stage='ppo' is not one of sft, grpo"),
-    ({"lora.targets": "[q_proj, qkv]"}, "lora.targets"),
+    ({"lora.target_modules": "[q_proj, qkv]"}, "lora.target_modules"),
     ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
     ({"data.second_per_grid": "frames"}, "data.second_per_grid='frames' is not one of seed, kept_frames"),
     ({"lora.quantize_base": "nf5"}, "lora.quantize_base='nf5' is not one of none, nf4, int8"),
-    ({"lora.quantize_base": "nf4"}, r"freezes the base: it needs adapters to train \(lora.rank > 0\)"),
-    ({"lora.rank": 4, "lora.quantize_base": "int8", "lora.double_quant": "true"}, "double_quant quantizes nf4's"),
+    ({"lora.quantize_base": "nf4"}, r"freezes the base: it needs adapters to train \(lora.r > 0\)"),
+    ({"lora.r": 4, "lora.quantize_base": "int8", "lora.double_quant": "true"}, "double_quant quantizes nf4's"),
 ])
 def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, monkeypatch, changes, message):
     def too_far(*args, **kwargs):
@@ -248,7 +253,7 @@ def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, mo
 
 def test_set_needs_key_equals_value():
     with pytest.raises(ConfigError, match="key=value"):
-        train_config.load(None, ["steps"])
+        train_config.load(None, ["max_steps"])
 
 
 def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, tmp_path):
@@ -258,7 +263,7 @@ def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, t
     broken.update(id="broken-sample", video=str(tmp_path / "missing.mp4"))
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join([json.dumps(broken)] + rows[:3]) + "\n")
-    cfg = config(tmp_path / "run", assets, steps=1, peak_flops=1e12, **{
+    cfg = config(tmp_path / "run", assets, max_steps=1, peak_flops=1e12, **{
         "data.format": "plain", "data.path": path, "data.video_root": data / "synth", "data.tokenizer": data / "tokenizer",
         "data.shuffle": "false"})
     summary = stages.train(cfg)

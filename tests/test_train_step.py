@@ -73,7 +73,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_both(average):
                                    position_ids=inputs.position_ids[:, i:i + 1])
     # A real update at step 0; a large Adam eps keeps the update linear in tiny gradients, whose
     # float rounding would otherwise be blown up to +-lr by the normalisation.
-    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3, max_grad_norm=1e3)
+    optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, adam_epsilon=1e-3, max_grad_norm=1e3)
     graphdef, params, frozen = split_trainable(model)
     whole = Batch(inputs=stack(inputs), loss_mask=stack(loss_mask))
     split = Batch(inputs=stack(row(0), row(1)), loss_mask=stack(loss_mask[:1], loss_mask[1:]))
@@ -118,7 +118,8 @@ def test_adamw_update_equals_optax_chain():
     rng = np.random.default_rng(0)
     params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=5), jnp.float32)}}
     reference = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm),
-                            optax.adamw(optim.schedule(), optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay))
+                            optax.adamw(optim.schedule(), optim.adam_beta1, optim.adam_beta2, optim.adam_epsilon,
+                                        weight_decay=optim.weight_decay))
     ours, theirs = (params, optim.init(params)), (params, reference.init(params))
     for scale in (0.01, 3.0, 0.1, 10.0, 1.0):  # global norms about 0.04 to 40: clipped and not
         grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)

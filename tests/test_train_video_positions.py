@@ -38,8 +38,9 @@ def test_qwen2_5_vl_training_batch_positions_equal_transformers(synthetic_assets
     batches = []
     host_batch = sft.host_batch
     monkeypatch.setattr(sft, "host_batch", lambda cfg, micro: batches.append(micro) or host_batch(cfg, micro))
-    cfg = train_config.load(None, [f"out_dir={tmp_path}", "steps=1", f"batch_size={ROWS}", "mesh=fsdp=-1",
-                                   f"model.init={models['qwen2_5_vl']}", f"data.path={data}", "data.shuffle=false",
+    cfg = train_config.load(None, [f"output_dir={tmp_path}", "max_steps=1", f"batch_size={ROWS}", "mesh=fsdp=-1",
+                                   f"model.model_name_or_path={models['qwen2_5_vl']}", f"data.path={data}",
+                                   "data.shuffle=false",
                                    "data.second_per_grid=kept_frames",
                                    "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
                                    "data.patch_buckets=[1024, 2048]", "checkpoint.export_hf=false"])

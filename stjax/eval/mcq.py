@@ -38,9 +38,8 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +60,7 @@ from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import model_fingerprints
 from stjax.sampling.sampler import SamplingConfig, generate
+from stjax.settings import ConfigError, changed, from_dict, setting
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
 PREDICTIONS = "predictions.jsonl"
@@ -74,37 +74,43 @@ LETTERS = "ABCDEFGHIJ"
 
 @dataclass
 class EvalConfig:
-    """Every option of a run; the YAML keys and the flags have these names."""
+    """Every option of a run; the YAML keys and the flags have these names. Each documents itself
+    (`stjax.settings.setting`): `--help` and `check_config` read the meaning, allowed values and ranges."""
 
-    model: str | None = None  # a HF or stjax model directory or a hub id; None with no data: the embedded default
-    revision: str | None = None  # hub id only: branch, tag or commit (default: main)
-    data: list[str] = field(default_factory=list)
-    videos: list[str] = field(default_factory=list)
-    out: str = "runs/eval"
-    tokenizer: str | None = None  # a directory or hub id; default: the model's
-    dtype: str | None = None  # parameter dtype; default the checkpoint's
-    # every linear of the decoder and the vision tower stored nf4 or int8 (stjax.models.quant), as
-    # transformers' load_in_4bit / load_in_8bit do
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    mode: Literal["generate", "logits"] = "generate"
-    extract: Literal["default", "seed"] = "default"
-    # None: the model's training recipe where its export records one, else SEED_RECIPE's value
-    template: Literal["seed_mcq", "grpo", "problem"] | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    max_pixels: int | None = None
-    second_per_grid: Literal["seed", "kept_frames"] | None = None  # Qwen2.5-VL time spacing (see MediaConfig)
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0: greedy, the recipe
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0  # sampling key; with temperature > 0 a resumed run is not batch-for-batch the same
-    batch_size: int = 8
-    mesh: str | None = None  # e.g. "fsdp=4,tensor=2": shard the model and the batch over the devices
-    max_prompt_tokens: int = 4096  # the GRPO recipe's prompt limit; the recipe's prompts are about 1k
-    limit: int | None = None  # evaluate only the first N samples (over all files, in order)
-    walks: int = 2  # size of the embedded default's synthetic benchmark (6 questions per walk)
-    text_only: bool = True  # also run the model with blank frames: what it scores without looking
+    model: str | None = setting(None, "a HF or stjax model directory or a hub id; none (with no --data): the "
+                                "embedded default's tiny random model")
+    revision: str | None = setting(None, "hub id only: branch, tag or commit (default: main)")
+    data: list[str] = setting(help="data files (or Ego-ST folders)", factory=list)
+    videos: list[str] = setting(help="video folder for all files, or one per file", factory=list)
+    out: str = setting("runs/eval", "output folder (local or an object store URL)")
+    tokenizer: str | None = setting(None, "a directory or hub id; default: the model's")
+    dtype: str | None = setting(None, "parameter dtype; default: the checkpoint's")
+    quantize: str = setting("none", "every linear of the decoder and the vision tower stored nf4 or int8 "
+                            "(stjax.models.quant), as transformers' load_in_4bit / load_in_8bit do",
+                            choices=QUANTIZE_FORMATS)
+    mode: str = setting("generate", "generate an answer, or score the option letters' logits", choices=MODES)
+    extract: str = setting("default", "answer extraction rule (stjax.eval.extract)", choices=RULES)
+    # The media and prompt recipe: unset (None), a stjax export's training recipe where it records one, else
+    # SEED_RECIPE's value (`with_training_recipe`)
+    template: str | None = setting(None, "the prompt template (stjax.data.processor.user_text)", choices=TEMPLATES)
+    num_frames: int | None = setting(None, "frames sampled per video", least=1)
+    fps: float | None = setting(None, "frame rate the video is sampled at (> 0)")
+    max_pixels: int | None = setting(None, "pixels per frame at most", least=28 * 28)
+    second_per_grid: str | None = setting(None, "Qwen2.5-VL time spacing (stjax.data.video.MediaConfig)",
+                                          choices=SECOND_PER_GRID)
+    max_new_tokens: int = setting(512, "tokens generated per answer at most", least=1)
+    temperature: float = setting(0.0, "sampling temperature; 0: greedy, the recipe")
+    top_p: float = setting(1.0, "nucleus sampling, in (0, 1]")
+    top_k: int = setting(0, "sample among the k likeliest tokens; 0: no limit", least=0)
+    seed: int = setting(0, "sampling key; with temperature > 0 a resumed run is not batch-for-batch the same")
+    batch_size: int = setting(8, "prompts per batch", least=1)
+    mesh: str | None = setting(None, "e.g. fsdp=4,tensor=2: shard the model and the batch over the devices")
+    max_prompt_tokens: int = setting(4096, "longer prompts are recorded as failed (the GRPO recipe's limit; the "
+                                     "recipe's prompts are about 1k)", least=1)
+    limit: int | None = setting(None, "evaluate only the first N samples (over all files, in order)", least=1)
+    walks: int = setting(2, "embedded default only (no --model, no --data): walks of its synthetic benchmark, "
+                         "each a forward and a reverse question on 3 tasks (6 questions per walk)", least=1)
+    text_only: bool = setting(True, "also run the model with every video frame blank: what it scores without looking")
 
 
 # The seed's inference recipe: the prompt and media options of a model that records no training recipe.
@@ -485,23 +491,22 @@ def with_training_recipe(cfg: EvalConfig) -> EvalConfig:
 def check_config(cfg: EvalConfig) -> None:
     """Every option's choices, type and range, before any work (a YAML file's values are not checked
     by the flag parser)."""
-    for name, allowed in (("mode", MODES), ("extract", RULES), ("template", TEMPLATES),
-                          ("second_per_grid", SECOND_PER_GRID), ("quantize", QUANTIZE_FORMATS)):
-        if getattr(cfg, name) not in allowed and not (name in SEED_RECIPE and getattr(cfg, name) is None):
-            raise SystemExit(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    for f in dataclasses.fields(EvalConfig):
+    fields = dataclasses.fields(EvalConfig)
+    for f in fields:
+        allowed, value = f.metadata["choices"], getattr(cfg, f.name)
+        if allowed and value not in allowed and not (f.name in SEED_RECIPE and value is None):
+            raise SystemExit(f"--{f.name} {getattr(cfg, f.name)!r} is not one of {', '.join(allowed)}")
+    for f in fields:
         value = getattr(cfg, f.name)
         kinds = {int: (int,), float: (int, float)}.get(type(SEED_RECIPE.get(f.name, f.default)))
         unset = f.name in SEED_RECIPE and value is None  # filled from the model's training recipe
         if kinds and not unset and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
                              f"got {value!r}")
-    least = {"num_frames": 1, "max_pixels": 28 * 28, "max_new_tokens": 1, "top_k": 0, "batch_size": 1,
-             "max_prompt_tokens": 1, "walks": 1, "limit": 1}
-    for name, minimum in least.items():
-        value = getattr(cfg, name)
-        if value is not None and value < minimum:
-            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+    for f in fields:
+        value, minimum = getattr(cfg, f.name), f.metadata["least"]
+        if minimum is not None and value is not None and value < minimum:
+            raise SystemExit(f"--{f.name.replace('_', '-')} {value}: must be >= {minimum}")
     if not ((cfg.fps is None or cfg.fps > 0) and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
         raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
                          f"--top-p {cfg.top_p} in (0, 1]")
@@ -525,10 +530,11 @@ def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
     run_file = out / RUN
     if run_file.exists() and (out / PREDICTIONS).exists():
         before = json.loads(run_file.read_text())
-        changed = [k for k in _RESULT_KEYS if before.get(k) != current[k]]
-        changed += [k for k, v in current["inputs"].items() if before.get("inputs", {}).get(k, v) != v]
-        if changed:
-            raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(changed)} "
+        # the training run's comparison (stjax.settings.changed); inputs not recorded before are not compared
+        inputs = tuple(f"inputs.{k}" for k in current["inputs"] if k in before.get("inputs", {}))
+        differ = [k.removeprefix("inputs.") for k in changed(before, current, _RESULT_KEYS + inputs)]
+        if differ:
+            raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(differ)} "
                              "differ); use another --out or remove that file")
     write_text_atomic(run_file, json.dumps(current, indent=1) + "\n")
 
@@ -593,8 +599,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="YAML file with any of the options below")
-    parser.add_argument("--data", nargs="+", help="data files (or Ego-ST folders)")
-    parser.add_argument("--videos", nargs="+", help="video folder for all files, or one per file")
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
+    parser.add_argument("--data", nargs="+", help=help_of["data"])
+    parser.add_argument("--videos", nargs="+", help=help_of["videos"])
     parser.add_argument("--compile-only", action="store_true", help="compile the evaluation's program for "
                         "--topology and report memory, collectives and roofline per chip; evaluate nothing")
     parser.add_argument("--topology", help="with --compile-only: a TPU topology (v5p:2x2x1, v5e:4x4, ...) or a GPU "
@@ -602,17 +609,16 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
     for f in dataclasses.fields(EvalConfig):
         if f.name in ("data", "videos"):
             continue
+        least = f" (>= {f.metadata['least']})" if f.metadata["least"] is not None else ""
+        default = (f"a stjax model's training recipe, else {SEED_RECIPE[f.name]!r}" if f.name in SEED_RECIPE
+                   else repr(f.default))
+        text = f"{f.metadata['help']}{least}; default: {default}".replace("%", "%%")
         if isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                help=f"default: {f.default!r}")
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, help=text)
             continue
-        default = SEED_RECIPE.get(f.name, f.default)
-        kind = int if f.name == "limit" else {int: int, float: float}.get(type(default), str)
-        choices = {"mode": MODES, "extract": RULES, "template": TEMPLATES, "second_per_grid": SECOND_PER_GRID,
-                   "quantize": QUANTIZE_FORMATS}.get(f.name)
-        recipe = " (a model stjax trained: its training recipe's)" if f.name in SEED_RECIPE else ""
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
-                            help=f"default: {default!r}{recipe}")
+        kind = int if f.name == "limit" else {int: int, float: float}.get(type(SEED_RECIPE.get(f.name, f.default)), str)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=f.metadata["choices"] or None,
+                            help=text)
     add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     args.pop("debug", None)
@@ -628,6 +634,10 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
             if name in ("data", "videos"):  # a list of paths, or one path
                 value = [str(v) for v in (value if isinstance(value, list) else [value])]
             values[name] = value
+        try:  # the training config's reader: each value as its option's type
+            values = dataclasses.asdict(from_dict(EvalConfig, values))
+        except ConfigError as e:
+            raise SystemExit(f"{path}: {e}") from None
     return with_training_recipe(EvalConfig(**(values | args)))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stjax.models.rope import RopeSpec
+from stjax.settings import ConfigError
 
 if TYPE_CHECKING:
     from stjax.models.families import Family
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
 QUANTIZE_TARGETS = ("lora", "all")
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
-class ConfigError(ValueError):
-    """A config file that cannot describe a supported model."""
 
 
 @dataclass(frozen=True)

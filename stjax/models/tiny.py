@@ -1,6 +1,6 @@
 """The embedded default model: a tiny random Qwen-VL of a family's tiny preset, sized to a tokenizer.
 
-The demo, the trainer (no `model.init`) and the evaluator (no `--model`) use it (through
+The demo, the trainer (no `model.model_name_or_path`) and the evaluator (no `--model`) use it (through
 `stjax.data.tokenizer.tiny_model_dir`, which reads the ids from the locally built tokenizer) so that
 every path runs with nothing downloaded.
 """

@@ -1,39 +1,29 @@
 """python -m stjax.train --stage sft|grpo [--config FILE.yaml] [--set key.sub=value ...]
 
 Without --config the stage runs on the embedded default: a tiny random model and the synthetic
-ego-centric set, both made locally under out_dir, on whatever devices exist (GRPO starts from the
-embedded SFT cold start, made first under <out_dir>/sft when missing). Rerunning the same command
-resumes from the latest checkpoint in out_dir.
+ego-centric set, both made locally under output_dir, on whatever devices exist (GRPO starts from the
+embedded SFT cold start, made first under <output_dir>/sft when missing). Rerunning the same command
+resumes from the latest checkpoint in output_dir.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.train.config import TrainConfig
-
-
-def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """'key = default' lines for every setting (the meanings are in stjax/train/config.py)."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
-            lines += config_keys(type(default), prefix + f.name + ".")
-        else:
-            lines.append(f"  {prefix}{f.name} = {default!r}")
-    return lines
+from stjax.settings import help_lines
+from stjax.train.config import STAGES, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stjax.train", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="settings (YAML keys, or --set key=value), with their defaults:\n" + "\n".join(config_keys()))
-    parser.add_argument("--stage", choices=["sft", "grpo"], help="training stage (default: the config's, else sft)")
+        epilog="settings (YAML keys, or --set key=value): default, meaning and allowed values\n"
+               + "\n".join(help_lines(TrainConfig)))
+    parser.add_argument("--stage", choices=list(STAGES),
+                        help="training stage (default: the config's, else sft; a config naming another is refused)")
     parser.add_argument("--config", help="YAML file of settings (default: the embedded default run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set optim.learning_rate=1e-5 (repeatable)")
@@ -51,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from stjax.train import config, stages
 
-    defaults = None if args.config else config.EMBEDDED[args.stage or "sft"]
+    defaults = None if args.config else STAGES[args.stage or "sft"].embedded
     cfg = config.load(args.config, args.set, defaults, **({"stage": args.stage} if args.stage else {}))
     if args.compile_only:
         from stjax.train.compile_only import compile_run

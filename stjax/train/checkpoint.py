@@ -1,5 +1,5 @@
 """Training checkpoints with orbax: the train state (parameters, optimizer state, step, PRNG key) and
-the data iterator's position, saved together under <out_dir>/checkpoints/<step>/.
+the data iterator's position, saved together under <output_dir>/checkpoints/<step>/.
 
 Each save also writes a checksum of every array of the state (`digest`), verified after a restore:
 bytes flipped on disk (which the compressed array files do not always reveal) make the checkpoint
@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from stjax.io import as_path
-from stjax.train.config import ConfigError
+from stjax.settings import ConfigError
 
 log = logging.getLogger(__name__)
 # orbax's wording when a checkpoint is sound but of another train state (not damage)

@@ -1,7 +1,7 @@
 """The programs a training run compiles, built from its config alone for `--compile-only`
 (`stjax.compile_only`): SFT's step; GRPO's rollout (prefill and decoding), reference and old-policy
 log-probs, and update. Shapes are the config's largest: the longest token bucket, the largest video
-`data.num_frames` and `data.max_pixels` admit, the micro-batch of `micro_batch_size`.
+`data.num_frames` and `data.max_pixels` admit, the micro-batch of `batch_size / gradient_accumulation_steps`.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ class Abstract:
 def abstract_run(cfg: TrainConfig, mesh) -> Abstract:
     m, lora = cfg.model, cfg.lora
     model_cfg = co.model_config(
-        m.init, m.arch, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat,
+        m.model_name_or_path, m.arch, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
+        remat=m.gradient_checkpointing,
         quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets, double_quant=lora.double_quant,
-        lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), lora_dropout=lora.dropout)
+        lora_rank=lora.r, lora_alpha=lora.lora_alpha, lora_targets=tuple(lora.target_modules),
+        lora_dropout=lora.lora_dropout)
     graphdef, trainable, frozen = split_trainable(abstract_model(model_cfg))
     trainable, frozen = co.abstract_state(trainable, mesh), co.abstract_state(frozen, mesh)
-    optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=max(cfg.steps, 1))
+    optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=max(cfg.max_steps, 1))
     state = jax.eval_shape(lambda p: init_state(p, optim, m.master_dtype, cfg.seed), trainable)
     shardings = train_state_shardings(state, jax.tree.map(lambda x: x.sharding, trainable), optim, mesh)
     return Abstract(model_cfg, graphdef, co.with_shardings(state, shardings), frozen, optim)
@@ -61,7 +63,7 @@ def programs(cfg: TrainConfig, mesh) -> list[co.Program]:
     length = max(cfg.data.token_buckets)
     grid = co.largest_grid(run.model_cfg, cfg.data.num_frames, cfg.data.max_pixels)
     one = co.example_inputs(run.model_cfg, 1, length, grid)
-    micro = cfg.micro_batch_size or cfg.batch_size
+    micro = cfg.micro_batch
     builder = _grpo_programs if cfg.stage == "grpo" else _sft_programs
     return builder(cfg, mesh, run, one, micro)
 
@@ -71,7 +73,7 @@ def _patches(one) -> int:
 
 
 def _sft_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> list[co.Program]:
-    accum, length = cfg.accumulation, one.input_ids.shape[1]
+    accum, length = cfg.gradient_accumulation_steps, one.input_ids.shape[1]
     mask = co.abstract((accum, micro, length), jnp.int32, batch_sharding(mesh, (accum, micro, length), 1))
     batch = Batch(inputs=co.batched_inputs(one, micro, mesh, (accum,)), loss_mask=mask)
     rows = accum * micro
@@ -84,7 +86,7 @@ def _sft_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> lis
 def _grpo_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> list[co.Program]:
     g, model_cfg = cfg.grpo, run.model_cfg
     settings = learner.LossSettings.of(cfg)
-    accum, length, t = cfg.accumulation, one.input_ids.shape[1], g.max_completion_length
+    accum, length, t = cfg.gradient_accumulation_steps, one.input_ids.shape[1], g.max_completion_length
     shards = micro // batch_sharding(mesh, (micro,)).shard_shape((micro,))[0]
     run_rows = math.gcd(g.num_generations, micro // shards)
     copies = micro // run_rows  # prompt copies per micro-batch (`learner.update_batch`)

@@ -2,7 +2,7 @@
 
     python -m stjax.train.export RUN_DIR [--step N] [--out DIR] [--overwrite]
 
-RUN_DIR is a run's out_dir (its config.json says how the model was built); the default step is the
+RUN_DIR is a run's output_dir (its config.json says how the model was built); the default step is the
 latest checkpoint and the default target RUN_DIR/hf-<step>. Runs also export at their end
 (`checkpoint.export_hf`).
 """
@@ -20,9 +20,10 @@ from stjax.data.processor import Processor
 from stjax.io import as_path, check_target
 from stjax.models.loading import is_stjax_dir
 from stjax.sharding import make_mesh
-from stjax.train import grpo, sft
+from stjax.train.stages import stage_steps
 from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, from_dict
+from stjax.settings import ConfigError
+from stjax.train.config import parse
 from stjax.train.loop import export_files, export_hf, media_config, placed_state, prepare_model, tokenizer_dir
 from stjax.train.step import split_trainable
 
@@ -33,10 +34,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     run_dir = as_path(run_dir)
     if not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.json").is_file():
         model = any(run_dir.glob("*.safetensors")) or is_stjax_dir(run_dir)
-        raise ConfigError(f"{run_dir} is not a training run's out_dir (no checkpoints/ and config.json)"
+        raise ConfigError(f"{run_dir} is not a training run's output_dir (no checkpoints/ and config.json)"
                           + ("; it is a model directory, which loads as it is" if model else ""))
-    cfg = from_dict(TrainConfig, json.loads((run_dir / "config.json").read_text()))
-    checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep)
+    cfg = parse(json.loads((run_dir / "config.json").read_text()))
+    checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.save_total_limit)
     steps = list(checkpoints.manager.all_steps())
     step = step or checkpoints.latest_step
     if step is None or step not in steps:
@@ -56,21 +57,22 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
                                 f"with --step (there are {steps})") from None
     checkpoints.close()
     processor = Processor.from_pretrained(tokenizer, media=media_config(cfg))
-    stage = {"sft": sft.SFT, "grpo": grpo.GRPO}[cfg.stage]
-    files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template)
+    files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage_steps(cfg.stage).template)
     export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite, files)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stjax.train.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the run's out_dir")
+    parser.add_argument("run_dir", help="the run's output_dir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", help="target directory (default: RUN_DIR/hf-<step>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the target whole when it holds files")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    print(f"exported to {export_checkpoint(args.run_dir, args.step, args.out, args.overwrite)}")
+    out = export_checkpoint(args.run_dir, args.step, args.out, args.overwrite)
+    which = f"checkpoint {args.step}" if args.step else "the latest checkpoint"
+    print(f"exported {which} of {args.run_dir} to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class GRPO:
         rollout_mesh = make_mesh(parse_mesh(options.rollout_mesh)) if options.rollout_mesh else None
         self.rollout = Rollout(model, context.graphdef, context.frozen, sampling, settings, context.mesh, rollout_mesh)
         self.learner = Learner(context.graphdef, context.optim, settings, state, context.frozen, context.mesh,
-                               options.num_generations, context.cfg.accumulation)
+                               options.num_generations, context.cfg.gradient_accumulation_steps)
         model_cfg = context.model_cfg
         self.reference = (reference_params(model, state, model_cfg.compute_dtype, bool(model_cfg.lora_rank))
                           if options.beta else None)
@@ -155,7 +155,7 @@ class GRPO:
 
 def log_completions(path: Path, step: int, groups: list[Sample], texts: list[str], values: np.ndarray,
                     total: np.ndarray, names: Sequence[str], count: int) -> None:
-    """A few completions with their rewards, appended to `path` (<out_dir>/completions.jsonl)."""
+    """A few completions with their rewards, appended to `path` (<output_dir>/completions.jsonl)."""
     with AppendLog(path, autoflush=False) as f:
         for i in range(min(count, len(texts))):
             scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values[i])}

@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 from stjax.data.formats import Sample, read_plain_jsonl, read_st_r1_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import TRAINING_RECIPE, Processor, Template, hf_processor_files, training_recipe
-from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import MediaConfig
 from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
@@ -40,7 +39,7 @@ from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
 from stjax.train import distributed, rundir
 from stjax.train.checkpoint import Checkpointer, abstract_like
-from stjax.train.config import ConfigError, TrainConfig, check, check_out_dir
+from stjax.train.config import ConfigError, TrainConfig, check, check_output_dir
 from stjax.train.lora import merged_params, with_lora
 from stjax.train.metrics import MetricsLogger, device_peak_flops
 from stjax.train.step import OptimConfig, TrainState, init_state, split_trainable, train_state_shardings
@@ -61,7 +60,7 @@ def tokenizer_dir(cfg: TrainConfig) -> Path:
     """data.tokenizer, else the model directory's (hub ids resolved)."""
     data = cfg.data
     key, name, revision = ("data.tokenizer", data.tokenizer, None) if data.tokenizer else \
-        ("model.init", cfg.model.init, cfg.model.revision or None)
+        ("model.model_name_or_path", cfg.model.model_name_or_path, cfg.model.revision or None)
     try:
         return resolve_model_dir(name, revision)
     except ModelNotFoundError as e:
@@ -81,24 +80,24 @@ def prepare_data(cfg: TrainConfig) -> list:
 
 
 def model_source(cfg: TrainConfig) -> str | Path:
-    """model.init as a preset's name (random weights of its shape) or a model directory (a hub id
+    """model.model_name_or_path as a preset's name (random weights of its shape) or a model directory (a hub id
     resolved through the local cache)."""
-    init, revision = cfg.model.init, cfg.model.revision
+    init, revision = cfg.model.model_name_or_path, cfg.model.revision
     if not Path(init).is_dir() and (PRESETS_DIR / f"{init}.json").exists():
         return init
     try:
         return resolve_model_dir(init, revision or None)
     except ModelNotFoundError as e:
-        raise ConfigError(f"model.init: {e}; nor is it a preset in {PRESETS_DIR}") from None
+        raise ConfigError(f"model.model_name_or_path: {e}; nor is it a preset in {PRESETS_DIR}") from None
 
 
 def prepare_model(cfg: TrainConfig, mesh: Mesh) -> QwenVLForConditionalGeneration:
-    """The base model on the mesh, with fresh LoRA adapters when `lora.rank` > 0."""
+    """The base model on the mesh, with fresh LoRA adapters when `lora.r` > 0."""
     model_section, lora = cfg.model, cfg.lora
     policy = dict(compute_dtype=model_section.compute_dtype, attention=model_section.attention,
-                  remat=model_section.remat)
+                  remat=model_section.gradient_checkpointing)
     quantization = dict(quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets,
-                        double_quant=lora.double_quant, lora_targets=tuple(lora.targets))
+                        double_quant=lora.double_quant, lora_targets=tuple(lora.target_modules))
     source = model_source(cfg)
     if isinstance(source, str):  # a preset
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=model_section.param_dtype, **policy)
@@ -109,13 +108,13 @@ def prepare_model(cfg: TrainConfig, mesh: Mesh) -> QwenVLForConditionalGeneratio
             model = shard_model(model, mesh)
     else:
         model, _ = load_pretrained(source, dtype=model_section.param_dtype, mesh=mesh, **policy, **quantization)
-    if lora.rank:
-        model = shard_model(with_lora(model, lora.rank, lora.alpha, lora.targets, cfg.seed, lora.dropout), mesh)
+    if lora.r:
+        model = shard_model(with_lora(model, lora.r, lora.lora_alpha, lora.target_modules, cfg.seed, lora.lora_dropout), mesh)
     return model
 
 
 def check_tokenizer_early(cfg: TrainConfig, tokenizer: Path) -> None:
-    """`check_tokenizer` on model.init's config.json (small files), before the large model is built."""
+    """`check_tokenizer` on model.model_name_or_path's config.json (small files), before the large model is built."""
     check_tokenizer(Processor.from_pretrained(tokenizer), QwenVLConfig.from_file(model_source(cfg)))
 
 
@@ -226,7 +225,7 @@ class Stage(Protocol):
 def checked_mesh(cfg: TrainConfig) -> Mesh:
     """The mesh of a config checked against the devices, this process joined to the others: every
     error a run can know of comes before any work."""
-    check_out_dir(cfg)  # a gs:// out_dir without its client: refused before any work
+    check_output_dir(cfg)  # a gs:// output_dir without its client: refused before any work
     distributed.initialize(cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id)
     return make_mesh(check(cfg, jax.device_count(), jax.process_count()))
 
@@ -234,8 +233,8 @@ def checked_mesh(cfg: TrainConfig) -> Mesh:
 def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     """Train as configured on `mesh` (from `checked_mesh`); returns the summary. The config's inputs are
     plain paths (`stjax.train.stages.resolve`)."""
-    out = as_path(cfg.out_dir)
-    lock = rundir.lock(out)  # a second run on out_dir is refused
+    out = as_path(cfg.output_dir)
+    lock = rundir.lock(out)  # a second run on output_dir is refused
     rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg)
@@ -249,13 +248,13 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     check_tokenizer(processor, model_cfg)
 
     per_step = stage.samples_per_step(cfg)
-    steps = cfg.steps or len(samples) * cfg.epochs // per_step
+    steps = cfg.max_steps or len(samples) * cfg.num_train_epochs // per_step
     if steps == 0:
-        raise ConfigError(f"{len(samples)} samples x {cfg.epochs} epochs do not fill one step of {per_step}")
-    epochs = max(cfg.epochs, math.ceil(steps * per_step / len(samples)))
+        raise ConfigError(f"{len(samples)} samples x {cfg.num_train_epochs} epochs do not fill one step of {per_step}")
+    epochs = max(cfg.num_train_epochs, math.ceil(steps * per_step / len(samples)))
     loader = make_loader(samples, processor, LoaderConfig(
         batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
-        shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers, template=cfg.data.template or stage.template,
+        shuffle=cfg.data.shuffle, num_workers=cfg.data.dataloader_num_workers, template=cfg.data.template or stage.template,
         token_buckets=cfg.data.token_buckets, patch_buckets=cfg.data.patch_buckets, image_patch_buckets=(0,),
         videos_per_sample=1, images_per_sample=0))
     data = iter(loader)
@@ -265,7 +264,8 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     graphdef, trainable, frozen = split_trainable(model)
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del trainable  # the state holds the trained copies
-    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit,
+                               cfg.checkpoint.async_save)
     start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
         state = restored
@@ -321,7 +321,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
         export_hf(trained, out / "hf", tokenizer,
-                  files=export_files(processor, tokenizer, cfg.stage, d.template or stage.template))
+                  files=export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template))
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:
         lock.release()

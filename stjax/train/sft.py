@@ -1,6 +1,6 @@
 """The SFT stage (the cold start): next-token loss on the reference replies, on the shared loop.
 
-Each step draws `batch_size` samples as `accumulation` micro-batches, makes them one global batch
+Each step draws `batch_size` samples as `gradient_accumulation_steps` micro-batches, makes them one global batch
 (`stjax.train.batch`) and runs the compiled step (`stjax.train.step.train_step`).
 """
 
@@ -37,7 +37,7 @@ class SFT:
 
     @staticmethod
     def loader_batch(cfg: TrainConfig) -> int:
-        return cfg.micro_batch_size or cfg.batch_size
+        return cfg.micro_batch
 
     @staticmethod
     def updates_per_step(cfg: TrainConfig) -> int:
@@ -50,7 +50,7 @@ class SFT:
 
     def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         context = self.context
-        micro_batches = [next(data) for _ in range(context.cfg.accumulation)]
+        micro_batches = [next(data) for _ in range(context.cfg.gradient_accumulation_steps)]
         batch = global_batch(host_batch(context.model_cfg, micro_batches), context.mesh)
         began = time.perf_counter()
         state, metrics = self.step_fn(state, context.frozen, batch)

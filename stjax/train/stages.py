@@ -11,6 +11,7 @@ so the loop and the stages see only files: a data file, a tokenizer, a model dir
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +20,18 @@ from jax.experimental import multihost_utils
 
 from stjax.train import config, loop
 from stjax.train.config import TrainConfig
-from stjax.train.grpo import GRPO
-from stjax.train.sft import SFT
 
-STAGES: dict[str, type[loop.Stage]] = {"sft": SFT, "grpo": GRPO}
+
+def stage_steps(name: str) -> type[loop.Stage]:
+    """The class that runs stage `name`'s steps on the shared loop (`config.STAGES`)."""
+    module, cls = config.STAGES[name].trainer.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary. Config errors come before any work."""
     mesh = loop.checked_mesh(cfg)
-    return loop.train(resolve(cfg), STAGES[cfg.stage], mesh)
+    return loop.train(resolve(cfg), stage_steps(cfg.stage), mesh)
 
 
 def on_process_zero(make: Callable[[], object], what: Path) -> None:
@@ -43,14 +46,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """The config with every input a plain path, made first where the config leaves it to be made
     (once: a rerun reuses what exists):
 
-    - GRPO with no model.init on the synthetic set: the SFT cold start, trained as `--stage sft`
+    - GRPO with no model.model_name_or_path on the synthetic set: the SFT cold start, trained as `--stage sft`
       makes it (`cold_start`), is the model;
-    - data.format synthetic: the set rendered at data.path (default <out_dir>/data), then read as the
+    - data.format synthetic: the set rendered at data.path (default <output_dir>/data), then read as the
       plain JSONL file it is, with its tokenizer;
-    - no model.init: a tiny random model for the tokenizer, at <out_dir>/base-model.
+    - no model.model_name_or_path: a tiny random model for the tokenizer, at <output_dir>/base-model.
     """
-    out = Path(cfg.out_dir)  # local whenever something is made here (`config.check_out_dir`)
-    if cfg.stage == "grpo" and not cfg.model.init and cfg.data.format == "synthetic":
+    out = Path(cfg.output_dir)  # local whenever something is made here (`config.check_output_dir`)
+    if cfg.stage == "grpo" and not cfg.model.model_name_or_path and cfg.data.format == "synthetic":
         cfg = cold_start(cfg)
     data = cfg.data
     if data.format == "synthetic":
@@ -61,22 +64,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                         root / "plain.jsonl")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             data, format="plain", path=str(root / "plain.jsonl"), tokenizer=data.tokenizer or str(root / "tokenizer")))
-    if not cfg.model.init:
-        from stjax.models.tiny import tiny_model_dir
+    if not cfg.model.model_name_or_path:
+        from stjax.data.tokenizer import tiny_model_dir
 
         tokenizer, source = loop.tokenizer_dir(cfg), out / "base-model"
         on_process_zero(lambda: tiny_model_dir(tokenizer, source, cfg.model.arch, cfg.seed), source / "config.json")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(source)))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_name_or_path=str(source)))
     return cfg
 
 
 def cold_start(cfg: TrainConfig) -> TrainConfig:
     """GRPO's embedded starting point: the SFT cold start as `--stage sft` makes it (under
-    <out_dir>/sft, trained when missing) as the model, and its synthetic set as the data."""
-    out = Path(cfg.out_dir) / "sft"
+    <output_dir>/sft, trained when missing) as the model, and its synthetic set as the data."""
+    out = Path(cfg.output_dir) / "sft"
     if not (out / "hf" / "config.json").exists():
-        train(config.load(None, [], config.EMBEDDED["sft"], stage="sft", out_dir=str(out), seed=cfg.seed,
+        train(config.load(None, [], config.EMBEDDED["sft"], stage="sft", output_dir=str(out), seed=cfg.seed,
                           model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks,
                                                                   "synthetic_tasks": list(cfg.data.synthetic_tasks)}))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(out / "hf")),
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_name_or_path=str(out / "hf")),
                                data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")))

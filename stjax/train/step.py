@@ -23,6 +23,7 @@ from flax import nnx, struct
 
 from stjax.models.inputs import ModelInputs
 from stjax.models.layers import LoRAParam
+from stjax.settings import ConfigError, check_fields, setting
 from stjax.train.loss import chunked_sft_loss, loss_totals, sft_loss
 
 
@@ -31,14 +32,19 @@ class OptimConfig:
     """Defaults follow the release's SFT recipe (lr 8e-5, cosine, warmup 0.1, max grad norm 0.3).
     `total_steps` is the schedule's length (a training run sets it to its own length when 0)."""
 
-    learning_rate: float = 8e-5
-    total_steps: int = 0
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    learning_rate: float = setting(8e-5, "peak learning rate", least=0.0)
+    total_steps: int = setting(0, "the schedule's length; 0: the run's own", least=0)
+    warmup_ratio: float = setting(0.1, "share of the steps warming up linearly from 0, in [0, 1]", least=0.0)
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
+    max_grad_norm: float = setting(0.3, "gradients clipped to this global norm", least=0.0)
+    adam_beta1: float = setting(0.9, "AdamW's beta1")
+    adam_beta2: float = setting(0.999, "AdamW's beta2")
+    adam_epsilon: float = setting(1e-8, "AdamW's epsilon")
+
+    def check(self) -> None:
+        check_fields(self, "optim.")
+        if self.warmup_ratio > 1:
+            raise ConfigError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
 
     def schedule(self) -> optax.Schedule:
         """Linear warmup from 0 over ceil(warmup_ratio * total_steps) steps (transformers' Trainer's
@@ -51,7 +57,8 @@ class OptimConfig:
 
     def optimizer(self) -> optax.GradientTransformation:
         """optax AdamW on the schedule; clipping is done by `apply` with the step's gradient norm."""
-        return optax.adamw(self.schedule(), self.b1, self.b2, self.eps, weight_decay=self.weight_decay)
+        return optax.adamw(self.schedule(), self.adam_beta1, self.adam_beta2, self.adam_epsilon,
+                           weight_decay=self.weight_decay)
 
     def init(self, params: nnx.State) -> optax.OptState:
         return self.optimizer().init(params)
