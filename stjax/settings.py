@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -96,7 +97,7 @@ def _coerce(value: Any, kind: Any, key: str, meta: dict, hints: dict[str, str]) 
     if not isinstance(value, (list, dict)) and value in aliases:
         return aliases[value]
     origin, args = get_origin(kind), get_args(kind)
-    if origin is Union:  # X | None
+    if origin in (Union, types.UnionType):  # Optional[X], X | None
         if value is None and type(None) in args:
             return None
         kind = next(a for a in args if a is not type(None))
