@@ -35,8 +35,10 @@ def main() -> None:
     from stjax.models.attention import attend
 
     assert cpu_attention.available(), "cpu_flash could not be built (see the warning above)"
-    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32; median of {args.repeats}, in turn")
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), float32; median of {args.repeats}, in turn"
+    )
     rng = np.random.default_rng(0)
     for name, (b, n, h, kv, d, causal) in CASES.items():
         q = rng.standard_normal((b, n, h, d), np.float32)
@@ -45,10 +47,10 @@ def main() -> None:
 
         def ours(backend):
             forward = jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, causal, backend))
-            grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, seg, seg, causal, backend) ** 2),
-                                     argnums=(0, 1, 2)))
-            return (lambda: jax.block_until_ready(forward(q, k, v)),
-                    lambda: jax.block_until_ready(grads(q, k, v)))
+            grads = jax.jit(
+                jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, seg, seg, causal, backend) ** 2), argnums=(0, 1, 2))
+            )
+            return (lambda: jax.block_until_ready(forward(q, k, v)), lambda: jax.block_until_ready(grads(q, k, v)))
 
         tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, enable_gqa=True)
@@ -62,16 +64,24 @@ def main() -> None:
             return [t.grad for t in (tq, tk, tv)]
 
         (xla_f, xla_g), (flash_f, flash_g) = ours("xla"), ours("cpu_flash")
-        err = max(float(np.abs(np.asarray(a) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
-                  for a, r in zip(flash_g(), xla_g()))
+        err = max(
+            float(np.abs(np.asarray(a) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
+            for a, r in zip(flash_g(), xla_g())
+        )
         times = interleaved_medians([xla_f, flash_f, torch_forward, xla_g, flash_g, torch_grads], args.repeats)
         (fx, ff, ft, gx, gf, gt) = (1e3 * t for t in times)
-        print(f"{name} ({b} x {n} tokens, {h} heads / {kv} KV x {d}{', causal' if causal else ''}); "
-              f"cpu_flash gradients vs xla {err:.1e}")
-        print(f"  forward           xla {fx:7.1f} ms  cpu_flash {ff:7.1f} ms  torch {ft:7.1f} ms  "
-              f"torch / cpu_flash {ft / ff:.2f}x")
-        print(f"  forward+backward  xla {gx:7.1f} ms  cpu_flash {gf:7.1f} ms  torch {gt:7.1f} ms  "
-              f"torch / cpu_flash {gt / gf:.2f}x")
+        print(
+            f"{name} ({b} x {n} tokens, {h} heads / {kv} KV x {d}{', causal' if causal else ''}); "
+            f"cpu_flash gradients vs xla {err:.1e}"
+        )
+        print(
+            f"  forward           xla {fx:7.1f} ms  cpu_flash {ff:7.1f} ms  torch {ft:7.1f} ms  "
+            f"torch / cpu_flash {ft / ff:.2f}x"
+        )
+        print(
+            f"  forward+backward  xla {gx:7.1f} ms  cpu_flash {gf:7.1f} ms  torch {gt:7.1f} ms  "
+            f"torch / cpu_flash {gt / gf:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -50,28 +50,39 @@ def main() -> None:
     k = jax.random.normal(keys[1], (b, l, kv, d), args.dtype)
     v = jax.random.normal(keys[2], (b, l, kv, d), args.dtype)
     segments = jnp.ones((b, l), jnp.int32)
-    variants = {f"attend backend={name}": (lambda q, k, v, name=name: attend(q, k, v, segments, segments, True, name))
-                for name in ("xla", "dot_product")}
-    variants["attend backend=dot_product right_padded"] = (
-        lambda q, k, v: attend(q, k, v, segments, segments, True, "dot_product", right_padded=True))
+    variants = {
+        f"attend backend={name}": (lambda q, k, v, name=name: attend(q, k, v, segments, segments, True, name))
+        for name in ("xla", "dot_product")
+    }
+    variants["attend backend=dot_product right_padded"] = lambda q, k, v: attend(
+        q, k, v, segments, segments, True, "dot_product", right_padded=True
+    )
     cudnn = jax.default_backend() == "gpu" and args.dtype == "bfloat16"
-    variants["dot_product_attention is_causal" + (" (cuDNN)" if cudnn else "")] = (
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None))
+    variants["dot_product_attention is_causal" + (" (cuDNN)" if cudnn else "")] = lambda q, k, v: (
+        jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else None)
+    )
 
     flops = 4 * b * h * l * l * d
-    print(f"device {jax.devices()[0].device_kind}; {b} x {l} tokens, {h} heads ({kv} KV), head dim {d}, {args.dtype}; "
-          f"{flops / 1e9:.1f} GFLOP forward (full square)")
+    print(
+        f"device {jax.devices()[0].device_kind}; {b} x {l} tokens, {h} heads ({kv} KV), head dim {d}, {args.dtype}; "
+        f"{flops / 1e9:.1f} GFLOP forward (full square)"
+    )
     reference = np.asarray(jax.jit(variants["attend backend=xla"])(q, k, v), np.float32)
     for name, fn in variants.items():
         forward = jax.jit(fn)
-        grads = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+        grads = jax.jit(
+            jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
+        )
         out = np.asarray(forward(q, k, v), np.float32)
         err = np.abs(out - reference).max() / np.abs(reference).max()
-        t_fwd, t_both = interleaved_medians([lambda: jax.block_until_ready(forward(q, k, v)),
-                                             lambda: jax.block_until_ready(grads(q, k, v))], 10)
-        print(f"  {name:45s} forward {t_fwd * 1e3:8.2f} ms ({flops / t_fwd / 1e12:6.1f} TFLOP/s)  "
-              f"forward + backward {t_both * 1e3:8.2f} ms ({3.5 * flops / t_both / 1e12:6.1f} TFLOP/s)  "
-              f"backward / forward {(t_both - t_fwd) / t_fwd:4.1f}  vs xla {err:.1e}")
+        t_fwd, t_both = interleaved_medians(
+            [lambda: jax.block_until_ready(forward(q, k, v)), lambda: jax.block_until_ready(grads(q, k, v))], 10
+        )
+        print(
+            f"  {name:45s} forward {t_fwd * 1e3:8.2f} ms ({flops / t_fwd / 1e12:6.1f} TFLOP/s)  "
+            f"forward + backward {t_both * 1e3:8.2f} ms ({3.5 * flops / t_both / 1e12:6.1f} TFLOP/s)  "
+            f"backward / forward {(t_both - t_fwd) / t_fwd:4.1f}  vs xla {err:.1e}"
+        )
 
 
 if __name__ == "__main__":

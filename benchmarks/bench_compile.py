@@ -31,12 +31,15 @@ def main() -> None:
     grid = (4, 24, 24)  # 8 frames at 336 x 336
     pads = int(np.prod(grid)) // 4
     ids = np.full((1, args.tokens), 100, np.int64)
-    ids[0, 10:10 + pads] = base.video_token_id
+    ids[0, 10 : 10 + pads] = base.video_token_id
     pixels = np.zeros((int(np.prod(grid)), base.vision.patch_dim), np.float32)
-    inputs = prepare_inputs(base, ids, pixel_values_videos=pixels, video_grid_thw=np.array([grid]),
-                            second_per_grid_ts=np.array([2.0]))
+    inputs = prepare_inputs(
+        base, ids, pixel_values_videos=pixels, video_grid_thw=np.array([grid]), second_per_grid_ts=np.array([2.0])
+    )
     abstract_inputs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(args.dtype) if a.dtype.kind == "f" else a.dtype), inputs)
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(args.dtype) if a.dtype.kind == "f" else a.dtype), inputs
+    )
+
     def compile_once(layers: int) -> tuple[float, float, float]:
         cfg = base.replace(text=base.text.__class__(**{**base.text.__dict__, "num_layers": layers}))
         graphdef, state = nnx.split(abstract_model(cfg))
@@ -52,6 +55,7 @@ def main() -> None:
     for layers in args.layers:
         params, lower_s, total = compile_once(layers)
         print(f"text layers {layers:3d} ({params:5.2f}B params): lower {lower_s:5.2f} s, lower+compile {total:6.2f} s")
+
 
 if __name__ == "__main__":
     main()

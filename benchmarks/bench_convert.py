@@ -27,7 +27,11 @@ sys.path.insert(0, str(ROOT))
 from stjax.models.config import QwenVLConfig  # noqa: E402
 from stjax.models.loading import hf_shape, param_shapes  # noqa: E402
 from stjax.models.safetensors_io import (  # noqa: E402
-    PlannedTensor, SafetensorsReader, differing_tensors, write_safetensors)
+    PlannedTensor,
+    SafetensorsReader,
+    differing_tensors,
+    write_safetensors,
+)
 from stjax.models.weights import num_layers, rules  # noqa: E402
 
 
@@ -76,7 +80,9 @@ def main() -> None:
     try:
         start = time.perf_counter()
         size = random_checkpoint(cfg, hf, np.dtype(args.dtype))
-        print(f"{args.preset} ({args.dtype}): {size / 1e9:.2f} GB checkpoint written in {time.perf_counter() - start:.0f} s")
+        print(
+            f"{args.preset} ({args.dtype}): {size / 1e9:.2f} GB checkpoint written in {time.perf_counter() - start:.0f} s"
+        )
         t1, rss1 = run_measured([str(ROOT / "convert/to_stjax.py"), str(hf), str(stjax)])
         print(f"HF -> stjax: {t1:6.1f} s, peak RSS {rss1 / 1e9:6.2f} GB = {rss1 / size:.2f} x checkpoint")
         t2, rss2 = run_measured([str(ROOT / "convert/to_hf.py"), str(stjax), str(back)])

@@ -77,12 +77,18 @@ def main() -> None:
         processor = Processor.from_pretrained(out / "tokenizer", media=MediaConfig(backend=args.backend))
         example = processor(samples[0], "sft")
         print(f"{len(samples)} samples, {os.cpu_count()} CPUs, backend {_pick_backend(args.backend)}")
-        print(f"per sample: grid {example['video_grid_thw'].tolist()}, {len(example['input_ids'])} tokens, "
-              f"pixel_values_videos {example['pixel_values_videos'].shape}")
+        print(
+            f"per sample: grid {example['video_grid_thw'].tolist()}, {len(example['input_ids'])} tokens, "
+            f"pixel_values_videos {example['pixel_values_videos'].shape}"
+        )
         stage_times(samples[:4], processor)  # warm up
         stages = stage_times(samples, processor)
         total = sum(stages.values())
-        print("stage ms/sample: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items()) + f", sum {1000 * total:.1f}")
+        print(
+            "stage ms/sample: "
+            + ", ".join(f"{k} {1000 * v:.1f}" for k, v in stages.items())
+            + f", sum {1000 * total:.1f}"
+        )
         for workers in args.workers:
             rate, startup = loader_rate(samples, processor, workers)
             print(f"loader workers={workers}: {rate:.1f} samples/s (first batch after {startup:.1f} s)")

@@ -34,18 +34,31 @@ def mid_config(arch: str, scale: int = 1):
     cfg = QwenVLConfig.from_file(family(arch).tiny_preset)
     qwen3 = arch == "qwen3_vl"
     # Qwen3-VL keeps its decoder's kind (q/k norms, interleaved M-RoPE, head_dim 64 given explicitly).
-    text = dataclasses.replace(cfg.text, vocab_size=8192, hidden_size=512 * scale, intermediate_size=1536 * scale,
-                               num_layers=4 * scale, num_heads=8 * scale, num_kv_heads=2 * scale,
-                               mrope_section=(12, 10, 10) if qwen3 else (8, 12, 12),
-                               explicit_head_dim=64 if qwen3 else None)
+    text = dataclasses.replace(
+        cfg.text,
+        vocab_size=8192,
+        hidden_size=512 * scale,
+        intermediate_size=1536 * scale,
+        num_layers=4 * scale,
+        num_heads=8 * scale,
+        num_kv_heads=2 * scale,
+        mrope_section=(12, 10, 10) if qwen3 else (8, 12, 12),
+        explicit_head_dim=64 if qwen3 else None,
+    )
     depth = 4 * scale
-    vision = cfg.vision.__class__(**{**cfg.vision.__dict__, "depth": depth, "hidden_size": 256 * scale,
-                                     "num_heads": 4 * scale, "intermediate_size": 1024 * scale,
-                                     "out_hidden_size": 512 * scale,
-                                     "fullatt_block_indexes": tuple(range(depth // 2 - 1, depth, depth // 2))
-                                     if arch == "qwen2_5_vl" else (),
-                                     "num_position_embeddings": 2304 if qwen3 else 0,
-                                     "deepstack_visual_indexes": tuple(range(depth - 1)) if qwen3 else ()})
+    vision = cfg.vision.__class__(
+        **{
+            **cfg.vision.__dict__,
+            "depth": depth,
+            "hidden_size": 256 * scale,
+            "num_heads": 4 * scale,
+            "intermediate_size": 1024 * scale,
+            "out_hidden_size": 512 * scale,
+            "fullatt_block_indexes": tuple(range(depth // 2 - 1, depth, depth // 2)) if arch == "qwen2_5_vl" else (),
+            "num_position_embeddings": 2304 if qwen3 else 0,
+            "deepstack_visual_indexes": tuple(range(depth - 1)) if qwen3 else (),
+        }
+    )
     return cfg.replace(text=text, vision=vision, initializer_range=0.02)
 
 
@@ -98,11 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=0,
-                        help="frame side in pixels, a multiple of patch x merge (default 336; Qwen3-VL 384)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="frame side in pixels, a multiple of patch x merge (default 336; Qwen3-VL 384)",
+    )
     parser.add_argument("--text", type=int, default=64, help="text tokens around the video")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--attention", default="cpu_flash", help="stjax attention backends, comma-separated (each timed)")
+    parser.add_argument(
+        "--attention", default="cpu_flash", help="stjax attention backends, comma-separated (each timed)"
+    )
     parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     parser.add_argument("--scale", type=int, default=1, help="multiply widths and depths (GPU runs)")
@@ -149,15 +168,20 @@ def main() -> None:
         return logits
 
     ref_logits = theirs().float().cpu().numpy()
-    errs = [np.abs(np.asarray(fn())[:, : batch["input_ids"].shape[1]] - ref_logits).max() / np.abs(ref_logits).max()
-            for fn in ours]
+    errs = [
+        np.abs(np.asarray(fn())[:, : batch["input_ids"].shape[1]] - ref_logits).max() / np.abs(ref_logits).max()
+        for fn in ours
+    ]
 
     *t_jax, t_torch = interleaved_medians([*ours, theirs], args.repeats)
     tokens = batch["input_ids"].shape[1]
-    print(f"device: jax {jax.devices()[0].device_kind}, torch {device} ({torch.get_num_threads()} threads), "
-          f"{args.dtype}")
-    print(f"{args.arch}: {args.frames} frames {args.size}x{args.size}, {tokens} tokens "
-          f"({cfg.vision.depth} vision / {cfg.text.num_layers} text layers)")
+    print(
+        f"device: jax {jax.devices()[0].device_kind}, torch {device} ({torch.get_num_threads()} threads), {args.dtype}"
+    )
+    print(
+        f"{args.arch}: {args.frames} frames {args.size}x{args.size}, {tokens} tokens "
+        f"({cfg.vision.depth} vision / {cfg.text.num_layers} text layers)"
+    )
     for backend, t, err in zip(backends, t_jax, errs):
         print(f"stjax  forward: {t * 1e3:8.1f} ms  (attention={backend}; relative logit error {err:.1e})")
     print(f"torch  forward: {t_torch * 1e3:8.1f} ms  (attn_implementation={args.torch_attention})")
@@ -167,9 +191,11 @@ def main() -> None:
         flops = forward_flops(cfg, tokens, batch["video_grid_thw"][0])
         rate = best_matmul_rate()
         floor = flops / rate
-        print(f"floor: {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix product "
-              f"here) take {floor * 1e3:.0f} ms: at most {t_torch / floor:.2f}x faster than torch; stjax runs at "
-              f"{flops / min(t_jax) / 1e9:.0f} GFLOP/s, {100 * floor / min(t_jax):.0f}% of that rate")
+        print(
+            f"floor: {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix product "
+            f"here) take {floor * 1e3:.0f} ms: at most {t_torch / floor:.2f}x faster than torch; stjax runs at "
+            f"{flops / min(t_jax) / 1e9:.0f} GFLOP/s, {100 * floor / min(t_jax):.0f}% of that rate"
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def assets(root: Path) -> tuple[Path, Path]:
 
 def prompts(count: int) -> tuple[list[str], list[np.ndarray]]:
     rng = np.random.default_rng(0)
-    texts = [f"Which landmarks did you pass by on walk {i}? Options: A. a red cube, B. a blue cylinder" for i in range(count)]
+    texts = [
+        f"Which landmarks did you pass by on walk {i}? Options: A. a red cube, B. a blue cylinder" for i in range(count)
+    ]
     return texts, [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in range(count)]
 
 
@@ -70,35 +72,81 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
     from stjax.train.loop import placed_state
     from stjax.train.step import split_trainable
 
-    cfg = config.load(None, [f"batch_size={args.prompts * args.generations}", f"grpo.num_generations={args.generations}",
-                             f"grpo.max_completion_length={args.tokens}", "grpo.beta=0.1", "grpo.loss_type=grpo",
-                             "grpo.log_completions_steps=0", "optim.learning_rate=1e-5", "loss_chunk=0"], stage="grpo")
+    cfg = config.load(
+        None,
+        [
+            f"batch_size={args.prompts * args.generations}",
+            f"grpo.num_generations={args.generations}",
+            f"grpo.max_completion_length={args.tokens}",
+            "grpo.beta=0.1",
+            "grpo.loss_type=grpo",
+            "grpo.log_completions_steps=0",
+            "optim.learning_rate=1e-5",
+            "loss_chunk=0",
+        ],
+        stage="grpo",
+    )
     model, _ = load_pretrained(model_dir)
     mesh = make_mesh({"fsdp": 1})
     graphdef, params, frozen = split_trainable(model)
     optim = dataclasses.replace(cfg.optim, total_steps=args.steps + 1)
     state = placed_state(params, optim, 0, mesh)
     processor = Processor.from_pretrained(tokenizer)
-    samples = [Sample(id=f"p{i}", video="", question=t, options=["A. a red cube", "B. a blue cylinder"], answer="A",
-                      task="landmark", direction="forward") for i, t in enumerate(texts)]
+    samples = [
+        Sample(
+            id=f"p{i}",
+            video="",
+            question=t,
+            options=["A. a red cube", "B. a blue cylinder"],
+            answer="A",
+            task="landmark",
+            direction="forward",
+        )
+        for i, t in enumerate(texts)
+    ]
     items = [processor.encode(t, images=[im]) | {"sample_id": s.id} for t, im, s in zip(texts, images, samples)]
     length = bucket(max(len(x["input_ids"]) for x in items))  # the prompts' shape bucket, as the loader's would be
-    batch = pad_batch(items, LoaderConfig(batch_size=len(items), token_buckets=(length,), patch_buckets=(0,),
-                                          image_patch_buckets=(SIDE * SIDE // 196,), videos_per_sample=0,
-                                          images_per_sample=1), processor.tokenizer.pad_token_id)
-    run = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen, optim=optim,
-                          processor=processor, out=out, samples={s.id: s for s in samples}, start_step=0,
-                          peak_flops=args.rate)  # so "mfu" is the update's share of the measured rate
+    batch = pad_batch(
+        items,
+        LoaderConfig(
+            batch_size=len(items),
+            token_buckets=(length,),
+            patch_buckets=(0,),
+            image_patch_buckets=(SIDE * SIDE // 196,),
+            videos_per_sample=0,
+            images_per_sample=1,
+        ),
+        processor.tokenizer.pad_token_id,
+    )
+    run = SimpleNamespace(
+        cfg=cfg,
+        mesh=mesh,
+        model_cfg=model.config,
+        graphdef=graphdef,
+        frozen=frozen,
+        optim=optim,
+        processor=processor,
+        out=out,
+        samples={s.id: s for s in samples},
+        start_step=0,
+        peak_flops=args.rate,
+    )  # so "mfu" is the update's share of the measured rate
     stage = GRPO()
     stage.setup(run, model, state)
     times = []
     for step in range(args.steps + 1):
         began = time.perf_counter()
         state, metrics = stage.step(run, state, iter([dict(batch)]), step)
-        times.append({"step": time.perf_counter() - began, "rollout": metrics["rollout_time"],
-                      "log-probs": metrics["logprob_time"], "update": metrics["update_time"],
-                      "tokens": metrics["completions/mean_length"] * len(texts) * args.generations,
-                      "update FLOPs": metrics["mfu"] * args.rate * metrics["update_time"]})
+        times.append(
+            {
+                "step": time.perf_counter() - began,
+                "rollout": metrics["rollout_time"],
+                "log-probs": metrics["logprob_time"],
+                "update": metrics["update_time"],
+                "tokens": metrics["completions/mean_length"] * len(texts) * args.generations,
+                "update FLOPs": metrics["mfu"] * args.rate * metrics["update_time"],
+            }
+        )
     return times[1:]
 
 
@@ -135,20 +183,42 @@ def trl_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path) 
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
-             "image": Image.fromarray(im)} for t, im in zip(texts, images)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+            "image": Image.fromarray(im),
+        }
+        for t, im in zip(texts, images)
+    ]
 
     def accuracy(completions, **_):
         return [float("<answer>A" in c[0]["content"]) for c in completions]
 
-    config = GRPOConfig(output_dir=str(out), per_device_train_batch_size=len(texts) * args.generations,
-                        num_generations=args.generations, max_completion_length=args.tokens, temperature=1.0,
-                        beta=0.1, loss_type="grpo", learning_rate=1e-5, max_steps=args.steps + 1, use_cpu=True,
-                        report_to="none", logging_steps=1, save_strategy="no", bf16=False,
-                        gradient_checkpointing=False, disable_tqdm=True)
-    trainer = GRPOTrainer(model=Qwen2VLForConditionalGeneration.from_pretrained(model_dir), reward_funcs=[accuracy],
-                          args=config, train_dataset=Dataset.from_list(rows * (args.steps + 1)),
-                          processing_class=ImageOnlyProcessor.make(tokenizer))
+    config = GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=len(texts) * args.generations,
+        num_generations=args.generations,
+        max_completion_length=args.tokens,
+        temperature=1.0,
+        beta=0.1,
+        loss_type="grpo",
+        learning_rate=1e-5,
+        max_steps=args.steps + 1,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=Qwen2VLForConditionalGeneration.from_pretrained(model_dir),
+        reward_funcs=[accuracy],
+        args=config,
+        train_dataset=Dataset.from_list(rows * (args.steps + 1)),
+        processing_class=ImageOnlyProcessor.make(tokenizer),
+    )
     spent = {"rollout": 0.0, "log-probs": 0.0, "tokens": 0}
 
     def timed(name, fn):
@@ -160,6 +230,7 @@ def trl_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path) 
             if name == "rollout":
                 spent["tokens"] += sum(len(ids) for ids in result[1])  # completion_ids
             return result
+
         return wrapper
 
     trainer._generate = timed("rollout", trainer._generate)
@@ -173,8 +244,15 @@ def trl_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path) 
 
         def on_step_end(self, *_, **__):
             step = time.perf_counter() - spent["began"]
-            times.append({"step": step, "rollout": spent["rollout"], "log-probs": spent["log-probs"],
-                          "update": step - spent["rollout"] - spent["log-probs"], "tokens": spent["tokens"]})
+            times.append(
+                {
+                    "step": step,
+                    "rollout": spent["rollout"],
+                    "log-probs": spent["log-probs"],
+                    "update": step - spent["rollout"] - spent["log-probs"],
+                    "tokens": spent["tokens"],
+                }
+            )
 
     trainer.add_callback(Clock())
     trainer.train()
@@ -186,8 +264,9 @@ def median(times: list[dict], key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--generations", type=int, default=8)
@@ -202,23 +281,29 @@ def main() -> None:
         texts, images = prompts(args.prompts)
         ours = stjax_steps(tokenizer, model_dir, texts, images, args, root / "stjax")
         theirs = trl_steps(tokenizer, model_dir, texts, images, args, root / "trl")
-    print(f"GRPO step, tiny Qwen2-VL, {args.prompts} prompts x G={args.generations}, <= {args.tokens} completion "
-          f"tokens, one {SIDE}x{SIDE} image per prompt (2304 patches; TRL takes no Qwen2-VL video here), beta 0.1, "
-          f"median of {args.steps} steps")
+    print(
+        f"GRPO step, tiny Qwen2-VL, {args.prompts} prompts x G={args.generations}, <= {args.tokens} completion "
+        f"tokens, one {SIDE}x{SIDE} image per prompt (2304 patches; TRL takes no Qwen2-VL video here), beta 0.1, "
+        f"median of {args.steps} steps"
+    )
     print(f"{'':12} {'stjax s':>9} {'TRL s':>9} {'TRL / stjax':>12}")
     for key in ("step", "rollout", "log-probs", "update"):
         a, b = median(ours, key), median(theirs, key)
         print(f"{key:12} {a:9.3f} {b:9.3f} {b / a:11.1f}x")
     per_token = lambda times: median(times, "step") / median(times, "tokens")
-    print(f"completion tokens per step: stjax {median(ours, 'tokens'):.0f}, TRL {median(theirs, 'tokens'):.0f} "
-          f"(sampled: lengths differ between the sides); per completion token TRL / stjax "
-          f"{per_token(theirs) / per_token(ours):.1f}x")
+    print(
+        f"completion tokens per step: stjax {median(ours, 'tokens'):.0f}, TRL {median(theirs, 'tokens'):.0f} "
+        f"(sampled: lengths differ between the sides); per completion token TRL / stjax "
+        f"{per_token(theirs) / per_token(ours):.1f}x"
+    )
     flops = 5 / 3 * median(ours, "update FLOPs")
     floor, target = flops / args.rate, median(theirs, "step") / 5
-    print(f"floor: {flops / 1e9:.1f} GFLOP per step at {args.rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 "
-          f"product here) = {floor:.3f} s; the 5x target is a step of {target:.3f} s, "
-          f"{'above' if target > floor else 'below'} the floor; stjax runs at {floor / median(ours, 'step'):.0%} "
-          "of the floor's rate")
+    print(
+        f"floor: {flops / 1e9:.1f} GFLOP per step at {args.rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 "
+        f"product here) = {floor:.3f} s; the 5x target is a step of {target:.3f} s, "
+        f"{'above' if target > floor else 'below'} the floor; stjax runs at {floor / median(ours, 'step'):.0%} "
+        "of the floor's rate"
+    )
 
 
 if __name__ == "__main__":

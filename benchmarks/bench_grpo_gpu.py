@@ -78,22 +78,40 @@ def model_and_prompts(args, root: Path):
     ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True))
     cfg = model_config(args.size, attention=args.attention, remat=args.remat)
     vocab = max(cfg.text.vocab_size, -(-ids["vocab_size"] // 64) * 64)
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab),
-                      **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "vision_start_token_id",
-                                             "vision_end_token_id", "image_token_id", "video_token_id")})
+    cfg = cfg.replace(
+        text=dataclasses.replace(cfg.text, vocab_size=vocab),
+        **{
+            k: ids[k]
+            for k in (
+                "bos_token_id",
+                "eos_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+                "image_token_id",
+                "video_token_id",
+            )
+        },
+    )
     processor = Processor.from_pretrained(tokenizer)
     frames, side = args.video
     rng = np.random.default_rng(0)
     items = []
     for i in range(args.prompts):
-        clip = VideoClip(frames=rng.integers(0, 256, (frames, side, side, 3), dtype=np.uint8),
-                         frame_indices=np.arange(frames), total_frames=frames, video_fps=1.0, sample_fps=1.0,
-                         second_per_grid_t=2.0)
-        items.append(processor.encode(f"Walk {i}: which landmark did you pass first? A. a cube B. a cone",
-                                      videos=[clip]))
+        clip = VideoClip(
+            frames=rng.integers(0, 256, (frames, side, side, 3), dtype=np.uint8),
+            frame_indices=np.arange(frames),
+            total_frames=frames,
+            video_fps=1.0,
+            sample_fps=1.0,
+            second_per_grid_t=2.0,
+        )
+        items.append(
+            processor.encode(f"Walk {i}: which landmark did you pass first? A. a cube B. a cone", videos=[clip])
+        )
     patches = max(len(x["pixel_values_videos"]) for x in items)
-    loader = LoaderConfig(batch_size=args.prompts, token_buckets=(args.prompt_length,), patch_buckets=(patches,),
-                          image_patch_buckets=(0,))
+    loader = LoaderConfig(
+        batch_size=args.prompts, token_buckets=(args.prompt_length,), patch_buckets=(patches,), image_patch_buckets=(0,)
+    )
     return init_weights(cfg), pad_batch(items, loader, processor.tokenizer.pad_token_id)
 
 
@@ -110,8 +128,9 @@ def decoder_bytes(model) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--size", default="3b", help="a bench_train_gpu size (3b: the Qwen2.5-VL-3B preset)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--generations", type=int, default=8)
@@ -149,8 +168,17 @@ def main() -> None:
     prompts, starts = prompt_inputs(cfg, loaded)
     length = prompts.input_ids.shape[1]
     rows = args.prompts * g
-    train_cfg = config.load(None, [f"batch_size={rows}", f"grpo.num_generations={g}", "grpo.beta=0.1",
-                                   f"grpo.max_completion_length={args.tokens}", "grpo.loss_type=grpo"], stage="grpo")
+    train_cfg = config.load(
+        None,
+        [
+            f"batch_size={rows}",
+            f"grpo.num_generations={g}",
+            "grpo.beta=0.1",
+            f"grpo.max_completion_length={args.tokens}",
+            "grpo.loss_type=grpo",
+        ],
+        stage="grpo",
+    )
     settings = LossSettings.of(train_cfg)
     optim = dataclasses.replace(train_cfg.optim, total_steps=100)
     graphdef, params, frozen = split_trainable(model)
@@ -159,8 +187,14 @@ def main() -> None:
 
     # ---- rollout: the stage's `Rollout.generate` (the actor's weights cast for decoding, one key per completion)
     def rollout(tokens: int):
-        sampling = SamplingConfig(max_new_tokens=tokens, temperature=1.0, num_samples=g, eos_ids=(), pad_id=0,
-                                  suppress_ids=(cfg.image_token_id, cfg.video_token_id))
+        sampling = SamplingConfig(
+            max_new_tokens=tokens,
+            temperature=1.0,
+            num_samples=g,
+            eos_ids=(),
+            pad_id=0,
+            suppress_ids=(cfg.image_token_id, cfg.video_token_id),
+        )
         return Rollout(model, graphdef, frozen, sampling, settings, mesh)
 
     decoders = {tokens: rollout(tokens) for tokens in (args.tokens, 1)}
@@ -193,17 +227,29 @@ def main() -> None:
     peak = device_peak_flops(jax.devices()[0], args.peak_flops)
 
     kind = jax.devices()[0].device_kind
-    print(f"GRPO step by parts, {args.size} ({kind}), {args.prompts} prompts x G={g}, {args.tokens} completion "
-          f"tokens, {args.video[0]}-frame {args.video[1]}x{args.video[1]} videos, prompts of {length} tokens")
-    print(f"rollout: {full:.3f} s for {rows * args.tokens} tokens = {rows * args.tokens / full:.0f} tokens/s "
-          f"(prefill and first token {first:.3f} s)")
-    share = f"{step_bytes / decode_step / bandwidth:.1%} of {bandwidth / 1e12:.2f} TB/s" if bandwidth else "no peak known"
-    print(f"decode: {decode_step * 1e3:.2f} ms/step, {step_bytes / 1e9:.3f} GB read per step = "
-          f"{step_bytes / decode_step / 1e9:.0f} GB/s, {share} (target 50%)")
+    print(
+        f"GRPO step by parts, {args.size} ({kind}), {args.prompts} prompts x G={g}, {args.tokens} completion "
+        f"tokens, {args.video[0]}-frame {args.video[1]}x{args.video[1]} videos, prompts of {length} tokens"
+    )
+    print(
+        f"rollout: {full:.3f} s for {rows * args.tokens} tokens = {rows * args.tokens / full:.0f} tokens/s "
+        f"(prefill and first token {first:.3f} s)"
+    )
+    share = (
+        f"{step_bytes / decode_step / bandwidth:.1%} of {bandwidth / 1e12:.2f} TB/s" if bandwidth else "no peak known"
+    )
+    print(
+        f"decode: {decode_step * 1e3:.2f} ms/step, {step_bytes / 1e9:.3f} GB read per step = "
+        f"{step_bytes / decode_step / 1e9:.0f} GB/s, {share} (target 50%)"
+    )
     print(f"reference log-probs: {logp_time:.3f} s")
-    utilisation = f"MFU {mfu(flops, update_time, 1, peak):.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known"
-    print(f"update: {update_time:.3f} s, {flops / 1e12:.2f} TFLOP = {flops / update_time / 1e12:.1f} TFLOP/s, "
-          f"{utilisation} (target 35%); loss {metrics['loss']:.4f}")
+    utilisation = (
+        f"MFU {mfu(flops, update_time, 1, peak):.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known"
+    )
+    print(
+        f"update: {update_time:.3f} s, {flops / 1e12:.2f} TFLOP = {flops / update_time / 1e12:.1f} TFLOP/s, "
+        f"{utilisation} (target 35%); loss {metrics['loss']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def decode_rate(tokens: int, seconds: list[float]) -> tuple[float | None, str]:
     q1, q3 = np.percentile(seconds, [25, 75])
     spread = float(q3 - q1)
     if median <= 0 or spread >= median / 2:
-        return None, f"unresolved: {median * 1e3:.2f} ms with a spread of {spread * 1e3:.2f} ms over {len(seconds)} repeats"
+        return (
+            None,
+            f"unresolved: {median * 1e3:.2f} ms with a spread of {spread * 1e3:.2f} ms over {len(seconds)} repeats",
+        )
     return tokens / median, f"spread {100 * spread / median:.0f}%"
 
 
@@ -64,9 +67,11 @@ def main() -> None:
         ref.save_pretrained(tmp)
         model, _ = load_pretrained(tmp)
     n = args.new_tokens
-    print(f"{args.arch} tiny model ({cfg.text.num_layers} text / {cfg.vision.depth} vision layers), "
-          f"greedy, {n} new tokens, one 8-frame 224x224 video per prompt; "
-          f"jax on {jax.devices()[0].device_kind}, torch on {device}; median of {args.repeats} repeats")
+    print(
+        f"{args.arch} tiny model ({cfg.text.num_layers} text / {cfg.vision.depth} vision layers), "
+        f"greedy, {n} new tokens, one 8-frame 224x224 video per prompt; "
+        f"jax on {jax.devices()[0].device_kind}, torch on {device}; median of {args.repeats} repeats"
+    )
 
     class Clock(StoppingCriteria):
         """Records the time after each generated token; never stops generation."""
@@ -84,9 +89,14 @@ def main() -> None:
         batch = make_batch(cfg, [[20, ("video", 4, 16, 16), 30]] * batch_size, fps=4.0)
         length = batch["input_ids"].shape[1]
         inputs = prepare_inputs(cfg, **batch)
-        kwargs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()
-                  if k not in ("position_ids", "second_per_grid_ts")}
-        kwargs["mm_token_type_ids"] = torch.from_numpy(np.where(batch["input_ids"] == cfg.video_token_id, 2, 0)).to(device)
+        kwargs = {
+            k: torch.from_numpy(v).to(device)
+            for k, v in batch.items()
+            if k not in ("position_ids", "second_per_grid_ts")
+        }
+        kwargs["mm_token_type_ids"] = torch.from_numpy(np.where(batch["input_ids"] == cfg.video_token_id, 2, 0)).to(
+            device
+        )
 
         full = SamplingConfig(max_new_tokens=n)
         first_only = SamplingConfig(max_new_tokens=n, eos_ids=tuple(range(cfg.text.vocab_size)))
@@ -101,8 +111,14 @@ def main() -> None:
             clock = Clock()
             start = time.perf_counter()
             with torch.no_grad():
-                ref.generate(**kwargs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+                ref.generate(
+                    **kwargs,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                    stopping_criteria=StoppingCriteriaList([clock]),
+                )
             if device == "cuda":
                 torch.cuda.synchronize()
             end = time.perf_counter()
@@ -128,11 +144,16 @@ def main() -> None:
         e2e = {name: batch_size * n / float(np.median(t)) for name, t in total.items()}
         rates = {name: decode_rate(batch_size * (n - 1), t) for name, t in decode.items()}
         words = {name: f"{rate:7.0f} tok/s ({note})" if rate else note for name, (rate, note) in rates.items()}
-        ratio = (f"{rates['stjax'][0] / rates['transformers'][0]:.1f}x" if rates["stjax"][0] and rates["transformers"][0]
-                 else "no ratio")
-        print(f"batch {batch_size}: end to end stjax {e2e['stjax']:7.0f} tok/s, transformers "
-              f"{e2e['transformers']:6.0f} tok/s ({e2e['stjax'] / e2e['transformers']:.1f}x); decoding alone "
-              f"stjax {words['stjax']}, transformers {words['transformers']} ({ratio})")
+        ratio = (
+            f"{rates['stjax'][0] / rates['transformers'][0]:.1f}x"
+            if rates["stjax"][0] and rates["transformers"][0]
+            else "no ratio"
+        )
+        print(
+            f"batch {batch_size}: end to end stjax {e2e['stjax']:7.0f} tok/s, transformers "
+            f"{e2e['transformers']:6.0f} tok/s ({e2e['stjax'] / e2e['transformers']:.1f}x); decoding alone "
+            f"stjax {words['stjax']}, transformers {words['transformers']} ({ratio})"
+        )
 
 
 if __name__ == "__main__":

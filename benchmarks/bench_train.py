@@ -72,11 +72,26 @@ def mem_config(arch: str, layers: int = 16):
     from stjax.models.config import QwenVLConfig
 
     cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl" if arch == "qwen2_5_vl" else "tiny-qwen2-vl")
-    text = cfg.text.__class__(vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_layers=layers,
-                              num_heads=16, num_kv_heads=4, mrope_section=(8, 12, 12))
-    vision = cfg.vision.__class__(**{**cfg.vision.__dict__, "depth": 2, "hidden_size": 256, "num_heads": 4,
-                                     "intermediate_size": 1024, "out_hidden_size": 1024,
-                                     "fullatt_block_indexes": (1,) if arch == "qwen2_5_vl" else ()})
+    text = cfg.text.__class__(
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=layers,
+        num_heads=16,
+        num_kv_heads=4,
+        mrope_section=(8, 12, 12),
+    )
+    vision = cfg.vision.__class__(
+        **{
+            **cfg.vision.__dict__,
+            "depth": 2,
+            "hidden_size": 256,
+            "num_heads": 4,
+            "intermediate_size": 1024,
+            "out_hidden_size": 1024,
+            "fullatt_block_indexes": (1,) if arch == "qwen2_5_vl" else (),
+        }
+    )
     return cfg.replace(text=text, vision=vision, initializer_range=0.02)
 
 
@@ -90,8 +105,9 @@ def sft_row(cfg, text: int, frames: int, size: int, answer: int, seed: int = 0) 
     ids = np.concatenate([prompt["input_ids"], answers], axis=1)
     mask = np.ones_like(ids)
     full = dict(prompt, input_ids=ids, attention_mask=mask)
-    full["position_ids"], _ = rope_index(ids, mask, None, prompt.get("video_grid_thw"),
-                                         prompt.get("second_per_grid_ts"), cfg)
+    full["position_ids"], _ = rope_index(
+        ids, mask, None, prompt.get("video_grid_thw"), prompt.get("second_per_grid_ts"), cfg
+    )
     loss_mask = np.zeros_like(mask)
     loss_mask[:, -answer:] = 1
     return dict(full, loss_mask=loss_mask)
@@ -119,8 +135,9 @@ def stjax_batch(cfg, row: dict):
     length = inputs.input_ids.shape[1]
     loss_mask = np.pad(row["loss_mask"], ((0, 0), (0, length - row["loss_mask"].shape[1])))
     stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-    return jax.device_put(Batch(inputs=stack(inputs), loss_mask=stack(loss_mask),
-                                loss_positions=stack(target_positions(loss_mask)))), length
+    return jax.device_put(
+        Batch(inputs=stack(inputs), loss_mask=stack(loss_mask), loss_positions=stack(target_positions(loss_mask)))
+    ), length
 
 
 class StjaxStep:
@@ -169,7 +186,8 @@ def torch_lora(ref, rank: int, alpha: float, std: float, init: dict | None = Non
 
         def forward(self, x):
             return self.base(x) + self.scale * torch.nn.functional.linear(
-                torch.nn.functional.linear(x, self.lora_A), self.lora_B)
+                torch.nn.functional.linear(x, self.lora_A), self.lora_B
+            )
 
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -198,14 +216,27 @@ class TorchStep:
         self.params = [p for p in ref.parameters() if p.requires_grad]
         self.count = sum(p.numel() for p in self.params)
         impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
-        self.opt = torch.optim.AdamW(self.params, lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
-                                     eps=optim.adam_epsilon, weight_decay=optim.weight_decay, **impl)
+        self.opt = torch.optim.AdamW(
+            self.params,
+            lr=optim.learning_rate,
+            betas=(optim.adam_beta1, optim.adam_beta2),
+            eps=optim.adam_epsilon,
+            weight_decay=optim.weight_decay,
+            **impl,
+        )
         # the same warmup + cosine schedule, tabulated once (no JAX work inside the timed step)
         lrs = np.asarray(optim.schedule()(np.arange(optim.total_steps + 1)), np.float64) / optim.learning_rate
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: float(lrs[min(step, len(lrs) - 1)]))
         self.max_norm = optim.max_grad_norm
-        keep = ("input_ids", "attention_mask", "position_ids", "pixel_values_videos", "video_grid_thw",
-                "pixel_values", "image_grid_thw")
+        keep = (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "pixel_values",
+            "image_grid_thw",
+        )
         self.kwargs = {k: torch.from_numpy(np.asarray(row[k])) for k in keep if k in row}
         labels = np.where(row["loss_mask"] == 1, row["input_ids"], -100)
         self.kwargs["labels"] = torch.from_numpy(labels)
@@ -252,8 +283,9 @@ def timed(fn) -> tuple[float, float]:
     return wall, max(foreign, 0.0) / (wall * cores())
 
 
-def interleaved_times(fns: list, repeats: int, warmup: int = 2, quiet: float = 1.0,
-                      max_rounds: int = 0) -> list[list[tuple[float, float]]]:
+def interleaved_times(
+    fns: list, repeats: int, warmup: int = 2, quiet: float = 1.0, max_rounds: int = 0
+) -> list[list[tuple[float, float]]]:
     """(wall time, foreign CPU share) of each step, the functions run in turn so that machine load
     hits all alike. A step during which other processes used more than `quiet` of the cores counts
     as disturbed: rounds go on (up to `max_rounds`) until each function has `repeats` quiet steps."""
@@ -310,12 +342,16 @@ def throughput(args) -> None:
     tokens = row["input_ids"].shape[1]
     n_params = sum(p.numel() for p in ref.parameters())
 
-    print(f"machine: {cpu_model()}, {cores()} cores; jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); fp32")
+    print(
+        f"machine: {cpu_model()}, {cores()} cores; jax {jax.__version__} ({jax.devices()[0].device_kind}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); fp32"
+    )
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"{args.arch}: {n_params / 1e6:.1f}M params ({cfg.vision.depth} vision / {cfg.text.num_layers} text layers, "
-          f"text hidden {cfg.text.hidden_size}, vocab {cfg.text.vocab_size}); {args.frames} frames "
-          f"{args.size}x{args.size}, {tokens} tokens ({args.answer} answer tokens in the loss; stjax bucket {length})")
+    print(
+        f"{args.arch}: {n_params / 1e6:.1f}M params ({cfg.vision.depth} vision / {cfg.text.num_layers} text layers, "
+        f"text hidden {cfg.text.hidden_size}, vocab {cfg.text.vocab_size}); {args.frames} frames "
+        f"{args.size}x{args.size}, {tokens} tokens ({args.answer} answer tokens in the loss; stjax bucket {length})"
+    )
 
     def run(label: str, ours: dict, theirs: dict, flops: float = 0.0) -> None:
         """Time the variants in turn; `flops` (when given) prints the floor of a step at the best
@@ -329,34 +365,52 @@ def throughput(args) -> None:
             quiet = [t for t, share in r if share <= args.quiet]
             use = quiet if len(quiet) >= max(1, args.steps // 2) else [t for t, _ in r]
             times[name] = float(np.median(use))
-            notes[name] = (f"min {min(use) * 1e3:7.1f}, {len(quiet)}/{len(r)} quiet, "
-                           f"others {np.mean([sh for _, sh in r]) * 100:3.0f}%")
+            notes[name] = (
+                f"min {min(use) * 1e3:7.1f}, {len(quiet)}/{len(r)} quiet, "
+                f"others {np.mean([sh for _, sh in r]) * 100:3.0f}%"
+            )
         best_torch = min((n for n in steps if n.startswith("torch")), key=times.get)
         first = lambda d: next(iter(d.values()))
-        print(f"\n[{label}] trainable params: stjax {first(ours).count / 1e6:.3f}M, torch {first(theirs).count / 1e6:.3f}M; "
-              f"median of the quiet steps (other processes <= {args.quiet:.0%} of the cores) after {args.warmup} "
-              f"warm-up steps each ({wall:.0f} s in all)")
+        print(
+            f"\n[{label}] trainable params: stjax {first(ours).count / 1e6:.3f}M, torch {first(theirs).count / 1e6:.3f}M; "
+            f"median of the quiet steps (other processes <= {args.quiet:.0%} of the cores) after {args.warmup} "
+            f"warm-up steps each ({wall:.0f} s in all)"
+        )
         for name, fn in steps.items():
             t = times[name]
-            print(f"  {name:<32s} {t * 1e3:8.1f} ms/step ({notes[name]})  {tokens / t:7.1f} tokens/s  "
-                  f"loss {fn.loss():.6f} after {fn.steps} steps")
-        print(f"  stjax/torch tokens/s (against the fastest torch variant, {best_torch.split(' ', 1)[1]}): "
-              + ", ".join(f"{n.split(' ', 1)[1]} {times[best_torch] / times[n]:.2f}x" for n in steps if n.startswith("stjax")))
+            print(
+                f"  {name:<32s} {t * 1e3:8.1f} ms/step ({notes[name]})  {tokens / t:7.1f} tokens/s  "
+                f"loss {fn.loss():.6f} after {fn.steps} steps"
+            )
+        print(
+            f"  stjax/torch tokens/s (against the fastest torch variant, {best_torch.split(' ', 1)[1]}): "
+            + ", ".join(
+                f"{n.split(' ', 1)[1]} {times[best_torch] / times[n]:.2f}x" for n in steps if n.startswith("stjax")
+            )
+        )
         if flops:
             rate = best_matmul_rate()
             floor, fastest = flops / rate, min(times[n] for n in steps if n.startswith("stjax"))
-            print(f"  floor: torch's {flops / 1e9:.1f} GFLOP per step (logits at every position) at {rate / 1e9:.0f} GFLOP/s "
-                  f"(the best 2048^3 float32 matrix product here) take {floor * 1e3:.0f} ms: computing what torch computes, "
-                  f"at most {times[best_torch] / floor:.2f}x faster than torch; torch runs at "
-                  f"{flops / times[best_torch] / 1e9:.0f} GFLOP/s, stjax in {fastest * 1e3:.0f} ms")
+            print(
+                f"  floor: torch's {flops / 1e9:.1f} GFLOP per step (logits at every position) at {rate / 1e9:.0f} GFLOP/s "
+                f"(the best 2048^3 float32 matrix product here) take {floor * 1e3:.0f} ms: computing what torch computes, "
+                f"at most {times[best_torch] / floor:.2f}x faster than torch; torch runs at "
+                f"{flops / times[best_torch] / 1e9:.0f} GFLOP/s, stjax in {fastest * 1e3:.0f} ms"
+            )
 
     adamws = args.torch_adamw.split(",")
     torch_name = lambda a: f"attn={args.torch_attention} adamw={a}"
     if not args.lora_only:
         ours = {f"remat={r} attn={args.attention}": StjaxStep(models[r], optim, batch) for r in remats}
         if args.all_logits:  # the trainer's default makes logits at the loss positions only
-            ours.update({f"remat={r} attn={args.attention} all logits": StjaxStep(
-                models[r], optim, batch.replace(loss_positions=None)) for r in remats})
+            ours.update(
+                {
+                    f"remat={r} attn={args.attention} all logits": StjaxStep(
+                        models[r], optim, batch.replace(loss_positions=None)
+                    )
+                    for r in remats
+                }
+            )
         theirs = {torch_name(a): TorchStep(copy.deepcopy(ref), optim, row, a) for a in adamws}
         # A training step is three forwards' worth of FLOPs (the backward two).
         run("full fine-tuning", ours, theirs, 3 * forward_flops(cfg, tokens, row["video_grid_thw"][0]))
@@ -366,8 +420,15 @@ def throughput(args) -> None:
         del models
         init = lora_init_from(lora_models[remats[0]])
         ours = {f"lora remat={r} attn={args.attention}": StjaxStep(m, optim, batch) for r, m in lora_models.items()}
-        theirs = {torch_name(a): TorchStep(torch_lora(copy.deepcopy(ref), args.lora_rank, args.lora_alpha,
-                                                      cfg.initializer_range, init), optim, row, a) for a in adamws}
+        theirs = {
+            torch_name(a): TorchStep(
+                torch_lora(copy.deepcopy(ref), args.lora_rank, args.lora_alpha, cfg.initializer_range, init),
+                optim,
+                row,
+                a,
+            )
+            for a in adamws
+        }
         run(f"LoRA rank {args.lora_rank} on q,k,v,o (torch: hand-written adapters)", ours, theirs)
 
 
@@ -381,8 +442,9 @@ def qlora_throughput(args) -> None:
     from stjax.models.qwen_vl import init_model
     from stjax.train.lora import with_lora
 
-    cfg = mid_config(args.arch, args.scale).replace(param_dtype="bfloat16", attention=args.attention,
-                                                    remat=args.remat.split(",")[0])
+    cfg = mid_config(args.arch, args.scale).replace(
+        param_dtype="bfloat16", attention=args.attention, remat=args.remat.split(",")[0]
+    )
     row = sft_row(cfg, args.text, args.frames, args.size, args.answer)
     batch, length = stjax_batch(cfg, row)
     base = init_model(cfg, seed=0)
@@ -390,22 +452,32 @@ def qlora_throughput(args) -> None:
     bases = {"float32": model_from_params(cfg.replace(param_dtype="float32"), values), "bf16": base}  # same values
     for name, fmt, double_quant in (("nf4", "nf4", False), ("nf4 double_quant", "nf4", True), ("int8", "int8", False)):
         bases[name] = quantize_model(base, quantize_base=fmt, quantize_targets="all", double_quant=double_quant)
-    steps = {name: StjaxStep(with_lora(m, args.lora_rank, alpha=args.lora_alpha), optim_config(), batch)
-             for name, m in bases.items()}
+    steps = {
+        name: StjaxStep(with_lora(m, args.lora_rank, alpha=args.lora_alpha), optim_config(), batch)
+        for name, m in bases.items()
+    }
     frozen = {name: sum(x.nbytes for x in jax.tree.leaves(step.frozen)) for name, step in steps.items()}
-    print(f"machine: {cpu_model()}, {cores()} cores; jax {jax.__version__}; float32 compute, remat={cfg.remat}, "
-          f"attn={cfg.attention}")
-    print(f"{args.arch}: LoRA r{args.lora_rank} on q, k, v, o over a frozen base (every linear but the LM head "
-          f"stored as named), {row['input_ids'].shape[1]} tokens (bucket {length})")
+    print(
+        f"machine: {cpu_model()}, {cores()} cores; jax {jax.__version__}; float32 compute, remat={cfg.remat}, "
+        f"attn={cfg.attention}"
+    )
+    print(
+        f"{args.arch}: LoRA r{args.lora_rank} on q, k, v, o over a frozen base (every linear but the LM head "
+        f"stored as named), {row['input_ids'].shape[1]} tokens (bucket {length})"
+    )
     t0 = time.perf_counter()
     runs = interleaved_times(list(steps.values()), args.steps, args.warmup, args.quiet, args.max_rounds)
     quiet = {name: [t for t, share in r if share <= args.quiet] for name, r in zip(steps, runs)}
-    times = {name: float(np.median(quiet[name] if len(quiet[name]) >= max(1, args.steps // 2) else [t for t, _ in r]))
-             for name, r in zip(steps, runs)}
+    times = {
+        name: float(np.median(quiet[name] if len(quiet[name]) >= max(1, args.steps // 2) else [t for t, _ in r]))
+        for name, r in zip(steps, runs)
+    }
     for (name, step), r in zip(steps.items(), runs):
-        print(f"  {name + ' base':<22s} {times[name] * 1e3:8.1f} ms/step ({len(quiet[name])}/{len(r)} quiet)  "
-              f"x{times[name] / times['bf16']:.2f} of bf16  frozen base {frozen[name] / 2**20:6.1f} MiB  "
-              f"loss {step.loss():.4f} after {step.steps} steps")
+        print(
+            f"  {name + ' base':<22s} {times[name] * 1e3:8.1f} ms/step ({len(quiet[name])}/{len(r)} quiet)  "
+            f"x{times[name] / times['bf16']:.2f} of bf16  frozen base {frozen[name] / 2**20:6.1f} MiB  "
+            f"loss {step.loss():.4f} after {step.steps} steps"
+        )
     print(f"  ({time.perf_counter() - t0:.0f} s in all)")
 
 
@@ -505,14 +577,36 @@ def nnx_params(model):
 
 
 def memory(args) -> None:
-    modes = ["jax-import", "torch-import", "checkpoint", "stjax-full", "stjax-lora", "stjax-lora-bf16",
-             "stjax-qlora-nf4", "torch-full", "torch-lora"]
+    modes = [
+        "jax-import",
+        "torch-import",
+        "checkpoint",
+        "stjax-full",
+        "stjax-lora",
+        "stjax-lora-bf16",
+        "stjax-qlora-nf4",
+        "torch-full",
+        "torch-lora",
+    ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            cmd = [sys.executable, __file__, "--child", mode, "--arch", args.arch, "--mem-layers", str(args.mem_layers),
-                   "--mem-steps", str(args.mem_steps), "--torch-adamw", args.torch_adamw,
-                   "--checkpoint", str(Path(tmp) / "bf16")]  # XLA_FLAGS: inherited
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--arch",
+                args.arch,
+                "--mem-layers",
+                str(args.mem_layers),
+                "--mem-steps",
+                str(args.mem_steps),
+                "--torch-adamw",
+                args.torch_adamw,
+                "--checkpoint",
+                str(Path(tmp) / "bf16"),
+            ]  # XLA_FLAGS: inherited
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode or not lines:
@@ -521,7 +615,10 @@ def memory(args) -> None:
             results[mode] = json.loads(lines[-1])
     gb = lambda b: f"{b / 2**30:6.2f} GiB"
     print(f"\nPeak host RSS ({args.arch}, {args.mem_steps} steps, 192-token video + text row), fresh process each:")
-    base = {"stjax": results.get("jax-import", {}).get("peak", 0), "torch": results.get("torch-import", {}).get("peak", 0)}
+    base = {
+        "stjax": results.get("jax-import", {}).get("peak", 0),
+        "torch": results.get("torch-import", {}).get("peak", 0),
+    }
     for mode in ("jax-import", "torch-import"):
         if mode in results:
             print(f"  {mode:<12s} peak {gb(results[mode]['peak'])}  (import + backend only)")
@@ -532,10 +629,12 @@ def memory(args) -> None:
         n = r["params"]
         b = base[mode.split("-")[0]]
         frozen = f"  frozen base {r['frozen_bytes'] / n:.3f} B/param" if r.get("frozen_bytes") else ""
-        print(f"  {mode:<15s} peak {gb(r['peak'])}  params {n / 1e6:.1f}M (trainable {r['trainable'] / 1e6:.2f}M)  "
-              f"{r['peak'] / n:5.2f} B/param  ({(r['peak'] - b) / n:5.2f} B/param above the import baseline)  "
-              f"before steps {gb(r['rss_before_steps'])}  step {np.median(r['step_s']):.2f} s  loss {r['loss']:.4f}"
-              + frozen)
+        print(
+            f"  {mode:<15s} peak {gb(r['peak'])}  params {n / 1e6:.1f}M (trainable {r['trainable'] / 1e6:.2f}M)  "
+            f"{r['peak'] / n:5.2f} B/param  ({(r['peak'] - b) / n:5.2f} B/param above the import baseline)  "
+            f"before steps {gb(r['rss_before_steps'])}  step {np.median(r['step_s']):.2f} s  loss {r['loss']:.4f}"
+            + frozen
+        )
 
 
 def cpu_model() -> str:
@@ -550,10 +649,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after 2 warm-up steps)")
-    parser.add_argument("--quiet", type=float, default=0.1,
-                        help="a timed step counts only if other processes used at most this share of the cores meanwhile")
-    parser.add_argument("--max-rounds", type=int, default=0, help="give up waiting for quiet steps after this many "
-                        "rounds (default 3 x --steps); the median is then over all steps")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.1,
+        help="a timed step counts only if other processes used at most this share of the cores meanwhile",
+    )
+    parser.add_argument(
+        "--max-rounds",
+        type=int,
+        default=0,
+        help="give up waiting for quiet steps after this many "
+        "rounds (default 3 x --steps); the median is then over all steps",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compilation)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
@@ -564,20 +672,29 @@ def main() -> None:
     parser.add_argument("--lora-only", action="store_true", help="time LoRA only")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=8.0)
-    parser.add_argument("--remat", default="none", help="stjax remat policies to time, comma-separated (none,dots,full)")
+    parser.add_argument(
+        "--remat", default="none", help="stjax remat policies to time, comma-separated (none,dots,full)"
+    )
     parser.add_argument("--attention", default="cpu_flash", help="stjax attention backend")
-    parser.add_argument("--all-logits", action="store_true",
-                        help="also time stjax making logits at every position, not only where the loss needs them")
+    parser.add_argument(
+        "--all-logits",
+        action="store_true",
+        help="also time stjax making logits at every position, not only where the loss needs them",
+    )
     parser.add_argument("--torch-attention", default="sdpa", help="transformers attn_implementation")
-    parser.add_argument("--torch-adamw", default="default",
-                        help="torch AdamW implementations to time, comma-separated: default (for-loop on CPU), foreach, fused")
+    parser.add_argument(
+        "--torch-adamw",
+        default="default",
+        help="torch AdamW implementations to time, comma-separated: default (for-loop on CPU), foreach, fused",
+    )
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax is imported")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS per parameter")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--mem-layers", type=int, default=16, help="text layers of the memory model")
     parser.add_argument("--mem-steps", type=int, default=3)
-    parser.add_argument("--qlora", action="store_true",
-                        help="time LoRA over a bf16 base against over its float32, nf4 and int8 copies")
+    parser.add_argument(
+        "--qlora", action="store_true", help="time LoRA over a bf16 base against over its float32, nf4 and int8 copies"
+    )
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # the memory cases' bf16 checkpoint
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -69,34 +69,98 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository (when stjax is not installed)
 ORIGINAL_ENV = dict(os.environ)  # what the child processes get (this process switches JAX to the CPU)
 
-QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                 num_kv_heads=2, tie_word_embeddings=True)
+QWEN_1_5B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_layers=28,
+    num_heads=12,
+    num_kv_heads=2,
+    tie_word_embeddings=True,
+)
 # name: (preset whose config is the base, text dimensions replacing the preset's, what it is)
 SIZES: dict[str, tuple[str, dict | None, str]] = {
-    "72b": ("qwen2.5-vl-7b", dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
-                                  num_heads=64, num_kv_heads=8, tie_word_embeddings=False),
-            "Qwen2.5-VL-72B decoder + 7B vision tower"),
-    "32b": ("qwen2.5-vl-7b", dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
-                                  num_heads=40, num_kv_heads=8, tie_word_embeddings=False),
-            "Qwen2.5-VL-32B decoder + 7B vision tower"),
-    "14b": ("qwen2.5-vl-7b", dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
-                                  num_heads=40, num_kv_heads=8, tie_word_embeddings=False),
-            "Qwen2.5-14B decoder + 7B vision tower"),
+    "72b": (
+        "qwen2.5-vl-7b",
+        dict(
+            vocab_size=152064,
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_layers=80,
+            num_heads=64,
+            num_kv_heads=8,
+            tie_word_embeddings=False,
+        ),
+        "Qwen2.5-VL-72B decoder + 7B vision tower",
+    ),
+    "32b": (
+        "qwen2.5-vl-7b",
+        dict(
+            vocab_size=152064,
+            hidden_size=5120,
+            intermediate_size=27648,
+            num_layers=64,
+            num_heads=40,
+            num_kv_heads=8,
+            tie_word_embeddings=False,
+        ),
+        "Qwen2.5-VL-32B decoder + 7B vision tower",
+    ),
+    "14b": (
+        "qwen2.5-vl-7b",
+        dict(
+            vocab_size=152064,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_layers=48,
+            num_heads=40,
+            num_kv_heads=8,
+            tie_word_embeddings=False,
+        ),
+        "Qwen2.5-14B decoder + 7B vision tower",
+    ),
     "7b": ("qwen2.5-vl-7b", None, "Qwen2.5-VL-7B preset"),
     "3b": ("qwen2.5-vl-3b", None, "Qwen2.5-VL-3B preset"),
     "1.5b": ("qwen2.5-vl-3b", QWEN_1_5B, "Qwen2.5-1.5B decoder + 3B vision tower"),
     # --smoke
-    "tiny-huge": ("tiny-qwen2.5-vl", dict(hidden_size=1024, intermediate_size=4096, num_layers=8, num_heads=8,
-                                          num_kv_heads=2, mrope_section=(16, 24, 24)), "tiny preset, widened"),
-    "tiny-wide": ("tiny-qwen2.5-vl", dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
-                                          num_kv_heads=2, mrope_section=(8, 12, 12)), "tiny preset, widened"),
+    "tiny-huge": (
+        "tiny-qwen2.5-vl",
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=2,
+            mrope_section=(16, 24, 24),
+        ),
+        "tiny preset, widened",
+    ),
+    "tiny-wide": (
+        "tiny-qwen2.5-vl",
+        dict(
+            hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, mrope_section=(8, 12, 12)
+        ),
+        "tiny preset, widened",
+    ),
     "tiny": ("tiny-qwen2.5-vl", None, "tiny preset"),
 }
 # --smoke defaults (flags given beside --smoke still win): the tiny preset, a tiny memory to size
 # against (so that "tiny-huge" exercises the does-not-fit rule), and a quick XLA backend for the children
-SMOKE = dict(mfu_size="tiny", seq=256, batch=1, steps=2, warmup=1, remat="none,full", mfu_timeout=150.0,
-             sizes="tiny-huge,tiny-wide,tiny", largest_seq=128, device_memory_gb=0.1, trial_timeout=150.0,
-             budget=400.0, child_xla_flags="--xla_backend_optimization_level=0")
+SMOKE = dict(
+    mfu_size="tiny",
+    seq=256,
+    batch=1,
+    steps=2,
+    warmup=1,
+    remat="none,full",
+    mfu_timeout=150.0,
+    sizes="tiny-huge,tiny-wide,tiny",
+    largest_seq=128,
+    device_memory_gb=0.1,
+    trial_timeout=150.0,
+    budget=400.0,
+    child_xla_flags="--xla_backend_optimization_level=0",
+)
 GB = 1e9
 
 
@@ -108,10 +172,19 @@ def model_config(size: str, attention: str = "xla", remat: str = "none", quantiz
     preset, text, _ = SIZES[size]
     cfg = QwenVLConfig.from_file(preset)
     if text:
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text),
-                          vision=dataclasses.replace(cfg.vision, out_hidden_size=text["hidden_size"]))
-    return cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", attention=attention, remat=remat,
-                       quantize_base=quantize, quantize_targets="all", double_quant=quantize == "nf4")
+        cfg = cfg.replace(
+            text=dataclasses.replace(cfg.text, **text),
+            vision=dataclasses.replace(cfg.vision, out_hidden_size=text["hidden_size"]),
+        )
+    return cfg.replace(
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+        attention=attention,
+        remat=remat,
+        quantize_base=quantize,
+        quantize_targets="all",
+        double_quant=quantize == "nf4",
+    )
 
 
 def parse_video(text: str) -> tuple[int, int] | None:
@@ -155,15 +228,16 @@ def init_weights(cfg, seed: int = 0):
             elif np.prod(leaf.shape) < 2**24 and not integer:
                 small.append(path)
             elif len(leaf.shape) >= 3 or (integer and len(leaf.shape) == 2):  # big stacked layers: one at a time
-                values[path] = jax.lax.map(lambda kk, s=leaf.shape[1:], d=leaf.dtype: normal(kk, s, d),
-                                           jax.random.split(k, leaf.shape[0]))
+                values[path] = jax.lax.map(
+                    lambda kk, s=leaf.shape[1:], d=leaf.dtype: normal(kk, s, d), jax.random.split(k, leaf.shape[0])
+                )
             else:
                 values[path] = normal(k, leaf.shape, leaf.dtype)
         # the small ones from one draw (one random-number program instead of one per leaf)
         sizes = [int(np.prod(shapes[p].shape)) for p in small]
         draw = normal(key, (sum(sizes),), jnp.float32)
         for path, start, size in zip(small, np.cumsum([0] + sizes[:-1]), sizes):
-            values[path] = draw[start:start + size].reshape(shapes[path].shape).astype(shapes[path].dtype)
+            values[path] = draw[start : start + size].reshape(shapes[path].shape).astype(shapes[path].dtype)
         return values
 
     values = jax.jit(make)(jax.random.key(seed))
@@ -182,8 +256,14 @@ def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: i
     from stjax.train.step import Batch
 
     rng = np.random.default_rng(seed)
-    special = min(cfg.bos_token_id, cfg.eos_token_id, cfg.image_token_id, cfg.video_token_id,
-                  cfg.vision_start_token_id, cfg.vision_end_token_id)
+    special = min(
+        cfg.bos_token_id,
+        cfg.eos_token_id,
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+    )
     ids = rng.integers(0, min(special, cfg.text.vocab_size), (batch, seq))
     extra = {}
     if video:
@@ -192,19 +272,26 @@ def make_batch(cfg, batch: int, seq: int, video: tuple[int, int] | None, seed: i
         grid = (frames // v.temporal_patch_size, size // v.patch_size, size // v.patch_size)
         tokens = int(np.prod(grid)) // v.spatial_merge_size**2
         if tokens + 8 > seq // 2:
-            raise ValueError(f"a {frames}-frame {size}x{size} video ({tokens} tokens) leaves too little of {seq} tokens")
+            raise ValueError(
+                f"a {frames}-frame {size}x{size} video ({tokens} tokens) leaves too little of {seq} tokens"
+            )
         ids[:, 4] = cfg.vision_start_token_id
-        ids[:, 5:5 + tokens] = cfg.video_token_id
+        ids[:, 5 : 5 + tokens] = cfg.video_token_id
         ids[:, 5 + tokens] = cfg.vision_end_token_id
-        extra = dict(pixel_values_videos=rng.normal(size=(batch * int(np.prod(grid)), v.patch_dim)).astype(np.float32),
-                     video_grid_thw=np.tile(np.asarray(grid, np.int64), (batch, 1)),
-                     second_per_grid_ts=np.full((batch,), float(v.temporal_patch_size), np.float32))  # 1 fps
+        extra = dict(
+            pixel_values_videos=rng.normal(size=(batch * int(np.prod(grid)), v.patch_dim)).astype(np.float32),
+            video_grid_thw=np.tile(np.asarray(grid, np.int64), (batch, 1)),
+            second_per_grid_ts=np.full((batch,), float(v.temporal_patch_size), np.float32),
+        )  # 1 fps
     inputs = prepare_inputs(cfg, ids, np.ones((batch, seq), np.int32), length=seq, **extra)
     loss_mask = np.zeros((batch, seq), np.int32)
-    loss_mask[:, seq // 2:] = 1
+    loss_mask[:, seq // 2 :] = 1
     stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-    return Batch(inputs=stack(inputs), loss_mask=loss_mask[None],
-                 loss_positions=None if all_logits else stack(target_positions(loss_mask)))
+    return Batch(
+        inputs=stack(inputs),
+        loss_mask=loss_mask[None],
+        loss_positions=None if all_logits else stack(target_positions(loss_mask)),
+    )
 
 
 def memory_figures() -> dict:
@@ -213,10 +300,16 @@ def memory_figures() -> dict:
 
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-        return {"peak_bytes": int(stats["peak_bytes_in_use"]), "limit_bytes": int(stats.get("bytes_limit", 0)),
-                "memory_kind": "device"}
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "limit_bytes": 0,
-            "memory_kind": "host RSS"}
+        return {
+            "peak_bytes": int(stats["peak_bytes_in_use"]),
+            "limit_bytes": int(stats.get("bytes_limit", 0)),
+            "memory_kind": "device",
+        }
+    return {
+        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "limit_bytes": 0,
+        "memory_kind": "host RSS",
+    }
 
 
 def child_run(spec: dict) -> dict:
@@ -242,12 +335,20 @@ def child_run(spec: dict) -> dict:
         state = jax.jit(lambda p: init_state(p, optim))(trainable)  # fp32 masters and AdamW moments
         del trainable
         jax.block_until_ready(state)
-        out.update(init_s=time.perf_counter() - t0, phase="compile and first step",
-                   trainable=sum(int(x.size) for x in jax.tree.leaves(state.params)))
-        step = jax.jit(functools.partial(train_step, graphdef, optim, average="token", loss_chunk=spec["loss_chunk"]),
-                       donate_argnums=0)
-        batch = jax.device_put(make_batch(cfg, spec["batch"], spec["seq"], parse_video(spec["video"]),
-                                          all_logits=spec.get("all_logits", False)))
+        out.update(
+            init_s=time.perf_counter() - t0,
+            phase="compile and first step",
+            trainable=sum(int(x.size) for x in jax.tree.leaves(state.params)),
+        )
+        step = jax.jit(
+            functools.partial(train_step, graphdef, optim, average="token", loss_chunk=spec["loss_chunk"]),
+            donate_argnums=0,
+        )
+        batch = jax.device_put(
+            make_batch(
+                cfg, spec["batch"], spec["seq"], parse_video(spec["video"]), all_logits=spec.get("all_logits", False)
+            )
+        )
         times = []
         for i in range(spec["warmup"] + spec["steps"]):
             began = time.perf_counter()
@@ -256,11 +357,17 @@ def child_run(spec: dict) -> dict:
             (times if i >= spec["warmup"] else out.setdefault("warmup_s", [])).append(time.perf_counter() - began)
             out["phase"] = "steps"
         t = cfg.text  # the decoder's attention share of the FLOPs: 12 L S (H D) per token, counted in full
-        out.update(step_s=times, loss=metrics["loss"], skipped=int(metrics["skipped"]), tokens=metrics["tokens"],
-                   flops=step_flops(cfg, batch, metrics),
-                   attention_flops=12 * t.num_layers * spec["seq"] * t.num_heads * t.head_dim * metrics["tokens"],
-                   peak_flops=device_peak_flops(device, spec["peak_flops"]),
-                   ok=True, **memory_figures())
+        out.update(
+            step_s=times,
+            loss=metrics["loss"],
+            skipped=int(metrics["skipped"]),
+            tokens=metrics["tokens"],
+            flops=step_flops(cfg, batch, metrics),
+            attention_flops=12 * t.num_layers * spec["seq"] * t.num_heads * t.head_dim * metrics["tokens"],
+            peak_flops=device_peak_flops(device, spec["peak_flops"]),
+            ok=True,
+            **memory_figures(),
+        )
         if spec.get("profile"):  # two more steps under the profiler, summarised here
             from profile_summary import summary
 
@@ -273,10 +380,21 @@ def child_run(spec: dict) -> dict:
             from bench_forward import interleaved_medians
 
             micro = jax.tree.map(lambda x: x[0], batch)
-            call = (graphdef, state.params, frozen, micro.inputs, micro.loss_mask, "token", None, spec["loss_chunk"],
-                    micro.loss_positions)
-            runs = [lambda fn=jax.jit(fn, static_argnums=(0, 5, 7)): jax.block_until_ready(fn(*call))
-                    for fn in (loss_fn, jax.value_and_grad(loss_fn, argnums=1))]
+            call = (
+                graphdef,
+                state.params,
+                frozen,
+                micro.inputs,
+                micro.loss_mask,
+                "token",
+                None,
+                spec["loss_chunk"],
+                micro.loss_positions,
+            )
+            runs = [
+                lambda fn=jax.jit(fn, static_argnums=(0, 5, 7)): jax.block_until_ready(fn(*call))
+                for fn in (loss_fn, jax.value_and_grad(loss_fn, argnums=1))
+            ]
             out["loss_s"], out["grad_s"] = interleaved_medians(runs, 3)
     except Exception as e:  # noqa: BLE001 - reported to the parent (out of memory is an expected answer)
         text = f"{type(e).__name__}: {e}"
@@ -317,15 +435,20 @@ def run_child(spec: dict, timeout: float, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     began = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=child_env(args.mem_fraction, args.child_xla_flags))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=child_env(args.mem_fraction, args.child_xla_flags)
+        )
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - began}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"ok": False, "error": f"exit code {proc.returncode}: " + " | ".join(tail)[-600:],
-                "oom": "RESOURCE_EXHAUSTED" in proc.stderr, "wall_s": time.perf_counter() - began}
+        return {
+            "ok": False,
+            "error": f"exit code {proc.returncode}: " + " | ".join(tail)[-600:],
+            "oom": "RESOURCE_EXHAUSTED" in proc.stderr,
+            "wall_s": time.perf_counter() - began,
+        }
     return dict(json.loads(lines[-1]), wall_s=time.perf_counter() - began)
 
 
@@ -337,8 +460,10 @@ def weight_bytes(size: str, quantize: str = "none") -> int:
 
     from stjax.models.qwen_vl import abstract_model
 
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract_model(model_config(
-        size, quantize=quantize)))))
+    return sum(
+        x.size * x.dtype.itemsize
+        for x in jax.tree.leaves(nnx.state(abstract_model(model_config(size, quantize=quantize))))
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,8 +484,12 @@ def count_params(size: str) -> tuple[int, int]:
 def nvidia_memory() -> float:
     """Total memory of GPU 0 in bytes from nvidia-smi (0 when there is none)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
         return float(out[0]) * 2**20 if out else 0.0
     except (OSError, subprocess.SubprocessError, ValueError):
         return 0.0
@@ -384,18 +513,32 @@ def part_mfu(args, report: dict) -> None:
     what = "text only" if not video else f"a {video[0]}-frame {video[1]}x{video[1]} video prompt + text"
     double = " with double quantization" if args.quantize == "nf4" else ""
     base = f"{args.quantize} base{double} (every linear but the LM head), " if args.quantize != "none" else ""
-    print(f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
-          f"(decoder {si(total - vision)}, vision {si(vision)}), "
-          f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; "
-          f"{base}bf16 params and "
-          f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
-          f"loss chunk {args.loss_chunk}")
+    print(
+        f"\n[MFU] {args.mfu_size}: {SIZES[args.mfu_size][2]}, {si(total)} parameters "
+        f"(decoder {si(total - vision)}, vision {si(vision)}), "
+        f"{f'LoRA rank {args.lora_rank} on q, k, v, o trained' if args.mfu_lora else 'all trained'}; "
+        f"{base}bf16 params and "
+        f"compute, fp32 masters + AdamW; attention={args.attention}; {args.batch} x {args.seq} tokens ({what}); "
+        f"loss chunk {args.loss_chunk}"
+    )
     for remat in args.remat.split(","):
-        spec = dict(size=args.mfu_size, attention=args.attention, remat=remat,
-                    lora_rank=args.lora_rank if args.mfu_lora else 0, batch=args.batch,
-                    seq=args.seq, video=args.video, steps=args.steps, warmup=args.warmup, peak_flops=args.peak_flops,
-                    loss_chunk=args.loss_chunk, breakdown=args.breakdown, profile=args.profile,
-                    all_logits=args.all_logits, quantize=args.quantize)
+        spec = dict(
+            size=args.mfu_size,
+            attention=args.attention,
+            remat=remat,
+            lora_rank=args.lora_rank if args.mfu_lora else 0,
+            batch=args.batch,
+            seq=args.seq,
+            video=args.video,
+            steps=args.steps,
+            warmup=args.warmup,
+            peak_flops=args.peak_flops,
+            loss_chunk=args.loss_chunk,
+            breakdown=args.breakdown,
+            profile=args.profile,
+            all_logits=args.all_logits,
+            quantize=args.quantize,
+        )
         r = run_child(spec, args.mfu_timeout, args)
         report.setdefault("mfu", []).append(dict(spec, **r))
         if not r["ok"]:
@@ -406,24 +549,34 @@ def part_mfu(args, report: dict) -> None:
             break
         t = float(np.median(r["step_s"]))
         flops_per_s = r["flops"] / t
-        print(f"  device {r['device']} (jax {r['jax']}); init {r['init_s']:.1f} s, compile + first step "
-              f"{r['warmup_s'][0]:.1f} s")
-        line = (f"  remat={remat}: step {t * 1e3:.1f} ms (median of {len(r['step_s'])}, min {min(r['step_s']) * 1e3:.1f})"
-                f"  {r['tokens'] / t:,.0f} tokens/s  {si(r['flops'], 'G')}FLOP/step -> {flops_per_s / 1e12:.4g} model TFLOP/s")
+        print(
+            f"  device {r['device']} (jax {r['jax']}); init {r['init_s']:.1f} s, compile + first step "
+            f"{r['warmup_s'][0]:.1f} s"
+        )
+        line = (
+            f"  remat={remat}: step {t * 1e3:.1f} ms (median of {len(r['step_s'])}, min {min(r['step_s']) * 1e3:.1f})"
+            f"  {r['tokens'] / t:,.0f} tokens/s  {si(r['flops'], 'G')}FLOP/step -> {flops_per_s / 1e12:.4g} model TFLOP/s"
+        )
         if r["peak_flops"]:
             causal = (r["flops"] - r["attention_flops"] / 2) / t  # causal attention counted at half
-            line += (f"  MFU {100 * flops_per_s / r['peak_flops']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s "
-                     f"(target >= 40%; {100 * causal / r['peak_flops']:.1f}% with causal attention counted at half)")
+            line += (
+                f"  MFU {100 * flops_per_s / r['peak_flops']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s "
+                f"(target >= 40%; {100 * causal / r['peak_flops']:.1f}% with causal attention counted at half)"
+            )
         else:
             line += "  MFU: no known peak for this device (pass --peak-flops)"
         print(line)
-        print(f"  peak {r['memory_kind']} memory {gib(r['peak_bytes'])}"
-              + (f" of {gib(r['limit_bytes'])}" if r["limit_bytes"] else "")
-              + f"; loss {r['loss']:.3f}, skipped steps {r['skipped']}")
+        print(
+            f"  peak {r['memory_kind']} memory {gib(r['peak_bytes'])}"
+            + (f" of {gib(r['limit_bytes'])}" if r["limit_bytes"] else "")
+            + f"; loss {r['loss']:.3f}, skipped steps {r['skipped']}"
+        )
         print("\n".join("  " + line for line in r.get("profile", [])))
         if "grad_s" in r:
-            print(f"  breakdown (median of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
-                  f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms")
+            print(
+                f"  breakdown (median of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
+                f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms"
+            )
         report["device_memory"] = r["limit_bytes"] or report.get("device_memory", 0)
         if not args.every_remat:
             break
@@ -433,14 +586,19 @@ def part_largest(args, report: dict) -> None:
     began = time.perf_counter()
     limit = args.device_memory_gb * GB or report.get("device_memory") or nvidia_memory() * args.mem_fraction
     sizes = sorted(args.sizes.split(","), key=lambda s: -count_params(s)[0])
-    print(f"\n[largest] one device, 1 x {args.largest_seq} tokens (text only), remat=full, attention={args.attention}, "
-          f"bf16 params and compute; LoRA: rank {args.lora_rank} on q, k, v, o, frozen bf16 base; full: fp32 "
-          f"masters + AdamW; QLoRA: LoRA over an nf4 base (double quantization, every linear but the LM head); "
-          f"memory for the run: {gib(limit) if limit else 'unknown'}")
+    print(
+        f"\n[largest] one device, 1 x {args.largest_seq} tokens (text only), remat=full, attention={args.attention}, "
+        f"bf16 params and compute; LoRA: rank {args.lora_rank} on q, k, v, o, frozen bf16 base; full: fp32 "
+        f"masters + AdamW; QLoRA: LoRA over an nf4 base (double quantization, every linear but the LM head); "
+        f"memory for the run: {gib(limit) if limit else 'unknown'}"
+    )
     print(f"  {'mode':<5s} {'size':<10s} {'params':>8s} {'at least':>10s}  result")
     largest = {}
-    least = {"lora": lambda size: weight_bytes(size), "qlora": lambda size: weight_bytes(size, "nf4"),
-             "full": lambda size: 16 * count_params(size)[0]}
+    least = {
+        "lora": lambda size: weight_bytes(size),
+        "qlora": lambda size: weight_bytes(size, "nf4"),
+        "full": lambda size: 16 * count_params(size)[0],
+    }
     for mode in args.modes.split(","):
         for size in sizes:
             total, _ = count_params(size)
@@ -450,56 +608,89 @@ def part_largest(args, report: dict) -> None:
             report.setdefault("largest", []).append(row)
             if limit and need > limit:
                 row.update(ok=False, error="does not fit")
-                print(head + f"does not fit: {'weights + optimizer state' if mode == 'full' else 'weights'} alone "
-                      f"exceed {gib(limit)}")
+                print(
+                    head + f"does not fit: {'weights + optimizer state' if mode == 'full' else 'weights'} alone "
+                    f"exceed {gib(limit)}"
+                )
                 continue
             left = args.budget - (time.perf_counter() - began)
             if left < 20:
                 row.update(ok=False, error="not tried (time budget)")
                 print(head + f"not tried: the --budget of {args.budget:.0f} s is spent")
                 continue
-            spec = dict(size=size, attention=args.attention, remat="full",
-                        lora_rank=args.lora_rank if mode != "full" else 0,
-                        batch=1, seq=args.largest_seq, video="", steps=1, warmup=1, peak_flops=args.peak_flops,
-                        loss_chunk=args.loss_chunk, quantize="nf4" if mode == "qlora" else "none")
+            spec = dict(
+                size=size,
+                attention=args.attention,
+                remat="full",
+                lora_rank=args.lora_rank if mode != "full" else 0,
+                batch=1,
+                seq=args.largest_seq,
+                video="",
+                steps=1,
+                warmup=1,
+                peak_flops=args.peak_flops,
+                loss_chunk=args.loss_chunk,
+                quantize="nf4" if mode == "qlora" else "none",
+            )
             r = run_child(spec, min(args.trial_timeout, left), args)
             row.update(r)
             if r.get("limit_bytes") and not args.device_memory_gb:
                 limit = r["limit_bytes"]
             if r["ok"]:
                 mfu = f", MFU {100 * r['flops'] / r['step_s'][0] / r['peak_flops']:.1f}%" if r["peak_flops"] else ""
-                print(head + f"trains: peak {r['memory_kind']} memory {gib(r['peak_bytes'])}, step "
-                      f"{r['step_s'][0]:.2f} s{mfu}, loss {r['loss']:.3f} ({r['wall_s']:.0f} s in all)")
+                print(
+                    head + f"trains: peak {r['memory_kind']} memory {gib(r['peak_bytes'])}, step "
+                    f"{r['step_s'][0]:.2f} s{mfu}, loss {r['loss']:.3f} ({r['wall_s']:.0f} s in all)"
+                )
                 largest[mode] = f"{size} ({si(total)} parameters)"
                 break
             where = f" in {r['phase']}" if "phase" in r else ""
             print(head + f"fails{where}: {'out of memory' if r.get('oom') else r['error'][:300]} ({r['wall_s']:.0f} s)")
     names = {"lora": "LoRA", "full": "full fine-tuning", "qlora": "QLoRA"}
-    print("  largest that trains on this device: " + "; ".join(
-        f"{names[mode]} {largest.get(mode, 'none of these')}" for mode in args.modes.split(",")))
+    print(
+        "  largest that trains on this device: "
+        + "; ".join(f"{names[mode]} {largest.get(mode, 'none of these')}" for mode in args.modes.split(","))
+    )
     report["largest_that_trains"] = largest
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", default="all", choices=["all", "mfu", "largest"])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device exists (CPU: < 1 minute)")
     parser.add_argument("--mfu-size", default="1.5b", choices=sorted(SIZES))
-    parser.add_argument("--mfu-lora", action="store_true",
-                        help="train LoRA adapters (rank --lora-rank on q, k, v, o) on a frozen bf16 base (MFU; the "
-                             "FLOPs still count the base's weight gradients, which LoRA skips: read the step time)")
+    parser.add_argument(
+        "--mfu-lora",
+        action="store_true",
+        help="train LoRA adapters (rank --lora-rank on q, k, v, o) on a frozen bf16 base (MFU; the "
+        "FLOPs still count the base's weight gradients, which LoRA skips: read the step time)",
+    )
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row (MFU)")
     parser.add_argument("--batch", type=int, default=1, help="rows per step (MFU)")
     parser.add_argument("--video", default="", help="FRAMESxSIZE: a video prompt in every row (MFU), e.g. 8x336")
-    parser.add_argument("--remat", default="none,dots,full", help="remat policies for MFU, first that fits (none, dots, dots_attention, full)")
-    parser.add_argument("--every-remat", action="store_true", help="time every --remat policy, not only the first that fits")
+    parser.add_argument(
+        "--remat",
+        default="none,dots,full",
+        help="remat policies for MFU, first that fits (none, dots, dots_attention, full)",
+    )
+    parser.add_argument(
+        "--every-remat", action="store_true", help="time every --remat policy, not only the first that fits"
+    )
     parser.add_argument("--attention", default="dot_product", help="attention backend (xla, dot_product, pallas_tpu)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (MFU)")
-    parser.add_argument("--loss-chunk", type=int, default=512, help="positions per slice of logits in the loss (0: all)")
-    parser.add_argument("--all-logits", action="store_true",
-                        help="make logits at every position, not only where the loss needs them (MFU)")
-    parser.add_argument("--profile", default="", help="trace two more steps into this folder and print the top operations (MFU)")
+    parser.add_argument(
+        "--loss-chunk", type=int, default=512, help="positions per slice of logits in the loss (0: all)"
+    )
+    parser.add_argument(
+        "--all-logits",
+        action="store_true",
+        help="make logits at every position, not only where the loss needs them (MFU)",
+    )
+    parser.add_argument(
+        "--profile", default="", help="trace two more steps into this folder and print the top operations (MFU)"
+    )
     parser.add_argument("--breakdown", action="store_true", help="also time the loss alone and loss + gradients (MFU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (MFU)")
     parser.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s (default: looked up)")
@@ -508,14 +699,26 @@ def main() -> None:
     parser.add_argument("--largest-seq", type=int, default=2048, help="tokens of the largest-model trials")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--modes", default="lora,full", help="largest model: any of lora, full, qlora")
-    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
-                        help="MFU: the base stored so (every linear but the LM head; nf4 with double quantization)")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "nf4", "int8"],
+        help="MFU: the base stored so (every linear but the LM head; nf4 with double quantization)",
+    )
     parser.add_argument("--trial-timeout", type=float, default=90.0, help="seconds for each largest-model trial")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for all largest-model trials")
-    parser.add_argument("--device-memory-gb", type=float, default=0.0,
-                        help="memory to size against (default: the device's limit as the children report it)")
-    parser.add_argument("--mem-fraction", type=float, default=0.95,
-                        help="GPU memory the children preallocate (0: leave the environment alone)")
+    parser.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=0.0,
+        help="memory to size against (default: the device's limit as the children report it)",
+    )
+    parser.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=0.95,
+        help="GPU memory the children preallocate (0: leave the environment alone)",
+    )
     parser.add_argument("--child-xla-flags", default="", help="appended to XLA_FLAGS in the child processes")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -39,8 +39,10 @@ TARGETS = {  # the pod configs first: they are the ones no machine here has chec
     "configs/grpo/qwen3-vl-8b-h100x8.yaml": "h100x8",
     "configs/sft/qwen3-vl-8b-h100x8.yaml": "h100x8",
 }
-HEADER = ("| config | program | target | GiB per chip | headroom GiB | collective GiB/step | roofline step | "
-          "MFU ceiling | compile s |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| config | program | target | GiB per chip | headroom GiB | collective GiB/step | roofline step | "
+    "MFU ceiling | compile s |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def one(config: str, topology: str) -> None:
@@ -56,22 +58,42 @@ def one(config: str, topology: str) -> None:
     for program in programs(cfg, mesh):
         r, _ = co.compile_program(program, target, mesh)
         print(co.format_report(r), file=sys.stderr, flush=True)
-        print(json.dumps({"program": r.name, "target": r.target, "need": r.need / co.GIB,
-                          "headroom": r.headroom / co.GIB, "collective": r.collective_bytes / co.GIB,
-                          "roofline": r.roofline_s, "mfu": r.mfu_ceiling, "compile": r.compile_s}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "program": r.name,
+                    "target": r.target,
+                    "need": r.need / co.GIB,
+                    "headroom": r.headroom / co.GIB,
+                    "collective": r.collective_bytes / co.GIB,
+                    "roofline": r.roofline_s,
+                    "mfu": r.mfu_ceiling,
+                    "compile": r.compile_s,
+                }
+            ),
+            flush=True,
+        )
 
 
 def row(name: str, r: dict) -> str:
-    return (f"| {name} | {r['program']} | {r['target']} | {r['need']:.1f} | {r['headroom']:.1f} | "
-            f"{r['collective']:.2f} | {r['roofline'] * 1e3:.0f} ms | {r['mfu']:.0%} | {r['compile']:.0f} |")
+    return (
+        f"| {name} | {r['program']} | {r['target']} | {r['need']:.1f} | {r['headroom']:.1f} | "
+        f"{r['collective']:.2f} | {r['roofline'] * 1e3:.0f} ms | {r['mfu']:.0%} | {r['compile']:.0f} |"
+    )
 
 
 def rows(config: str, topology: str):
     """Table rows of one config, yielded as its programs compile (a failure: one row saying why)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryFile("w+") as log:  # the child's reports and errors (a pipe could fill and stall it)
-        child = subprocess.Popen([sys.executable, __file__, "--one", config, topology], stdout=subprocess.PIPE,
-                                 stderr=log, text=True, env=env, cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--one", config, topology],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         name, count = f"{Path(config).parent.name}/{Path(config).stem}", 0
         for line in child.stdout:
             if line.startswith("{"):
@@ -98,8 +120,11 @@ def write(path: Path, label: str, table: list[str]) -> None:
     pattern = re.compile(rf"### {re.escape(label)}, [\d-]+\n\n.*?(?=\n### |\n## |\Z)", re.S)
     found = pattern.search(text)
     compiled = {_config_of(line) for line in table}
-    kept = [line for line in (found.group(0).splitlines() if found else [])
-            if line.startswith("| ") and not line.startswith("| config |") and _config_of(line) not in compiled]
+    kept = [
+        line
+        for line in (found.group(0).splitlines() if found else [])
+        if line.startswith("| ") and not line.startswith("| config |") and _config_of(line) not in compiled
+    ]
     block = f"### {label}, {datetime.date.today()}\n\n{HEADER}\n" + "\n".join(kept + table)
     text = pattern.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

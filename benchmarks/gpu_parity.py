@@ -54,8 +54,9 @@ def main() -> None:
         ref32 = hf_model(cfg).to(device)
 
         def torch_logits(model):
-            kwargs = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items()
-                      if k != "second_per_grid_ts"}
+            kwargs = {
+                k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items() if k != "second_per_grid_ts"
+            }
             kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(model.dtype)
             with torch.no_grad():
                 return model(**kwargs).logits.float().cpu().numpy()[real]
@@ -65,33 +66,44 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ref32.save_pretrained(tmp)
             # The references name `xla`: the default (`auto`) is cuDNN's kernel on a GPU.
-            models = {"fp32": load_pretrained(tmp, attention="xla")[0],
-                      "bf16": load_pretrained(tmp, dtype="bfloat16", attention="xla")[0]}
+            models = {
+                "fp32": load_pretrained(tmp, attention="xla")[0],
+                "bf16": load_pretrained(tmp, dtype="bfloat16", attention="xla")[0],
+            }
             for backend in args.backends:
                 models[f"bf16 {backend}"] = load_pretrained(tmp, dtype="bfloat16", attention=backend)[0]
         inputs = {name: jax.device_put(prepare_inputs(m.config, **batch)) for name, m in models.items()}
-        run = {name: (lambda m=m, i=inputs[name]: compiled_forward(m, i).block_until_ready())
-               for name, m in models.items()}
+        run = {
+            name: (lambda m=m, i=inputs[name]: compiled_forward(m, i).block_until_ready()) for name, m in models.items()
+        }
         logits = {name: np.asarray(fn())[:, :length][real] for name, fn in run.items()}
-        print(f"\n{arch}: {cfg.vision.depth} vision / {cfg.text.num_layers} text layers, hidden {cfg.text.hidden_size}, "
-              f"batch {batch['input_ids'].shape}")
+        print(
+            f"\n{arch}: {cfg.vision.depth} vision / {cfg.text.num_layers} text layers, hidden {cfg.text.hidden_size}, "
+            f"batch {batch['input_ids'].shape}"
+        )
         print(f"  stjax fp32 vs torch fp32: {rel(logits['fp32'], t32):.2e}")
-        print(f"  stjax bf16 vs torch fp32: {rel(logits['bf16'], t32):.2e}   (torch bf16 vs torch fp32: {rel(t16, t32):.2e})")
+        print(
+            f"  stjax bf16 vs torch fp32: {rel(logits['bf16'], t32):.2e}   (torch bf16 vs torch fp32: {rel(t16, t32):.2e})"
+        )
         names = ["bf16"] + [f"bf16 {b}" for b in args.backends]
         times = interleaved_medians([run[n] for n in names], 10)
         for name, t in zip(names, times):
             backend = name.split(" ")[1] if " " in name else "xla"
-            print(f"  backend {backend:12s} vs xla: {rel(logits[name], logits['bf16']):.2e}, forward {t * 1e3:7.2f} ms"
-                  f"; fused attention kernels in the compiled program: {fused_attention_calls(models[name], inputs[name])}")
+            print(
+                f"  backend {backend:12s} vs xla: {rel(logits[name], logits['bf16']):.2e}, forward {t * 1e3:7.2f} ms"
+                f"; fused attention kernels in the compiled program: {fused_attention_calls(models[name], inputs[name])}"
+            )
         # The trainer's layout: padding after the real tokens, so `dot_product` drops the mask.
         right = make_batch(cfg, prompts, padding_side="right")
         for backend in args.backends:
             model = models[f"bf16 {backend}"]
             placed = jax.device_put(prepare_inputs(model.config, **right))
             out = np.asarray(compiled_forward(model, placed))[:, :length][right["attention_mask"].astype(bool)]
-            print(f"  backend {backend:12s} on the right-padded batch (right_padded={placed.right_padded}) vs xla: "
-                  f"{rel(out, logits['bf16']):.2e}, vs torch fp32: {rel(out, t32):.2e}; "
-                  f"fused attention kernels: {fused_attention_calls(model, placed)}")
+            print(
+                f"  backend {backend:12s} on the right-padded batch (right_padded={placed.right_padded}) vs xla: "
+                f"{rel(out, logits['bf16']):.2e}, vs torch fp32: {rel(out, t32):.2e}; "
+                f"fused attention kernels: {fused_attention_calls(model, placed)}"
+            )
 
 
 def fused_attention_calls(model, inputs) -> int:

@@ -27,15 +27,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stjax_dir", help="stjax model directory (config.json + params/)")
     parser.add_argument("out_dir", help="where to write the Hugging Face directory")
     parser.add_argument("--dtype", default=None, help="cast tensors to this dtype; default: keep the checkpoint's")
-    parser.add_argument("--max-shard-size", default="5GB", type=parse_size,
-                        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR whole when it already holds files (default: refuse)")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=parse_size,
+        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (default: refuse)"
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    stjax_to_hf(args.stjax_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                overwrite=args.overwrite)
+    stjax_to_hf(
+        args.stjax_dir, args.out_dir, dtype=args.dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite
+    )
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
 
 

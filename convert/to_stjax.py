@@ -25,13 +25,19 @@ from stjax.convert import hf_to_stjax  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors) or hub id (owner/name)")
+    parser.add_argument(
+        "hf_dir", help="Hugging Face model directory (config.json + safetensors) or hub id (owner/name)"
+    )
     parser.add_argument("out_dir", help="where to write the stjax model directory")
-    parser.add_argument("--dtype", default=None,
-                        help="cast parameters to this dtype (float32, bfloat16, ...); default: keep the checkpoint's")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="cast parameters to this dtype (float32, bfloat16, ...); default: keep the checkpoint's",
+    )
     parser.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR whole when it already holds files (default: refuse)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR whole when it already holds files (default: refuse)"
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()

@@ -16,8 +16,12 @@ T = TypeVar("T")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", default=False,
-                        help="show the full traceback of an error (also: environment STJAX_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="show the full traceback of an error (also: environment STJAX_DEBUG=1)",
+    )
 
 
 def one_line(error: BaseException) -> str:

@@ -72,8 +72,17 @@ CHIPS: dict[str, Chip] = {
 }
 GPU_SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 # `jax.Device.device_kind` (lower case) pieces -> chip, for the devices present (the longest piece wins)
-DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5": "v5p", "tpu v5p": "v5p",
-                "tpu v6 lite": "v6e", "tpu v6e": "v6e", "h100": "h100", "h200": "h200"}
+DEVICE_KINDS = {
+    "tpu v4": "v4",
+    "tpu v5 lite": "v5e",
+    "tpu v5e": "v5e",
+    "tpu v5": "v5p",
+    "tpu v5p": "v5p",
+    "tpu v6 lite": "v6e",
+    "tpu v6e": "v6e",
+    "h100": "h100",
+    "h200": "h200",
+}
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,10 @@ def target(topology: str | None) -> Target:
         return Target(topology, _gpu_devices(gpu[1], int(gpu[2])), CHIPS[gpu[1]])
     prefix = topology.split(":")[0].lower()
     if prefix not in CHIPS or ":" not in topology:
-        raise TargetError(f"unknown topology {topology!r}; use a TPU topology such as v4:2x2x1, v5e:4x4, "
-                          f"v5p:4x4x2, v6e:2x4, or a GPU mesh such as h100x8, h200x8")
+        raise TargetError(
+            f"unknown topology {topology!r}; use a TPU topology such as v4:2x2x1, v5e:4x4, "
+            f"v5p:4x4x2, v6e:2x4, or a GPU mesh such as h100x8, h200x8"
+        )
     return Target(topology, _tpu_devices(topology), CHIPS[prefix])
 
 
@@ -105,7 +116,7 @@ def _tpu_devices(topology: str) -> list:
     try:
         import libtpu  # noqa: F401  (the [tpu] extra)
     except ImportError:
-        raise TargetError(f"compiling for {topology} needs libtpu: pip install -e \".[tpu]\"") from None
+        raise TargetError(f'compiling for {topology} needs libtpu: pip install -e ".[tpu]"') from None
     from jax.experimental import topologies
 
     # Compiling claims no TPU: other processes holding libtpu (tests, a second preflight) must not stop it.
@@ -117,7 +128,7 @@ def _gpu_devices(card: str, count: int) -> list:
     try:
         import jax_plugins.xla_cuda12  # noqa: F401  (the [cuda] extra)
     except ImportError:
-        raise TargetError(f"compiling for {card}x{count} needs jax's CUDA plugin: pip install -e \".[cuda]\"") from None
+        raise TargetError(f'compiling for {card}x{count} needs jax\'s CUDA plugin: pip install -e ".[cuda]"') from None
     from jax.experimental import topologies
 
     spec = (GPU_TARGETS_DIR / GPU_SPECS[card]).read_text()
@@ -126,10 +137,34 @@ def _gpu_devices(card: str, count: int) -> list:
 
 # ---------------------------------------------------------------- collectives in the compiled HLO
 
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
-                "collective-broadcast", "ragged-all-to-all")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_COLLECTIVES = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-broadcast",
+    "ragged-all-to-all",
+)
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+}
 _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _CALLEES = re.compile(r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
@@ -158,8 +193,10 @@ class Collective:
 
 
 def _shape_bytes(text: str) -> list[tuple[float, str]]:
-    return [(_BYTES[d] * math.prod(int(n) for n in dims.split(",") if n), f"{d}[{dims}]")
-            for d, dims in _SHAPE.findall(text)]
+    return [
+        (_BYTES[d] * math.prod(int(n) for n in dims.split(",") if n), f"{d}[{dims}]")
+        for d, dims in _SHAPE.findall(text)
+    ]
 
 
 def collectives(hlo: str) -> list[Collective]:
@@ -289,19 +326,32 @@ def compile_program(program: Program, tgt: Target, mesh) -> tuple[Report, Any]:
         roofline = max(compute, comm / tgt.chip.link_bandwidth, hbm)
         mfu = compute / roofline if roofline > 0 else None
     report = Report(
-        name=program.name, target=tgt.name, argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
-        alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes, peak=memory.peak_memory_in_bytes,
-        resident=program.resident_bytes, memory=None if tgt.chip is None else tgt.chip.memory_gib * GIB,
-        collective_bytes=comm, flops=flops, roofline_s=roofline, mfu_ceiling=mfu, compile_s=seconds,
-        largest_loop_collective=max(in_loops, key=lambda c: c.bytes, default=None))
+        name=program.name,
+        target=tgt.name,
+        argument=memory.argument_size_in_bytes,
+        output=memory.output_size_in_bytes,
+        alias=memory.alias_size_in_bytes,
+        temp=memory.temp_size_in_bytes,
+        peak=memory.peak_memory_in_bytes,
+        resident=program.resident_bytes,
+        memory=None if tgt.chip is None else tgt.chip.memory_gib * GIB,
+        collective_bytes=comm,
+        flops=flops,
+        roofline_s=roofline,
+        mfu_ceiling=mfu,
+        compile_s=seconds,
+        largest_loop_collective=max(in_loops, key=lambda c: c.bytes, default=None),
+    )
     return report, compiled
 
 
 def format_report(r: Report) -> str:
     gib = lambda x: f"{x / GIB:.2f}"
-    lines = [f"{r.name} on {r.target}: compiled in {r.compile_s:.1f} s",
-             f"  bytes per chip: arguments {r.argument}, outputs {r.output} (aliased {r.alias}), temp {r.temp}, "
-             f"peak {r.peak}; other resident arrays {r.resident:.0f}"]
+    lines = [
+        f"{r.name} on {r.target}: compiled in {r.compile_s:.1f} s",
+        f"  bytes per chip: arguments {r.argument}, outputs {r.output} (aliased {r.alias}), temp {r.temp}, "
+        f"peak {r.peak}; other resident arrays {r.resident:.0f}",
+    ]
     if r.memory is not None:
         lines.append(f"  needs {gib(r.need)} of {gib(r.memory)} GiB: headroom {gib(r.headroom)} GiB")
     lines.append(f"  collectives {gib(r.collective_bytes)} GiB per chip per step; {r.flops:.3g} model FLOPs per step")
@@ -313,8 +363,13 @@ def format_report(r: Report) -> str:
 def check_fits(reports: Sequence[Report]) -> None:
     short = [r for r in reports if r.headroom is not None and r.headroom < 0]
     if short:
-        raise DoesNotFit("; ".join(f"{r.name} needs {r.need / GIB:.2f} GiB per chip on {r.target}, "
-                                   f"{-r.headroom / GIB:.2f} GiB more than its {r.memory / GIB:.0f} GiB" for r in short))
+        raise DoesNotFit(
+            "; ".join(
+                f"{r.name} needs {r.need / GIB:.2f} GiB per chip on {r.target}, "
+                f"{-r.headroom / GIB:.2f} GiB more than its {r.memory / GIB:.0f} GiB"
+                for r in short
+            )
+        )
 
 
 def run_programs(programs: Sequence[Program], tgt: Target, mesh, echo: Callable[[str], None] = print) -> list[Report]:
@@ -338,13 +393,13 @@ def with_shardings(tree, shardings):
 
 
 def replace_dtype(tree, predicate: Callable[[Any], bool], dtype):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) if predicate(x) else x,
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) if predicate(x) else x, tree
+    )
 
 
 def is_float(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
-
 
 
 # ---------------------------------------------------------------- abstract models and inputs
@@ -361,8 +416,10 @@ def model_config(init: str, arch: str = "qwen2_vl", **changes) -> QwenVLConfig:
     else:
         name = next((p for p in sorted(presets(), key=len, reverse=True) if p in init.lower()), None)
         if name is None:
-            raise ModelConfigError(f"model.model_name_or_path={init!r} is not here and names no preset "
-                                   f"({', '.join(presets())}); compile with --set model.model_name_or_path=PRESET")
+            raise ModelConfigError(
+                f"model.model_name_or_path={init!r} is not here and names no preset "
+                f"({', '.join(presets())}); compile with --set model.model_name_or_path=PRESET"
+            )
     return QwenVLConfig.from_file(name).replace(**changes)
 
 
@@ -386,16 +443,24 @@ def example_inputs(model_cfg: QwenVLConfig, rows: int, length: int, grid: np.nda
     v = model_cfg.vision
     merged = int(grid.prod()) // v.spatial_merge_size**2
     if merged + 2 > length:
-        raise ModelConfigError(f"a video of grid {grid[0].tolist()} takes {merged} tokens, more than the "
-                               f"{length}-token bucket holds")
+        raise ModelConfigError(
+            f"a video of grid {grid[0].tolist()} takes {merged} tokens, more than the {length}-token bucket holds"
+        )
     ids = np.zeros((rows, length), np.int64)
     ids[:, 0] = model_cfg.vision_start_token_id
-    ids[:, 1:1 + merged] = model_cfg.video_token_id
+    ids[:, 1 : 1 + merged] = model_cfg.video_token_id
     pixels = np.zeros((rows * int(grid.prod()), v.patch_dim), np.float32)
     # Positions are given (any values give the same shapes): the video is one block, not every family's layout.
     positions = np.broadcast_to(np.arange(length), (3, rows, length))
-    return prepare_inputs(model_cfg, ids, np.ones((rows, length), np.int32), pixel_values_videos=pixels,
-                          video_grid_thw=np.repeat(grid, rows, axis=0), position_ids=positions, length=length)
+    return prepare_inputs(
+        model_cfg,
+        ids,
+        np.ones((rows, length), np.int32),
+        pixel_values_videos=pixels,
+        video_grid_thw=np.repeat(grid, rows, axis=0),
+        position_ids=positions,
+        length=length,
+    )
 
 
 def batched_inputs(one: ModelInputs, batch: int, mesh, lead: tuple[int, ...] = ()) -> ModelInputs:
@@ -408,10 +473,13 @@ def batched_inputs(one: ModelInputs, batch: int, mesh, lead: tuple[int, ...] = (
     if one.vision is not None:
         vision = one.vision.replace(token_index=one.vision.token_index[0], token_mask=one.vision.token_mask[0])
         vision = jax.tree.map(lambda x: place(lead + (batch,) + np.shape(x), axis, np.asarray(x).dtype), vision)
-    return ModelInputs(input_ids=text(one.input_ids), attention_mask=text(one.attention_mask),
-                       position_ids=place(lead + (3, batch) + one.position_ids.shape[2:], axis + 1,
-                                          one.position_ids.dtype),
-                       vision=vision, right_padded=one.right_padded)
+    return ModelInputs(
+        input_ids=text(one.input_ids),
+        attention_mask=text(one.attention_mask),
+        position_ids=place(lead + (3, batch) + one.position_ids.shape[2:], axis + 1, one.position_ids.dtype),
+        vision=vision,
+        right_padded=one.right_padded,
+    )
 
 
 def placed_inputs(inputs: ModelInputs, mesh) -> ModelInputs:

@@ -28,8 +28,13 @@ def _bar(total: int | None, what: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
 
 
-def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None,
-                revision: Optional[str] = None, overwrite: bool = False) -> QwenVLConfig:
+def hf_to_stjax(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+    overwrite: bool = False,
+) -> QwenVLConfig:
     """Write `out_dir` whole or not at all; an occupied `out_dir` is refused unless `overwrite`.
     `hf_dir` may also be a hub id (`owner/name`, at `revision`): see `resolve_model_dir`."""
     float_dtype(dtype)
@@ -43,8 +48,13 @@ def hf_to_stjax(hf_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = 
     return cfg
 
 
-def stjax_to_hf(stjax_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = None,
-                max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> QwenVLConfig:
+def stjax_to_hf(
+    stjax_dir: str | Path,
+    out_dir: str | Path,
+    dtype: Optional[str] = None,
+    max_shard_bytes: int = 5 << 30,
+    overwrite: bool = False,
+) -> QwenVLConfig:
     """Write `out_dir` whole or not at all; an occupied `out_dir` is refused unless `overwrite`."""
     float_dtype(dtype)
     check_target(out_dir, overwrite)
@@ -52,6 +62,7 @@ def stjax_to_hf(stjax_dir: str | Path, out_dir: str | Path, dtype: Optional[str]
     params = stjax_params(stjax_dir)
     total = sum(int(np.prod(a.shape)) * np.dtype(dtype or a.dtype).itemsize for a in params.values())
     with _bar(total, "write") as bar:
-        save_hf(out_dir, cfg, params, dtype, max_shard_bytes, progress=bar.update, side_files=stjax_dir,
-                overwrite=overwrite)
+        save_hf(
+            out_dir, cfg, params, dtype, max_shard_bytes, progress=bar.update, side_files=stjax_dir, overwrite=overwrite
+        )
     return cfg

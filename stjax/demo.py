@@ -36,8 +36,17 @@ STAGES = ("base", "sft", "grpo")
 TEMPLATE = "problem"  # the cold start's prompt, which GRPO's embedded default keeps (see stjax/train/config.py)
 SAMPLES = 8  # mean@8: completions per question sampled at the GRPO temperature
 # GRPO's per-step curves kept in results.json and plotted
-CURVES = ("reward", "rewards/accuracy/mean", "rewards/format/mean", "format_rate", "completions/think_words",
-          "answers/A", "answers/B", "answers/C", "answers/D")
+CURVES = (
+    "reward",
+    "rewards/accuracy/mean",
+    "rewards/format/mean",
+    "format_rate",
+    "completions/think_words",
+    "answers/A",
+    "answers/B",
+    "answers/C",
+    "answers/D",
+)
 
 
 def code_digest() -> str:
@@ -71,8 +80,9 @@ def repeated(heldout: Path, k: int) -> Path:
     target = heldout / f"plain_x{k}.jsonl"
     if not target.exists():
         rows = [json.loads(line) for line in (heldout / "plain.jsonl").read_text().splitlines()]
-        write_text_atomic(target, "".join(json.dumps({**r, "id": f"{r['id']}#{i}"}) + "\n"
-                                          for i in range(k) for r in rows))
+        write_text_atomic(
+            target, "".join(json.dumps({**r, "id": f"{r['id']}#{i}"}) + "\n" for i in range(k) for r in rows)
+        )
     return target
 
 
@@ -100,15 +110,34 @@ def evaluate(models: dict[str, Path], heldout: Path, out: Path, cfg: TrainConfig
 
     results = {}
     for stage, path in models.items():
-        common = dict(model=str(path), template=TEMPLATE, max_pixels=cfg.data.max_pixels,
-                      max_new_tokens=cfg.grpo.max_completion_length)
-        greedy = run_eval(EvalConfig(**common, data=[str(heldout / "plain.jsonl")], out=str(out / "eval" / stage),
-                                     batch_size=8, text_only=stage != "base"))
+        common = dict(
+            model=str(path),
+            template=TEMPLATE,
+            max_pixels=cfg.data.max_pixels,
+            max_new_tokens=cfg.grpo.max_completion_length,
+        )
+        greedy = run_eval(
+            EvalConfig(
+                **common,
+                data=[str(heldout / "plain.jsonl")],
+                out=str(out / "eval" / stage),
+                batch_size=8,
+                text_only=stage != "base",
+            )
+        )
         results[stage] = {"greedy": greedy}
         if stage != "base":
             folder = out / "eval" / f"{stage}-sampled"
-            run_eval(EvalConfig(**common, data=[str(repeated(heldout, SAMPLES))], out=str(folder), batch_size=32,
-                                temperature=cfg.grpo.temperature, text_only=False))
+            run_eval(
+                EvalConfig(
+                    **common,
+                    data=[str(repeated(heldout, SAMPLES))],
+                    out=str(folder),
+                    batch_size=32,
+                    temperature=cfg.grpo.temperature,
+                    text_only=False,
+                )
+            )
             results[stage]["mean_at_k"] = mean_at_k(load_records(folder / "predictions.jsonl"))
     return results
 
@@ -122,10 +151,12 @@ def claims(results: dict[str, dict]) -> dict[str, bool]:
     """What the run shows, each judged beyond the 95% intervals."""
     sft, grpo = results["sft"], results["grpo"]
     overall = sft["greedy"]["overall"]
-    return {"sft_above_majority": beyond(overall, overall["majority"]),
-            "sft_above_text_only": beyond(overall, overall["text_only"]),
-            "grpo_above_sft_greedy": beyond(grpo["greedy"]["overall"], overall),
-            "grpo_above_sft_mean_at_k": beyond(grpo["mean_at_k"], sft["mean_at_k"])}
+    return {
+        "sft_above_majority": beyond(overall, overall["majority"]),
+        "sft_above_text_only": beyond(overall, overall["text_only"]),
+        "grpo_above_sft_greedy": beyond(grpo["greedy"]["overall"], overall),
+        "grpo_above_sft_mean_at_k": beyond(grpo["mean_at_k"], sft["mean_at_k"]),
+    }
 
 
 def table(results: dict[str, dict], temperature: float) -> str:
@@ -133,10 +164,12 @@ def table(results: dict[str, dict], temperature: float) -> str:
     from stjax.eval.mcq import percent_with_interval
 
     first = next(iter(results.values()))["greedy"]["overall"]
-    lines = [f"held-out: {first['n']} questions; chance {100 * first['chance']:.1f}%, "
-             f"always the majority letter {100 * first['majority']:.1f}%",
-             f"{'model':6} {'greedy [95% interval]':>24} {'text-only (blank frames)':>26} "
-             f"{f'mean@{SAMPLES} at T={temperature:g}':>24}"]
+    lines = [
+        f"held-out: {first['n']} questions; chance {100 * first['chance']:.1f}%, "
+        f"always the majority letter {100 * first['majority']:.1f}%",
+        f"{'model':6} {'greedy [95% interval]':>24} {'text-only (blank frames)':>26} "
+        f"{f'mean@{SAMPLES} at T={temperature:g}':>24}",
+    ]
     for stage, r in results.items():
         overall = r["greedy"]["overall"]
         blind = percent_with_interval(overall["text_only"]) if "text_only" in overall else "-"
@@ -148,11 +181,14 @@ def table(results: dict[str, dict], temperature: float) -> str:
 def verdict(shown: dict[str, bool]) -> str:
     """The claims in words, as measured."""
     yes = {True: "yes", False: "NO"}
-    return "\n".join([
-        f"SFT above the majority-letter baseline beyond its interval: {yes[shown['sft_above_majority']]}",
-        f"SFT above its text-only baseline beyond both intervals: {yes[shown['sft_above_text_only']]}",
-        f"GRPO above SFT beyond both intervals, greedy: {yes[shown['grpo_above_sft_greedy']]}; "
-        f"mean@{SAMPLES}: {yes[shown['grpo_above_sft_mean_at_k']]}"])
+    return "\n".join(
+        [
+            f"SFT above the majority-letter baseline beyond its interval: {yes[shown['sft_above_majority']]}",
+            f"SFT above its text-only baseline beyond both intervals: {yes[shown['sft_above_text_only']]}",
+            f"GRPO above SFT beyond both intervals, greedy: {yes[shown['grpo_above_sft_greedy']]}; "
+            f"mean@{SAMPLES}: {yes[shown['grpo_above_sft_mean_at_k']]}",
+        ]
+    )
 
 
 def plot(curves: dict[str, list], results: dict[str, dict], target: Path, temperature: float) -> None:
@@ -165,8 +201,11 @@ def plot(curves: dict[str, list], results: dict[str, dict], target: Path, temper
 
     steps = curves["step"]
     fig, (rewards, watch, accuracy) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, label in (("reward", "reward (weighted sum)"), ("rewards/accuracy/mean", "accuracy reward"),
-                        ("rewards/format/mean", "format reward")):
+    for name, label in (
+        ("reward", "reward (weighted sum)"),
+        ("rewards/accuracy/mean", "accuracy reward"),
+        ("rewards/format/mean", "format reward"),
+    ):
         rewards.plot(steps, curves[name], label=label)
     rewards.set(xlabel="GRPO step", title=f"GRPO on the training walks (T={temperature:g})")
     rewards.legend()
@@ -179,9 +218,11 @@ def plot(curves: dict[str, list], results: dict[str, dict], target: Path, temper
     watch.legend(loc="upper left")
     shares.legend(loc="upper right", fontsize="small")
     names = list(results)
-    bars = [("greedy", lambda r: r["greedy"]["overall"]), ("text-only (blank frames)",
-                                                            lambda r: r["greedy"]["overall"].get("text_only")),
-            (f"mean@{SAMPLES}", lambda r: r.get("mean_at_k"))]
+    bars = [
+        ("greedy", lambda r: r["greedy"]["overall"]),
+        ("text-only (blank frames)", lambda r: r["greedy"]["overall"].get("text_only")),
+        (f"mean@{SAMPLES}", lambda r: r.get("mean_at_k")),
+    ]
     for k, (label, pick) in enumerate(bars):
         xs, ys, errors = [], [], [[], []]
         for i, r in enumerate(results.values()):
@@ -205,14 +246,23 @@ def plot(curves: dict[str, list], results: dict[str, dict], target: Path, temper
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--arch", default="qwen2_vl", choices=model_types(),
-                        help="architecture of the tiny model (the release's is Qwen2-VL)")
+    parser.add_argument(
+        "--arch",
+        default="qwen2_vl",
+        choices=model_types(),
+        help="architecture of the tiny model (the release's is Qwen2-VL)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--heldout-walks", type=int, default=48,
-                        help="held-out walks to evaluate on (a forward and a reverse question per task each)")
+    parser.add_argument(
+        "--heldout-walks",
+        type=int,
+        default=48,
+        help="held-out walks to evaluate on (a forward and a reverse question per task each)",
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -221,8 +271,15 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     start = time.perf_counter()
-    cfg = load(None, [], EMBEDDED["grpo"], stage="grpo", output_dir=str(out / "grpo"), seed=args.seed,
-               model={"arch": args.arch})
+    cfg = load(
+        None,
+        [],
+        EMBEDDED["grpo"],
+        stage="grpo",
+        output_dir=str(out / "grpo"),
+        seed=args.seed,
+        model={"arch": args.arch},
+    )
     print("[1-3/4] synthetic set, SFT cold start, GRPO (python -m stjax.train --stage grpo, embedded default)")
     models, seconds = train(out, cfg)
     heldout = out / "heldout"
@@ -240,9 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     shown = claims(results)
     plot(curves, results, out / "pipeline.png", temperature)
     seconds["total"] = time.perf_counter() - start
-    summary = {"models": results, "claims": shown, "grpo_curves": curves, "seconds": seconds,
-               "heldout_walks": args.heldout_walks, "temperature": temperature,
-               "seed": args.seed, "arch": args.arch, "code": code_digest()}
+    summary = {
+        "models": results,
+        "claims": shown,
+        "grpo_curves": curves,
+        "seconds": seconds,
+        "heldout_walks": args.heldout_walks,
+        "temperature": temperature,
+        "seed": args.seed,
+        "arch": args.arch,
+        "code": code_digest(),
+    }
     write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     print("\n" + table(results, temperature) + "\n\n" + verdict(shown))
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))

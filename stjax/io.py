@@ -83,8 +83,10 @@ def check_target(target: str | os.PathLike, overwrite: bool = False) -> None:
         names = sorted(p.name for p in target.iterdir())
         if names:
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            raise OutputError(f"{target} already holds files ({shown}); pass --overwrite to replace it whole, "
-                              "or choose another directory")
+            raise OutputError(
+                f"{target} already holds files ({shown}); pass --overwrite to replace it whole, "
+                "or choose another directory"
+            )
 
 
 def _alive(pid: int) -> bool:
@@ -205,8 +207,10 @@ class DirectoryLock:
         self.owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
 
     def _refuse(self, holder: str) -> None:
-        raise OutputError(f"{self.path.parent} is in use by another {self.what} ({holder}); "
-                          "wait for it to end or use another directory")
+        raise OutputError(
+            f"{self.path.parent} is in use by another {self.what} ({holder}); "
+            "wait for it to end or use another directory"
+        )
 
     def acquire(self) -> "DirectoryLock":
         key = str(self.path)
@@ -298,8 +302,7 @@ class AppendLog:
     Local: appended to and flushed (and fsync'd if `durable`). Object stores cannot append: the
     whole content (the existing object's, then every record) is uploaded again at each flush."""
 
-    def __init__(self, path: str | os.PathLike, binary: bool = False, durable: bool = False,
-                 autoflush: bool = True):
+    def __init__(self, path: str | os.PathLike, binary: bool = False, durable: bool = False, autoflush: bool = True):
         self.path = as_path(path)
         self.durable, self.autoflush = durable, autoflush
         if is_remote(self.path):

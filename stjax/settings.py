@@ -24,8 +24,15 @@ class ConfigError(ValueError):
     """A setting or a config file that cannot run; raised before any large work starts."""
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple = (), least: float | None = None,
-            aliases: dict | None = None, factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: tuple = (),
+    least: float | None = None,
+    aliases: dict | None = None,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A documented field: `help` is its one-line meaning, `choices` its allowed values (each item's, for a
     list), `least` its smallest allowed value, `aliases` YAML values read as others (true -> "full")."""
     meta = {"help": help, "choices": tuple(choices), "least": least, "aliases": aliases or {}}
@@ -126,8 +133,9 @@ def from_dict(cls: type, values: dict, prefix: str = "", hints: dict[str, str] |
     for key in sorted(set(values) - set(known)):
         if prefix + key in hints:
             raise ConfigError(f"`{prefix}{key}` {hints[prefix + key]}")
-        raise ConfigError(f"unknown config key {prefix}{key}; {prefix or 'the top level '}takes "
-                          f"{', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown config key {prefix}{key}; {prefix or 'the top level '}takes {', '.join(sorted(known))}"
+        )
     types = get_type_hints(cls)
     return cls(**{k: _coerce(v, types[k], prefix + k, known[k].metadata, hints) for k, v in values.items()})
 

@@ -76,8 +76,12 @@ def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Seque
     return Mesh(grid, MESH_AXES)
 
 
-def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
-                   rules: Optional[Sequence[tuple[str, object]]] = None) -> PartitionSpec:
+def partition_spec(
+    axes: Sequence[Optional[str]],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Optional[Sequence[tuple[str, object]]] = None,
+) -> PartitionSpec:
     """Mesh partitioning of one array from its logical axes.
 
     A dimension stays replicated when its rule names no mesh axis, when the mesh axes are of size
@@ -118,15 +122,21 @@ def model_shardings(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.State:
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
     """`state` (of a model, or a part of one from `nnx.split`) with a NamedSharding in place of every value."""
-    return jax.tree.map(lambda v: v.replace(value=_variable_sharding(v, mesh, rules)), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: v.replace(value=_variable_sharding(v, mesh, rules)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     """Place every parameter of `model` on the mesh by its logical axes."""
     graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda v: v.replace(value=jax.device_put(v[...], _variable_sharding(v, mesh, rules))),
-                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree.map(
+        lambda v: v.replace(value=jax.device_put(v[...], _variable_sharding(v, mesh, rules))),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -157,6 +167,7 @@ def on_mesh(fn, mesh: Mesh):
     """`fn` (a jitted function) called, and so traced, under `jax.set_mesh(mesh)`: the activation
     constraints (`constrain_batch`) and the attention backend (`stjax.models.attention.platform`)
     then see the mesh."""
+
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
@@ -177,10 +188,15 @@ def input_shardings(inputs, mesh: Mesh, rules=None):
     replicated = NamedSharding(mesh, PartitionSpec())
     vision = inputs.vision
     if vision is not None:
-        vision = jax.tree.map(lambda _: replicated, vision).replace(token_index=batch(vision.token_index),
-                                                                   token_mask=batch(vision.token_mask))
-    return inputs.replace(input_ids=batch(inputs.input_ids), attention_mask=batch(inputs.attention_mask),
-                          position_ids=batch(inputs.position_ids, 1), vision=vision)
+        vision = jax.tree.map(lambda _: replicated, vision).replace(
+            token_index=batch(vision.token_index), token_mask=batch(vision.token_mask)
+        )
+    return inputs.replace(
+        input_ids=batch(inputs.input_ids),
+        attention_mask=batch(inputs.attention_mask),
+        position_ids=batch(inputs.position_ids, 1),
+        vision=vision,
+    )
 
 
 def shard_inputs(inputs, mesh: Mesh, rules=None):

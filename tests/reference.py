@@ -58,8 +58,12 @@ def rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second
         ids = list(input_ids[b][attention_mask[b] == 1])
         pos_list = []
         st = 0
-        n_img = sum(1 for i, x in enumerate(ids[:-1]) if x == cfg.vision_start_token_id and ids[i + 1] == cfg.image_token_id)
-        n_vid = sum(1 for i, x in enumerate(ids[:-1]) if x == cfg.vision_start_token_id and ids[i + 1] == cfg.video_token_id)
+        n_img = sum(
+            1 for i, x in enumerate(ids[:-1]) if x == cfg.vision_start_token_id and ids[i + 1] == cfg.image_token_id
+        )
+        n_vid = sum(
+            1 for i, x in enumerate(ids[:-1]) if x == cfg.vision_start_token_id and ids[i + 1] == cfg.video_token_id
+        )
         for _ in range(n_img + n_vid):
             ed_img = ids.index(cfg.image_token_id, st) if cfg.image_token_id in ids[st:] else len(ids) + 1
             ed_vid = ids.index(cfg.video_token_id, st) if cfg.video_token_id in ids[st:] else len(ids) + 1
@@ -108,8 +112,9 @@ def make_prompt(cfg: QwenVLConfig, rng: np.random.Generator, parts: list, vocab_
     return ids
 
 
-def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0,
-               padding_side: str = "left") -> dict:
+def make_batch(
+    cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float = 1.0, padding_side: str = "left"
+) -> dict:
     """A padded batch (left by default, as for generation) with random pixels for every vision
     block, in transformers' argument names."""
     rng = np.random.default_rng(seed)
@@ -133,7 +138,8 @@ def make_batch(cfg: QwenVLConfig, prompts: list[list], seed: int = 0, fps: float
         batch["pixel_values_videos"] = rng.normal(size=(sum(np.prod(g) for g in videos), dim)).astype(np.float32)
         batch["video_grid_thw"] = np.asarray(videos, np.int64)
         batch["second_per_grid_ts"] = np.full((len(videos),), cfg.vision.temporal_patch_size / fps, np.float32)
-    positions, _ = rope_index(input_ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-                              batch.get("second_per_grid_ts"), cfg)
+    positions, _ = rope_index(
+        input_ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"), cfg
+    )
     batch["position_ids"] = positions
     return batch

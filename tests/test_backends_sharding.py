@@ -52,8 +52,13 @@ def test_right_padded_rows_need_no_mask_for_dot_product(monkeypatch):
     assert not is_right_padded(np.array([[1, 0, 1]]))
     masks = []
     inner = attention._dot_product
-    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, lengths=None: (
-        masks.append(mask), inner(q, k, v, mask, is_causal, lengths))[1])
+    monkeypatch.setattr(
+        attention,
+        "_dot_product",
+        lambda q, k, v, mask, is_causal, lengths=None: (masks.append(mask), inner(q, k, v, mask, is_causal, lengths))[
+            1
+        ],
+    )
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
@@ -74,8 +79,14 @@ def test_right_padded_groups_are_masked_by_key_counts_for_dot_product(monkeypatc
     alone; the real queries' outputs are those of `xla`."""
     calls = []
     inner = attention._dot_product
-    monkeypatch.setattr(attention, "_dot_product", lambda q, k, v, mask, is_causal, lengths=None: (
-        calls.append((mask, lengths)), inner(q, k, v, mask, is_causal, lengths))[1])
+    monkeypatch.setattr(
+        attention,
+        "_dot_product",
+        lambda q, k, v, mask, is_causal, lengths=None: (
+            calls.append((mask, lengths)),
+            inner(q, k, v, mask, is_causal, lengths),
+        )[1],
+    )
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(3, 24, 4, 16)), jnp.float32) for _ in range(3))
     seg = (np.arange(24)[None] < np.array([[24], [9], [0]])).astype(np.int32)
@@ -120,7 +131,7 @@ def test_right_padded_batch_keeps_the_logits(hf_dirs, arch):
     right = make_batch(cfg, BATCH_OF_FOUR[:2], padding_side="right")
     inputs = prepare_inputs(cfg, **right)
     assert inputs.right_padded and not prepare_inputs(cfg, **left).right_padded
-    out = np.asarray(compiled_forward(model, inputs))[:, :right["input_ids"].shape[1]]
+    out = np.asarray(compiled_forward(model, inputs))[:, : right["input_ids"].shape[1]]
     ref = np.asarray(ref_model(**left))
     np.testing.assert_allclose(out[right["attention_mask"] == 1], ref[left["attention_mask"] == 1], atol=1e-5, rtol=0)
 
@@ -155,19 +166,32 @@ def test_sharded_forward_matches_single_device(hf_dirs, arch, mesh_shape):
     fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
     layers = sharded.model.layers
     assert layers.q_proj.kernel[...].addressable_shards[0].data.shape == (
-        t.num_layers, t.hidden_size // fsdp, t.num_heads * t.head_dim // tensor)
+        t.num_layers,
+        t.hidden_size // fsdp,
+        t.num_heads * t.head_dim // tensor,
+    )
     assert layers.down_proj.kernel[...].addressable_shards[0].data.shape == (
-        t.num_layers, t.intermediate_size // tensor, t.hidden_size // fsdp)
+        t.num_layers,
+        t.intermediate_size // tensor,
+        t.hidden_size // fsdp,
+    )
     assert sharded.model.embed_tokens[...].addressable_shards[0].data.shape == (
-        t.vocab_size // tensor, t.hidden_size // fsdp)
+        t.vocab_size // tensor,
+        t.hidden_size // fsdp,
+    )
     assert sharded.visual.blocks.qkv.kernel[...].addressable_shards[0].data.shape[1:] == (
-        cfg.vision.hidden_size // fsdp, 3 * cfg.vision.hidden_size // tensor)
+        cfg.vision.hidden_size // fsdp,
+        3 * cfg.vision.hidden_size // tensor,
+    )
     # a model made in memory is placed by the same rules
     from stjax.models.qwen_vl import init_model
 
     placed_model = sharding.shard_model(init_model(cfg), mesh)
     assert placed_model.model.layers.q_proj.kernel[...].addressable_shards[0].data.shape == (
-        t.num_layers, t.hidden_size // fsdp, t.num_heads * t.head_dim // tensor)
+        t.num_layers,
+        t.hidden_size // fsdp,
+        t.num_heads * t.head_dim // tensor,
+    )
     # and the batch of 8 is split over the data-parallel axes
     assert placed.input_ids.addressable_shards[0].data.shape[0] == 8 // (mesh.shape["data"] * fsdp)
 
@@ -210,8 +234,7 @@ def test_remat_policies_give_the_same_gradients(hf_dirs, remat):
         loss, params = loss_and_params(model)
         return jax.grad(loss)(params)
 
-    is_remat = lambda model: "remat" in str(jax.make_jaxpr(loss_and_params(model)[0])(
-        loss_and_params(model)[1]))
+    is_remat = lambda model: "remat" in str(jax.make_jaxpr(loss_and_params(model)[0])(loss_and_params(model)[1]))
     assert is_remat(other) and not is_remat(base)  # the policy is really applied
     for a, b in zip(jax.tree.leaves(grads(base)), jax.tree.leaves(grads(other))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

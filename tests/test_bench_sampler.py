@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_sampler", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampler.py")
+    "bench_sampler", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampler.py"
+)
 bench_sampler = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_sampler)
 
@@ -19,11 +20,14 @@ def test_steady_timings_give_tokens_over_the_median():
     assert note == "spread 2%"  # interquartile range 0.0101 - 0.0099 over 10 ms
 
 
-@pytest.mark.parametrize("seconds", [
-    [-0.002, 0.001, -0.001, 0.0005, -0.003],  # differences of noisy timings: median below zero
-    [0.0010, 0.0100, 0.0002, 0.0200, 0.0040],  # positive median 4 ms, interquartile range 9 ms
-    [0.0, 0.0, 0.0],
-])
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        [-0.002, 0.001, -0.001, 0.0005, -0.003],  # differences of noisy timings: median below zero
+        [0.0010, 0.0100, 0.0002, 0.0200, 0.0040],  # positive median 4 ms, interquartile range 9 ms
+        [0.0, 0.0, 0.0],
+    ],
+)
 def test_noise_that_swamps_the_figure_gives_no_figure(seconds):
     rate, note = bench_sampler.decode_rate(63, seconds)
     assert rate is None and note.startswith("unresolved:")

@@ -82,8 +82,9 @@ def test_tiny_sft_and_grpo_compile_for_a_tpu_topology(tpu):
     sft = config.load("configs/sft/tiny-cpu.yaml", ["data.token_buckets=[256]"])
     _check_programs(sft, target, mesh, ["sft step"])
     grpo = config.load("configs/grpo/tiny-cpu.yaml", ["data.token_buckets=[256]", "grpo.max_completion_length=8"])
-    _check_programs(grpo, target, mesh, ["grpo update", "grpo reference log-probs",
-                                         "grpo rollout (prefill + decoding)"])
+    _check_programs(
+        grpo, target, mesh, ["grpo update", "grpo reference log-probs", "grpo rollout (prefill + decoding)"]
+    )
 
 
 def test_a_program_that_does_not_fit_is_named(tpu):
@@ -137,7 +138,20 @@ def test_eval_sampler_compiles_for_a_tpu_topology(tpu, capsys):
     """`python -m stjax.eval.mcq --compile-only --topology ...` on the embedded default's tiny model."""
     from stjax.eval import mcq
 
-    mcq.main(["--compile-only", "--topology", TOPOLOGY, "--max-prompt-tokens", "256", "--max-new-tokens", "8",
-              "--batch-size", "4", "--max-pixels", "12544"])
+    mcq.main(
+        [
+            "--compile-only",
+            "--topology",
+            TOPOLOGY,
+            "--max-prompt-tokens",
+            "256",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-pixels",
+            "12544",
+        ]
+    )
     out = capsys.readouterr().out
     assert "eval sampler (prefill + decoding) on v5p:2x2x1" in out and "headroom" in out

@@ -78,7 +78,13 @@ def architecture(cfg: train_config.TrainConfig) -> str:
     """The config's architecture: named by its model directory, else `model.arch`."""
     if not cfg.model.model_name_or_path:
         return cfg.model.arch
-    return "qwen3_vl" if "qwen3" in cfg.model.model_name_or_path.lower() else "qwen2_5_vl" if "2.5" in cfg.model.model_name_or_path else "qwen2_vl"
+    return (
+        "qwen3_vl"
+        if "qwen3" in cfg.model.model_name_or_path.lower()
+        else "qwen2_5_vl"
+        if "2.5" in cfg.model.model_name_or_path
+        else "qwen2_vl"
+    )
 
 
 def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
@@ -102,19 +108,39 @@ def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
     cfg = train_config.load(path)
     if "=-1" not in cfg.mesh:  # the config passes its checks on the devices its mesh names (4 or 8 GPUs, 32 chips)
         train_config.check(cfg, math.prod(parse_mesh(cfg.mesh).values()))
-    shrunk = train_config.load(path, [
-        f"output_dir={tmp_path}", "max_steps=1", f"model.model_name_or_path={models[architecture(cfg)]}",
-        "data.format=synthetic",
-        f"data.path={data}", "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
-        "data.patch_buckets=[1024, 2048]", "data.dataloader_num_workers=0", "checkpoint.export_hf=false",
-        f"mesh={shrunk_mesh(cfg, jax.device_count())}"] + (["grpo.max_completion_length=8"] if cfg.stage == "grpo" else []))
+    shrunk = train_config.load(
+        path,
+        [
+            f"output_dir={tmp_path}",
+            "max_steps=1",
+            f"model.model_name_or_path={models[architecture(cfg)]}",
+            "data.format=synthetic",
+            f"data.path={data}",
+            "data.max_pixels=12544",
+            "data.token_buckets=[512, 1024]",
+            "data.patch_buckets=[1024, 2048]",
+            "data.dataloader_num_workers=0",
+            "checkpoint.export_hf=false",
+            f"mesh={shrunk_mesh(cfg, jax.device_count())}",
+        ]
+        + (["grpo.max_completion_length=8"] if cfg.stage == "grpo" else []),
+    )
     # what the overrides keep
     kept = ("batch_size", "gradient_accumulation_steps", "loss_average", "loss_chunk", "optim", "lora")
     assert all(getattr(shrunk, k) == getattr(cfg, k) for k in kept)
-    assert (shrunk.model.param_dtype, shrunk.model.master_dtype, shrunk.model.compute_dtype,
-            shrunk.model.gradient_checkpointing,
-            shrunk.model.attention) == (cfg.model.param_dtype, cfg.model.master_dtype, cfg.model.compute_dtype,
-                                        cfg.model.gradient_checkpointing, cfg.model.attention)
+    assert (
+        shrunk.model.param_dtype,
+        shrunk.model.master_dtype,
+        shrunk.model.compute_dtype,
+        shrunk.model.gradient_checkpointing,
+        shrunk.model.attention,
+    ) == (
+        cfg.model.param_dtype,
+        cfg.model.master_dtype,
+        cfg.model.compute_dtype,
+        cfg.model.gradient_checkpointing,
+        cfg.model.attention,
+    )
     train_config.check(shrunk, jax.device_count())
     summary = stages.train(shrunk)
     assert summary["steps"] == 1 and summary["skipped_steps"] == 0 and np.isfinite(summary["final_loss"])
@@ -137,9 +163,11 @@ def test_eval_config_check_refuses_bad_values():
         check_config(EvalConfig(fps="1e-5"))
 
 
-HF_CLASSES = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-              "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-              "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}
+HF_CLASSES = {
+    "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+}
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
@@ -160,12 +188,25 @@ def test_cold_start_is_trained_as_stage_sft_makes_it(monkeypatch, tmp_path):
     architecture and walk count); the SFT media settings (112 x 112 frames, small buckets) are kept."""
     made = []
     monkeypatch.setattr(stages, "train", made.append)
-    cfg = train_config.load(None, [], train_config.EMBEDDED["grpo"], stage="grpo", output_dir=str(tmp_path), seed=3,
-                            model={"arch": "qwen2_5_vl"}, data={"synthetic_walks": 5})
+    cfg = train_config.load(
+        None,
+        [],
+        train_config.EMBEDDED["grpo"],
+        stage="grpo",
+        output_dir=str(tmp_path),
+        seed=3,
+        model={"arch": "qwen2_5_vl"},
+        data={"synthetic_walks": 5},
+    )
     stages.cold_start(cfg)
     stage_sft = train_config.load(None, [], train_config.EMBEDDED["sft"], stage="sft")
-    assert made == [dataclasses.replace(
-        stage_sft, output_dir=str(tmp_path / "sft"), seed=3,
-        model=dataclasses.replace(stage_sft.model, arch="qwen2_5_vl"),
-        data=dataclasses.replace(stage_sft.data, synthetic_walks=5))]
+    assert made == [
+        dataclasses.replace(
+            stage_sft,
+            output_dir=str(tmp_path / "sft"),
+            seed=3,
+            model=dataclasses.replace(stage_sft.model, arch="qwen2_5_vl"),
+            data=dataclasses.replace(stage_sft.data, synthetic_walks=5),
+        )
+    ]
     assert made[0].data.max_pixels == train_config.EMBEDDED["sft"]["data"]["max_pixels"] < 360 * 420

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def in_memory_name(name: str) -> str:
     """transformers >= 4.52 in-memory layout."""
     if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
+        return "model.language_model." + name[len("model.") :]
     if name.startswith("visual."):
         return "model." + name
     return name
@@ -95,8 +95,9 @@ def test_command_line(hf_dirs, tmp_path):
     converted = tensors(tmp_path / "h")
     assert all(a.dtype == np.dtype("bfloat16") for a in converted.values())
     original = tensors(src)["model.norm.weight"]
-    np.testing.assert_array_equal(converted["model.norm.weight"].astype(np.float32),
-                                  torch.tensor(original).bfloat16().float().numpy())
+    np.testing.assert_array_equal(
+        converted["model.norm.weight"].astype(np.float32), torch.tensor(original).bfloat16().float().numpy()
+    )
 
 
 def test_sizes_parse():
@@ -146,7 +147,9 @@ class TestErrors:
         hf_to_stjax(hf_dirs("qwen2_vl")[0], tmp_path / "s")
         config = json.loads((tmp_path / "s" / "config.json").read_text())
         (tmp_path / "s" / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
-        with pytest.raises(CheckpointError, match=r"model/layers/gate_proj/kernel: expected shape \(2, 64, 96\), got \(2, 64, 128\)"):
+        with pytest.raises(
+            CheckpointError, match=r"model/layers/gate_proj/kernel: expected shape \(2, 64, 96\), got \(2, 64, 128\)"
+        ):
             stjax_to_hf(tmp_path / "s", tmp_path / "h")
 
 
@@ -178,8 +181,21 @@ def export(how: str, stjax_dir: Path, out: Path, dtype: str) -> Path:
     if how == "library":  # stjax.convert.stjax_to_hf
         stjax_to_hf(stjax_dir, out, dtype=dtype, max_shard_bytes=shard)
     elif how == "command_line":  # convert/to_hf.py
-        subprocess.run([sys.executable, ROOT / "convert" / "to_hf.py", stjax_dir, out, "--dtype", dtype,
-                        "--max-shard-size", f"{shard}B"], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                ROOT / "convert" / "to_hf.py",
+                stjax_dir,
+                out,
+                "--dtype",
+                dtype,
+                "--max-shard-size",
+                f"{shard}B",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     else:  # save_hf on a loaded model's parameters, as the training run exports
         from flax import nnx, traverse_util
 

@@ -35,7 +35,7 @@ def _inputs(b, l, s, h, kv, d, seed=0):
     seg_q, seg_k = np.ones((b, l), np.int32), np.ones((b, s), np.int32)
     seg_q[0, : l // 3], seg_k[0, : s // 3] = 2, 2  # two segments in row 0
     if b > 1:  # padding (segment 0) at the end of row 1
-        seg_q[1, l - 11:], seg_k[1, s - 11:] = 0, 0
+        seg_q[1, l - 11 :], seg_k[1, s - 11 :] = 0, 0
     return q, k, v, jnp.asarray(seg_q), jnp.asarray(seg_k)
 
 
@@ -54,7 +54,9 @@ def test_values_and_gradients_match_xla(case):
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     # The offset goes in traced, as the sampler's cache position does.
-    (ref_loss, ref_grads), (loss_, grads) = (grad(q, k, v, backend, jnp.int32(offset)) for backend in ("xla", "cpu_flash"))
+    (ref_loss, ref_grads), (loss_, grads) = (
+        grad(q, k, v, backend, jnp.int32(offset)) for backend in ("xla", "cpu_flash")
+    )
     assert abs(float(loss_ - ref_loss)) <= 1e-5 * abs(float(ref_loss)) + 1e-4
     for name, g, ref in zip("qkv", grads, ref_grads):
         assert _rel(g, ref) <= 1e-5, name
@@ -102,8 +104,12 @@ assert not cpu_attention.available()
 assert float(jnp.abs(attend(q, q, q, seg, seg, True, "cpu_flash") - attend(q, q, q, seg, seg, True, "xla")).max()) == 0
 print("fell back")
 """
-    env = {"CXX": str(tmp_path / "no-such-compiler"), "STJAX_CACHE_DIR": str(tmp_path / "cache"),
-           "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    env = {
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "STJAX_CACHE_DIR": str(tmp_path / "cache"),
+        "JAX_PLATFORMS": "cpu",
+        "PATH": "/usr/bin:/bin",
+    }
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "fell back" in done.stdout

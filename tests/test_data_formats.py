@@ -46,12 +46,20 @@ def egost(tmp_path: Path) -> Path:
         tmp_path / "Part1_reverse_mcq.json",
         {
             "v1": {"video": "a.mp4", "reverse_mcq": {"question": Q_REV, "options": OPTIONS, "label": "(A)"}},
-            "v2": {"video": "b.mp4", "reverse_mcq": {"question": Q_REV, "options": OPTIONS, "correct_answer": "turn back"}},
+            "v2": {
+                "video": "b.mp4",
+                "reverse_mcq": {"question": Q_REV, "options": OPTIONS, "correct_answer": "turn back"},
+            },
         },
     )
     write_json(
         tmp_path / "Part3_forward_mcq_landmark.json",
-        {"w": {"video": "w.mp4", "forward_mcq": {"question": "which landmarks?", "options": ["sofa", "door"], "answer": "door"}}},
+        {
+            "w": {
+                "video": "w.mp4",
+                "forward_mcq": {"question": "which landmarks?", "options": ["sofa", "door"], "answer": "door"},
+            }
+        },
     )
     (tmp_path / "Part4_reverse_mcq_action.json").write_text("{not json")
     return tmp_path
@@ -88,7 +96,9 @@ def test_egost_malformed_records_are_named_and_counted(egost):
 
 
 def st_row(problem: str, answer: str) -> str:
-    return json.dumps({"problem": problem, "solution": f"<think>x</think> <answer>{answer}</answer>", "video": "/x/v.mp4"})
+    return json.dumps(
+        {"problem": problem, "solution": f"<think>x</think> <answer>{answer}</answer>", "video": "/x/v.mp4"}
+    )
 
 
 def test_st_r1_rows_parse_and_bad_rows_are_named(tmp_path):
@@ -112,7 +122,9 @@ def test_st_r1_rows_parse_and_bad_rows_are_named(tmp_path):
 def test_plain_jsonl_round_trip_and_errors(tmp_path):
     samples = [
         Sample("a", str(tmp_path / "v" / "a.mp4"), Q_FWD, OPTIONS, "B", "direction", "forward", pair_id="b"),
-        Sample("b", str(tmp_path / "v" / "a.mp4"), Q_REV, OPTIONS, "D", "direction", "reverse", pair_id="a", solution="s"),
+        Sample(
+            "b", str(tmp_path / "v" / "a.mp4"), Q_REV, OPTIONS, "D", "direction", "reverse", pair_id="a", solution="s"
+        ),
     ]
     write_plain_jsonl(samples, tmp_path / "plain.jsonl")
     assert json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])["video"] == "v/a.mp4"
@@ -139,11 +151,18 @@ def test_plain_jsonl_round_trip_and_errors(tmp_path):
 def test_plain_jsonl_takes_any_task_name_and_no_direction(tmp_path):
     """Another video question set need not pretend to be Ego-ST: its own task names, no direction."""
     path = tmp_path / "own.jsonl"
-    rows = [{"video": "a.mp4", "question": "Which way does the ball roll?", "options": ["left", "right"],
-             "answer": "right", "task": "motion"},
-            {"video": "b.mp4", "question": "How many cars pass?", "options": ["A. one", "B. two"], "answer": "A"},
-            {"video": "c.mp4", "question": Q_REV, "options": OPTIONS, "answer": "B"},
-            {"video": "d.mp4", "question": "q", "options": OPTIONS, "answer": "B", "direction": "sideways"}]
+    rows = [
+        {
+            "video": "a.mp4",
+            "question": "Which way does the ball roll?",
+            "options": ["left", "right"],
+            "answer": "right",
+            "task": "motion",
+        },
+        {"video": "b.mp4", "question": "How many cars pass?", "options": ["A. one", "B. two"], "answer": "A"},
+        {"video": "c.mp4", "question": Q_REV, "options": OPTIONS, "answer": "B"},
+        {"video": "d.mp4", "question": "q", "options": OPTIONS, "answer": "B", "direction": "sideways"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = read_plain_jsonl(path)
     got = [(s.task, s.direction, s.answer) for s in result.samples]

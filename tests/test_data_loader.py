@@ -95,8 +95,15 @@ def test_process_shards_are_disjoint_and_cover_each_epoch():
     samples = [Sample(str(i), "v.mp4", "q", ["A. a"], "A", "direction", "forward") for i in range(1, 24)]
     seen = []
     for index in range(2):
-        cfg = LoaderConfig(batch_size=1, shard_index=index, shard_count=2, num_epochs=2, drop_remainder=False,
-                           token_buckets=(8,), patch_buckets=(0,))
+        cfg = LoaderConfig(
+            batch_size=1,
+            shard_index=index,
+            shard_count=2,
+            num_epochs=2,
+            drop_remainder=False,
+            token_buckets=(8,),
+            patch_buckets=(0,),
+        )
         batches, _ = run(make_loader(samples, _IdProcessor(), cfg))
         seen.append([int(b["input_ids"][0, 0]) for b in batches])
     assert sorted(seen[0] + seen[1]) == sorted(list(range(1, 24)) * 2)

@@ -47,8 +47,9 @@ def test_normalize_is_clip_mean_std_in_float32():
     assert out.dtype == np.float32 and out.shape == (4, 1176) and grid.tolist() == [1, 2, 2]
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
     # channel c occupies columns [c*392, (c+1)*392) of every patch vector
-    np.testing.assert_allclose(normalize(np.full((1, 1176), 255, np.uint8)).reshape(3, 392)[:, 0],
-                               (1 - IMAGE_MEAN) / IMAGE_STD, rtol=1e-6)
+    np.testing.assert_allclose(
+        normalize(np.full((1, 1176), 255, np.uint8)).reshape(3, 392)[:, 0], (1 - IMAGE_MEAN) / IMAGE_STD, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("t,h,w", [(8, 56, 84), (3, 28, 56), (1, 84, 28), (2, 112, 112)])
@@ -72,7 +73,9 @@ def test_patchify_matches_direct_merge_block_loop(t, h, w):
 
 
 def test_seed_prompt_renders_exactly(processor):
-    sample = Sample("s", "v.mp4", "Based on this video, which way?", ["A. left", "B. right"], "A", "direction", "forward")
+    sample = Sample(
+        "s", "v.mp4", "Based on this video, which way?", ["A. left", "B. right"], "A", "direction", "forward"
+    )
     expected_user = "Based on this video, which way?Options:A. left\nB. right" + SEED_TAIL
     assert user_text(sample, "seed_mcq") == expected_user
     expected = (
@@ -170,9 +173,11 @@ def test_mm_token_type_ids_are_transformers(processor):
     from transformers.processing_utils import ProcessorMixin
 
     arrays = processor.encode("which way?", videos=[clip(4, 56, 56)], images=[np.zeros((28, 56, 3), np.uint8)])
-    pads = SimpleNamespace(image_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")],
-                           video_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")],
-                           audio_token_ids=[])
+    pads = SimpleNamespace(
+        image_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")],
+        video_token_ids=[processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")],
+        audio_token_ids=[],
+    )
     expected = ProcessorMixin.create_mm_token_type_ids(pads, [arrays["input_ids"].tolist()])[0]
     assert arrays["mm_token_type_ids"].tolist() == expected and set(expected) == {0, 1, 2}
 
@@ -185,10 +190,20 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
 
     tokenizer = Path(processor.tokenizer.name_or_path)
     files = export_files(processor, tokenizer, "sft", "sft")
-    assert set(files) == {"stjax_training.json", "preprocessor_config.json", "video_preprocessor_config.json",
-                          "chat_template.jinja"}
-    assert json.loads(files["stjax_training.json"]) == {"stage": "sft", "template": "problem", "num_frames": 8,
-                                                        "fps": 1.0, "max_pixels": 360 * 420, "second_per_grid": "seed"}
+    assert set(files) == {
+        "stjax_training.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.jinja",
+    }
+    assert json.loads(files["stjax_training.json"]) == {
+        "stage": "sft",
+        "template": "problem",
+        "num_frames": 8,
+        "fps": 1.0,
+        "max_pixels": 360 * 420,
+        "second_per_grid": "seed",
+    }
     own = tmp_path / "model"  # a real model's directory: its own processor files are copied, not replaced
     shutil.copytree(tokenizer, own)
     (own / "preprocessor_config.json").write_text("{}")

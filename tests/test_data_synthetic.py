@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from stjax.data.formats import read_egost_dir, read_plain_jsonl, read_st_r1_jsonl
-from stjax.data.synthetic import (WALLS, RenderConfig, camera_path, generate, make_walk, render, rgb_to_yuv420p,
-                                  write_video)
+from stjax.data.synthetic import (
+    WALLS,
+    RenderConfig,
+    camera_path,
+    generate,
+    make_walk,
+    render,
+    rgb_to_yuv420p,
+    write_video,
+)
 from stjax.data.video import decord
 from stjax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
 
@@ -93,7 +101,9 @@ def test_answers_match_scene_geometry(out):
 
 
 # Generates a set in a fresh process, as CI and every training run do.
-GENERATE = "import sys; from stjax.data.synthetic import generate; generate(sys.argv[1], n=int(sys.argv[2]), seed=7, sheet=1)"
+GENERATE = (
+    "import sys; from stjax.data.synthetic import generate; generate(sys.argv[1], n=int(sys.argv[2]), seed=7, sheet=1)"
+)
 
 
 def test_same_seed_gives_identical_bytes(out, tmp_path):
@@ -186,7 +196,10 @@ def test_tokenizer_loads_offline_with_qwen_specials(out):
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(tok) - 8, len(tok)))
     assert len(tok) <= 3000 + 12
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     s = "<think>turn left</think> <answer>B</answer>"
     assert tok.decode(tok(s)["input_ids"]) == s
 
@@ -215,8 +228,11 @@ def test_colour_questions_are_answered_by_the_scene(tmp_path):
             right = nearest["name"].split()[0] if task == "colour" else scene["wall"]
             assert answer_text(record, direction).lower() == right
             excluded = {lm["name"].split()[0] for lm in scene["landmarks"]} if task == "colour" else {scene["wall"]}
-            wrong = [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]
-                     if o[0] != record[f"{direction}_mcq"]["answer"]]
+            wrong = [
+                o[3:].lower()
+                for o in record[f"{direction}_mcq"]["options"]
+                if o[0] != record[f"{direction}_mcq"]["answer"]
+            ]
             assert len(set(wrong)) == 3 and not excluded & set(wrong)
             if task == "walls":  # the paints in one order: the letter names the paint
                 assert [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]] == list(WALLS)

@@ -126,7 +126,13 @@ TABLE = [
     (24, 12, 90, 300, MediaConfig()),  # portrait
     (40, 8, 448, 56, MediaConfig()),  # 8:1 strip
     (60, 6, 200, 120, MediaConfig(fps=2.0, num_frames=None)),  # plain qwen-vl-utils, no 8-frame rule
-    (60, 6, 320, 240, MediaConfig(fps=2.0, max_pixels=10**7, total_pixels=20 * 28 * 28 * 20)),  # tiny total budget: the 1.05*min floor binds
+    (
+        60,
+        6,
+        320,
+        240,
+        MediaConfig(fps=2.0, max_pixels=10**7, total_pixels=20 * 28 * 28 * 20),
+    ),  # tiny total budget: the 1.05*min floor binds
     (100, 10, 64, 48, MediaConfig()),  # 10 s -> n = 10 -> 8 kept unevenly (0, 11, 22, 33, 55, 66, 77, 99)
 ]
 

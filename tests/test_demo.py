@@ -31,8 +31,14 @@ def demo_results(tmp_path: Path) -> dict:
         assert results["code"] == code_digest(), f"{given} was made by other code than this checkout's"
         return results
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-m", "stjax.demo", "--out", str(tmp_path / "demo")], cwd=ROOT, env=env,
-                   check=True, capture_output=True, timeout=1800)
+    subprocess.run(
+        [sys.executable, "-m", "stjax.demo", "--out", str(tmp_path / "demo")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
     return json.loads((tmp_path / "demo" / "results.json").read_text())
 
 
@@ -47,8 +53,10 @@ def test_the_pipeline_learns_what_the_readme_says(tmp_path):
     assert greedy["n"] >= 96 and greedy["majority"] <= 0.26  # balanced gold letters
     assert greedy["interval"][0] > greedy["majority"], greedy
     assert greedy["interval"][0] > greedy["text_only"]["interval"][1], greedy
-    grpo_adds = (grpo["greedy"]["overall"]["interval"][0] > greedy["interval"][1]
-                 or grpo["mean_at_k"]["interval"][0] > sft["mean_at_k"]["interval"][1])
+    grpo_adds = (
+        grpo["greedy"]["overall"]["interval"][0] > greedy["interval"][1]
+        or grpo["mean_at_k"]["interval"][0] > sft["mean_at_k"]["interval"][1]
+    )
     assert grpo_adds == GRPO_ADDS, (grpo["greedy"]["overall"], greedy, grpo["mean_at_k"], sft["mean_at_k"])
     curves = results["grpo_curves"]  # GRPO on the embedded default keeps what the cold start learned: no collapse
     assert min(curves["rewards/accuracy/mean"]) >= 0.8 and min(curves["format_rate"]) >= 0.8, curves

@@ -64,14 +64,24 @@ def test_the_training_loader_skips_such_a_video_with_its_reason(bench, workers):
     data, _, odd = bench
     samples = read_plain_jsonl(odd).samples
     processor = Processor.from_pretrained(data / "tokenizer")
-    loader = make_loader(samples, processor, LoaderConfig(batch_size=1, shuffle=False, num_workers=workers,
-                                                          image_patch_buckets=(0,), token_buckets=(4096,),
-                                                          patch_buckets=(8192,)))
+    loader = make_loader(
+        samples,
+        processor,
+        LoaderConfig(
+            batch_size=1,
+            shuffle=False,
+            num_workers=workers,
+            image_patch_buckets=(0,),
+            token_buckets=(4096,),
+            patch_buckets=(8192,),
+        ),
+    )
     iterator = iter(loader)
     batches = list(iterator)
     assert len(batches) == 3
-    assert [(sample_id, "aspect ratio over 200" in reason) for sample_id, reason in iterator.skipped] == \
-        [(samples[1].id, True)]
+    assert [(sample_id, "aspect ratio over 200" in reason) for sample_id, reason in iterator.skipped] == [
+        (samples[1].id, True)
+    ]
 
 
 def test_a_second_evaluation_on_the_same_out_is_refused(bench, tmp_path):
@@ -95,15 +105,24 @@ def test_a_resume_refuses_a_data_file_that_changed(bench, tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stjax.eval.mcq", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                               "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "stjax.eval.mcq", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
 
 
-@pytest.mark.parametrize("flag,message", [(("--batch-size", "-3"), "--batch-size -3: must be >= 1"),
-                                          (("--limit", "-3"), "--limit -3: must be >= 1"),
-                                          (("--max-new-tokens", "0"), "--max-new-tokens 0: must be >= 1"),
-                                          (("--num-frames", "0"), "--num-frames 0: must be >= 1")])
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        (("--batch-size", "-3"), "--batch-size -3: must be >= 1"),
+        (("--limit", "-3"), "--limit -3: must be >= 1"),
+        (("--max-new-tokens", "0"), "--max-new-tokens 0: must be >= 1"),
+        (("--num-frames", "0"), "--num-frames 0: must be >= 1"),
+    ],
+)
 def test_numeric_options_are_refused_before_any_work(bench, tmp_path, flag, message):
     data, model, odd = bench
     result = cli("--model", str(model), "--data", str(odd), "--out", str(tmp_path / "out"), *flag)
@@ -120,5 +139,17 @@ def test_empty_unreadable_or_all_failing_data_exit_non_zero(bench, tmp_path):
         assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert not (tmp_path / name[:5] / "predictions.jsonl").exists()
     with pytest.raises(SystemExit, match="none of the 4 samples could be evaluated"):
-        mcq.main(["--model", str(model), "--data", str(odd), "--out", str(tmp_path / "short"), "--max-prompt-tokens",
-                  "10", "--max-new-tokens", "4"])
+        mcq.main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(odd),
+                "--out",
+                str(tmp_path / "short"),
+                "--max-prompt-tokens",
+                "10",
+                "--max-new-tokens",
+                "4",
+            ]
+        )

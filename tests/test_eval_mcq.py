@@ -94,8 +94,14 @@ def test_a_missing_video_and_a_long_prompt_are_recorded_as_failures(bench, tmp_p
 def test_logits_mode_picks_the_argmax_letter_of_a_full_forward(bench, tmp_path):
     data, model_dir = bench
     files = [data / "Synth_forward_mcq.json", data / "Synth_reverse_mcq_landmark.json"]  # Ego-ST format
-    cfg = EvalConfig(model=str(model_dir), data=[str(f) for f in files], videos=[str(data / "synth")],
-                     out=str(tmp_path), mode="logits", batch_size=3)
+    cfg = EvalConfig(
+        model=str(model_dir),
+        data=[str(f) for f in files],
+        videos=[str(data / "synth")],
+        out=str(tmp_path),
+        mode="logits",
+        batch_size=3,
+    )
     evaluate(cfg)
     recorded = records_by_key(tmp_path)
     assert len(recorded) == 4 and {r["file"] for r in recorded.values()} == {f.name for f in files}
@@ -105,8 +111,17 @@ def test_logits_mode_picks_the_argmax_letter_of_a_full_forward(bench, tmp_path):
     letters = {k: processor.tokenizer.convert_tokens_to_ids(k) for k in "ABCD"}
     for file, sample in load_samples(cfg)[0]:
         arrays = processor(sample, "seed_mcq")
-        inputs = prepare_inputs(config, arrays["input_ids"][None], None, None, None, arrays["pixel_values_videos"],
-                                arrays["video_grid_thw"], arrays["second_per_grid_ts"], arrays["position_ids"][:, None])
+        inputs = prepare_inputs(
+            config,
+            arrays["input_ids"][None],
+            None,
+            None,
+            None,
+            arrays["pixel_values_videos"],
+            arrays["video_grid_thw"],
+            arrays["second_per_grid_ts"],
+            arrays["position_ids"][:, None],
+        )
         logits = np.asarray(compiled_forward(model, inputs))[0, len(arrays["input_ids"]) - 1]
         scores = {k: logits[letters[k]] for k in "ABCD"[: len(sample.options)]}
         record = recorded[file, sample.id]
@@ -122,8 +137,22 @@ def test_accuracy_on_a_hand_made_predictions_file(tmp_path):
         ("b.jsonl", "landmark", "reverse", "C", "C", None, 3),
         ("b.jsonl", "action", "forward", None, "B", "file x.mp4: cannot open", 4),
     ]
-    lines = [json.dumps({"id": str(i), "file": f, "task": t, "direction": d, "pred": p, "gold": g, "correct": p == g,
-                         "n_options": k, **({"error": e} if e else {})}) for i, (f, t, d, p, g, e, k) in enumerate(rows)]
+    lines = [
+        json.dumps(
+            {
+                "id": str(i),
+                "file": f,
+                "task": t,
+                "direction": d,
+                "pred": p,
+                "gold": g,
+                "correct": p == g,
+                "n_options": k,
+                **({"error": e} if e else {}),
+            }
+        )
+        for i, (f, t, d, p, g, e, k) in enumerate(rows)
+    ]
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(lines) + "\n" + lines[0][:20])  # a last line cut short by a crash
     records = load_records(path)
@@ -137,32 +166,71 @@ def test_accuracy_on_a_hand_made_predictions_file(tmp_path):
         # scipy's Wilson interval, an independent reference (agreement to 1e-6: z is rounded to 1.959964)
         ci = list(binomtest(correct, n).proportion_ci(method="wilson"))
         blind_ci = list(binomtest(blind, n).proportion_ci(method="wilson"))
-        return {"n": n, "correct": correct, "accuracy": correct / n, "interval": pytest.approx(ci, abs=1e-6),
-                "failed": failed, "no_answer": no_answer, "chance": pytest.approx(chance), "majority": majority,
-                "text_only": {"n": n, "correct": blind, "accuracy": blind / n,
-                              "interval": pytest.approx(blind_ci, abs=1e-6)}}
+        return {
+            "n": n,
+            "correct": correct,
+            "accuracy": correct / n,
+            "interval": pytest.approx(ci, abs=1e-6),
+            "failed": failed,
+            "no_answer": no_answer,
+            "chance": pytest.approx(chance),
+            "majority": majority,
+            "text_only": {
+                "n": n,
+                "correct": blind,
+                "accuracy": blind / n,
+                "interval": pytest.approx(blind_ci, abs=1e-6),
+            },
+        }
 
     assert summary == {
         "overall": t(5, 2, (4 / 4 + 1 / 3) / 5, 3 / 5, 1, failed=1, no_answer=1),
-        "by_file": {"a.json": t(3, 1, 1 / 4, 2 / 3, 1, no_answer=1), "b.jsonl": t(2, 1, (1 / 3 + 1 / 4) / 2, 1 / 2, 0,
-                                                                                 failed=1)},
-        "by_task": {"action": t(1, 0, 1 / 4, 1, 0, failed=1), "direction": t(2, 1, 1 / 4, 1 / 2, 0),
-                    "landmark": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 1, no_answer=1)},
-        "by_direction": {"forward": t(3, 1, 1 / 4, 1 / 3, 1, failed=1, no_answer=1),
-                         "reverse": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 0)},
+        "by_file": {
+            "a.json": t(3, 1, 1 / 4, 2 / 3, 1, no_answer=1),
+            "b.jsonl": t(2, 1, (1 / 3 + 1 / 4) / 2, 1 / 2, 0, failed=1),
+        },
+        "by_task": {
+            "action": t(1, 0, 1 / 4, 1, 0, failed=1),
+            "direction": t(2, 1, 1 / 4, 1 / 2, 0),
+            "landmark": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 1, no_answer=1),
+        },
+        "by_direction": {
+            "forward": t(3, 1, 1 / 4, 1 / 3, 1, failed=1, no_answer=1),
+            "reverse": t(2, 1, (1 / 4 + 1 / 3) / 2, 1, 0),
+        },
     }
 
 
 def test_accuracy_is_broken_down_by_whatever_tasks_the_data_has():
     """Ego-ST's tasks first, then the data's own; a record without a direction is in no direction's group."""
-    rows = [("motion", None, "A", "A"), ("motion", None, "B", "A"), ("landmark", "forward", "C", "C"),
-            ("counting", "reverse", "A", "B"), ("direction", "forward", "D", "D")]
-    records = [{"id": str(i), "file": "own.jsonl", "task": t, "direction": d, "pred": p, "gold": g, "correct": p == g,
-                "n_options": 4} for i, (t, d, p, g) in enumerate(rows)]
+    rows = [
+        ("motion", None, "A", "A"),
+        ("motion", None, "B", "A"),
+        ("landmark", "forward", "C", "C"),
+        ("counting", "reverse", "A", "B"),
+        ("direction", "forward", "D", "D"),
+    ]
+    records = [
+        {
+            "id": str(i),
+            "file": "own.jsonl",
+            "task": t,
+            "direction": d,
+            "pred": p,
+            "gold": g,
+            "correct": p == g,
+            "n_options": 4,
+        }
+        for i, (t, d, p, g) in enumerate(rows)
+    ]
     summary = summarize(records)
     assert list(summary["by_task"]) == ["direction", "landmark", "counting", "motion"]
     assert {k: (v["n"], v["correct"]) for k, v in summary["by_task"].items()} == {
-        "direction": (1, 1), "landmark": (1, 1), "counting": (1, 0), "motion": (2, 1)}
+        "direction": (1, 1),
+        "landmark": (1, 1),
+        "counting": (1, 0),
+        "motion": (2, 1),
+    }
     assert {k: v["n"] for k, v in summary["by_direction"].items()} == {"forward": 2, "reverse": 1}
     assert "task motion" in format_summary(summary)
 
@@ -170,8 +238,10 @@ def test_accuracy_is_broken_down_by_whatever_tasks_the_data_has():
 def test_data_formats_are_detected_and_config_file_is_overridden_by_flags(bench, tmp_path):
     data, _ = bench
     config = tmp_path / "eval.yaml"
-    config.write_text(f"data: [{data / 'st_r1_synth.jsonl'}, {data / 'plain.jsonl'}, {data}]\n"
-                      "batch-size: 2\nmax_new_tokens: 16\nextract: seed\n")
+    config.write_text(
+        f"data: [{data / 'st_r1_synth.jsonl'}, {data / 'plain.jsonl'}, {data}]\n"
+        "batch-size: 2\nmax_new_tokens: 16\nextract: seed\n"
+    )
     cfg = parse_config(["--config", str(config), "--max-new-tokens", "32", "--mode", "logits"])
     assert (cfg.batch_size, cfg.max_new_tokens, cfg.extract, cfg.mode, cfg.num_frames) == (2, 32, "seed", "logits", 8)
     samples, skipped = load_samples(cfg)
@@ -193,7 +263,9 @@ def test_data_formats_are_detected_and_config_file_is_overridden_by_flags(bench,
 def test_second_per_grid_reaches_the_processor(bench):
     _, model = bench
     for rule in ("seed", "kept_frames"):
-        assert mcq.make_runner(EvalConfig(model=str(model), second_per_grid=rule)).processor.media.second_per_grid == rule
+        assert (
+            mcq.make_runner(EvalConfig(model=str(model), second_per_grid=rule)).processor.media.second_per_grid == rule
+        )
     assert parse_config(["--second-per-grid", "kept_frames"]).second_per_grid == "kept_frames"
 
 
@@ -243,20 +315,31 @@ def test_always_d_on_an_all_d_file_scores_the_majority_baseline(bench, tmp_path,
     shutil.copytree(data / "synth", videos)
 
     def processor(sample, template):
-        return {"input_ids": np.zeros(3, np.int64), "pixel_values_videos": np.ones((4, 6), np.float32),
-                "pixel_values": np.ones((2, 6), np.float32)}
+        return {
+            "input_ids": np.zeros(3, np.int64),
+            "pixel_values_videos": np.ones((4, 6), np.float32),
+            "pixel_values": np.ones((2, 6), np.float32),
+        }
 
     seen = []  # (blank_media, the largest pixel value, of a video frame or an image, given to the model)
 
     def always_d(self, samples, arrays, step):
-        seen.extend((self.blank_media, float(max(np.abs(a[k]).max() for k in ("pixel_values_videos", "pixel_values"))))
-                    for a in arrays)
+        seen.extend(
+            (self.blank_media, float(max(np.abs(a[k]).max() for k in ("pixel_values_videos", "pixel_values"))))
+            for a in arrays
+        )
         return [{"pred": "D"} for _ in samples]
 
     monkeypatch.setattr(mcq, "make_runner", lambda cfg: mcq.Runner(cfg, None, processor, None, {}))
     monkeypatch.setattr(mcq.Runner, "run_batch", always_d)
-    summary = evaluate(EvalConfig(model="always-d", data=[str(tmp_path / "Part1_forward_mcq.json")],
-                                  out=str(tmp_path / "out"), **{**FAST, "text_only": True}))
+    summary = evaluate(
+        EvalConfig(
+            model="always-d",
+            data=[str(tmp_path / "Part1_forward_mcq.json")],
+            out=str(tmp_path / "out"),
+            **{**FAST, "text_only": True},
+        )
+    )
     overall = summary["overall"]
     assert overall["n"] == len(records) and overall["accuracy"] == overall["majority"] == 1.0
     assert overall["chance"] == 0.25 and overall["text_only"]["accuracy"] == 1.0

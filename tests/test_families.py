@@ -30,8 +30,13 @@ def video_time_steps(cfg: QwenVLConfig) -> list[int]:
     merge = cfg.vision.spatial_merge_size
     pads = 3 * 4 * 4 // merge**2
     ids = np.array([1, cfg.vision_start_token_id] + [cfg.video_token_id] * pads + [cfg.vision_end_token_id, 2])
-    inputs = prepare_inputs(cfg, ids, pixel_values_videos=np.zeros((3 * 4 * 4, cfg.vision.patch_dim), np.float32),
-                            video_grid_thw=np.array([[3, 4, 4]]), second_per_grid_ts=np.array([1.0]))
+    inputs = prepare_inputs(
+        cfg,
+        ids,
+        pixel_values_videos=np.zeros((3 * 4 * 4, cfg.vision.patch_dim), np.float32),
+        video_grid_thw=np.array([[3, 4, 4]]),
+        second_per_grid_ts=np.array([1.0]),
+    )
     time = inputs.position_ids[0, 0][ids == cfg.video_token_id]
     return sorted(set((time - time[0]).tolist()))
 

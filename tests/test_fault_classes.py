@@ -33,8 +33,9 @@ def files(path: Path) -> dict[str, bytes]:
 
 
 def converter(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "convert" / script), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert" / script), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,9 @@ def two_models(hf_dirs, tmp_path_factory):
 # ------------------------------------------------------------------ 1. whole outputs, never mixed
 
 
-def test_a_second_conversion_into_an_occupied_directory_is_refused_and_overwrite_replaces_it_whole(two_models, tmp_path):
+def test_a_second_conversion_into_an_occupied_directory_is_refused_and_overwrite_replaces_it_whole(
+    two_models, tmp_path
+):
     a, b = two_models
     out = tmp_path / "out"
     stjax_to_hf(a, out, max_shard_bytes=100_000)  # A sharded
@@ -113,8 +116,10 @@ def test_a_partial_directory_left_by_a_dead_writer_is_removed_by_the_next(tmp_pa
 
 def test_a_locked_directory_is_refused_in_one_line(tmp_path):
     with DirectoryLock(tmp_path, "evaluation"):
-        code = ("from stjax.cli import run_cli; from stjax.io import DirectoryLock; "
-                f"run_cli(lambda argv: DirectoryLock({str(tmp_path)!r}, 'evaluation').acquire())")
+        code = (
+            "from stjax.cli import run_cli; from stjax.io import DirectoryLock; "
+            f"run_cli(lambda argv: DirectoryLock({str(tmp_path)!r}, 'evaluation').acquire())"
+        )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 1 and result.stderr.count("\n") == 1
         assert "is in use by another evaluation" in result.stderr

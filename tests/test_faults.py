@@ -24,8 +24,12 @@ from stjax.convert import hf_to_stjax, stjax_to_hf
 from stjax.models.safetensors_io import differing_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-       "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "PYTHONPATH": str(ROOT),
+}
 KILLS = [signal.SIGTERM, signal.SIGKILL]
 
 
@@ -97,14 +101,28 @@ def test_killed_conversions_leave_the_old_or_the_new_model(models, tmp_path):
     for i, signum in enumerate(KILLS):  # stjax -> HF over an existing export of the other model
         target = tmp_path / f"hf{i}"
         stjax_to_hf(root / "a-stjax", target, max_shard_bytes=50_000)
-        kill_while_writing([sys.executable, "convert/to_hf.py", str(root / "b-stjax"), str(target), "--overwrite",
-                            "--max-shard-size", "50000"], writing(target), 1.0, rng, signum)
+        kill_while_writing(
+            [
+                sys.executable,
+                "convert/to_hf.py",
+                str(root / "b-stjax"),
+                str(target),
+                "--overwrite",
+                "--max-shard-size",
+                "50000",
+            ],
+            writing(target),
+            1.0,
+            rng,
+            signum,
+        )
         seen.append(one_of(target, [root / "a", root / "b"]))
         loads_or_refused(target)
     for i, signum in enumerate(KILLS):  # HF -> stjax into a fresh directory
         target = tmp_path / f"stjax{i}"
-        kill_while_writing([sys.executable, "convert/to_stjax.py", str(b_hf), str(target)], writing(target), 1.0,
-                           rng, signum)
+        kill_while_writing(
+            [sys.executable, "convert/to_stjax.py", str(b_hf), str(target)], writing(target), 1.0, rng, signum
+        )
         if target.exists():
             stjax_to_hf(target, tmp_path / f"check{i}", max_shard_bytes=50_000)
             assert one_of(tmp_path / f"check{i}", [root / "b"]) == "b"
@@ -127,8 +145,9 @@ def test_a_killed_export_leaves_the_previous_export_or_the_new_one(models, tmp_p
     for i, signum in enumerate(KILLS):
         target = tmp_path / f"hf{i}"
         stjax_to_hf(root / "a-stjax", target, max_shard_bytes=50_000)
-        kill_while_writing([sys.executable, "-c", EXPORT, str(b_hf), str(target), str(b_hf)], writing(target), 0.5,
-                           rng, signum)
+        kill_while_writing(
+            [sys.executable, "-c", EXPORT, str(b_hf), str(target), str(b_hf)], writing(target), 0.5, rng, signum
+        )
         assert one_of(target, [root / "a", root / "b-one-file"]) in ("a", "b-one-file", "absent")
         loads_or_refused(target)
 
@@ -154,9 +173,13 @@ def test_killed_checkpoint_saves_leave_checkpoints_that_restore(tmp_path):
     abstract = abstract_like({"w": jnp.zeros((256, 256)), "step": jnp.asarray(0)})
     for i, signum in enumerate(KILLS + [signal.SIGKILL]):
         directory = tmp_path / f"ck{i}"
-        kill_while_writing([sys.executable, "-c", SAVES, str(directory)],
-                           lambda: directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()), 1.0,
-                           rng, signum)
+        kill_while_writing(
+            [sys.executable, "-c", SAVES, str(directory)],
+            lambda: directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()),
+            1.0,
+            rng,
+            signum,
+        )
         checkpoints = Checkpointer(directory, every=1, keep=2)
         step, state = checkpoints.restore_latest(abstract, None)
         checkpoints.close()
@@ -174,12 +197,28 @@ def test_a_killed_evaluation_resumes_to_the_same_records(tmp_path):
     data = generate(tmp_path / "data", 1, seed=0, sheet=0)
     model = tiny_model_dir(data / "tokenizer", tmp_path / "model", "qwen2_5_vl", seed=0)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "stjax.eval.mcq", "--model", str(model), "--data", str(data / "plain.jsonl"),
-            "--out", str(out), "--batch-size", "1", "--mode", "logits", "--num-frames", "4", "--max-pixels", "12544"]
+    args = [
+        sys.executable,
+        "-m",
+        "stjax.eval.mcq",
+        "--model",
+        str(model),
+        "--data",
+        str(data / "plain.jsonl"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--mode",
+        "logits",
+        "--num-frames",
+        "4",
+        "--max-pixels",
+        "12544",
+    ]
     rng = random.Random(18)
     predictions = out / "predictions.jsonl"
-    kill_while_writing(args, lambda: predictions.exists() and predictions.stat().st_size > 0, 1.0, rng,
-                       signal.SIGKILL)
+    kill_while_writing(args, lambda: predictions.exists() and predictions.stat().st_size > 0, 1.0, rng, signal.SIGKILL)
     records = load_records(predictions)  # repairs a line cut short
     assert all({"id", "pred", "gold"} <= r.keys() for r in records)
     assert not (out / "accuracy.json").exists() or json.loads((out / "accuracy.json").read_text())

@@ -33,13 +33,16 @@ def _check(cfg, rows: int) -> None:
 
 @pytest.mark.slow  # about a minute and a half on 2 cores (compiling for 8 devices)
 def test_sft_step_gathers_weights_not_activations():
-    cfg = config.load("configs/sft/tiny-cpu.yaml", [f"data.token_buckets=[{LENGTH}]", "batch_size=8",
-                                                    "model.attention=xla"])
+    cfg = config.load(
+        "configs/sft/tiny-cpu.yaml", [f"data.token_buckets=[{LENGTH}]", "batch_size=8", "model.attention=xla"]
+    )
     _check(cfg, rows=8)
 
 
 @pytest.mark.slow  # about two minutes on 2 cores
 def test_grpo_update_gathers_weights_not_activations():
-    cfg = config.load("configs/grpo/tiny-cpu.yaml", [f"data.token_buckets=[{LENGTH}]", "batch_size=64",
-                                                     "grpo.max_completion_length=32", "model.attention=xla"])
+    cfg = config.load(
+        "configs/grpo/tiny-cpu.yaml",
+        [f"data.token_buckets=[{LENGTH}]", "batch_size=64", "grpo.max_completion_length=32", "model.attention=xla"],
+    )
     _check(cfg, rows=8)  # 8 prompt copies of LENGTH tokens (and 64 completions of 32: as many positions)

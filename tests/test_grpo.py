@@ -43,14 +43,17 @@ def assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("grpo-assets")
     data = generate_benchmark(root / "data", 1, seed=0, sheet=0)
-    models = {arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in ("qwen2_vl", "qwen2_5_vl")}
+    models = {
+        arch: tiny_model_dir(data / "tokenizer", root / arch, arch, seed=0) for arch in ("qwen2_vl", "qwen2_5_vl")
+    }
     return data, models
 
 
 def prompts(data, model_cfg, count: int = 2) -> tuple[dict, Processor]:
     """A loader batch of `count` GRPO prompts with their videos (right-padded, as the loader gives)."""
-    processor = Processor.from_pretrained(data / "tokenizer", media=MEDIA, tokens_per_second=(
-        model_cfg.rope_spec().tokens_per_second))
+    processor = Processor.from_pretrained(
+        data / "tokenizer", media=MEDIA, tokens_per_second=(model_cfg.rope_spec().tokens_per_second)
+    )
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:count]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
     cfg = LoaderConfig(batch_size=count, token_buckets=(256, 512), patch_buckets=(256, 512), image_patch_buckets=(0,))
@@ -65,9 +68,20 @@ def rollout(model, batch: dict, processor: Processor, temperature: float = 1.0, 
     """The stage's rollout without the mesh: its left-padded prompts through `generate`."""
     inputs, _ = prompt_inputs(model.config, without_ids(batch))
     eos = tuple(processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    out = generate(model, inputs, inputs.input_ids.shape[1], jax.random.key(key), SamplingConfig(
-        max_new_tokens=T, temperature=temperature, num_samples=G, eos_ids=eos, pad_id=processor.tokenizer.pad_token_id,
-        suppress_ids=(model.config.image_token_id, model.config.video_token_id)))
+    out = generate(
+        model,
+        inputs,
+        inputs.input_ids.shape[1],
+        jax.random.key(key),
+        SamplingConfig(
+            max_new_tokens=T,
+            temperature=temperature,
+            num_samples=G,
+            eos_ids=eos,
+            pad_id=processor.tokenizer.pad_token_id,
+            suppress_ids=(model.config.image_token_id, model.config.video_token_id),
+        ),
+    )
     return out, eos
 
 
@@ -90,7 +104,7 @@ def full_rows(model, batch: dict, out) -> tuple:
     ids, attention, positions = pad(rows["input_ids"]), pad(rows["attention_mask"]), pad(rows["position_ids"], 1)
     prompt = rows["attention_mask"].sum(axis=1)
     for r in range(n):
-        first = positions[:, r, :prompt[r]].max() + 1
+        first = positions[:, r, : prompt[r]].max() + 1
         for j in range(lengths[r]):
             ids[r, prompt[r] + j], attention[r, prompt[r] + j] = tokens[r, j], 1
             positions[:, r, prompt[r] + j] = first + j
@@ -100,8 +114,16 @@ def full_rows(model, batch: dict, out) -> tuple:
     return inputs, prompt[:, None] + np.arange(T)
 
 
-SETTINGS = LossSettings(loss_type="grpo", beta=0.1, epsilon_low=0.2, epsilon_high=0.2,
-                        importance_sampling_level="token", max_completion_length=T, temperature=1.0, chunk=4)
+SETTINGS = LossSettings(
+    loss_type="grpo",
+    beta=0.1,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    importance_sampling_level="token",
+    max_completion_length=T,
+    temperature=1.0,
+    chunk=4,
+)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
@@ -162,11 +184,15 @@ def test_the_lora_reference_is_the_base_and_only_the_adapters_change(assets):
     step = jax.jit(functools.partial(grpo_update, graphdef, optim, SETTINGS))
     new, metrics = step(state, frozen, host.replace(ref_logp=off))
     assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-             zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
+    moved = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+    ]
     assert min(moved) > 0  # every adapter moved; the frozen base is not part of the state at all
-    paths = [tuple(getattr(k, "key", k) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(new.params))[0]]
+    paths = [
+        tuple(getattr(k, "key", k) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(new.params))[0]
+    ]
     assert paths and all(p[-1] in ("lora_a", "lora_b") for p in paths)
 
 
@@ -203,15 +229,27 @@ def test_two_rollout_placements_give_the_same_completions(assets, tmp_path):
     batch, processor = prompts(data, model.config, count=8)
     tokens = {}
     eos = tuple(processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-    sampling = SamplingConfig(max_new_tokens=T, temperature=1.0, num_samples=G, eos_ids=eos,
-                              pad_id=processor.tokenizer.pad_token_id,
-                              suppress_ids=(model.config.image_token_id, model.config.video_token_id))
+    sampling = SamplingConfig(
+        max_new_tokens=T,
+        temperature=1.0,
+        num_samples=G,
+        eos_ids=eos,
+        pad_id=processor.tokenizer.pad_token_id,
+        suppress_ids=(model.config.image_token_id, model.config.video_token_id),
+    )
     for rollout_mesh in ("", "data=2,tensor=4"):
         mesh = make_mesh({"fsdp": 8})
         placed = shard_model(model, mesh)
         graphdef, params, frozen = split_trainable(placed)
-        rollout = Rollout(placed, graphdef, frozen, sampling, SETTINGS, mesh,
-                          make_mesh(parse_mesh(rollout_mesh)) if rollout_mesh else None)
+        rollout = Rollout(
+            placed,
+            graphdef,
+            frozen,
+            sampling,
+            SETTINGS,
+            mesh,
+            make_mesh(parse_mesh(rollout_mesh)) if rollout_mesh else None,
+        )
         state = init_state(params, OptimConfig())
         weights = rollout.weights(state.params)
         if rollout_mesh:
@@ -256,13 +294,27 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             high = 5.0 if loss_type == "cispo" else 0.28  # CISPO's epsilon_high caps the ratio itself
             loss_settings = LossSettings(**{**settings.__dict__, "loss_type": loss_type, "epsilon_high": high})
             _, metrics = jax.jit(functools.partial(grpo_update, graphdef, optim, loss_settings))(
-                init_state(params, optim), frozen, host)
+                init_state(params, optim), frozen, host
+            )
             x = torch.tensor(logp, requires_grad=True)
-            trl = [trl_loss(x[m], torch.tensor(old[m]), torch.tensor(ref[m]),
-                            torch.tensor(np.asarray(host.advantages[m])), mask[m], loss_type=loss_type,
-                            beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=high,
-                            importance_sampling_level="token", max_completion_length=T,
-                            accumulation=accumulation, num_items_in_batch=mask.sum()) for m in range(accumulation)]
+            trl = [
+                trl_loss(
+                    x[m],
+                    torch.tensor(old[m]),
+                    torch.tensor(ref[m]),
+                    torch.tensor(np.asarray(host.advantages[m])),
+                    mask[m],
+                    loss_type=loss_type,
+                    beta=settings.beta,
+                    epsilon_low=settings.epsilon_low,
+                    epsilon_high=high,
+                    importance_sampling_level="token",
+                    max_completion_length=T,
+                    accumulation=accumulation,
+                    num_items_in_batch=mask.sum(),
+                )
+                for m in range(accumulation)
+            ]
             want = sum(loss for loss, _ in trl)
             want.backward()
             grads = pullback(params, host, jnp.asarray(x.grad.numpy()))
@@ -272,8 +324,13 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
             np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
             for name in trl[0][1]:  # TRL logs each micro-batch's kl and clip ratios; a step logs their mean
-                np.testing.assert_allclose(float(metrics[name]), np.mean([m[name].item() for _, m in trl]), rtol=1e-5,
-                                           atol=1e-7, err_msg=f"{message}: {name}")
+                np.testing.assert_allclose(
+                    float(metrics[name]),
+                    np.mean([m[name].item() for _, m in trl]),
+                    rtol=1e-5,
+                    atol=1e-7,
+                    err_msg=f"{message}: {name}",
+                )
 
 
 def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):
@@ -298,31 +355,56 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     data, dirs = assets
     model, _ = load_pretrained(dirs["qwen2_vl"])
     batch, processor = prompts(data, model.config)
-    cfg = train_config.load(None, [
-        "grpo.num_generations=2", "grpo.max_completion_length=6", "batch_size=4", "grpo.beta=0.1",
-        "grpo.num_iterations=2", "grpo.temperature=0.7", "grpo.top_k=20", "grpo.top_p=0.9",
-        "grpo.reward_funcs=[test_grpo_rewards.distinct_characters, format, accuracy]",
-        "grpo.reward_weights=[2.0, 0.5, 0.0]",
-        "grpo.accuracy_rule=default", "optim.learning_rate=1e-2"], stage="grpo")
+    cfg = train_config.load(
+        None,
+        [
+            "grpo.num_generations=2",
+            "grpo.max_completion_length=6",
+            "batch_size=4",
+            "grpo.beta=0.1",
+            "grpo.num_iterations=2",
+            "grpo.temperature=0.7",
+            "grpo.top_k=20",
+            "grpo.top_p=0.9",
+            "grpo.reward_funcs=[test_grpo_rewards.distinct_characters, format, accuracy]",
+            "grpo.reward_weights=[2.0, 0.5, 0.0]",
+            "grpo.accuracy_rule=default",
+            "optim.learning_rate=1e-2",
+        ],
+        stage="grpo",
+    )
     mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
     placed = shard_model(model, mesh)
     graphdef, params, frozen = split_trainable(placed)
     optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
     samples = {s.id: s for s in read_plain_jsonl(data / "plain.jsonl").samples}
-    context = SimpleNamespace(cfg=cfg, mesh=mesh, model_cfg=model.config, graphdef=graphdef, frozen=frozen,
-                              optim=optim, processor=processor, output_dir=tmp_path, start_step=0, samples=samples,
-                              peak_flops=None)
+    context = SimpleNamespace(
+        cfg=cfg,
+        mesh=mesh,
+        model_cfg=model.config,
+        graphdef=graphdef,
+        frozen=frozen,
+        optim=optim,
+        processor=processor,
+        output_dir=tmp_path,
+        start_step=0,
+        samples=samples,
+        peak_flops=None,
+    )
     state = placed_state(params, optim, 0, mesh)
     stage = GRPO(context, placed, state)
     # accuracy_rule: default, from the config: the evaluator's extractor credits what the release's rule does not
-    assert stage.reward_funcs[2](completions=["<answer>the answer is (B)</answer>"], answer=["B"],
-                                 options=[["A. x", "B. y"]]) == [1.0]
+    assert stage.reward_funcs[2](
+        completions=["<answer>the answer is (B)</answer>"], answer=["B"], options=[["A. x", "B. y"]]
+    ) == [1.0]
 
     seen, sampled = [], []
     update_fn, sample_fn = stage.learner.update_fn, rollout_lib.sample
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
-    stage.learner.update_fn = lambda state, frozen, batch: (seen.append((copy(state.params), batch)),
-                                                    update_fn(state, frozen, batch))[1]
+    stage.learner.update_fn = lambda state, frozen, batch: (
+        seen.append((copy(state.params), batch)),
+        update_fn(state, frozen, batch),
+    )[1]
     eos = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
 
     def sample(graphdef, cfg, weights, inputs, last, start, keys):

@@ -46,9 +46,22 @@ def trl_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: s
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-def trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, mask, *, loss_type, beta,
-             epsilon_low, epsilon_high, importance_sampling_level, max_completion_length, accumulation=1,
-             num_items_in_batch=None):
+def trl_loss(
+    per_token_logps,
+    old_per_token_logps,
+    ref_per_token_logps,
+    advantages,
+    mask,
+    *,
+    loss_type,
+    beta,
+    epsilon_low,
+    epsilon_high,
+    importance_sampling_level,
+    max_completion_length,
+    accumulation=1,
+    num_items_in_batch=None,
+):
     """One micro-batch's loss as TRL's `_compute_loss` makes it in training, of `accumulation`
     micro-batches per step (`steps_per_generation` = `accumulation`, one process); `num_items_in_batch`:
     the completion tokens of the whole step (dapo and cispo), default this batch's."""
@@ -93,9 +106,13 @@ def trl_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantag
     else:
         low = (coef_1 < 1 - epsilon_low) & (advantages < 0)
         high = (coef_1 > 1 + epsilon_high) & (advantages > 0)
-        metrics.update({"clip_ratio/low_mean": global_masked_mean(low.float()),
-                        "clip_ratio/high_mean": global_masked_mean(high.float()),
-                        "clip_ratio/region_mean": global_masked_mean((low | high).float())})
+        metrics.update(
+            {
+                "clip_ratio/low_mean": global_masked_mean(low.float()),
+                "clip_ratio/high_mean": global_masked_mean(high.float()),
+                "clip_ratio/region_mean": global_masked_mean((low | high).float()),
+            }
+        )
     return loss, metrics
 
 
@@ -123,17 +140,35 @@ CASES = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.1], [(
 def test_policy_loss_equals_trl(loss_type, level, beta, clip, with_old):
     logp, old, ref, advantages, mask = batch()
     low, high = clip if loss_type != "cispo" else (clip[0], 5.0)  # CISPO's epsilon_high caps the ratio itself
-    settings = dict(loss_type=loss_type, beta=beta, epsilon_low=low, epsilon_high=high,
-                    importance_sampling_level=level, max_completion_length=logp.shape[1])
+    settings = dict(
+        loss_type=loss_type,
+        beta=beta,
+        epsilon_low=low,
+        epsilon_high=high,
+        importance_sampling_level=level,
+        max_completion_length=logp.shape[1],
+    )
 
     def ours(x):
-        return policy_loss(x, jnp.asarray(old) if with_old else None, jnp.asarray(ref), jnp.asarray(advantages),
-                           jnp.asarray(mask), **settings)
+        return policy_loss(
+            x,
+            jnp.asarray(old) if with_old else None,
+            jnp.asarray(ref),
+            jnp.asarray(advantages),
+            jnp.asarray(mask),
+            **settings,
+        )
 
     (loss, metrics), grad = jax.value_and_grad(ours, has_aux=True)(jnp.asarray(logp))
     x = torch.tensor(logp, requires_grad=True)
-    want, want_metrics = trl_loss(x, torch.tensor(old) if with_old else None, torch.tensor(ref),
-                                  torch.tensor(advantages), torch.tensor(mask), **settings)
+    want, want_metrics = trl_loss(
+        x,
+        torch.tensor(old) if with_old else None,
+        torch.tensor(ref),
+        torch.tensor(advantages),
+        torch.tensor(mask),
+        **settings,
+    )
     want.backward()
     np.testing.assert_allclose(float(loss), want.item(), **TOL)
     np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), **TOL)
@@ -155,9 +190,19 @@ def test_micro_batch_normalisers_sum_to_the_whole_batch():
     for loss_type in ("grpo", "dr_grpo", "dapo", "cispo"):
         settings = dict(loss_type=loss_type, beta=0.1, max_completion_length=7, epsilon_high=0.28)
         whole = policy_loss(logp, old, ref, advantages, mask, **settings)[0]
-        halves = sum(policy_loss(logp[s], old[s], ref[s], advantages[s], mask[s], **settings,
-                                 num_items_in_batch=jnp.sum(mask), num_sequences=6)[0]
-                     for s in (slice(0, 3), slice(3, 6)))
+        halves = sum(
+            policy_loss(
+                logp[s],
+                old[s],
+                ref[s],
+                advantages[s],
+                mask[s],
+                **settings,
+                num_items_in_batch=jnp.sum(mask),
+                num_sequences=6,
+            )[0]
+            for s in (slice(0, 3), slice(3, 6))
+        )
         np.testing.assert_allclose(float(halves), float(whole), rtol=1e-6)
 
 
@@ -172,8 +217,9 @@ def test_the_release_configuration_gives_the_recipe_formula():
     per_token = -(1.0 * advantages[:, None] - beta * kl)
     want = np.mean((per_token * mask).sum(1) / mask.sum(1))
     want_grad = (-advantages[:, None] + beta * (1 - np.exp(ref - logp))) * mask / mask.sum(1, keepdims=True) / len(mask)
-    loss_fn = lambda x: policy_loss(x, None, jnp.asarray(ref), jnp.asarray(advantages), jnp.asarray(mask),
-                                    loss_type="grpo", beta=beta)[0]
+    loss_fn = lambda x: policy_loss(
+        x, None, jnp.asarray(ref), jnp.asarray(advantages), jnp.asarray(mask), loss_type="grpo", beta=beta
+    )[0]
     loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logp))
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
@@ -199,7 +245,9 @@ def test_a_group_of_equal_rewards_has_advantage_zero_never_nan():
 def test_loss_settings_take_epsilon_high_from_the_config():
     load = lambda *sets: LossSettings.of(train_config.load(None, list(sets), stage="grpo"))
     assert (load("grpo.epsilon=0.2", "grpo.epsilon_high=0.28").epsilon_high, load("grpo.epsilon=0.3").epsilon_high) == (
-        0.28, 0.3)  # unset: the same as epsilon
+        0.28,
+        0.3,
+    )  # unset: the same as epsilon
     assert load("grpo.epsilon=0.3").epsilon_low == 0.3
 
 
@@ -212,4 +260,6 @@ def test_each_completion_has_its_own_key_folded_with_the_step():
     rows = np.concatenate(list(keys.values()))
     assert len({tuple(r) for r in rows}) == len(rows) == 18
     np.testing.assert_array_equal(np.asarray(completion_keys(rng, 7, ids, 3)), keys[7])
-    np.testing.assert_array_equal(np.asarray(completion_keys(rng, 1, ids[::-1], 3)), keys[1].reshape(2, 3, -1)[::-1].reshape(6, -1))
+    np.testing.assert_array_equal(
+        np.asarray(completion_keys(rng, 1, ids[::-1], 3)), keys[1].reshape(2, 3, -1)[::-1].reshape(6, -1)
+    )

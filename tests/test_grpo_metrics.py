@@ -17,9 +17,15 @@ from test_grpo_loss import trl_nanstd
 G = 4
 
 
-def trl_metrics(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int,
-                scale_rewards: str, completion_lengths: torch.Tensor, is_truncated: torch.Tensor,
-                names: list[str]) -> dict[str, float]:
+def trl_metrics(
+    rewards_per_func: torch.Tensor,
+    reward_weights: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str,
+    completion_lengths: torch.Tensor,
+    is_truncated: torch.Tensor,
+    names: list[str],
+) -> dict[str, float]:
     metrics = {}
     metrics["completions/mean_length"] = completion_lengths.float().mean().item()
     metrics["completions/min_length"] = completion_lengths.float().min().item()
@@ -74,8 +80,15 @@ def test_trl_named_metrics_equal_trls_formulas(scale_rewards):
     scores, values, weights, lengths, truncated = step_scores()
     names = ["accuracy", "user", "rare"]
     ours = scores.metrics(names, G, scale_rewards)
-    want = trl_metrics(torch.tensor(values), torch.tensor(weights), G, scale_rewards, torch.tensor(lengths),
-                       torch.tensor(truncated), names)
+    want = trl_metrics(
+        torch.tensor(values),
+        torch.tensor(weights),
+        G,
+        scale_rewards,
+        torch.tensor(lengths),
+        torch.tensor(truncated),
+        names,
+    )
     for name, value in want.items():
         np.testing.assert_allclose(ours[name], value, rtol=1e-6, equal_nan=True, err_msg=name)
     assert np.isnan(want["rewards/rare/std"])  # the data reach TRL's NaN case

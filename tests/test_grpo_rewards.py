@@ -10,14 +10,24 @@ import pytest
 from stjax.data.formats import Sample
 from stjax.train import rewards
 
-SOLUTION = ("<think>Let's start by thinking reverse which landmarks (objects or scenery changes) did you pass by to "
-            "return to the starting point?['toy birdhouse'] And then think about which landmarks (objects or scenery "
-            "changes) did you pass by to reach your destination? Hence, the correct answer is A</think> <answer>A</answer>")
+SOLUTION = (
+    "<think>Let's start by thinking reverse which landmarks (objects or scenery changes) did you pass by to "
+    "return to the starting point?['toy birdhouse'] And then think about which landmarks (objects or scenery "
+    "changes) did you pass by to reach your destination? Hence, the correct answer is A</think> <answer>A</answer>"
+)
 
 
 def sample(answer="B", solution=SOLUTION, sample_id="s0"):
-    return Sample(id=sample_id, video="v.mp4", question="Which way?", answer=answer, task="landmark",
-                  direction="forward", options=["A. left", "B. right", "C. back", "D. up"], solution=solution)
+    return Sample(
+        id=sample_id,
+        video="v.mp4",
+        question="Which way?",
+        answer=answer,
+        task="landmark",
+        direction="forward",
+        options=["A. left", "B. right", "C. back", "D. up"],
+        solution=solution,
+    )
 
 
 STRANGE = {
@@ -32,8 +42,15 @@ STRANGE = {
 
 def test_accuracy_follows_the_release_rule():
     """The first character inside the first <answer>...</answer>, compared with the gold letter."""
-    texts = ["<think>x</think><answer>B</answer>", "<answer> B. right</answer>", "<answer>b</answer>",
-             "<answer>C</answer><answer>B</answer>", "B", "<answer></answer>", "<answer>\nB\n</answer>"]
+    texts = [
+        "<think>x</think><answer>B</answer>",
+        "<answer> B. right</answer>",
+        "<answer>b</answer>",
+        "<answer>C</answer><answer>B</answer>",
+        "B",
+        "<answer></answer>",
+        "<answer>\nB\n</answer>",
+    ]
     got = rewards.accuracy(texts, answer=["B"] * len(texts), options=[sample().options] * len(texts))
     assert got == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
@@ -45,10 +62,16 @@ def test_accuracy_with_the_evaluators_extractor():
 
 
 def test_format_is_think_then_answer():
-    texts = ["<think>a\nb</think>\n<answer>B</answer>", " <think>a</think><answer>B</answer> \n",
-             "<answer>B</answer>", "<think>a</think>", "<think>a</think> text <answer>B</answer>",
-             "<answer>B</answer><think>a</think>", "<think>a</think>b</think><answer>B</answer>",
-             "<think>a</think><answer>B</answer>b</answer>"]
+    texts = [
+        "<think>a\nb</think>\n<answer>B</answer>",
+        " <think>a</think><answer>B</answer> \n",
+        "<answer>B</answer>",
+        "<think>a</think>",
+        "<think>a</think> text <answer>B</answer>",
+        "<answer>B</answer><think>a</think>",
+        "<think>a</think>b</think><answer>B</answer>",
+        "<think>a</think><answer>B</answer>b</answer>",
+    ]
     assert rewards.format_reward(texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
@@ -122,8 +145,12 @@ def test_none_means_does_not_apply():
 def test_collapse_watch_reads_think_length_and_answer_letter():
     """The per-step collapse watch: words inside <think>, and the release's answer letter (first character
     inside <answer>)."""
-    completions = ["<think>Let's start by thinking reverse. Sky</think> <answer>B</answer>",
-                   "<think></think><answer> D. Sky</answer>", "Let D <answer></answer>", "B"]
+    completions = [
+        "<think>Let's start by thinking reverse. Sky</think> <answer>B</answer>",
+        "<think></think><answer> D. Sky</answer>",
+        "Let D <answer></answer>",
+        "B",
+    ]
     assert [rewards.think_words(c) for c in completions] == [6, 0, 0, 0]
     assert [rewards.answer_letter(c) for c in completions] == ["B", "D", "", None]
 
@@ -132,14 +159,26 @@ def test_a_reward_named_by_file_sees_every_field_of_the_record(tmp_path):
     """`path/to/rewards.py:function` needs no PYTHONPATH; the function gets every field of the record as
     a column, as TRL passes every dataset column (here `video` and `problem`, beyond the seven it got before)."""
     file = tmp_path / "my_rewards.py"
-    file.write_text("def by_video(completions, video, problem, **_):\n"
-                    "    return [float(v == 'b.mp4') + (p is not None) for v, p in zip(video, problem)]\n")
+    file.write_text(
+        "def by_video(completions, video, problem, **_):\n"
+        "    return [float(v == 'b.mp4') + (p is not None) for v, p in zip(video, problem)]\n"
+    )
     fn = rewards.resolve(f"{file}:by_video")
     records = [sample(), Sample(**{**vars(sample()), "video": "b.mp4", "problem": "Which way? A. left"})]
     scores = rewards.score([fn], ["p"] * 2, ["x", "y"], records)
     assert scores.values[:, 0].tolist() == [0.0, 2.0] and scores.errors.tolist() == [0]
-    assert set(rewards.columns(records)) >= {"id", "video", "question", "options", "answer", "task", "direction",
-                                             "pair_id", "solution", "problem"}
+    assert set(rewards.columns(records)) >= {
+        "id",
+        "video",
+        "question",
+        "options",
+        "answer",
+        "task",
+        "direction",
+        "pair_id",
+        "solution",
+        "problem",
+    }
     with pytest.raises(ValueError, match="no file"):
         rewards.resolve(f"{tmp_path / 'missing.py'}:by_video")
     with pytest.raises(ValueError, match="no_such_function"):

@@ -13,17 +13,32 @@ import pytest
 from stjax.train import config as train_config
 from stjax.train import loop, stages
 from stjax.train.config import ConfigError
-from test_train_run import (ROOT, assets, finish, logged_steps, losses, one_and_two_processes, start,  # noqa: F401
-                            wait_for)
+from test_train_run import (
+    ROOT,
+    assets,
+    finish,
+    logged_steps,
+    losses,
+    one_and_two_processes,
+    start,  # noqa: F401
+    wait_for,
+)
 
 STEPS = 6
 # The built-in rewards are all 0 for a random tiny model; distinct_characters tells its completions apart, so the
 # advantages are not 0 and the policy-gradient term carries the completions.
 DISTINCT = "test_grpo_rewards.distinct_characters"
-GRPO = {"max_steps": STEPS, "batch_size": 4, "grpo.num_generations": 2, "grpo.max_completion_length": 8,
-        "grpo.beta": 0.1, "grpo.reward_funcs": f"[accuracy, format, reverse_thinking, {DISTINCT}]",
-        "grpo.reward_weights": "[]",  # all 1 (the embedded default weighs its own two rewards)
-        "optim.learning_rate": 1e-2, "grpo.log_completions_steps": 2}
+GRPO = {
+    "max_steps": STEPS,
+    "batch_size": 4,
+    "grpo.num_generations": 2,
+    "grpo.max_completion_length": 8,
+    "grpo.beta": 0.1,
+    "grpo.reward_funcs": f"[accuracy, format, reverse_thinking, {DISTINCT}]",
+    "grpo.reward_weights": "[]",  # all 1 (the embedded default weighs its own two rewards)
+    "optim.learning_rate": 1e-2,
+    "grpo.log_completions_steps": 2,
+}
 TESTS_PATH = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
 
 
@@ -52,11 +67,32 @@ def test_a_run_logs_what_a_user_watches(uninterrupted):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     names = ("accuracy", "format", "reverse_thinking", DISTINCT)
     for r in records:
-        for name in ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/std",
-                     "rewards/reverse_thinking/mean", "rewards/accuracy/errors", "accuracy", "format_rate",
-                     "completions/mean_length", "completions/max_length", "completions/clipped_ratio", "kl",
-                     "clip_ratio/region_mean", "entropy", "frac_reward_zero_std", "rollout_time", "scoring_time",
-                     "logprob_time", "update_time", "rollout_tokens_per_s", "learning_rate", "grad_norm", "completions/think_words", "answers/A"):
+        for name in (
+            "reward",
+            "reward_std",
+            "rewards/accuracy/mean",
+            "rewards/format/std",
+            "rewards/reverse_thinking/mean",
+            "rewards/accuracy/errors",
+            "accuracy",
+            "format_rate",
+            "completions/mean_length",
+            "completions/max_length",
+            "completions/clipped_ratio",
+            "kl",
+            "clip_ratio/region_mean",
+            "entropy",
+            "frac_reward_zero_std",
+            "rollout_time",
+            "scoring_time",
+            "logprob_time",
+            "update_time",
+            "rollout_tokens_per_s",
+            "learning_rate",
+            "grad_norm",
+            "completions/think_words",
+            "answers/A",
+        ):
             assert name in r and np.isfinite(r[name]), name
         np.testing.assert_allclose(r["reward"], sum(r[f"rewards/{n}/mean"] for n in names), rtol=1e-6)
         assert r[f"rewards/{DISTINCT}/mean"] > 0 and r["reward_std"] > 0 and r["frac_reward_zero_std"] < 1
@@ -89,9 +125,20 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path
     has its own key (run, step, sample id, index in the group): the same completions (a reward that
     tells them apart, to 1e-6: summed in another order) and the same losses (1e-5)."""
     user = DISTINCT
-    single, multi = one_and_two_processes(tmp_path, assets, stage="grpo", env=TESTS_PATH, **{
-        **GRPO, "max_steps": 2, "batch_size": 8, "mesh": "fsdp=-1", "grpo.scale_rewards": "batch",
-        "grpo.reward_funcs": f"[accuracy, format, {user}]"})
+    single, multi = one_and_two_processes(
+        tmp_path,
+        assets,
+        stage="grpo",
+        env=TESTS_PATH,
+        **{
+            **GRPO,
+            "max_steps": 2,
+            "batch_size": 8,
+            "mesh": "fsdp=-1",
+            "grpo.scale_rewards": "batch",
+            "grpo.reward_funcs": f"[accuracy, format, {user}]",
+        },
+    )
     a, b = per_step(single), per_step(multi)
     tells_apart = lambda out: losses(out, f"rewards/{user}/mean")
     assert min(tells_apart(single).values()) > 0
@@ -106,18 +153,42 @@ OTHER_OPTIONS = {
     # two updates per rollout batch (old log-probs from a forward before the first), sequence-level ratios,
     # truncated completions masked, decoding on a tensor-parallel mesh, LoRA over an nf4 base (QLoRA: the
     # reference is the base with the adapters off), a user's reward (by dotted path) that raises on some completions
-    "dapo": {"grpo.num_iterations": 2, "grpo.loss_type": "dapo", "grpo.importance_sampling_level": "sequence",
-             "grpo.mask_truncated_completions": "true", "grpo.rollout_mesh": "tensor=-1", "grpo.epsilon_high": 0.28,
-             "grpo.reward_funcs": "[accuracy, test_grpo_rewards.raises_on_odd_length]", "max_steps": 3,
-             "lora.r": 4, "lora.quantize_base": "nf4", "lora.quantize_targets": "all"},
+    "dapo": {
+        "grpo.num_iterations": 2,
+        "grpo.loss_type": "dapo",
+        "grpo.importance_sampling_level": "sequence",
+        "grpo.mask_truncated_completions": "true",
+        "grpo.rollout_mesh": "tensor=-1",
+        "grpo.epsilon_high": 0.28,
+        "grpo.reward_funcs": "[accuracy, test_grpo_rewards.raises_on_odd_length]",
+        "max_steps": 3,
+        "lora.r": 4,
+        "lora.quantize_base": "nf4",
+        "lora.quantize_targets": "all",
+    },
     # no reference model (beta 0), LoRA over an int8 base, sampling at 0.7 with top_k and top_p, 2 micro-batches,
     # weighted rewards, the evaluator's accuracy rule
-    "bnpo": {"grpo.loss_type": "bnpo", "grpo.beta": 0.0, "lora.r": 4, "lora.quantize_base": "int8",
-             "grpo.temperature": 0.7, "grpo.top_k": 20, "grpo.top_p": 0.9, "gradient_accumulation_steps": 2,
-             "grpo.reward_funcs": f"[accuracy, format, {DISTINCT}]", "grpo.reward_weights": "[1.0, 0.5, 2.0]",
-             "grpo.accuracy_rule": "default", "max_steps": 2},
-    "cispo": {"grpo.loss_type": "cispo", "grpo.num_iterations": 2, "grpo.epsilon_high": 2.0,
-              "grpo.scale_rewards": "batch", "max_steps": 2},
+    "bnpo": {
+        "grpo.loss_type": "bnpo",
+        "grpo.beta": 0.0,
+        "lora.r": 4,
+        "lora.quantize_base": "int8",
+        "grpo.temperature": 0.7,
+        "grpo.top_k": 20,
+        "grpo.top_p": 0.9,
+        "gradient_accumulation_steps": 2,
+        "grpo.reward_funcs": f"[accuracy, format, {DISTINCT}]",
+        "grpo.reward_weights": "[1.0, 0.5, 2.0]",
+        "grpo.accuracy_rule": "default",
+        "max_steps": 2,
+    },
+    "cispo": {
+        "grpo.loss_type": "cispo",
+        "grpo.num_iterations": 2,
+        "grpo.epsilon_high": 2.0,
+        "grpo.scale_rewards": "batch",
+        "max_steps": 2,
+    },
 }
 
 
@@ -143,13 +214,16 @@ def test_other_options_run_and_a_raising_reward_is_counted(assets, tmp_path, los
         assert sum(r["rewards/test_grpo_rewards.raises_on_odd_length/errors"] for r in records) > 0
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"batch_size": 6, "grpo.num_generations": 4}, "multiple of grpo.num_generations"),
-    ({"batch_size": 6, "grpo.num_generations": 2}, "must divide over data x fsdp"),
-    ({"grpo.loss_type": "ppo"}, "grpo.loss_type='ppo' is not one of"),
-    ({"grpo.reward_weights": "[1.0, 2.0]"}, "one weight per reward function"),
-    ({"data.template": "sft"}, "does not fit the grpo stage"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"batch_size": 6, "grpo.num_generations": 4}, "multiple of grpo.num_generations"),
+        ({"batch_size": 6, "grpo.num_generations": 2}, "must divide over data x fsdp"),
+        ({"grpo.loss_type": "ppo"}, "grpo.loss_type='ppo' is not one of"),
+        ({"grpo.reward_weights": "[1.0, 2.0]"}, "one weight per reward function"),
+        ({"data.template": "sft"}, "does not fit the grpo stage"),
+    ],
+)
 def test_config_errors_come_before_any_loading(assets, tmp_path, monkeypatch, changes, message):
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
     values = {**GRPO, "output_dir": tmp_path, "mesh": "fsdp=2,tensor=4", **changes}

@@ -57,7 +57,9 @@ def offline_cache(hf_home, monkeypatch) -> Path:
 
 
 def weights(model) -> dict:
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {
+        k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+    }
 
 
 def same_weights(a, b) -> bool:
@@ -75,11 +77,18 @@ def test_resolve_a_hub_id_a_revision_and_a_local_directory(offline_cache, models
     assert resolve_model_dir(REPO) == Path(REPO)
 
 
-@pytest.mark.parametrize("name, revision, message", [
-    ("stjax-test/not-cached", None, "stjax-test/not-cached: no such directory, and not in the Hugging Face cache .*HF_HUB_OFFLINE=1"),
-    (REPO, "v2", r"stjax-test/tiny-vl \(revision v2\): no such directory, and not in the Hugging Face cache"),
-    ("/no/such/dir", None, "/no/such/dir: no such directory, and not a hub id"),
-])
+@pytest.mark.parametrize(
+    "name, revision, message",
+    [
+        (
+            "stjax-test/not-cached",
+            None,
+            "stjax-test/not-cached: no such directory, and not in the Hugging Face cache .*HF_HUB_OFFLINE=1",
+        ),
+        (REPO, "v2", r"stjax-test/tiny-vl \(revision v2\): no such directory, and not in the Hugging Face cache"),
+        ("/no/such/dir", None, "/no/such/dir: no such directory, and not a hub id"),
+    ],
+)
 def test_a_name_that_cannot_be_had_is_one_line_naming_it(offline_cache, name, revision, message):
     with pytest.raises(ModelNotFoundError, match=message) as e:
         resolve_model_dir(name, revision)
@@ -101,12 +110,16 @@ def test_evaluator_takes_a_hub_id(offline_cache, models):
 
 
 def test_trainer_takes_a_hub_id(offline_cache, models, tmp_path):
-    cfg = TrainConfig(model=ModelSection(model_name_or_path=REPO, revision="v1"), data=DataSection(format="plain", path="x.jsonl"))
+    cfg = TrainConfig(
+        model=ModelSection(model_name_or_path=REPO, revision="v1"), data=DataSection(format="plain", path="x.jsonl")
+    )
     tokenizer = loop.tokenizer_dir(cfg)
     assert tokenizer == offline_cache / "models--stjax-test--tiny-vl" / "snapshots" / V1
     model = loop.prepare_model(cfg, make_mesh())
     assert same_weights(model, load_pretrained(models[1])[0])
-    missing = TrainConfig(model=ModelSection(model_name_or_path="stjax-test/nope"), data=DataSection(format="plain", path="x"))
+    missing = TrainConfig(
+        model=ModelSection(model_name_or_path="stjax-test/nope"), data=DataSection(format="plain", path="x")
+    )
     with pytest.raises(ConfigError, match="model.model_name_or_path: stjax-test/nope: no such directory"):
         loop.tokenizer_dir(missing)
     with pytest.raises(ConfigError, match="model.model_name_or_path: stjax-test/nope: .*; nor is it a preset"):
@@ -120,9 +133,11 @@ def test_convert_script_takes_a_hub_id_from_HF_HOME(hf_home, models, tmp_path):
     script = [sys.executable, "convert/to_stjax.py"]
     subprocess.run(script + [REPO, str(tmp_path / "out"), "--revision", "v1"], cwd=ROOT, env=env, check=True)
     assert same_weights(load_pretrained(tmp_path / "out")[0], load_pretrained(models[1])[0])
-    failed = subprocess.run(script + ["stjax-test/nope", str(tmp_path / "nope")], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        script + ["stjax-test/nope", str(tmp_path / "nope")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert failed.returncode == 1 and not (tmp_path / "nope").exists()
     assert failed.stderr.strip().splitlines() == [
         f"error: stjax-test/nope: no such directory, and not in the Hugging Face cache {hf_home / 'hub'} "
-        "(HF_HUB_OFFLINE=1: nothing is downloaded) (--debug for the traceback)"]
+        "(HF_HUB_OFFLINE=1: nothing is downloaded) (--debug for the traceback)"
+    ]

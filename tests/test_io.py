@@ -27,6 +27,7 @@ def events(monkeypatch) -> list[str]:
         def rename(a, b, *args, **kwargs):
             log.append(f"rename {Path(b).name}")
             real(a, b, *args, **kwargs)
+
         return rename
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -46,7 +47,7 @@ def test_a_model_directory_is_fsynced_before_its_rename_and_its_parent_after(tmp
     rename = events.index("rename out")
     assert "file config.json" in events[:rename]
     assert f"dir .out.partial-{os.getpid()}" in events[:rename]
-    assert events[rename + 1:] == [f"dir {tmp_path.name}"]
+    assert events[rename + 1 :] == [f"dir {tmp_path.name}"]
 
 
 def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):

@@ -23,12 +23,14 @@ def test_lora_trains_only_the_adapters_and_merges_into_the_base():
     base = init_model(cfg, seed=0)
     lora = with_lora(base, rank=4, alpha=8.0)
     adapters = flat(lora, LoRAParam)
-    assert {p[-2:] for p in adapters} == {(name, part) for name in ("q_proj", "k_proj", "v_proj", "o_proj")
-                                          for part in ("lora_a", "lora_b")}
+    assert {p[-2:] for p in adapters} == {
+        (name, part) for name in ("q_proj", "k_proj", "v_proj", "o_proj") for part in ("lora_a", "lora_b")
+    }
     prompt, _, inputs, loss_mask = sft_batch(cfg)
     model_inputs = prepare_inputs(cfg, **prompt)
-    np.testing.assert_array_equal(np.asarray(compiled_forward(lora, model_inputs)),
-                                  np.asarray(compiled_forward(base, model_inputs)))  # lora_b starts at 0
+    np.testing.assert_array_equal(
+        np.asarray(compiled_forward(lora, model_inputs)), np.asarray(compiled_forward(base, model_inputs))
+    )  # lora_b starts at 0
 
     optim = OptimConfig(learning_rate=1e-2, total_steps=3, warmup_ratio=0.0)
     graphdef, params, frozen = split_trainable(lora)
@@ -59,8 +61,7 @@ def test_lora_trains_only_the_adapters_and_merges_into_the_base():
     np.testing.assert_array_equal(exported[untouched], original[untouched])
     # and the merged model computes what the adapted one computes
     ours = np.asarray(compiled_forward(trained, model_inputs))
-    np.testing.assert_allclose(np.asarray(compiled_forward(merged, model_inputs)), ours,
-                               atol=1e-5 * np.abs(ours).max())
+    np.testing.assert_allclose(np.asarray(compiled_forward(merged, model_inputs)), ours, atol=1e-5 * np.abs(ours).max())
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25])  # 0.1: every shipped LoRA config
@@ -72,8 +73,19 @@ def test_lora_dropout_drops_the_adapter_input_only_and_only_in_training(p):
     from stjax.models.layers import Linear
 
     d, n = 16, 4000
-    layer = Linear(d, d, ("embed", "embed"), bias=False, std=0.1, param_dtype="float32", compute_dtype="float32",
-                   rngs=nnx.Rngs(0), lora_rank=d, lora_alpha=float(d), lora_dropout=p)
+    layer = Linear(
+        d,
+        d,
+        ("embed", "embed"),
+        bias=False,
+        std=0.1,
+        param_dtype="float32",
+        compute_dtype="float32",
+        rngs=nnx.Rngs(0),
+        lora_rank=d,
+        lora_alpha=float(d),
+        lora_dropout=p,
+    )
     layer.lora_a[...] = np.eye(d, dtype=np.float32)
     layer.lora_b[...] = np.eye(d, dtype=np.float32)
     x = np.random.default_rng(0).uniform(1.0, 2.0, (n, d)).astype(np.float32)

@@ -100,8 +100,11 @@ def bf16_references(hf_dirs):
         ref32 = copy.deepcopy(ref16).to(torch.float32)
         batches = [make_batch(tiny_config(arch), CASES[c], seed=list(CASES).index(c)) for c in BF16_CASES]
         real = [b["attention_mask"].astype(bool) for b in batches]
-        out[arch] = (batches, [hf_logits(ref32, b)[r] for b, r in zip(batches, real)],
-                     [hf_logits(ref16, b)[r] for b, r in zip(batches, real)])
+        out[arch] = (
+            batches,
+            [hf_logits(ref32, b)[r] for b, r in zip(batches, real)],
+            [hf_logits(ref16, b)[r] for b, r in zip(batches, real)],
+        )
     return out
 
 
@@ -116,10 +119,11 @@ def test_bf16_error_is_within_transformers_own_bf16_error(hf_dirs, bf16_referenc
     batches, exact, ref16 = bf16_references[arch]
     ours16, _ = load_pretrained(hf_dirs(arch)[0], dtype="bfloat16", attention=attention)
     assert ours16.config.compute_dtype == "bfloat16"
-    ours = np.concatenate([(np.asarray(ours16(**b))[b["attention_mask"].astype(bool)] - e).ravel()
-                           for b, e in zip(batches, exact)])
+    ours = np.concatenate(
+        [(np.asarray(ours16(**b))[b["attention_mask"].astype(bool)] - e).ravel() for b, e in zip(batches, exact)]
+    )
     theirs = np.concatenate([(r - e).ravel() for r, e in zip(ref16, exact)])
-    rms = lambda e: float(np.sqrt(np.mean(e ** 2)))
+    rms = lambda e: float(np.sqrt(np.mean(e**2)))
     assert rms(theirs) > 0  # transformers' bf16 really differs from its fp32
     assert rms(ours) <= BF16_RATIO * rms(theirs), (rms(ours), rms(theirs))
     assert np.abs(ours).max() <= BF16_RATIO * np.abs(theirs).max(), (np.abs(ours).max(), np.abs(theirs).max())
@@ -149,5 +153,5 @@ def test_rms_norm_in_bf16_equals_transformers():
     ours = np.asarray(ours_norm(jnp.asarray(x, jnp.bfloat16)), np.float32)
     differ = ours != theirs
     assert differ.mean() <= 1e-3, differ.mean()
-    ulp = np.abs(theirs) * 2.0 ** -7
+    ulp = np.abs(theirs) * 2.0**-7
     assert (np.abs(ours - theirs)[differ] <= ulp[differ]).all()

@@ -78,8 +78,12 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
     from stjax.train.export import export_checkpoint
 
     out = "gs://bucket/runs/sft"
-    changes = {"mesh": "fsdp=2,tensor=4", "checkpoint.save_steps": 1, "checkpoint.export_hf": "true",
-               "report_to": "[tensorboard]"}
+    changes = {
+        "mesh": "fsdp=2,tensor=4",
+        "checkpoint.save_steps": 1,
+        "checkpoint.export_hf": "true",
+        "report_to": "[tensorboard]",
+    }
     cfg = train_config.load(None, settings(out, assets, max_steps=2, **changes))
     stages.train(cfg)
     records = [json.loads(line) for line in read(f"{out}/metrics.jsonl").splitlines()]
@@ -102,8 +106,14 @@ def test_a_training_run_its_export_and_an_evaluation_go_to_the_bucket(assets, bu
         np.testing.assert_array_equal(ours[name], theirs[name])
 
     data, model = assets
-    eval_cfg = EvalConfig(model=str(model), data=[str(data / "plain.jsonl")], out="gs://bucket/eval", limit=4,
-                          max_new_tokens=4, batch_size=4)
+    eval_cfg = EvalConfig(
+        model=str(model),
+        data=[str(data / "plain.jsonl")],
+        out="gs://bucket/eval",
+        limit=4,
+        max_new_tokens=4,
+        batch_size=4,
+    )
     summary = evaluate(eval_cfg)
     predictions = load_records("gs://bucket/eval/predictions.jsonl")
     assert len(predictions) == summary["overall"]["n"] == 4
@@ -149,8 +159,16 @@ def test_grpo_completions_are_appended_on_the_bucket(bucket):
     from stjax.train.grpo import log_completions
 
     for step in (1, 2):
-        log_completions(as_path("gs://bucket/grpo/completions.jsonl"), step, [SimpleNamespace(id=f"p{step}")], [f"<answer>{step}</answer>"],
-                              np.array([[1.0]]), np.array([1.0]), ["accuracy"], 1)
+        log_completions(
+            as_path("gs://bucket/grpo/completions.jsonl"),
+            step,
+            [SimpleNamespace(id=f"p{step}")],
+            [f"<answer>{step}</answer>"],
+            np.array([[1.0]]),
+            np.array([1.0]),
+            ["accuracy"],
+            1,
+        )
     lines = [json.loads(line) for line in read("gs://bucket/grpo/completions.jsonl").splitlines()]
     assert [(r["step"], r["prompt_id"]) for r in lines] == [(1, "p1"), (2, "p2")]
 
@@ -195,8 +213,12 @@ def test_the_lock_is_an_object_created_only_if_absent(bucket):
     DirectoryLock("gs://bucket/run").acquire().release()
 
 
-def test_gs_without_the_client_is_refused_in_one_line_before_any_work(assets, tmp_path, monkeypatch,  # noqa: F811
-                                                                       capsys):
+def test_gs_without_the_client_is_refused_in_one_line_before_any_work(
+    assets,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+    capsys,
+):
     from stjax.train import loop
     from stjax.train.__main__ import main as train_main
 

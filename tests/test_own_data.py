@@ -45,11 +45,17 @@ def own_run(synthetic_assets, tmp_path_factory):
         shutil.copy(walk, root / "my_data" / row["video"])
     for name in ("train.jsonl", "test.jsonl"):
         (root / "my_data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sft = tiny_config("configs/sft/tiny-cpu.yaml", root / "sft.yaml", max_steps=2, logging_steps=1,
-                      checkpoint={"save_steps": 0})
-    grpo = tiny_config("configs/grpo/tiny-cpu.yaml", root / "grpo.yaml", max_steps=1, batch_size=8,
-                       grpo={"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["accuracy"]},
-                       checkpoint={"save_steps": 0})
+    sft = tiny_config(
+        "configs/sft/tiny-cpu.yaml", root / "sft.yaml", max_steps=2, logging_steps=1, checkpoint={"save_steps": 0}
+    )
+    grpo = tiny_config(
+        "configs/grpo/tiny-cpu.yaml",
+        root / "grpo.yaml",
+        max_steps=1,
+        batch_size=8,
+        grpo={"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["accuracy"]},
+        checkpoint={"save_steps": 0},
+    )
     block = readme_block("SFT, then GRPO, then evaluation on your data", "bash")
     assignments = {"MODEL": models["qwen2_5_vl"], "SFT": sft, "GRPO": grpo}
     lines = block.splitlines()
@@ -58,8 +64,15 @@ def own_run(synthetic_assets, tmp_path_factory):
         if name in assignments:
             lines[i] = f"{name}={assignments[name]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     (root / "stdout.txt").write_text(result.stdout)
     return root, result.stdout, rows
@@ -90,11 +103,19 @@ def test_the_evaluator_uses_the_exports_training_recipe(own_run):
 
     root, stdout, _ = own_run
     recipe = json.loads((root / "runs/my-grpo/hf/stjax_training.json").read_text())
-    assert recipe == {"stage": "grpo", "template": "problem", "num_frames": 8, "fps": 1.0, "max_pixels": 12544,
-                      "second_per_grid": "seed"}
+    assert recipe == {
+        "stage": "grpo",
+        "template": "problem",
+        "num_frames": 8,
+        "fps": 1.0,
+        "max_pixels": 12544,
+        "second_per_grid": "seed",
+    }
     assert json.loads((root / "runs/my-sft/hf/stjax_training.json").read_text())["template"] == "problem"  # sft's
-    assert ("evaluating with the model's training recipe (stjax_training.json, grpo stage): template='problem', "
-            "num_frames=8, fps=1.0, max_pixels=12544, second_per_grid='seed'") in stdout
+    assert (
+        "evaluating with the model's training recipe (stjax_training.json, grpo stage): template='problem', "
+        "num_frames=8, fps=1.0, max_pixels=12544, second_per_grid='seed'"
+    ) in stdout
     settings = json.loads((root / "runs/my-eval/run.json").read_text())
     assert (settings["template"], settings["max_pixels"]) == ("problem", 12544)
     told = parse_config(["--model", str(root / "runs/my-grpo/hf"), "--template", "seed_mcq", "--max-pixels", "50176"])
@@ -124,9 +145,9 @@ def test_transformers_loads_the_exports_processor_files(own_run):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(export)
-    assert processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-                                         tokenize=False) == tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
+    assert processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False
+    ) == tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False)
 
 
 def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
@@ -151,21 +172,41 @@ def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
     root = own_run[0]
     export = root / "runs/my-sft/hf"
     model, config = load_pretrained(export)
-    processor = Processor.from_pretrained(export, media=MediaConfig(max_pixels=12544),
-                                          tokens_per_second=config.rope_spec().tokens_per_second)
+    processor = Processor.from_pretrained(
+        export, media=MediaConfig(max_pixels=12544), tokens_per_second=config.rope_spec().tokens_per_second
+    )
     sample = read_plain_jsonl(root / "my_data/test.jsonl").samples[0]
     arrays = processor(sample, "problem")
-    inputs = prepare_inputs(config, arrays["input_ids"][None], None, None, None, arrays["pixel_values_videos"],
-                            arrays["video_grid_thw"], arrays["second_per_grid_ts"], arrays["position_ids"][:, None])
+    inputs = prepare_inputs(
+        config,
+        arrays["input_ids"][None],
+        None,
+        None,
+        None,
+        arrays["pixel_values_videos"],
+        arrays["video_grid_thw"],
+        arrays["second_per_grid_ts"],
+        arrays["position_ids"][:, None],
+    )
     ours = np.asarray(compiled_forward(model, inputs))[0, : len(arrays["input_ids"])]
 
     reference = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
     accepted = inspect.signature(reference.forward).parameters
     batch_axis = {"input_ids": 0, "attention_mask": 0, "mm_token_type_ids": 0, "position_ids": 1}
-    batch = {k: torch.from_numpy(np.expand_dims(v, batch_axis[k]) if k in batch_axis else v)
-             for k, v in arrays.items() if k in accepted and np.size(v)}
-    assert set(batch) == {"input_ids", "attention_mask", "mm_token_type_ids", "position_ids", "pixel_values_videos",
-                          "video_grid_thw", "second_per_grid_ts"}
+    batch = {
+        k: torch.from_numpy(np.expand_dims(v, batch_axis[k]) if k in batch_axis else v)
+        for k, v in arrays.items()
+        if k in accepted and np.size(v)
+    }
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "mm_token_type_ids",
+        "position_ids",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    }
 
     def logits(**kwargs) -> np.ndarray:
         reference.model.rope_deltas = None

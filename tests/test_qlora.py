@@ -16,8 +16,14 @@ from reference import tiny_config
 from stjax.models import quant
 from stjax.models.inputs import prepare_inputs
 from stjax.models.layers import LoRAParam
-from stjax.models.loading import (HFParam, load_pretrained, param_shapes, quantize_model, quantize_params,
-                                  quantized_paths)
+from stjax.models.loading import (
+    HFParam,
+    load_pretrained,
+    param_shapes,
+    quantize_model,
+    quantize_params,
+    quantized_paths,
+)
 from stjax.models.qwen_vl import compiled_forward, init_model
 from stjax.sampling.sampler import SamplingConfig, generate
 from stjax.sharding import make_mesh
@@ -31,8 +37,9 @@ from test_train_step import sft_batch, stack
 
 @pytest.fixture(scope="module")
 def bnb():
-    return pytest.importorskip("bitsandbytes.functional",
-                               reason="bitsandbytes (the reference) cannot load its CPU backend here")
+    return pytest.importorskip(
+        "bitsandbytes.functional", reason="bitsandbytes (the reference) cannot load its CPU backend here"
+    )
 
 
 def weights(shape, dtype, seed=0):
@@ -68,7 +75,7 @@ def test_nf4_codes_at_ties_equal_bitsandbytes(bnb):
     middle = (quant.NF4[:-1] + quant.NF4[1:]) / np.float32(2)
     ties = np.concatenate([middle, np.nextafter(middle, np.float32(-2)), np.nextafter(middle, np.float32(2))])
     block = np.zeros(64, np.float32)
-    block[0], block[1: 1 + ties.size] = 1.0, ties
+    block[0], block[1 : 1 + ties.size] = 1.0, ties
     w = np.stack([block, block * np.float32(0.37), -block, -block * np.float32(0.37)])
     packed, state = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
     ours = quant.quantize(w, "nf4")
@@ -87,8 +94,10 @@ def test_int8_storage_and_dequantization_equal_bitsandbytes_llm_int8(bnb):
     ours = quant.quantize(w, "int8")
     np.testing.assert_array_equal(ours["codes"], codes.numpy())
     np.testing.assert_array_equal(ours["absmax"], absmax.numpy())
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(ours, "int8", w.shape, "float32")),
-                                  bnb.int8_vectorwise_dequant(codes, absmax).numpy())
+    np.testing.assert_array_equal(
+        np.asarray(quant.dequantize(ours, "int8", w.shape, "float32")),
+        bnb.int8_vectorwise_dequant(codes, absmax).numpy(),
+    )
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -118,8 +127,9 @@ def test_nf4_values_are_within_half_a_code_gap_of_the_weights_without_bitsandbyt
     packed = stored["codes"]
     codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1, 64)
     distance = np.abs((blocks / absmax[:, None])[..., None] - quant.NF4)
-    np.testing.assert_allclose(np.take_along_axis(distance, codes[..., None].astype(int), -1)[..., 0],
-                               distance.min(-1), atol=1e-6)
+    np.testing.assert_allclose(
+        np.take_along_axis(distance, codes[..., None].astype(int), -1)[..., 0], distance.min(-1), atol=1e-6
+    )
 
 
 def test_int8_values_are_within_half_a_step_of_the_weights_without_bitsandbytes():
@@ -176,19 +186,29 @@ def test_double_quantization_equals_bitsandbytes_bit_for_bit(bnb, one_torch_thre
     import torch
 
     np.testing.assert_array_equal(quant.DYNAMIC, bnb.create_dynamic_map(signed=True).numpy())
-    w = {"random": lambda: weights((1280, 3420), "float32").numpy(), "near ties": near_tie_weights,
-         "equal scales": lambda: np.where(np.arange(64 * 600) % 3, 0.25, -0.5).astype(np.float32).reshape(300, 128),
-         }[case]()
+    w = {
+        "random": lambda: weights((1280, 3420), "float32").numpy(),
+        "near ties": near_tie_weights,
+        "equal scales": lambda: np.where(np.arange(64 * 600) % 3, 0.25, -0.5).astype(np.float32).reshape(300, 128),
+    }[case]()
     packed, state = bnb.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True)
-    theirs = {"codes": packed.numpy().reshape(-1), "absmax": state.absmax.numpy(),
-              "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
+    theirs = {
+        "codes": packed.numpy().reshape(-1),
+        "absmax": state.absmax.numpy(),
+        "absmax_scale": state.state2.absmax.numpy(),
+        "absmax_offset": state.offset.numpy(),
+    }
     ours = quant.quantize(w, "nf4", double_quant=True)
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
         assert ours[name].dtype == theirs[name].dtype, name
-    np.testing.assert_allclose(quant.dequantize(theirs, "nf4", w.shape, "float32"),
-                               bnb.dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(
+        quant.dequantize(theirs, "nf4", w.shape, "float32"),
+        bnb.dequantize_4bit(packed, state).numpy(),
+        rtol=1e-6,
+        atol=0,
+    )
     if case == "near ties":  # the nearest map value (float64) is not bitsandbytes' code for some of them
         absmax = quant.quantize(w, "nf4")["absmax"].astype(np.float64)
         scaled = (absmax - theirs["absmax_offset"]) / np.repeat(theirs["absmax_scale"], 256)[: absmax.size]
@@ -209,16 +229,24 @@ def test_double_quantization_equals_transformers_load_in_4bit(bnb, hf_dirs, one_
     import transformers
 
     path, model = hf_dirs("qwen2_vl")
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     loaded = type(model).from_pretrained(path, quantization_config=config, dtype=torch.float32)
     weights = dict(model.named_parameters())
     linears = [(n, m) for n, m in loaded.named_modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
     assert len(linears) == 24  # 2 vision blocks x 4, 2 decoder layers x 7, the merger's 2 (lm_head is kept)
     for name, linear in linears:
         state = linear.weight.quant_state
-        theirs = {"codes": linear.weight.data.numpy().reshape(-1), "absmax": state.absmax.numpy(),
-                  "absmax_scale": state.state2.absmax.numpy(), "absmax_offset": state.offset.numpy()}
+        theirs = {
+            "codes": linear.weight.data.numpy().reshape(-1),
+            "absmax": state.absmax.numpy(),
+            "absmax_scale": state.state2.absmax.numpy(),
+            "absmax_offset": state.offset.numpy(),
+        }
         ours = quant.quantize(weights[f"{name}.weight"].detach().numpy(), "nf4", double_quant=True)
         for key, value in theirs.items():
             np.testing.assert_array_equal(ours[key], value, err_msg=f"{name}: {key}")
@@ -244,8 +272,9 @@ def test_a_weight_that_does_not_divide_into_blocks_is_named():
     params = {path: np.zeros(shape, np.float32) for path, shape in param_shapes(cfg).items()}
     with pytest.raises(quant.QuantizationError) as error:
         quantize_params(cfg.replace(quantize_base="nf4", quantize_targets="all"), params)
-    assert str(error.value) == ("visual.blocks.0.attn.proj.weight: its 36 x 36 = 1296 values do not divide into nf4 "
-                                "blocks of 64")
+    assert str(error.value) == (
+        "visual.blocks.0.attn.proj.weight: its 36 x 36 = 1296 values do not divide into nf4 blocks of 64"
+    )
 
 
 def largest_intermediate(jaxpr) -> int:
@@ -362,8 +391,9 @@ def test_quantize_on_load_reads_one_layer_at_a_time_and_shards_on_a_mesh(hf_dirs
     from stjax.models.safetensors_io import SafetensorsReader
 
     layer = SafetensorsReader(path).read("model.layers.1.self_attn.q_proj.weight")
-    np.testing.assert_array_equal(np.asarray(single.model.layers.q_proj.kernel.codes[...])[1],
-                                  quant.quantize(layer, "nf4")["codes"])
+    np.testing.assert_array_equal(
+        np.asarray(single.model.layers.q_proj.kernel.codes[...])[1], quant.quantize(layer, "nf4")["codes"]
+    )
 
 
 def test_export_merges_the_adapters_into_the_dequantized_base_and_the_sampler_runs_either(tmp_path):
@@ -389,8 +419,10 @@ def test_export_merges_the_adapters_into_the_dequantized_base_and_the_sampler_ru
     np.testing.assert_allclose(compiled_forward(exported, inputs), ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
     # and the sampler decodes the quantized model as it decodes the export
     length, sampling = prompt["input_ids"].shape[1], SamplingConfig(max_new_tokens=8)
-    np.testing.assert_array_equal(generate(qlora, inputs, length, jax.random.key(0), sampling).tokens,
-                                  generate(exported, inputs, length, jax.random.key(0), sampling).tokens)
+    np.testing.assert_array_equal(
+        generate(qlora, inputs, length, jax.random.key(0), sampling).tokens,
+        generate(exported, inputs, length, jax.random.key(0), sampling).tokens,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
@@ -401,11 +433,15 @@ def test_the_evaluator_runs_a_quantized_model(tmp_path, monkeypatch, fmt):
 
     loaded = []
     load = stjax.models.loading.load_pretrained
-    monkeypatch.setattr(stjax.models.loading, "load_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(
+        stjax.models.loading, "load_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1]
+    )
     mcq.main(["--out", str(tmp_path), "--walks", "1", "--max-new-tokens", "8", "--quantize", fmt])
     assert len(mcq.load_records(tmp_path / "predictions.jsonl")) == 6
     assert json.loads((tmp_path / mcq.RUN).read_text())["quantize"] == fmt
-    codes = [x for x in jax.tree.leaves(nnx.state(loaded[0][0], quant.QuantizedArray)) if x.dtype in (jnp.uint8, jnp.int8)]
+    codes = [
+        x for x in jax.tree.leaves(nnx.state(loaded[0][0], quant.QuantizedArray)) if x.dtype in (jnp.uint8, jnp.int8)
+    ]
     assert codes and {x.dtype for x in codes} == {jnp.dtype(jnp.int8 if fmt == "int8" else jnp.uint8)}
 
 
@@ -417,11 +453,23 @@ def test_the_sft_demo_config_learns_over_an_nf4_base_as_over_a_bf16_one(syntheti
     falls = {}
     for name, quantize in (("bf16", "none"), ("nf4", "nf4")):
         out = tmp_path / name
-        cfg = train_config.load("configs/sft/tiny-cpu.yaml", [
-            f"output_dir={out}", "max_steps=16", f"model.model_name_or_path={models['qwen2_vl']}", f"data.path={data}",
-            "data.synthetic_walks=2", "model.param_dtype=bfloat16", "lora.r=8", f"lora.quantize_base={quantize}",
-            "optim.learning_rate=2e-2", "mesh=fsdp=4,tensor=2", "checkpoint.save_steps=0",
-            f"checkpoint.export_hf={quantize == 'nf4'}"])
+        cfg = train_config.load(
+            "configs/sft/tiny-cpu.yaml",
+            [
+                f"output_dir={out}",
+                "max_steps=16",
+                f"model.model_name_or_path={models['qwen2_vl']}",
+                f"data.path={data}",
+                "data.synthetic_walks=2",
+                "model.param_dtype=bfloat16",
+                "lora.r=8",
+                f"lora.quantize_base={quantize}",
+                "optim.learning_rate=2e-2",
+                "mesh=fsdp=4,tensor=2",
+                "checkpoint.save_steps=0",
+                f"checkpoint.export_hf={quantize == 'nf4'}",
+            ],
+        )
         stages.train(cfg)
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         falls[name] = losses[0] - np.mean(losses[-4:])

@@ -54,8 +54,8 @@ def make_batch(cfg, prompts, seed=0) -> dict:
     input_ids = np.zeros((len(rows), length), np.int64)
     mask = np.zeros((len(rows), length), np.int64)
     for b, r in enumerate(rows):
-        input_ids[b, length - len(r):] = r
-        mask[b, length - len(r):] = 1
+        input_ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
     blocks = [part for p in prompts for part in p if not isinstance(part, int)]
     batch = {"input_ids": input_ids, "attention_mask": mask}
     for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
@@ -71,8 +71,9 @@ def hf_positions(ref_model, cfg, batch) -> np.ndarray:
     ids = torch.from_numpy(batch["input_ids"])
     kinds = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
     grid = lambda k: None if k not in batch else torch.from_numpy(batch[k])
-    positions, _ = ref_model.model.get_rope_index(ids, kinds, grid("image_grid_thw"), grid("video_grid_thw"),
-                                                  torch.from_numpy(batch["attention_mask"]))
+    positions, _ = ref_model.model.get_rope_index(
+        ids, kinds, grid("image_grid_thw"), grid("video_grid_thw"), torch.from_numpy(batch["attention_mask"])
+    )
     return positions.numpy()
 
 
@@ -105,13 +106,25 @@ def test_position_ids_equal_transformers_get_rope_index(models, case):
     ours_model, ref_model = models
     cfg = ours_model.config
     batch = make_batch(cfg, CASES[case])
-    ours, _ = get_rope_index(batch["input_ids"], cfg.rope_spec(), batch.get("image_grid_thw"),
-                             batch.get("video_grid_thw"), None, batch["attention_mask"])
+    ours, _ = get_rope_index(
+        batch["input_ids"],
+        cfg.rope_spec(),
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        None,
+        batch["attention_mask"],
+    )
     real = batch["attention_mask"].astype(bool)
     np.testing.assert_array_equal(ours[:, real], hf_positions(ref_model, cfg, batch)[:, real])
     without = {k: v for k, v in batch.items()}
-    assert relative_error(np.asarray(ours_model(**without)), hf_logits(ref_model, {
-        **batch, "position_ids": hf_positions(ref_model, cfg, batch)}), batch["attention_mask"]) <= TOLERANCE
+    assert (
+        relative_error(
+            np.asarray(ours_model(**without)),
+            hf_logits(ref_model, {**batch, "position_ids": hf_positions(ref_model, cfg, batch)}),
+            batch["attention_mask"],
+        )
+        <= TOLERANCE
+    )
 
 
 def test_comparison_detects_deepstack_and_position_table_changes(models):
@@ -184,12 +197,19 @@ def test_greedy_tokens_equal_transformers_generate_on_left_padded_mixed_rows(mod
     ids = batch["input_ids"]
     kwargs = {k: torch.from_numpy(v) for k, v in batch.items()}
     kwargs["mm_token_type_ids"] = torch.from_numpy(
-        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0)))
+        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+    )
     with torch.no_grad():
-        expected = ref.generate(**kwargs, max_new_tokens=24, do_sample=False, eos_token_id=cfg.eos_token_id,
-                                pad_token_id=0).numpy()[:, ids.shape[1]:]
-    out = generate(model, prepare_inputs(cfg, **batch), ids.shape[1], jax.random.key(0),
-                   SamplingConfig(max_new_tokens=24, eos_ids=(cfg.eos_token_id,)))
+        expected = ref.generate(
+            **kwargs, max_new_tokens=24, do_sample=False, eos_token_id=cfg.eos_token_id, pad_token_id=0
+        ).numpy()[:, ids.shape[1] :]
+    out = generate(
+        model,
+        prepare_inputs(cfg, **batch),
+        ids.shape[1],
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=24, eos_ids=(cfg.eos_token_id,)),
+    )
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for row in range(len(ids)):
         n = lengths[row]
@@ -204,7 +224,14 @@ def test_a_video_not_in_qwen3_layout_is_one_line_saying_so():
 
     cfg = tiny_config("qwen3_vl")
     ids = np.array([[1, cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id, 2]])
-    with pytest.raises(ValueError, match="a run of 8 video pad tokens where its grid gives 4: Qwen3-VL writes each "
-                                         "temporal patch of a video as its own vision block"):
-        prepare_inputs(cfg, ids, pixel_values_videos=np.zeros((32, cfg.vision.patch_dim), np.float32),
-                       video_grid_thw=np.array([[2, 4, 4]]))
+    with pytest.raises(
+        ValueError,
+        match="a run of 8 video pad tokens where its grid gives 4: Qwen3-VL writes each "
+        "temporal patch of a video as its own vision block",
+    ):
+        prepare_inputs(
+            cfg,
+            ids,
+            pixel_values_videos=np.zeros((32, cfg.vision.patch_dim), np.float32),
+            video_grid_thw=np.array([[2, 4, 4]]),
+        )

@@ -35,8 +35,13 @@ class FramesAsGiven(Qwen3VLVideoProcessor):
             patches, t, h, w = self.patchify(x, patch_size=16, merge_size=2, temporal_patch_size=2)
             pixels.append(patches[0])
             grids.append([t, h, w])
-        return BatchFeature({"pixel_values_videos": torch.cat(pixels).numpy(), "video_grid_thw": np.asarray(grids),
-                             "video_metadata": video_metadata})
+        return BatchFeature(
+            {
+                "pixel_values_videos": torch.cat(pixels).numpy(),
+                "video_grid_thw": np.asarray(grids),
+                "video_metadata": video_metadata,
+            }
+        )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,11 @@ def processors(tmp_path_factory):
     ours = Processor.from_pretrained(path, media=qwen3_vl.media_config(), layout="qwen3")
     # the class check looks the video processor up in a registry that needs torchvision
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
-        theirs = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2),
-                                  tokenizer=ours.tokenizer, video_processor=FramesAsGiven())
+        theirs = Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2),
+            tokenizer=ours.tokenizer,
+            video_processor=FramesAsGiven(),
+        )
     return ours, theirs
 
 
@@ -60,8 +68,9 @@ def test_frame_sampling_is_the_video_processors(total, fps):
 
 @pytest.mark.parametrize("t,h,w", [(4, 480, 640), (16, 1080, 1920), (2, 20, 300), (768, 720, 1280), (5, 33, 31)])
 def test_pixel_budget_is_the_video_processors(t, h, w):
-    expected = smart_resize(t, h, w, temporal_factor=2, factor=32, min_pixels=qwen3_vl.MIN_PIXELS,
-                                     max_pixels=qwen3_vl.MAX_PIXELS)
+    expected = smart_resize(
+        t, h, w, temporal_factor=2, factor=32, min_pixels=qwen3_vl.MIN_PIXELS, max_pixels=qwen3_vl.MAX_PIXELS
+    )
     assert qwen3_vl.video_size(t, h, w) == expected
 
 
@@ -75,8 +84,14 @@ def test_encode_equals_transformers_processor_and_get_rope_index(processors, hf_
     frames, height, width, fps, first, step = video
     rng = np.random.default_rng(frames)
     indices = first + step * np.arange(frames)
-    clip = VideoClip(frames=rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8), frame_indices=indices,
-                     total_frames=int(indices[-1]) + 1, video_fps=fps, sample_fps=fps / step, second_per_grid_t=1.0)
+    clip = VideoClip(
+        frames=rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
+        frame_indices=indices,
+        total_frames=int(indices[-1]) + 1,
+        video_fps=fps,
+        sample_fps=fps / step,
+        second_per_grid_t=1.0,
+    )
     got = ours.encode("Which way did you turn?", videos=[clip])
 
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which way did you turn?"}]}]
@@ -89,7 +104,9 @@ def test_encode_equals_transformers_processor_and_get_rope_index(processors, hf_
     assert "seconds>" in ours.tokenizer.decode(got["input_ids"])
 
     model = hf_dirs("qwen3_vl")[1]
-    positions, _ = model.model.get_rope_index(torch.from_numpy(want["input_ids"]),
-                                              torch.from_numpy(want["mm_token_type_ids"]),
-                                              video_grid_thw=torch.from_numpy(want["video_grid_thw"]))
+    positions, _ = model.model.get_rope_index(
+        torch.from_numpy(want["input_ids"]),
+        torch.from_numpy(want["mm_token_type_ids"]),
+        video_grid_thw=torch.from_numpy(want["video_grid_thw"]),
+    )
     np.testing.assert_array_equal(got["position_ids"], positions.numpy()[:, 0])

@@ -22,8 +22,14 @@ from stjax.train.step import loss_fn, split_trainable
 from test_qwen3_vl import hf_positions, make_batch
 
 PROMPTS = [[3, ("video", 2, 8, 8), 9], [2, ("image", 1, 4, 4), ("video", 3, 4, 8), 5], [11]]
-LOADER = LoaderConfig(batch_size=3, token_buckets=(64, 128), patch_buckets=(0, 512),
-                      image_patch_buckets=(0, 64), videos_per_sample=1, images_per_sample=1)
+LOADER = LoaderConfig(
+    batch_size=3,
+    token_buckets=(64, 128),
+    patch_buckets=(0, 512),
+    image_patch_buckets=(0, 64),
+    videos_per_sample=1,
+    images_per_sample=1,
+)
 
 
 def loader_items(cfg, ref):
@@ -35,15 +41,19 @@ def loader_items(cfg, ref):
         empty = np.zeros((0, cfg.vision.patch_dim), np.float32)
         loss_mask = np.zeros_like(one["input_ids"][0])
         loss_mask[-6:] = 1
-        items.append({
-            "input_ids": one["input_ids"][0], "attention_mask": one["attention_mask"][0], "loss_mask": loss_mask,
-            "position_ids": one["position_ids"][:, 0],
-            "pixel_values_videos": one.get("pixel_values_videos", empty),
-            "video_grid_thw": one.get("video_grid_thw", np.zeros((0, 3), np.int64)),
-            "second_per_grid_ts": np.zeros((len(one.get("video_grid_thw", ())),), np.float32),
-            "pixel_values": one.get("pixel_values", empty),
-            "image_grid_thw": one.get("image_grid_thw", np.zeros((0, 3), np.int64)),
-        })
+        items.append(
+            {
+                "input_ids": one["input_ids"][0],
+                "attention_mask": one["attention_mask"][0],
+                "loss_mask": loss_mask,
+                "position_ids": one["position_ids"][:, 0],
+                "pixel_values_videos": one.get("pixel_values_videos", empty),
+                "video_grid_thw": one.get("video_grid_thw", np.zeros((0, 3), np.int64)),
+                "second_per_grid_ts": np.zeros((len(one.get("video_grid_thw", ())),), np.float32),
+                "pixel_values": one.get("pixel_values", empty),
+                "image_grid_thw": one.get("image_grid_thw", np.zeros((0, 3), np.int64)),
+            }
+        )
     return items
 
 
@@ -56,19 +66,25 @@ def test_sft_loss_and_gradients_equal_transformers(hf_dirs):
     assert inputs.vision.patches.ndim == 3  # per-sample layout: (B, rows, patch_dim)
 
     cat = lambda key: np.concatenate([it[key] for it in items])
-    kwargs = {"input_ids": loader["input_ids"].astype(np.int64), "attention_mask": loader["attention_mask"],
-              "position_ids": loader["position_ids"], "pixel_values": cat("pixel_values"),
-              "image_grid_thw": cat("image_grid_thw"), "pixel_values_videos": cat("pixel_values_videos"),
-              "video_grid_thw": cat("video_grid_thw"),
-              "labels": np.where(loader["loss_mask"] == 1, loader["input_ids"], -100).astype(np.int64)}
+    kwargs = {
+        "input_ids": loader["input_ids"].astype(np.int64),
+        "attention_mask": loader["attention_mask"],
+        "position_ids": loader["position_ids"],
+        "pixel_values": cat("pixel_values"),
+        "image_grid_thw": cat("image_grid_thw"),
+        "pixel_values_videos": cat("pixel_values_videos"),
+        "video_grid_thw": cat("video_grid_thw"),
+        "labels": np.where(loader["loss_mask"] == 1, loader["input_ids"], -100).astype(np.int64),
+    }
     ref.zero_grad()
     ref_loss = ref(**{k: torch.from_numpy(np.asarray(v)) for k, v in kwargs.items()}).loss
     ref_loss.backward()
     ref_grads = {canonical_name(n): p.grad.numpy() for n, p in ref.named_parameters()}
 
     graphdef, params, frozen = split_trainable(model)
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, frozen, inputs,
-                                                          jax.numpy.asarray(loader["loss_mask"]), "token")
+    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(
+        graphdef, params, frozen, inputs, jax.numpy.asarray(loader["loss_mask"]), "token"
+    )
     assert abs(float(loss) - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(grads)).items()}
     ours = dict(hf_tensors(cfg, flat))
@@ -106,13 +122,17 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     base, cfg = load_pretrained(model_dir)
     model = with_lora(quantize_model(base, quantize_base="nf4"), rank=4, alpha=8.0, seed=1)
     assert model.config.quantize_base == "nf4"
-    processor = Processor.from_pretrained(data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16),
-                                          layout="qwen3")
+    processor = Processor.from_pretrained(
+        data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16), layout="qwen3"
+    )
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:2]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
     assert all(b"seconds>" in processor.tokenizer.decode(it["input_ids"]).encode() for it in items)
-    batch = pad_batch(items, LoaderConfig(batch_size=2, token_buckets=(256, 512), patch_buckets=(256, 512, 1024),
-                                          image_patch_buckets=(0,)), processor.tokenizer.pad_token_id)
+    batch = pad_batch(
+        items,
+        LoaderConfig(batch_size=2, token_buckets=(256, 512), patch_buckets=(256, 512, 1024), image_patch_buckets=(0,)),
+        processor.tokenizer.pad_token_id,
+    )
     out, _ = g.rollout(model, batch, processor)
     host = g.update_rows(model, batch, out)
     graphdef, params, frozen = split_trainable(model)
@@ -135,8 +155,10 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     step = jax.jit(functools.partial(grpo_update, graphdef, optim, g.SETTINGS))
     new, metrics = step(state, frozen, host.replace(ref_logp=jax.numpy.asarray(logps)))
     assert int(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-             zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))]
+    moved = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))
+    ]
     assert min(moved) > 0
 
 
@@ -148,8 +170,15 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     from stjax.models.qwen_vl import compiled_forward
 
     data, model_dir = grpo_assets
-    cfg = EvalConfig(model=str(model_dir), data=[str(data / "plain.jsonl")], out=str(tmp_path), mode="logits",
-                     batch_size=2, limit=3, text_only=False)
+    cfg = EvalConfig(
+        model=str(model_dir),
+        data=[str(data / "plain.jsonl")],
+        out=str(tmp_path),
+        mode="logits",
+        batch_size=2,
+        limit=3,
+        text_only=False,
+    )
     evaluate(cfg)
     records = {r["id"]: r for r in load_records(tmp_path / "predictions.jsonl")}
     assert len(records) == 3
@@ -160,9 +189,19 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     for _, sample in load_samples(cfg)[0]:
         arrays = processor(sample, "seed_mcq")
         assert "seconds>" in processor.tokenizer.decode(arrays["input_ids"])
-        inputs = prepare_inputs(config, arrays["input_ids"][None], None, None, None, arrays["pixel_values_videos"],
-                                arrays["video_grid_thw"], None, arrays["position_ids"][:, None])
+        inputs = prepare_inputs(
+            config,
+            arrays["input_ids"][None],
+            None,
+            None,
+            None,
+            arrays["pixel_values_videos"],
+            arrays["video_grid_thw"],
+            None,
+            arrays["position_ids"][:, None],
+        )
         logits = np.asarray(compiled_forward(model, inputs))[0, len(arrays["input_ids"]) - 1]
         scores = {k: logits[letters[k]] for k in "ABCD"[: len(sample.options)]}
-        np.testing.assert_allclose([records[sample.id]["logits"][k] for k in scores], list(scores.values()),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            [records[sample.id]["logits"][k] for k in scores], list(scores.values()), rtol=1e-4, atol=1e-4
+        )

@@ -76,8 +76,13 @@ def test_7b_h100x4_configs_are_the_released_cold_start(name):
     assert (cfg.optim.learning_rate, cfg.optim.warmup_ratio, cfg.optim.max_grad_norm) == (8e-5, 0.1, 0.3)
     assert raw["optim"] == {"learning_rate": 8e-5, "warmup_ratio": 0.1, "max_grad_norm": 0.3}
     # 1 sample per GPU per micro-batch, 4 accumulated, 4 GPUs; 1 epoch
-    assert (cfg.batch_size, cfg.micro_batch, cfg.gradient_accumulation_steps, cfg.mesh,
-            cfg.num_train_epochs) == (16, 4, 4, "fsdp=4", 1)
+    assert (cfg.batch_size, cfg.micro_batch, cfg.gradient_accumulation_steps, cfg.mesh, cfg.num_train_epochs) == (
+        16,
+        4,
+        4,
+        "fsdp=4",
+        1,
+    )
     assert (cfg.model.param_dtype, cfg.model.compute_dtype) == ("bfloat16", "bfloat16")
     assert cfg.model.gradient_checkpointing != "none"  # gradient checkpointing
     assert (cfg.data.format, cfg.data.loss_rule) == ("st_r1", "release")

@@ -27,7 +27,12 @@ PROMPTS = {
 def test_mrope_positions_match_the_original_rule(arch, prompt, fps):
     cfg = tiny_config(arch)
     batch = make_batch(cfg, PROMPTS[prompt], fps=fps)
-    args = (batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"))
+    args = (
+        batch["input_ids"],
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        batch.get("second_per_grid_ts"),
+    )
     ours, ours_delta = get_rope_index(args[0], cfg.rope_spec(), *args[1:], batch["attention_mask"])
     ref, ref_delta = rope_index(batch["input_ids"], batch["attention_mask"], *args[1:], cfg)
     np.testing.assert_array_equal(ours, ref)

@@ -31,7 +31,9 @@ def no_model(*args):
 
 def files(out: Path) -> dict[str, bytes]:
     """Every file under out_dir but the lock (it names its latest holder)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,14 @@ def test_a_resume_on_a_changed_base_model_is_refused(assets, lora_run, tmp_path,
         changed = bytearray(original)
         changed[-1] ^= 0x10  # one weight of the last tensor
         weights.write_bytes(bytes(changed))
-        with pytest.raises(ConfigError, match=r"the model files in .*model changed since this run began "
-                                              r"\(model.safetensors\)"):
-            stages.train(train_config.load(None, settings(out, assets, **{**lora_run[1], "max_steps": 4, **IN_PROCESS})))
+        with pytest.raises(
+            ConfigError,
+            match=r"the model files in .*model changed since this run began "
+            r"\(model.safetensors\)",
+        ):
+            stages.train(
+                train_config.load(None, settings(out, assets, **{**lora_run[1], "max_steps": 4, **IN_PROCESS}))
+            )
     finally:
         weights.write_bytes(original)
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -85,13 +92,19 @@ def test_the_export_tool_says_what_is_wrong(assets, lora_run, tmp_path):
         export_checkpoint(assets[1])
     out = shutil.copytree(lora_run[0], tmp_path / "run")
     damage(out / "checkpoints" / "2", "missing state")
-    with pytest.raises(CheckpointDamaged, match=r"checkpoint 2 in .* is damaged \(cannot read its metadata: .*\); "
-                                                r"export another with --step \(there are \[1, 2\]\)"):
+    with pytest.raises(
+        CheckpointDamaged,
+        match=r"checkpoint 2 in .* is damaged \(cannot read its metadata: .*\); "
+        r"export another with --step \(there are \[1, 2\]\)",
+    ):
         export_checkpoint(out, out=tmp_path / "hf")
     for step in ("1", "2"):
         (out / "checkpoints" / step).rename(out / "checkpoints" / f"{step}.damaged-x")
-    with pytest.raises(ConfigError, match=r"no checkpoint in .* \(there are \[\]; set aside as damaged: "
-                                          r"1.damaged-x, 2.damaged-x\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no checkpoint in .* \(there are \[\]; set aside as damaged: "
+        r"1.damaged-x, 2.damaged-x\)",
+    ):
         export_checkpoint(out)
     assert not (tmp_path / "hf").exists()
 
@@ -129,8 +142,15 @@ def always_raises(completions, **_):
 
 
 def one_sample(i: int) -> Sample:
-    return Sample(id=f"s{i}", video="v.mp4", question="q", options=["A. a", "B. b"], answer="A", task="direction",
-                  direction="forward")
+    return Sample(
+        id=f"s{i}",
+        video="v.mp4",
+        question="q",
+        options=["A. a", "B. b"],
+        answer="A",
+        task="direction",
+        direction="forward",
+    )
 
 
 def scored(values):
@@ -139,12 +159,18 @@ def scored(values):
     return rewards.score([fn], ["p"] * len(values), ["x"] * len(values), [one_sample(i) for i in range(len(values))])
 
 
-@pytest.mark.parametrize("values, message", [
-    (["0.5", 1.0], r"returned 1 value\(s\) that are neither a finite number nor None at step 3, e.g. '0.5' for sample s0"),
-    ([1.0, math.inf], r"e.g. inf for sample s1"),
-    ([float("nan"), 0.0], r"e.g. nan for sample s0"),
-    ([None, None], r"no reward applies to any completion of step 3 \(each of f returned None"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            ["0.5", 1.0],
+            r"returned 1 value\(s\) that are neither a finite number nor None at step 3, e.g. '0.5' for sample s0",
+        ),
+        ([1.0, math.inf], r"e.g. inf for sample s1"),
+        ([float("nan"), 0.0], r"e.g. nan for sample s0"),
+        ([None, None], r"no reward applies to any completion of step 3 \(each of f returned None"),
+    ],
+)
 def test_rewards_that_are_not_finite_numbers_stop_the_run(values, message):
     scores = scored(values)
     total = scores.values[:, 0]
@@ -160,25 +186,37 @@ def test_a_reward_that_raises_on_some_completions_does_not_stop_the_run():
 
 
 def test_a_reward_that_raises_on_every_completion_stops_the_run_in_one_line(assets, tmp_path):
-    proc = start(tmp_path, assets, stage="grpo", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}, **{
-        **GRPO, "max_steps": 2, "grpo.reward_funcs": "[accuracy, test_run_faults.always_raises]"})
+    proc = start(
+        tmp_path,
+        assets,
+        stage="grpo",
+        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+        **{**GRPO, "max_steps": 2, "grpo.reward_funcs": "[accuracy, test_run_faults.always_raises]"},
+    )
     output = finish(proc, expect=1)
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.fullmatch(
         r"error: reward test_run_faults.always_raises raised on every completion of step 1 \(4\), e.g. on sample "
         r"\S+: RuntimeError: the judge is unreachable; nothing of this step was trained \(--debug for the traceback\)",
-        errors[0]), output[-2000:]
+        errors[0],
+    ), output[-2000:]
     assert "Traceback" not in output
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"grpo.reward_funcs": "[acuracy]"}, "grpo.reward_funcs: reward function 'acuracy' is neither built in"),
-    ({"grpo.reward_funcs": "[no_such_module.reward]"}, "grpo.reward_funcs: reward function 'no_such_module.reward'"),
-    ({"grpo.rollout_mesh": "tensor=3"}, "grpo.rollout_mesh='tensor=3'"),
-    ({"grpo.temperature": "nan"}, "grpo.temperature=nan must be a finite number"),
-    ({"grpo.beta": "inf"}, "grpo.beta=inf must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grpo.reward_funcs": "[acuracy]"}, "grpo.reward_funcs: reward function 'acuracy' is neither built in"),
+        (
+            {"grpo.reward_funcs": "[no_such_module.reward]"},
+            "grpo.reward_funcs: reward function 'no_such_module.reward'",
+        ),
+        ({"grpo.rollout_mesh": "tensor=3"}, "grpo.rollout_mesh='tensor=3'"),
+        ({"grpo.temperature": "nan"}, "grpo.temperature=nan must be a finite number"),
+        ({"grpo.beta": "inf"}, "grpo.beta=inf must be a finite number"),
+    ],
+)
 def test_a_refused_grpo_rerun_writes_nothing(assets, tmp_path, monkeypatch, changes, message):
     (tmp_path / "config.json").write_text("the previous run's settings")
     monkeypatch.setattr(loop, "prepare_data", lambda *a: pytest.fail("the run went past its checks"))
@@ -209,4 +247,6 @@ def test_summary_json_keeps_the_history_of_the_runs_invocations(tmp_path):
     recorded = json.loads((tmp_path / "summary.json").read_text())
     assert recorded == summary and summary["steps"] == 2 and summary["final_loss"] == 1.0
     assert [(i["from_step"], i["to_step"], i["steps"], i["final_loss"]) for i in recorded["invocations"]] == [
-        (0, 3, 3, 2.0), (2, 4, 2, 1.0)]
+        (0, 3, 3, 2.0),
+        (2, 4, 2, 1.0),
+    ]

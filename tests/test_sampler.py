@@ -26,13 +26,15 @@ def hf_generate(model, cfg, batch, new_tokens: int) -> np.ndarray:
     ids = batch["input_ids"]
     kwargs = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("position_ids", "second_per_grid_ts")}
     kwargs["mm_token_type_ids"] = torch.from_numpy(
-        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0)))
+        np.where(ids == cfg.image_token_id, 1, np.where(ids == cfg.video_token_id, 2, 0))
+    )
     if cfg.model_type == "qwen2_5_vl":
         kwargs["second_per_grid_ts"] = torch.from_numpy(batch["second_per_grid_ts"])
     with torch.no_grad():
-        out = model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=cfg.eos_token_id,
-                             pad_token_id=0)
-    return out.numpy()[:, ids.shape[1]:]
+        out = model.generate(
+            **kwargs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=cfg.eos_token_id, pad_token_id=0
+        )
+    return out.numpy()[:, ids.shape[1] :]
 
 
 def run(model, batch, cfg: SamplingConfig, seed: int = 0):
@@ -63,10 +65,11 @@ def completion_logits(model, batch, tokens: np.ndarray) -> np.ndarray:
     ids = np.concatenate([batch["input_ids"], tokens], axis=1)
     mask = np.concatenate([batch["attention_mask"], np.ones_like(tokens)], axis=1)
     full = dict(batch, input_ids=ids, attention_mask=mask)
-    full["position_ids"], _ = rope_index(ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-                                         batch.get("second_per_grid_ts"), cfg)
+    full["position_ids"], _ = rope_index(
+        ids, mask, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"), cfg
+    )
     logits = np.asarray(compiled_forward(model, prepare_inputs(cfg, **full)))[:, : ids.shape[1]]
-    return logits[:, prompt_len - 1: -1]
+    return logits[:, prompt_len - 1 : -1]
 
 
 def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0, suppress=()) -> np.ndarray:
@@ -74,8 +77,11 @@ def full_forward_logp(model, batch, tokens: np.ndarray, temperature: float = 1.0
     with the `suppress` tokens removed from the distribution."""
     logits = completion_logits(model, batch, tokens) / temperature
     logits[..., list(suppress)] = -np.inf
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-        -1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     return np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
@@ -88,16 +94,25 @@ def test_log_probs_equal_a_full_forward_over_the_samples(models, arch):
     out = run(model, batch, cfg, seed=3)
     tokens = np.asarray(out.tokens)
     assert (np.asarray(out.lengths) == 12).all()  # no EOS configured
-    repeated = {k: (np.repeat(v, 2, axis=1) if k == "position_ids" else np.repeat(v, 2, axis=0))
-                for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    repeated = {
+        k: (np.repeat(v, 2, axis=1) if k == "position_ids" else np.repeat(v, 2, axis=0))
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+    }
     full = dict(batch, **repeated)
     full["video_grid_thw"] = np.repeat(batch["video_grid_thw"], 2, axis=0)
     full["second_per_grid_ts"] = np.repeat(batch["second_per_grid_ts"], 2, axis=0)
     full["pixel_values_videos"] = np.concatenate(
-        [p for p in np.split(batch["pixel_values_videos"], np.cumsum(batch["video_grid_thw"].prod(1))[:-1]) for _ in (0, 1)])
+        [
+            p
+            for p in np.split(batch["pixel_values_videos"], np.cumsum(batch["video_grid_thw"].prod(1))[:-1])
+            for _ in (0, 1)
+        ]
+    )
     np.testing.assert_allclose(np.asarray(out.logp_model), full_forward_logp(model, full, tokens), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(out.logp_sampling), full_forward_logp(model, full, tokens, 0.7, vision),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out.logp_sampling), full_forward_logp(model, full, tokens, 0.7, vision), atol=1e-4
+    )
 
 
 def first_step_logits(model, batch) -> np.ndarray:
@@ -168,8 +183,9 @@ def test_top_k_and_top_p_stay_inside_their_sets(models):
     drawn = set(np.asarray(out.tokens)[:, 0].tolist())
     assert drawn <= nucleus and len(nucleus) > 1 and drawn == nucleus
     # the same cut, computed by the library on the logits, keeps exactly the nucleus
-    kept = np.isfinite(np.asarray(sampling_logits(jax.numpy.asarray(logits[None]), SamplingConfig(
-        temperature=1.0, top_p=0.3))))[0]
+    kept = np.isfinite(
+        np.asarray(sampling_logits(jax.numpy.asarray(logits[None]), SamplingConfig(temperature=1.0, top_p=0.3)))
+    )[0]
     assert set(np.flatnonzero(kept).tolist()) == nucleus
 
 
@@ -197,8 +213,15 @@ def test_the_prefill_runs_once_whatever_the_number_of_samples(models):
     patch_dim = model.config.vision.patch_dim
     rows = inputs.vision.patches.shape[0]
     for n in (1, 4):
-        hlo = sample.lower(graphdef, SamplingConfig(max_new_tokens=4, num_samples=n), state, inputs,
-                           jax.numpy.int32(0), jax.numpy.zeros((2,), jax.numpy.int32), jax.random.key(0)).as_text()
+        hlo = sample.lower(
+            graphdef,
+            SamplingConfig(max_new_tokens=4, num_samples=n),
+            state,
+            inputs,
+            jax.numpy.int32(0),
+            jax.numpy.zeros((2,), jax.numpy.int32),
+            jax.random.key(0),
+        ).as_text()
         dots = [line for line in hlo.splitlines() if "dot_general" in line and f"x{patch_dim}x" in line]
         assert len(dots) == 1 and f"<{rows}x{patch_dim}x" in dots[0], dots
 
@@ -217,7 +240,9 @@ def test_sharded_sampling_gives_the_same_tokens(hf_dirs):
     ref = generate(single, inputs, length, jax.random.key(0), sampling)
     out = generate(sharded, sharding.shard_inputs(inputs, mesh), length, jax.random.key(0), sampling)
     assert sharded.model.layers.q_proj.kernel[...].addressable_shards[0].data.shape[1:] == (
-        cfg.text.hidden_size // 4, cfg.text.hidden_size // 2)
+        cfg.text.hidden_size // 4,
+        cfg.text.hidden_size // 2,
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
 
@@ -277,13 +302,19 @@ def truncation_logits(seed: int = 0, rows: int = 3, vocab: int = 64) -> np.ndarr
 @pytest.mark.parametrize("case", TRUNCATIONS)
 def test_the_numpy_reference_is_transformers_warpers(case):
     """The reference above equals transformers' own warpers, applied in generate()'s order."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     c = TRUNCATIONS[case]
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(c["temperature"])]
-                                  + ([TopKLogitsWarper(c["top_k"])] if c.get("top_k") else [])
-                                  + ([TopPLogitsWarper(c["top_p"])] if c.get("top_p", 1.0) < 1 else []))
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(c["temperature"])]
+        + ([TopKLogitsWarper(c["top_k"])] if c.get("top_k") else [])
+        + ([TopPLogitsWarper(c["top_p"])] if c.get("top_p", 1.0) < 1 else [])
+    )
     logits = truncation_logits()
     theirs = torch.log_softmax(warpers(None, torch.from_numpy(logits).double()), dim=-1).numpy()
     ours = truncated_logp(logits, **c)
@@ -313,7 +344,8 @@ def test_the_truncations_apply_in_generates_order():
     assert (t_then_p != p_then_t).any()
     k_then_p = np.isfinite(truncated_logp(logits, temperature=1.0, top_k=12, top_p=0.6))
     p_then_k = np.isfinite(truncated_logp(logits, temperature=1.0, top_p=0.6)) & np.isfinite(
-        truncated_logp(logits, temperature=1.0, top_k=12))
+        truncated_logp(logits, temperature=1.0, top_k=12)
+    )
     assert (k_then_p != p_then_k).any()
 
 
@@ -330,8 +362,10 @@ def test_choose_samples_the_truncated_distribution(case):
     draws = 20000
     expected = truncated_logp(logits, **c)
     tokens, logp_s, logp_m = jax.jit(choose, static_argnums=2)(
-        jax.numpy.asarray(np.repeat(logits, draws, axis=0)), jax.random.split(jax.random.key(7), len(logits) * draws),
-        SamplingConfig(**c))
+        jax.numpy.asarray(np.repeat(logits, draws, axis=0)),
+        jax.random.split(jax.random.key(7), len(logits) * draws),
+        SamplingConfig(**c),
+    )
     tokens = np.asarray(tokens).reshape(len(logits), draws)
     rows = np.arange(len(logits))[:, None]
     np.testing.assert_allclose(np.asarray(logp_s).reshape(tokens.shape), expected[rows, tokens], rtol=0, atol=1e-6)

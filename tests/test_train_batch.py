@@ -24,25 +24,38 @@ def loader_items(cfg, prompts, seed=0):
         one = make_batch(cfg, [prompt], seed=seed + k, fps=2.0)
         dim = cfg.vision.patch_dim
         empty = np.zeros((0, dim), np.float32)
-        items.append({
-            "input_ids": one["input_ids"][0], "attention_mask": one["attention_mask"][0],
-            "loss_mask": np.ones_like(one["input_ids"][0]), "position_ids": one["position_ids"][:, 0],
-            "pixel_values_videos": one.get("pixel_values_videos", empty),
-            "video_grid_thw": one.get("video_grid_thw", np.zeros((0, 3), np.int64)),
-            "second_per_grid_ts": one.get("second_per_grid_ts", np.zeros((0,), np.float32)),
-            "pixel_values": one.get("pixel_values", empty),
-            "image_grid_thw": one.get("image_grid_thw", np.zeros((0, 3), np.int64)),
-        })
+        items.append(
+            {
+                "input_ids": one["input_ids"][0],
+                "attention_mask": one["attention_mask"][0],
+                "loss_mask": np.ones_like(one["input_ids"][0]),
+                "position_ids": one["position_ids"][:, 0],
+                "pixel_values_videos": one.get("pixel_values_videos", empty),
+                "video_grid_thw": one.get("video_grid_thw", np.zeros((0, 3), np.int64)),
+                "second_per_grid_ts": one.get("second_per_grid_ts", np.zeros((0,), np.float32)),
+                "pixel_values": one.get("pixel_values", empty),
+                "image_grid_thw": one.get("image_grid_thw", np.zeros((0, 3), np.int64)),
+            }
+        )
     return items
 
 
-LOADER = LoaderConfig(batch_size=4, token_buckets=(64, 128), patch_buckets=(0, 256, 512),
-                      image_patch_buckets=(0, 64), videos_per_sample=1, images_per_sample=1)
+LOADER = LoaderConfig(
+    batch_size=4,
+    token_buckets=(64, 128),
+    patch_buckets=(0, 256, 512),
+    image_patch_buckets=(0, 64),
+    videos_per_sample=1,
+    images_per_sample=1,
+)
 
 
 def logits_alone(model, item):
-    kw = {k: item[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                              "second_per_grid_ts") if len(item[k])}
+    kw = {
+        k: item[k]
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        if len(item[k])
+    }
     return np.asarray(model(item["input_ids"][None], **kw))[0]
 
 
@@ -70,8 +83,13 @@ def test_each_sample_of_a_loader_batch_gets_its_own_logits(arch):
 def test_micro_batches_share_one_shape():
     cfg = tiny_config("qwen2_5_vl")
     items = loader_items(cfg, PROMPTS)
-    batch = host_batch(cfg, [pad_batch(items[:2], LOADER.__class__(**{**LOADER.__dict__, "batch_size": 2}), 0),
-                             pad_batch(items[2:], LOADER.__class__(**{**LOADER.__dict__, "batch_size": 2}), 0)])
+    batch = host_batch(
+        cfg,
+        [
+            pad_batch(items[:2], LOADER.__class__(**{**LOADER.__dict__, "batch_size": 2}), 0),
+            pad_batch(items[2:], LOADER.__class__(**{**LOADER.__dict__, "batch_size": 2}), 0),
+        ],
+    )
     assert batch.loss_mask.shape[:2] == (2, 2)
     assert batch.inputs.position_ids.shape[:3] == (2, 3, 2)
     assert batch.inputs.vision.windows.index.shape[:2] == (2, 2)

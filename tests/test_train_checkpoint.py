@@ -57,7 +57,10 @@ def test_restoring_a_checkpoint_of_another_layout_names_the_checkpoint(tmp_path)
     checkpoints = Checkpointer(tmp_path / "ck", every=1, keep=1)
     checkpoints.save(3, {"a": jnp.ones((3,)), "b": {"c": jnp.zeros((2, 2))}}, None)
     checkpoints.wait()
-    for other in ({"a": jnp.ones((3,)), "b": {"d": jnp.zeros((2, 2))}}, {"a": jnp.ones((4,)), "b": {"c": jnp.zeros((2, 2))}}):
+    for other in (
+        {"a": jnp.ones((3,)), "b": {"d": jnp.zeros((2, 2))}},
+        {"a": jnp.ones((4,)), "b": {"c": jnp.zeros((2, 2))}},
+    ):
         with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'ck' / '3'} does not match"):
             checkpoints.restore(3, abstract_like(other), None)
     checkpoints.close()

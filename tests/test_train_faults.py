@@ -147,8 +147,13 @@ run_cli(lambda argv: stages.train(config.load(None, sys.argv[1:])))
 
 def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     args = settings(tmp_path, assets, max_steps=24, **{"checkpoint.save_steps": 6})
-    result = subprocess.run([sys.executable, "-c", FILL_DISK, *args], capture_output=True, text=True, cwd=ROOT,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", FILL_DISK, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     # the run's report is one line; orbax's background threads' tracebacks only come with --debug
     (last,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -183,9 +188,20 @@ def test_metrics_hold_each_step_once_after_a_kill(assets, tmp_path):
 
 
 def test_negative_steps_are_refused_before_any_work(assets, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "stjax.train", *sum((["--set", a] for a in settings(
-        tmp_path, assets, max_steps=-5, **{"checkpoint.export_hf": "true"})), [])], capture_output=True, text=True,
-        cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stjax.train",
+            *sum(
+                (["--set", a] for a in settings(tmp_path, assets, max_steps=-5, **{"checkpoint.export_hf": "true"})), []
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "max_steps=-5 must be >= 0" in result.stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
@@ -199,9 +215,17 @@ def test_a_run_where_every_sample_is_unreadable_fails_and_exports_nothing(assets
         broken.write_bytes(b"not a video" * 100)
         row["video"] = str(broken)
     (tmp_path / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    output = train(tmp_path / "run", assets, expect=1, **{
-        "data.format": "plain", "data.path": tmp_path / "broken.jsonl", "data.tokenizer": data / "tokenizer",
-        "checkpoint.export_hf": "true"})
+    output = train(
+        tmp_path / "run",
+        assets,
+        expect=1,
+        **{
+            "data.format": "plain",
+            "data.path": tmp_path / "broken.jsonl",
+            "data.tokenizer": data / "tokenizer",
+            "checkpoint.export_hf": "true",
+        },
+    )
     assert output.strip().splitlines()[-1].startswith("error: no step was trained")
     assert not (tmp_path / "run" / "hf").exists()
     skipped = json.loads((tmp_path / "run" / "skipped_samples.0.json").read_text())  # every epoch's tries
@@ -238,8 +262,12 @@ def test_a_changed_data_file_is_detected_on_resume(assets, tmp_path, monkeypatch
     data, _ = assets
     plain = tmp_path / "plain.jsonl"
     shutil.copy(data / "plain.jsonl", plain)
-    changes = {"data.format": "plain", "data.path": plain, "data.video_root": data / "synth",
-               "data.tokenizer": data / "tokenizer"}
+    changes = {
+        "data.format": "plain",
+        "data.path": plain,
+        "data.video_root": data / "synth",
+        "data.tokenizer": data / "tokenizer",
+    }
     train(tmp_path / "run", assets, max_steps=2, **changes)
     rows = plain.read_text().splitlines()
     plain.write_text("\n".join(reversed(rows)) + "\n")
@@ -251,9 +279,18 @@ def test_a_changed_data_file_is_detected_on_resume(assets, tmp_path, monkeypatch
 @contextlib.contextmanager
 def locked_elsewhere(directory: Path, what: str):
     """`directory`'s lock held by another process (as a run of `what` would hold it) for the block."""
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from stjax.io import DirectoryLock; "
-                               f"DirectoryLock({str(directory)!r}, {what!r}).acquire(); print('held', flush=True); "
-                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from stjax.io import DirectoryLock; "
+            f"DirectoryLock({str(directory)!r}, {what!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         yield

@@ -49,8 +49,9 @@ def test_a_batch_job_log_gets_a_plain_line_every_logging_steps(tmp_path, monkeyp
     lines = capsys.readouterr().out.splitlines()
     assert [int(re.match(r"grpo step (\d+)/10 ", line).group(1)) for line in lines] == [1, 4, 8, 10]
     means = [float(re.search(r" loss=(\S+) ", line).group(1)) for line in lines]
-    np.testing.assert_allclose(means, [5.0, np.mean(LOSSES[1:4]), np.mean(LOSSES[4:8]), np.mean(LOSSES[8:10])],
-                               rtol=1e-3)  # printed to 4 significant digits
+    np.testing.assert_allclose(
+        means, [5.0, np.mean(LOSSES[1:4]), np.mean(LOSSES[4:8]), np.mean(LOSSES[8:10])], rtol=1e-3
+    )  # printed to 4 significant digits
     etas = [line.rsplit("eta=", 1)[1] for line in lines]
     assert etas == ["?", "0:00:12", "0:00:04", "0:00:00"]  # (10 - step) x 2 s; unknown right after compiling
     assert all("\r" not in line and len(line) < 200 for line in lines)
@@ -81,11 +82,11 @@ def read_wandb_records(path) -> list:
     pos, payload, records = 7, b"", []
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
-        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7]) if left >= 7 else (0, 0, 0)
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if kind == 0:  # a block's zero-filled tail
             pos += left
             continue
-        payload += data[pos + 7: pos + 7 + length]
+        payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -114,11 +115,14 @@ def test_wandb_offline_run_files_hold_every_steps_metrics(tmp_path, monkeypatch)
         for record in read_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                for item in record.history.item})
+                history.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
             elif kind == "run":
-                config |= {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                           for item in record.run.config.update}
+                config |= {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.run.config.update
+                }
     assert [(h["_step"], h["loss"], h["reward"]) for h in history] == [(1, 1.0, 0.25), (2, 0.5, 0.25), (3, 0.125, 0.5)]
     assert config["stage"] == "sft"
 

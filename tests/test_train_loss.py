@@ -31,8 +31,10 @@ def loss_mask_for(batch, start: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize("arch,chunk,targets_only", [("qwen2_vl", 0, False), ("qwen2_5_vl", 0, False),
-                                                     ("qwen2_5_vl", 7, False), ("qwen2_vl", 4, True)])
+@pytest.mark.parametrize(
+    "arch,chunk,targets_only",
+    [("qwen2_vl", 0, False), ("qwen2_5_vl", 0, False), ("qwen2_5_vl", 7, False), ("qwen2_vl", 4, True)],
+)
 def test_loss_and_gradients_match_transformers(hf_dirs, arch, chunk, targets_only):
     path, ref = hf_dirs(arch)
     model, cfg = load_pretrained(path)
@@ -105,7 +107,9 @@ def test_chunked_loss_equals_full_logits_loss(average, chunk, targets_only):
     def chunked(h, t):
         return chunked_sft_loss(h, t, ids, mask, average, chunk, positions)
 
-    (want, want_grads), (got, got_grads) = (jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (full, chunked))
+    (want, want_grads), (got, got_grads) = (
+        jax.value_and_grad(f, argnums=(0, 1))(hidden, table) for f in (full, chunked)
+    )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(jax.jit(chunked)(hidden, table)), float(want), rtol=1e-6)  # no gradient asked
     for g, w in zip(got_grads, want_grads):
@@ -130,8 +134,9 @@ def test_train_loss_fn_chunked_equals_full_logits(tied):
     mask = jnp.asarray(loss_mask_for(batch, start=4))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     want, want_grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, frozen, inputs, mask, "token")
-    got, got_grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, frozen, inputs, mask, "token",
-                                                            loss_chunk=5)
+    got, got_grads = jax.value_and_grad(loss_fn, argnums=1)(
+        graphdef, params, frozen, inputs, mask, "token", loss_chunk=5
+    )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-5 * max(np.abs(np.asarray(w)).max(), 1e-12)

@@ -24,6 +24,7 @@ from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flo
 
 # ----------------------------------------------------------------------------- FLOPs
 
+
 def kernel_sizes(cfg: QwenVLConfig) -> dict[str, int]:
     """Sizes of the `kernel` parameters of the real model (shapes only), by top-level part;
     with tied embeddings the LM head is the embedding table."""
@@ -48,10 +49,26 @@ def kernel_sizes(cfg: QwenVLConfig) -> dict[str, int]:
 def made_up_config() -> QwenVLConfig:
     """Bigger than the tiny presets, with GQA, tied embeddings and window attention."""
     cfg = QwenVLConfig.from_file("tiny-qwen2.5-vl")
-    text = dataclasses.replace(cfg.text, vocab_size=3000, hidden_size=384, intermediate_size=1024, num_layers=3,
-                               num_heads=6, num_kv_heads=2, mrope_section=(8, 12, 12), tie_word_embeddings=True)
-    vision = dataclasses.replace(cfg.vision, depth=5, hidden_size=96, num_heads=3, intermediate_size=256,
-                                 out_hidden_size=384, fullatt_block_indexes=(2, 4))
+    text = dataclasses.replace(
+        cfg.text,
+        vocab_size=3000,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_layers=3,
+        num_heads=6,
+        num_kv_heads=2,
+        mrope_section=(8, 12, 12),
+        tie_word_embeddings=True,
+    )
+    vision = dataclasses.replace(
+        cfg.vision,
+        depth=5,
+        hidden_size=96,
+        num_heads=3,
+        intermediate_size=256,
+        out_hidden_size=384,
+        fullatt_block_indexes=(2, 4),
+    )
     return cfg.replace(text=text, vision=vision)
 
 
@@ -105,20 +122,24 @@ def test_vision_flops_match_the_models_kernels(name, group_size, keys):
 
 # ----------------------------------------------------------------------------- peaks and MFU
 
-@pytest.mark.parametrize("kind, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v5p", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("cpu", None),
-    ("NVIDIA GeForce RTX 4090", None),
-])
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5e", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("cpu", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
 def test_device_peak_flops(kind, peak):
     assert device_peak_flops(SimpleNamespace(device_kind=kind)) == peak
 
@@ -138,10 +159,13 @@ def test_mfu():
 
 # ----------------------------------------------------------------------------- the logger
 
+
 def strict_json(line: str) -> dict:
     """json.loads that rejects the non-standard NaN / Infinity tokens."""
+
     def reject(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(line, parse_constant=reject)
 
 
@@ -152,11 +176,11 @@ def read_events(directory: Path) -> list[Event]:
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            header = data[offset:offset + 8]
+            header = data[offset : offset + 8]
             (length,) = struct.unpack("<Q", header)
-            (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
-            body = data[offset + 12:offset + 12 + length]
-            (body_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+            (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+            body = data[offset + 12 : offset + 12 + length]
+            (body_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
             assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body)
             event = Event()
             event.ParseFromString(body)

@@ -27,10 +27,13 @@ def models(kind: str):
     if kind == "lora":
         model16 = with_lora(model16, rank=8, alpha=8.0, seed=1)
         model16.model.layers.q_proj.lora_b[...] = 0.05 * jax.random.normal(  # adapters already trained a bit
-            jax.random.key(2), model16.model.layers.q_proj.lora_b[...].shape, jnp.bfloat16)
+            jax.random.key(2), model16.model.layers.q_proj.lora_b[...].shape, jnp.bfloat16
+        )
     weights = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model16, nnx.Param)))
-    model32 = model_from_params(model16.config.replace(param_dtype="float32", compute_dtype="float32"),
-                                {k: np.asarray(v, np.float32) for k, v in weights.items()})
+    model32 = model_from_params(
+        model16.config.replace(param_dtype="float32", compute_dtype="float32"),
+        {k: np.asarray(v, np.float32) for k, v in weights.items()},
+    )
     return model16, model32
 
 

@@ -39,24 +39,40 @@ def assets(tmp_path_factory):
 
 def settings(out: Path, assets, **changes) -> list[str]:
     data, model = assets
-    values = {"output_dir": out, "max_steps": STEPS, "batch_size": 2, "model.model_name_or_path": model,
-              "data.path": data,
-              "data.max_pixels": 12544, "data.token_buckets": "[256, 512]", "data.patch_buckets": "[256, 512]",
-              "optim.learning_rate": 3e-3, "optim.max_grad_norm": 1.0, "checkpoint.save_steps": 0,
-              "checkpoint.export_hf": "false", "mesh": "fsdp=-1",
-              # the command line's embedded default sets these: given here, a run started either way agrees
-              "data.synthetic_walks": 2, "data.synthetic_tasks": "[direction, landmark, action]"}
+    values = {
+        "output_dir": out,
+        "max_steps": STEPS,
+        "batch_size": 2,
+        "model.model_name_or_path": model,
+        "data.path": data,
+        "data.max_pixels": 12544,
+        "data.token_buckets": "[256, 512]",
+        "data.patch_buckets": "[256, 512]",
+        "optim.learning_rate": 3e-3,
+        "optim.max_grad_norm": 1.0,
+        "checkpoint.save_steps": 0,
+        "checkpoint.export_hf": "false",
+        "mesh": "fsdp=-1",
+        # the command line's embedded default sets these: given here, a run started either way agrees
+        "data.synthetic_walks": 2,
+        "data.synthetic_tasks": "[direction, landmark, action]",
+    }
     values.update(changes)
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def start(out: Path, assets, devices: int = 1, env: dict | None = None, stage: str = "sft",
-          **changes) -> subprocess.Popen:
+def start(
+    out: Path, assets, devices: int = 1, env: dict | None = None, stage: str = "sft", **changes
+) -> subprocess.Popen:
     args = [sys.executable, "-m", "stjax.train", "--stage", stage]
     for item in settings(out, assets, **changes):
         args += ["--set", item]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           **(env or {})}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+    }
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -176,17 +192,25 @@ def one_and_two_processes(tmp_path: Path, assets, **settings) -> tuple[Path, Pat
     single, multi = tmp_path / "single", tmp_path / "multi"
     finish(start(single, assets, devices=4, **settings))
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [start(multi, assets, devices=2, **settings, **{"distributed.coordinator": coordinator,
-                                                               "distributed.num_processes": 2,
-                                                               "distributed.process_id": i}) for i in range(2)]
+    procs = [
+        start(
+            multi,
+            assets,
+            devices=2,
+            **settings,
+            **{"distributed.coordinator": coordinator, "distributed.num_processes": 2, "distributed.process_id": i},
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         finish(proc)
     return single, multi
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(assets, tmp_path):
-    single, multi = one_and_two_processes(tmp_path, assets, max_steps=3, batch_size=4, mesh="fsdp=-1",
-                                          **{"checkpoint.export_hf": "true"})
+    single, multi = one_and_two_processes(
+        tmp_path, assets, max_steps=3, batch_size=4, mesh="fsdp=-1", **{"checkpoint.export_hf": "true"}
+    )
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     # The same samples, gathered in another order: equal up to float summation order.
@@ -215,8 +239,11 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
 
     def poisoned(model_cfg, micro_batches):
         b = real(model_cfg, micro_batches)
-        return b.replace(inputs=b.inputs.replace(vision=b.inputs.vision.replace(
-            patches=np.full_like(b.inputs.vision.patches, np.nan))))
+        return b.replace(
+            inputs=b.inputs.replace(
+                vision=b.inputs.vision.replace(patches=np.full_like(b.inputs.vision.patches, np.nan))
+            )
+        )
 
     monkeypatch.setattr(sft, "host_batch", poisoned)
     cfg = config(tmp_path, assets, max_bad_steps=3, **{"lora.r": 4})
@@ -227,20 +254,23 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_state_saved
     assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"optim.learning_rte": 1e-3}, "unknown config key optim.learning_rte"),
-    ({"mesh": "fsdp=3,tensor=-1"}, "does not divide 8 devices"),
-    ({"mesh": "fsdp=4"}, "needs 4 devices, but 8 are available"),
-    ({"mesh": "fsdp=8", "batch_size": 4}, "does not divide over data x fsdp = 8"),
-    ({"batch_size": 6, "gradient_accumulation_steps": 4}, "multiple of gradient_accumulation_steps"),
-    ({"stage": "ppo"}, "stage='ppo' is not one of sft, grpo"),
-    ({"lora.target_modules": "[q_proj, qkv]"}, "lora.target_modules"),
-    ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
-    ({"data.second_per_grid": "frames"}, "data.second_per_grid='frames' is not one of seed, kept_frames"),
-    ({"lora.quantize_base": "nf5"}, "lora.quantize_base='nf5' is not one of none, nf4, int8"),
-    ({"lora.quantize_base": "nf4"}, r"freezes the base: it needs adapters to train \(lora.r > 0\)"),
-    ({"lora.r": 4, "lora.quantize_base": "int8", "lora.double_quant": "true"}, "double_quant quantizes nf4's"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"optim.learning_rte": 1e-3}, "unknown config key optim.learning_rte"),
+        ({"mesh": "fsdp=3,tensor=-1"}, "does not divide 8 devices"),
+        ({"mesh": "fsdp=4"}, "needs 4 devices, but 8 are available"),
+        ({"mesh": "fsdp=8", "batch_size": 4}, "does not divide over data x fsdp = 8"),
+        ({"batch_size": 6, "gradient_accumulation_steps": 4}, "multiple of gradient_accumulation_steps"),
+        ({"stage": "ppo"}, "stage='ppo' is not one of sft, grpo"),
+        ({"lora.target_modules": "[q_proj, qkv]"}, "lora.target_modules"),
+        ({"optim.learning_rate": "fast"}, "optim.learning_rate takes a float"),
+        ({"data.second_per_grid": "frames"}, "data.second_per_grid='frames' is not one of seed, kept_frames"),
+        ({"lora.quantize_base": "nf5"}, "lora.quantize_base='nf5' is not one of none, nf4, int8"),
+        ({"lora.quantize_base": "nf4"}, r"freezes the base: it needs adapters to train \(lora.r > 0\)"),
+        ({"lora.r": 4, "lora.quantize_base": "int8", "lora.double_quant": "true"}, "double_quant quantizes nf4's"),
+    ],
+)
 def test_config_errors_come_before_any_loading_or_compiling(assets, tmp_path, monkeypatch, changes, message):
     def too_far(*args, **kwargs):
         raise AssertionError("the run went past its checks")
@@ -263,9 +293,19 @@ def test_a_sample_with_a_missing_video_is_recorded_and_the_run_goes_on(assets, t
     broken.update(id="broken-sample", video=str(tmp_path / "missing.mp4"))
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join([json.dumps(broken)] + rows[:3]) + "\n")
-    cfg = config(tmp_path / "run", assets, max_steps=1, peak_flops=1e12, **{
-        "data.format": "plain", "data.path": path, "data.video_root": data / "synth", "data.tokenizer": data / "tokenizer",
-        "data.shuffle": "false"})
+    cfg = config(
+        tmp_path / "run",
+        assets,
+        max_steps=1,
+        peak_flops=1e12,
+        **{
+            "data.format": "plain",
+            "data.path": path,
+            "data.video_root": data / "synth",
+            "data.tokenizer": data / "tokenizer",
+            "data.shuffle": "false",
+        },
+    )
     summary = stages.train(cfg)
     assert summary["steps"] == 1
     skipped = json.loads((tmp_path / "run" / "skipped_samples.0.json").read_text())

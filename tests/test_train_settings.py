@@ -81,8 +81,10 @@ def test_stage_on_the_command_line_conflicting_with_the_configs_is_refused(tmp_p
     path = tmp_path / "run.yaml"
     path.write_text("stage: sft\n" if where == "file" else "max_steps: 1\n")
     argv = ["--stage", "grpo", "--config", str(path)] + (["--set", "stage=sft"] if where == "set" else [])
-    with pytest.raises(ConfigError, match=r"^--stage grpo conflicts with stage: sft in "
-                                          + (re.escape(str(path)) if where == "file" else "--set")):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--stage grpo conflicts with stage: sft in " + (re.escape(str(path)) if where == "file" else "--set"),
+    ):
         train_main(argv)
     # the same stage twice, or a config without one, is no conflict
     assert train_config.load(path, [], stage="sft").stage == "sft"
@@ -113,8 +115,11 @@ def test_the_stage_registry_is_what_the_command_line_and_the_check_use(monkeypat
     assert "--stage {sft,grpo}" in help_text()
     # the check asks the stage for its templates and its own check
     seen = []
-    monkeypatch.setitem(STAGES, "sft", dataclasses.replace(STAGES["sft"], templates=("", "sft", "problem"),
-                                                            check=lambda *a: seen.append(a)))
+    monkeypatch.setitem(
+        STAGES,
+        "sft",
+        dataclasses.replace(STAGES["sft"], templates=("", "sft", "problem"), check=lambda *a: seen.append(a)),
+    )
     train_config.check(train_config.load(None, ["data.template=problem"]), 1)
     assert len(seen) == 1
 
@@ -147,7 +152,13 @@ def test_the_single_node_launcher_runs_the_configs_stage(config):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": "echo", "XLA_CLIENT_MEM_FRACTION": "0.9"}
-    result = subprocess.run(["bash", "launch/h100_single_node.sh", config, "--set", "max_steps=1"], cwd=root, env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["bash", "launch/h100_single_node.sh", config, "--set", "max_steps=1"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.split() == ["-m", "stjax.train", "--config", config, "--set", "max_steps=1"]
     assert "the config's stage (SFT or GRPO)" in (root / "launch/h100_single_node.sh").read_text()

@@ -25,8 +25,9 @@ def sft_batch(cfg, seed: int = 0, prompts=PROMPTS):
     ids = np.concatenate([prompt["input_ids"], answers], axis=1)
     mask = np.concatenate([prompt["attention_mask"], np.ones_like(answers)], axis=1)
     full = dict(prompt, input_ids=ids, attention_mask=mask)
-    full["position_ids"], _ = rope_index(ids, mask, None, prompt.get("video_grid_thw"),
-                                         prompt.get("second_per_grid_ts"), cfg)
+    full["position_ids"], _ = rope_index(
+        ids, mask, None, prompt.get("video_grid_thw"), prompt.get("second_per_grid_ts"), cfg
+    )
     loss_mask = np.zeros_like(mask)
     loss_mask[:, -ANSWER:] = 1
     inputs = prepare_inputs(cfg, **full)
@@ -52,8 +53,13 @@ def test_a_tiny_model_fits_and_greedy_decoding_reproduces_the_answers():
         losses.append(float(metrics["loss"]))
     assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::10]  # threshold: 0.05 nats per answer token
     trained = nnx.merge(graphdef, state.params, frozen)
-    out = generate(trained, prepare_inputs(cfg, **prompt), prompt["input_ids"].shape[1], jax.random.key(0),
-                   SamplingConfig(max_new_tokens=ANSWER))
+    out = generate(
+        trained,
+        prepare_inputs(cfg, **prompt),
+        prompt["input_ids"].shape[1],
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=ANSWER),
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens), answers)
 
 
@@ -69,8 +75,11 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_both(average):
     _, _, inputs, loss_mask = sft_batch(cfg, seed=2, prompts=[[9], [7]])  # text: rows split cleanly
     loss_mask[0, : np.flatnonzero(loss_mask[0])[-1]] = 0  # row 0 keeps its last target only
     assert loss_mask[:, 1:].sum(axis=1).tolist() == [1, ANSWER]
-    row = lambda i: inputs.replace(input_ids=inputs.input_ids[i:i + 1], attention_mask=inputs.attention_mask[i:i + 1],
-                                   position_ids=inputs.position_ids[:, i:i + 1])
+    row = lambda i: inputs.replace(
+        input_ids=inputs.input_ids[i : i + 1],
+        attention_mask=inputs.attention_mask[i : i + 1],
+        position_ids=inputs.position_ids[:, i : i + 1],
+    )
     # A real update at step 0; a large Adam eps keeps the update linear in tiny gradients, whose
     # float rounding would otherwise be blown up to +-lr by the normalisation.
     optim = OptimConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, adam_epsilon=1e-3, max_grad_norm=1e3)
@@ -83,12 +92,18 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_both(average):
     np.testing.assert_allclose(float(mb["grad_norm"]), float(ma["grad_norm"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-3 * optim.learning_rate)
-    moved = [np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in
-             zip(jax.tree.leaves(a.params), jax.tree.leaves(nnx.state(model, nnx.Param)))]
+    moved = [
+        np.abs(np.asarray(x) - np.asarray(y)).max()
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(nnx.state(model, nnx.Param)))
+    ]
     assert max(moved) > 1e-4  # the step really updated the weights
     # The whole batch's loss is the average the option names, from the per-token losses of the rows.
     logits = np.asarray(model.forward(inputs), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(logp[:, :-1], inputs.input_ids[:, 1:, None].astype(int), -1)[..., 0]
     mask = loss_mask[:, 1:].astype(bool)
     want = nll[mask].mean() if average == "token" else np.mean([nll[r][mask[r]].mean() for r in range(2)])
@@ -104,8 +119,9 @@ def test_a_non_finite_step_is_skipped():
     graphdef, params, frozen = split_trainable(model)
     before = init_state(params, optim)
     kept = jax.tree.map(np.asarray, before.params)
-    after, metrics = compiled_train_step(graphdef, optim, before, frozen,
-                                         Batch(inputs=stack(bad), loss_mask=stack(loss_mask)))
+    after, metrics = compiled_train_step(
+        graphdef, optim, before, frozen, Batch(inputs=stack(bad), loss_mask=stack(loss_mask))
+    )
     assert int(metrics["skipped"]) == 1 and int(after.step) == 0
     for x, y in zip(jax.tree.leaves(after.params), jax.tree.leaves(kept)):
         np.testing.assert_array_equal(np.asarray(x), y)
@@ -116,10 +132,16 @@ def test_adamw_update_equals_optax_chain():
     decay, with weight decay, gradients both under and over the clipping norm."""
     optim = OptimConfig(learning_rate=1e-2, total_steps=10, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=1.0)
     rng = np.random.default_rng(0)
-    params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": {"c": jnp.asarray(rng.normal(size=5), jnp.float32)}}
-    reference = optax.chain(optax.clip_by_global_norm(optim.max_grad_norm),
-                            optax.adamw(optim.schedule(), optim.adam_beta1, optim.adam_beta2, optim.adam_epsilon,
-                                        weight_decay=optim.weight_decay))
+    params = {
+        "a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "b": {"c": jnp.asarray(rng.normal(size=5), jnp.float32)},
+    }
+    reference = optax.chain(
+        optax.clip_by_global_norm(optim.max_grad_norm),
+        optax.adamw(
+            optim.schedule(), optim.adam_beta1, optim.adam_beta2, optim.adam_epsilon, weight_decay=optim.weight_decay
+        ),
+    )
     ours, theirs = (params, optim.init(params)), (params, reference.init(params))
     for scale in (0.01, 3.0, 0.1, 10.0, 1.0):  # global norms about 0.04 to 40: clipped and not
         grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)

@@ -38,12 +38,23 @@ def test_qwen2_5_vl_training_batch_positions_equal_transformers(synthetic_assets
     batches = []
     host_batch = sft.host_batch
     monkeypatch.setattr(sft, "host_batch", lambda cfg, micro: batches.append(micro) or host_batch(cfg, micro))
-    cfg = train_config.load(None, [f"output_dir={tmp_path}", "max_steps=1", f"batch_size={ROWS}", "mesh=fsdp=-1",
-                                   f"model.model_name_or_path={models['qwen2_5_vl']}", f"data.path={data}",
-                                   "data.shuffle=false",
-                                   "data.second_per_grid=kept_frames",
-                                   "data.max_pixels=12544", "data.token_buckets=[512, 1024]",
-                                   "data.patch_buckets=[1024, 2048]", "checkpoint.export_hf=false"])
+    cfg = train_config.load(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "max_steps=1",
+            f"batch_size={ROWS}",
+            "mesh=fsdp=-1",
+            f"model.model_name_or_path={models['qwen2_5_vl']}",
+            f"data.path={data}",
+            "data.shuffle=false",
+            "data.second_per_grid=kept_frames",
+            "data.max_pixels=12544",
+            "data.token_buckets=[512, 1024]",
+            "data.patch_buckets=[1024, 2048]",
+            "checkpoint.export_hf=false",
+        ],
+    )
     stages.train(cfg)
     batch = batches[0][0]
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:ROWS]  # unshuffled: row b is sample b
@@ -65,8 +76,14 @@ def test_qwen2_5_vl_training_batch_positions_equal_transformers(synthetic_assets
 
     reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(models["qwen2_5_vl"]).model
     types = np.where(ids == model_cfg.video_token_id, 2, 0)
-    theirs, _ = reference.get_rope_index(torch.from_numpy(ids), torch.from_numpy(types), None,
-                                         torch.from_numpy(grids), torch.from_numpy(seconds), torch.from_numpy(mask))
+    theirs, _ = reference.get_rope_index(
+        torch.from_numpy(ids),
+        torch.from_numpy(types),
+        None,
+        torch.from_numpy(grids),
+        torch.from_numpy(seconds),
+        torch.from_numpy(mask),
+    )
     theirs = theirs.numpy()
     ours = batch["position_ids"]
     for b in range(ROWS):

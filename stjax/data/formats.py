@@ -75,8 +75,13 @@ def infer_task(text: str) -> str:
     """direction / landmark / action from the question wording (Ego-ST and ST-R1 phrasing), or the
     synthetic set's colour questions (the landmark one names a landmark too)."""
     lower = text.lower()
-    for task, word in (("walls", "colour were the walls"), ("colour", "what colour"), ("direction", "direction"),
-                       ("landmark", "landmark"), ("action", "action")):
+    for task, word in (
+        ("walls", "colour were the walls"),
+        ("colour", "what colour"),
+        ("direction", "direction"),
+        ("landmark", "landmark"),
+        ("action", "action"),
+    ):
         if word in lower:
             return task
     raise ValueError("cannot tell the task (direction / landmark / action) from the question")
@@ -243,7 +248,9 @@ def _jsonl_rows(path: Path, result: ReadResult, strict: bool):
             if not isinstance(row, dict):
                 raise ValueError("row is not an object")
         except ValueError as e:
-            _collect(result, SampleError(f"invalid JSON: {e}", sample_id=f"{path.stem}:{number}", path=str(path)), strict)
+            _collect(
+                result, SampleError(f"invalid JSON: {e}", sample_id=f"{path.stem}:{number}", path=str(path)), strict
+            )
             continue
         yield number, row
 
@@ -337,8 +344,9 @@ def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, str
             task = row.get("task") or _inferred(infer_task, question, OTHER_TASK)
             direction = row.get("direction") or _inferred(infer_direction, question, None)
             if not isinstance(task, str) or direction not in (*DIRECTIONS, None):
-                raise ValueError(f"task {task!r} is not text or direction {direction!r} is not one of "
-                                 f"{', '.join(DIRECTIONS)}")
+                raise ValueError(
+                    f"task {task!r} is not text or direction {direction!r} is not one of {', '.join(DIRECTIONS)}"
+                )
             result.samples.append(
                 Sample(
                     id=sample_id,

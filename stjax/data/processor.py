@@ -73,8 +73,9 @@ def normalize(patches: np.ndarray, mean: np.ndarray = IMAGE_MEAN, std: np.ndarra
     return x.reshape(patches.shape)
 
 
-def vision_patches(frames: np.ndarray, cfg: MediaConfig, mean: np.ndarray = IMAGE_MEAN,
-                   std: np.ndarray = IMAGE_STD) -> tuple[np.ndarray, np.ndarray]:
+def vision_patches(
+    frames: np.ndarray, cfg: MediaConfig, mean: np.ndarray = IMAGE_MEAN, std: np.ndarray = IMAGE_STD
+) -> tuple[np.ndarray, np.ndarray]:
     """(T, H, W, 3) uint8 frames -> normalised float32 patch vectors and grid_thw."""
     patches, grid = patchify(frames.transpose(0, 3, 1, 2), cfg)
     return normalize(patches, mean, std), grid
@@ -124,14 +125,14 @@ class Processor:
         return cls(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True), **kwargs)
 
     @classmethod
-    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig = MediaConfig(),
-                  **kwargs) -> Processor:
+    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig = MediaConfig(), **kwargs) -> Processor:
         """The processor of a model config (`stjax.models.config.QwenVLConfig`): its patch size, its
         time positions and its video layout (the rule of its `rope_spec`)."""
         spec = model_cfg.rope_spec()
         media = dataclasses.replace(media, patch_size=model_cfg.vision.patch_size)
-        return cls.from_pretrained(tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second,
-                                   layout=spec.rule, **kwargs)
+        return cls.from_pretrained(
+            tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second, layout=spec.rule, **kwargs
+        )
 
     def _id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
@@ -191,8 +192,11 @@ class Processor:
             skip = [self._id("<|endoftext|>"), self._id("<|image_pad|>"), self._id("<|video_pad|>")]
             loss_mask = (~np.isin(input_ids, skip)).astype(np.int32)
         empty = np.zeros((0, 3 * self.media.temporal_patch_size * self.media.patch_size**2), np.float32)
-        mm_types = np.select([input_ids == self._id("<|image_pad|>"), input_ids == self._id("<|video_pad|>")],
-                             [IMAGE_TYPE, VIDEO_TYPE], TEXT_TYPE)
+        mm_types = np.select(
+            [input_ids == self._id("<|image_pad|>"), input_ids == self._id("<|video_pad|>")],
+            [IMAGE_TYPE, VIDEO_TYPE],
+            TEXT_TYPE,
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": np.ones_like(input_ids, np.int32),
@@ -213,8 +217,15 @@ class Processor:
         parts = prompt.split(wrapper)
         if len(parts) - 1 != len(videos):
             raise ValueError(f"prompt has {len(parts) - 1} video blocks but {len(videos)} videos were given")
-        texts = [qwen3_vl.video_text(qwen3_vl.timestamps(v.frame_indices, v.video_fps, self.media.temporal_patch_size),
-                                     "<|vision_start|>", "<|video_pad|>", "<|vision_end|>") for v in videos]
+        texts = [
+            qwen3_vl.video_text(
+                qwen3_vl.timestamps(v.frame_indices, v.video_fps, self.media.temporal_patch_size),
+                "<|vision_start|>",
+                "<|video_pad|>",
+                "<|vision_end|>",
+            )
+            for v in videos
+        ]
         return parts[0] + "".join(t + p for t, p in zip(texts, parts[1:]))
 
     def _expand(
@@ -253,15 +264,30 @@ def hf_processor_files(media: MediaConfig, chat_template: str) -> dict[str, str]
     """transformers' processor files for a Qwen2-VL / Qwen2.5-VL directory, with stjax's patch layout, pixel
     bounds and normalisation: the image and video processors' configs and the chat template. The processor
     class follows from config.json's model_type, so the same files serve both families."""
-    common = {"patch_size": media.patch_size, "temporal_patch_size": media.temporal_patch_size,
-              "merge_size": media.merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
-    image = {"image_processor_type": "Qwen2VLImageProcessor", **common,
-             "min_pixels": media.image_min_pixels, "max_pixels": media.image_max_pixels}
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", **common,
-             "min_pixels": media.min_pixels, "max_pixels": media.video_max_pixels}
-    return {"preprocessor_config.json": json.dumps(image, indent=2) + "\n",
-            "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",
-            "chat_template.jinja": chat_template}
+    common = {
+        "patch_size": media.patch_size,
+        "temporal_patch_size": media.temporal_patch_size,
+        "merge_size": media.merge_size,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+    image = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        **common,
+        "min_pixels": media.image_min_pixels,
+        "max_pixels": media.image_max_pixels,
+    }
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        **common,
+        "min_pixels": media.min_pixels,
+        "max_pixels": media.video_max_pixels,
+    }
+    return {
+        "preprocessor_config.json": json.dumps(image, indent=2) + "\n",
+        "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",
+        "chat_template.jinja": chat_template,
+    }
 
 
 # The settings an export records, which the evaluator takes unless told otherwise.
@@ -271,8 +297,11 @@ RECIPE_MEDIA = ("num_frames", "fps", "max_pixels", "second_per_grid")
 def training_recipe(stage: str, template: Template, media: MediaConfig) -> dict:
     """What a model was trained with, as the evaluator's options: the prompt template it answers (sft's
     prompt is problem's, without the target) and the media settings."""
-    return {"stage": stage, "template": "problem" if template == "sft" else template,
-            **{k: getattr(media, k) for k in RECIPE_MEDIA}}
+    return {
+        "stage": stage,
+        "template": "problem" if template == "sft" else template,
+        **{k: getattr(media, k) for k in RECIPE_MEDIA},
+    }
 
 
 def read_training_recipe(model_dir: str | Path) -> dict | None:

@@ -28,20 +28,37 @@ MIN_PIXELS, MAX_PIXELS = 128 * 32 * 32, 768 * 32 * 32  # the video processor's s
 
 def media_config(**changes) -> MediaConfig:
     """The MediaConfig of Qwen3-VL's patches (16 x 16, merged 2 x 2)."""
-    return replace(MediaConfig(patch_size=16, fps=FPS, min_frames=MIN_FRAMES, max_frames=MAX_FRAMES,
-                               min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), **changes)
+    return replace(
+        MediaConfig(
+            patch_size=16,
+            fps=FPS,
+            min_frames=MIN_FRAMES,
+            max_frames=MAX_FRAMES,
+            min_pixels=MIN_PIXELS,
+            max_pixels=MAX_PIXELS,
+        ),
+        **changes,
+    )
 
 
-def sample_indices(total_frames: int, video_fps: float, fps: float = FPS, min_frames: int = MIN_FRAMES,
-                   max_frames: int = MAX_FRAMES) -> np.ndarray:
+def sample_indices(
+    total_frames: int, video_fps: float, fps: float = FPS, min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES
+) -> np.ndarray:
     """Indices of the frames taken from a video of `total_frames` at `video_fps`."""
     count = int(total_frames / video_fps * fps)
     count = min(max(count, min_frames), max_frames, total_frames)
     return np.linspace(0, total_frames - 1, count).round().astype(int)
 
 
-def video_size(num_frames: int, height: int, width: int, factor: int = 32, temporal_factor: int = 2,
-               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def video_size(
+    num_frames: int,
+    height: int,
+    width: int,
+    factor: int = 32,
+    temporal_factor: int = 2,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
     """The resized (height, width) of a clip's frames: the clip's pixels (frame count rounded to the
     temporal patch) within [min_pixels, max_pixels], sides multiples of `factor`, aspect kept."""
     if num_frames < temporal_factor:

@@ -61,7 +61,10 @@ QUESTIONS = {
     ("direction", "forward"): "what directions do you need to go through to get to your destination",
     ("direction", "reverse"): "what directions do you need to go through to get to the starting point",
     ("landmark", "forward"): "which landmarks (objects or scenery changes) did you pass by to reach your destination",
-    ("landmark", "reverse"): "which landmarks (objects or scenery changes) did you pass by to return to the starting point",
+    (
+        "landmark",
+        "reverse",
+    ): "which landmarks (objects or scenery changes) did you pass by to return to the starting point",
     ("action", "forward"): "which actions did you perform to reach your destination",
     ("action", "reverse"): "which actions did you perform to return to the starting point",
     # Not in Ego-ST: questions a tiny vision tower can answer from the pixels of one frame. colour: the
@@ -73,8 +76,13 @@ QUESTIONS = {
     ("walls", "forward"): "what colour were the walls on the way to your destination",
     ("walls", "reverse"): "what colour were the walls on the way back to the starting point",
 }
-FILE_SUFFIX = {"direction": "mcq", "landmark": "mcq_landmark", "action": "mcq_action", "colour": "mcq_colour",
-               "walls": "mcq_walls"}
+FILE_SUFFIX = {
+    "direction": "mcq",
+    "landmark": "mcq_landmark",
+    "action": "mcq_action",
+    "colour": "mcq_colour",
+    "walls": "mcq_walls",
+}
 TASKS = ("direction", "landmark", "action")  # Ego-ST's tasks, the default set
 HEADINGS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # north, east, south, west: turning right adds 1
 CELL = 3  # one coarse route cell is a 3x3 block of unit cells (a corridor three cells wide)
@@ -128,11 +136,7 @@ def _route(rng: np.random.Generator) -> tuple[list[tuple[int, int]], list[int], 
                 corners.append(len(cells) - 1)
                 heading = (heading + (1 if turns[i] == "right" else -1)) % 4
         # Corridors must not touch except where the route joins them (cells 2 apart meet at a corner).
-        ok = all(
-            max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2
-            for i, a in enumerate(cells)
-            for b in cells[i + 3 :]
-        )
+        ok = all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2 for i, a in enumerate(cells) for b in cells[i + 3 :])
         if ok:
             return cells, corners, turns, lengths
 
@@ -433,8 +437,13 @@ def wall_steps(walk: Walk, direction: str) -> list[str]:
     return [walk.wall]
 
 
-STEPS = {"direction": direction_steps, "landmark": landmark_steps, "action": action_steps, "colour": colour_steps,
-         "walls": wall_steps}
+STEPS = {
+    "direction": direction_steps,
+    "landmark": landmark_steps,
+    "action": action_steps,
+    "colour": colour_steps,
+    "walls": wall_steps,
+}
 
 
 def _sentence(steps: list[str]) -> str:
@@ -462,7 +471,9 @@ def _distractors(walk: Walk, task: str, direction: str, rng: np.random.Generator
             candidates.append(swap)
     else:
         for _ in range(20):
-            fake = Walk(walk.grid, walk.waypoints, [str(rng.choice(["left", "right"])) for _ in walk.turns], walk.landmarks)
+            fake = Walk(
+                walk.grid, walk.waypoints, [str(rng.choice(["left", "right"])) for _ in walk.turns], walk.landmarks
+            )
             candidates.append(STEPS[task](fake, direction))
             fake.turns = fake.turns + [str(rng.choice(["left", "right"]))]
             candidates.append(STEPS[task](fake, direction))
@@ -496,8 +507,9 @@ def make_question(walk: Walk, task: str, direction: str, rng: np.random.Generato
         choices = [wrong[j] for j in rng.permutation(3)]
         choices.insert(gold, right)
     options = [f"{chr(65 + i)}. {_sentence(c)}" for i, c in enumerate(choices)]
-    return Question(task, direction, HEADER + QUESTIONS[task, direction] + "?", options, chr(65 + gold),
-                    _sentence(right))
+    return Question(
+        task, direction, HEADER + QUESTIONS[task, direction] + "?", options, chr(65 + gold), _sentence(right)
+    )
 
 
 def gold_positions(n: int, seed: int, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
@@ -537,8 +549,14 @@ def contact_sheet(videos: list[Path], captions: list[str], path: Path) -> None:
     Image.fromarray(np.concatenate(rows)).save(path, optimize=False)
 
 
-def generate(out: str | Path, n: int, seed: int, cfg: RenderConfig = RenderConfig(), sheet: int = 3,
-             tasks: tuple[str, ...] = TASKS) -> Path:
+def generate(
+    out: str | Path,
+    n: int,
+    seed: int,
+    cfg: RenderConfig = RenderConfig(),
+    sheet: int = 3,
+    tasks: tuple[str, ...] = TASKS,
+) -> Path:
     """n walks, with a forward and a reverse question of each task about each (one file per task and direction)."""
     unknown = sorted(set(tasks) - set(STEPS))
     if unknown or not tasks:

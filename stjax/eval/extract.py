@@ -50,12 +50,12 @@ def extract_answer(response: str, options: list[str], rule: Rule = "default") ->
 
     opens = list(_ANSWER_OPEN.finditer(response))
     if opens:  # the last answer tag is the reply's final word, even when it says nothing usable
-        content = response[opens[-1].end():]
+        content = response[opens[-1].end() :]
         close = _ANSWER_CLOSE.search(content)
         return _parse(content[: close.start()] if close else content, letters, texts, loose=True)
     thinks = list(_THINK_CLOSE.finditer(response))
     if thinks:  # no answer tag, but the text after the reasoning may hold the answer
-        found = _parse(_TAGS.sub(" ", response[thinks[-1].end():]), letters, texts, loose=True)
+        found = _parse(_TAGS.sub(" ", response[thinks[-1].end() :]), letters, texts, loose=True)
         if found:
             return found
     # A whole reply with reasoning in it: only unambiguous forms count, not stray letters or option text.
@@ -80,7 +80,7 @@ def _letter(match: re.Match, group: int, text: str, letters: list[str], strict_t
     punctuation, so "a left turn" or "A person walks" are not taken for answers.
     """
     letter = match.group(group)
-    tail = text[match.end(group):].lstrip(" \t")
+    tail = text[match.end(group) :].lstrip(" \t")
     if (strict_tail or letter.islower()) and tail and tail[0] not in _CLOSES_LETTER:
         return None
     return letter.upper() if letter.upper() in letters else None

@@ -50,8 +50,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from stjax.cli import add_debug_flag, run_cli
-from stjax.data.formats import (EGO_ST_TASKS, PART_FOLDERS, ReadResult, Sample, read_egost_mcq, read_plain_jsonl,
-                                read_st_r1_jsonl)
+from stjax.data.formats import (
+    EGO_ST_TASKS,
+    PART_FOLDERS,
+    ReadResult,
+    Sample,
+    read_egost_mcq,
+    read_plain_jsonl,
+    read_st_r1_jsonl,
+)
 from stjax.data.tokenizer import tiny_model_dir
 from stjax.data.video import SECOND_PER_GRID, MediaConfig, SampleError
 from stjax.eval.extract import RULES, extract_answer
@@ -77,17 +84,22 @@ class EvalConfig:
     """Every option of a run; the YAML keys and the flags have these names. Each documents itself
     (`stjax.settings.setting`): `--help` and `check_config` read the meaning, allowed values and ranges."""
 
-    model: str | None = setting(None, "a HF or stjax model directory or a hub id; none (with no --data): the "
-                                "embedded default's tiny random model")
+    model: str | None = setting(
+        None,
+        "a HF or stjax model directory or a hub id; none (with no --data): the embedded default's tiny random model",
+    )
     revision: str | None = setting(None, "hub id only: branch, tag or commit (default: main)")
     data: list[str] = setting(help="data files (or Ego-ST folders)", factory=list)
     videos: list[str] = setting(help="video folder for all files, or one per file", factory=list)
     out: str = setting("runs/eval", "output folder (local or an object store URL)")
     tokenizer: str | None = setting(None, "a directory or hub id; default: the model's")
     dtype: str | None = setting(None, "parameter dtype; default: the checkpoint's")
-    quantize: str = setting("none", "every linear of the decoder and the vision tower stored nf4 or int8 "
-                            "(stjax.models.quant), as transformers' load_in_4bit / load_in_8bit do",
-                            choices=QUANTIZE_FORMATS)
+    quantize: str = setting(
+        "none",
+        "every linear of the decoder and the vision tower stored nf4 or int8 "
+        "(stjax.models.quant), as transformers' load_in_4bit / load_in_8bit do",
+        choices=QUANTIZE_FORMATS,
+    )
     mode: str = setting("generate", "generate an answer, or score the option letters' logits", choices=MODES)
     extract: str = setting("default", "answer extraction rule (stjax.eval.extract)", choices=RULES)
     # The media and prompt recipe: unset (None), a stjax export's training recipe where it records one, else
@@ -96,8 +108,9 @@ class EvalConfig:
     num_frames: int | None = setting(None, "frames sampled per video", least=1)
     fps: float | None = setting(None, "frame rate the video is sampled at (> 0)")
     max_pixels: int | None = setting(None, "pixels per frame at most", least=28 * 28)
-    second_per_grid: str | None = setting(None, "Qwen2.5-VL time spacing (stjax.data.video.MediaConfig)",
-                                          choices=SECOND_PER_GRID)
+    second_per_grid: str | None = setting(
+        None, "Qwen2.5-VL time spacing (stjax.data.video.MediaConfig)", choices=SECOND_PER_GRID
+    )
     max_new_tokens: int = setting(512, "tokens generated per answer at most", least=1)
     temperature: float = setting(0.0, "sampling temperature; 0: greedy, the recipe")
     top_p: float = setting(1.0, "nucleus sampling, in (0, 1]")
@@ -105,11 +118,18 @@ class EvalConfig:
     seed: int = setting(0, "sampling key; with temperature > 0 a resumed run is not batch-for-batch the same")
     batch_size: int = setting(8, "prompts per batch", least=1)
     mesh: str | None = setting(None, "e.g. fsdp=4,tensor=2: shard the model and the batch over the devices")
-    max_prompt_tokens: int = setting(4096, "longer prompts are recorded as failed (the GRPO recipe's limit; the "
-                                     "recipe's prompts are about 1k)", least=1)
+    max_prompt_tokens: int = setting(
+        4096,
+        "longer prompts are recorded as failed (the GRPO recipe's limit; the recipe's prompts are about 1k)",
+        least=1,
+    )
     limit: int | None = setting(None, "evaluate only the first N samples (over all files, in order)", least=1)
-    walks: int = setting(2, "embedded default only (no --model, no --data): walks of its synthetic benchmark, "
-                         "each a forward and a reverse question on 3 tasks (6 questions per walk)", least=1)
+    walks: int = setting(
+        2,
+        "embedded default only (no --model, no --data): walks of its synthetic benchmark, "
+        "each a forward and a reverse question on 3 tasks (6 questions per walk)",
+        least=1,
+    )
     text_only: bool = setting(True, "also run the model with every video frame blank: what it scores without looking")
 
 
@@ -118,9 +138,25 @@ SEED_RECIPE = {"template": "seed_mcq", "num_frames": 8, "fps": 1.0, "max_pixels"
 
 
 # Options whose change alters predictions: resuming under different ones would mix two runs.
-_RESULT_KEYS = ("model", "revision", "dtype", "quantize", "mode", "extract", "template", "num_frames", "fps",
-                "max_pixels", "second_per_grid", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                "max_prompt_tokens")
+_RESULT_KEYS = (
+    "model",
+    "revision",
+    "dtype",
+    "quantize",
+    "mode",
+    "extract",
+    "template",
+    "num_frames",
+    "fps",
+    "max_pixels",
+    "second_per_grid",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "max_prompt_tokens",
+)
 
 
 # ---------------------------------------------------------------- data
@@ -162,8 +198,9 @@ def load_samples(cfg: EvalConfig) -> tuple[list[tuple[str, Sample]], dict[str, d
     if len(set(names)) != len(names):
         raise SystemExit(f"data files must have distinct names (records are keyed by file name): {names}")
     if len(cfg.videos) not in (0, 1, len(files)):
-        raise SystemExit(f"--videos: give one folder for all {len(files)} data files or one per file, "
-                         f"not {len(cfg.videos)}")
+        raise SystemExit(
+            f"--videos: give one folder for all {len(files)} data files or one per file, not {len(cfg.videos)}"
+        )
     samples, skipped = [], {}
     for i, path in enumerate(files):
         video_dir = Path(cfg.videos[i if len(cfg.videos) > 1 else 0]) if cfg.videos else None
@@ -223,15 +260,24 @@ def summarize(records: list[dict], text_only: list[dict] | None = None) -> dict:
 
     def tally(group: list[dict], blind: list[dict] | None) -> dict:
         n, correct = len(group), sum(bool(r["correct"]) for r in group)
-        out = {"n": n, "correct": correct, "accuracy": correct / n if n else None, "interval": wilson(correct, n),
-               "failed": sum("error" in r for r in group),
-               "no_answer": sum("error" not in r and r["pred"] is None for r in group),
-               "chance": sum(1 / r["n_options"] for r in group) / n if n else None,
-               "majority": max(Counter(r["gold"] for r in group).values()) / n if n else None}
+        out = {
+            "n": n,
+            "correct": correct,
+            "accuracy": correct / n if n else None,
+            "interval": wilson(correct, n),
+            "failed": sum("error" in r for r in group),
+            "no_answer": sum("error" not in r and r["pred"] is None for r in group),
+            "chance": sum(1 / r["n_options"] for r in group) / n if n else None,
+            "majority": max(Counter(r["gold"] for r in group).values()) / n if n else None,
+        }
         if blind is not None:
             hits = sum(bool(r["correct"]) for r in blind)
-            out["text_only"] = {"n": len(blind), "correct": hits, "accuracy": hits / len(blind) if blind else None,
-                                "interval": wilson(hits, len(blind))}
+            out["text_only"] = {
+                "n": len(blind),
+                "correct": hits,
+                "accuracy": hits / len(blind) if blind else None,
+                "interval": wilson(hits, len(blind)),
+            }
         return out
 
     def groups(rows: list[dict] | None, key: str) -> dict[str, list[dict]]:
@@ -244,8 +290,9 @@ def summarize(records: list[dict], text_only: list[dict] | None = None) -> dict:
     out: dict = {"overall": tally(records, text_only)}
     for key in ("file", "task", "direction"):
         seen, blind = groups(records, key), groups(text_only, key)
-        out[f"by_{key}"] = {name: tally(seen[name], None if text_only is None else blind[name])
-                            for name in breakdown_order(seen)}
+        out[f"by_{key}"] = {
+            name: tally(seen[name], None if text_only is None else blind[name]) for name in breakdown_order(seen)
+        }
     return out
 
 
@@ -268,20 +315,33 @@ def format_summary(summary: dict) -> str:
     for key in ("file", "task", "direction"):
         rows += [(f"{key} {name}", t) for name, t in summary[f"by_{key}"].items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{'':{width}}  {'n':>6} {'correct':>7} {'failed':>6} {'no-ans':>6} {'accuracy [95% interval]':>24} "
-             f"{'chance':>6} {'majority':>8} {'text-only [95% interval]':>24}"]
+    lines = [
+        f"{'':{width}}  {'n':>6} {'correct':>7} {'failed':>6} {'no-ans':>6} {'accuracy [95% interval]':>24} "
+        f"{'chance':>6} {'majority':>8} {'text-only [95% interval]':>24}"
+    ]
     for name, t in rows:
         percent = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         blind = percent_with_interval(t["text_only"]) if "text_only" in t else "-"
-        lines.append(f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} "
-                     f"{percent_with_interval(t):>24} {percent(t['chance']):>6} {percent(t['majority']):>8} "
-                     f"{blind:>24}")
+        lines.append(
+            f"{name:{width}}  {t['n']:>6} {t['correct']:>7} {t['failed']:>6} {t['no_answer']:>6} "
+            f"{percent_with_interval(t):>24} {percent(t['chance']):>6} {percent(t['majority']):>8} "
+            f"{blind:>24}"
+        )
     return "\n".join(lines)
 
 
 def record(file: str, sample: Sample, pred: str | None, **extra) -> dict:
-    return {"id": sample.id, "file": file, "task": sample.task, "direction": sample.direction, **extra,
-            "pred": pred, "gold": sample.answer, "correct": pred == sample.answer, "n_options": len(sample.options)}
+    return {
+        "id": sample.id,
+        "file": file,
+        "task": sample.task,
+        "direction": sample.direction,
+        **extra,
+        "pred": pred,
+        "gold": sample.answer,
+        "correct": pred == sample.answer,
+        "n_options": len(sample.options),
+    }
 
 
 # ---------------------------------------------------------------- model side
@@ -316,8 +376,9 @@ class Runner:
 
     def run_batch(self, samples: list[Sample], arrays: list[dict], step: int) -> list[dict]:
         """Record fields (pred, and the response or the letter logits) for each sample of one batch."""
-        inputs, length = left_padded_batch(self.model.config, arrays, self.cfg.batch_size,
-                                           self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        inputs, length = left_padded_batch(
+            self.model.config, arrays, self.cfg.batch_size, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        )
         if self.mesh is None:
             return self.run_inputs(samples, inputs, length, step)
         with jax.set_mesh(self.mesh):  # activations split by rows, the backend of the mesh's devices
@@ -345,17 +406,26 @@ class Runner:
         """Decode with the jitted sampler, detokenise (special tokens skipped), extract the letter."""
         config = self.model.config
         sampling = SamplingConfig(
-            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
-            top_p=self.cfg.top_p, eos_ids=tuple(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])),
-            suppress_ids=(config.image_token_id, config.video_token_id))
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k,
+            top_p=self.cfg.top_p,
+            eos_ids=tuple(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])),
+            suppress_ids=(config.image_token_id, config.video_token_id),
+        )
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         result = generate(self.model, inputs, length, key, sampling)
         tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
         out = []
         for row, sample in enumerate(samples):
             response = self.tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True)
-            out.append({"response": response, "new_tokens": int(lengths[row]),
-                        "pred": extract_answer(response, sample.options, self.cfg.extract)})
+            out.append(
+                {
+                    "response": response,
+                    "new_tokens": int(lengths[row]),
+                    "pred": extract_answer(response, sample.options, self.cfg.extract),
+                }
+            )
         return out
 
 
@@ -369,13 +439,17 @@ def left_padded_batch(config, arrays: list[dict], batch_size: int, pad_id: int) 
     positions = np.ones((3, len(arrays), length), np.int64)  # padding positions are never used
     for row, a in enumerate(arrays):
         n = len(a["input_ids"])
-        ids[row, length - n:], mask[row, length - n:] = a["input_ids"], 1
-        positions[:, row, length - n:] = a["position_ids"]
-    inputs = prepare_inputs(config, ids, mask,
-                            pixel_values_videos=np.concatenate([a["pixel_values_videos"] for a in arrays]),
-                            video_grid_thw=np.concatenate([a["video_grid_thw"] for a in arrays]),
-                            second_per_grid_ts=np.concatenate([a["second_per_grid_ts"] for a in arrays]),
-                            position_ids=positions)
+        ids[row, length - n :], mask[row, length - n :] = a["input_ids"], 1
+        positions[:, row, length - n :] = a["position_ids"]
+    inputs = prepare_inputs(
+        config,
+        ids,
+        mask,
+        pixel_values_videos=np.concatenate([a["pixel_values_videos"] for a in arrays]),
+        video_grid_thw=np.concatenate([a["video_grid_thw"] for a in arrays]),
+        second_per_grid_ts=np.concatenate([a["second_per_grid_ts"] for a in arrays]),
+        position_ids=positions,
+    )
     return inputs, length
 
 
@@ -406,10 +480,12 @@ def make_runner(cfg: EvalConfig) -> Runner:
         tokenizer_dir = resolve_model_dir(cfg.tokenizer) if cfg.tokenizer else model_dir
     except ModelNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    model, config = load_pretrained(model_dir, dtype=cfg.dtype, mesh=mesh, quantize_base=cfg.quantize,
-                                    quantize_targets="all")
-    media = MediaConfig(num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels,
-                        second_per_grid=cfg.second_per_grid)
+    model, config = load_pretrained(
+        model_dir, dtype=cfg.dtype, mesh=mesh, quantize_base=cfg.quantize, quantize_targets="all"
+    )
+    media = MediaConfig(
+        num_frames=cfg.num_frames, fps=cfg.fps, max_pixels=cfg.max_pixels, second_per_grid=cfg.second_per_grid
+    )
     processor = Processor.for_model(tokenizer_dir, config, media)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     single = {k: tokenizer.encode(k, add_special_tokens=False) for k in LETTERS}
@@ -417,12 +493,13 @@ def make_runner(cfg: EvalConfig) -> Runner:
     return Runner(cfg, model, processor, tokenizer, letter_ids, mesh)
 
 
-def encoded_batches(pending: list[tuple[str, Sample]], runner: Runner, pool: ThreadPoolExecutor
-                    ) -> Iterator[tuple[list[tuple[str, Sample]], list[dict | str]]]:
+def encoded_batches(
+    pending: list[tuple[str, Sample]], runner: Runner, pool: ThreadPoolExecutor
+) -> Iterator[tuple[list[tuple[str, Sample]], list[dict | str]]]:
     """Batches of (file, sample) with their arrays; the next batch is read in the background while the
     model runs on the current one (video decoding is the slow host-side step)."""
     size = runner.cfg.batch_size
-    chunks = [pending[i: i + size] for i in range(0, len(pending), size)]
+    chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
 
     def submit(chunk: list[tuple[str, Sample]]) -> list[Future]:
         return [pool.submit(runner.encode, sample) for _, sample in chunk]
@@ -436,8 +513,7 @@ def encoded_batches(pending: list[tuple[str, Sample]], runner: Runner, pool: Thr
 # ---------------------------------------------------------------- the run
 
 
-def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[dict | str], step: int
-                  ) -> list[dict]:
+def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[dict | str], step: int) -> list[dict]:
     """One record per sample of the batch: failures (arrays is the reason) first, then the model's."""
     records = [record(file, s, None, error=a) for (file, s), a in zip(chunk, arrays) if isinstance(a, str)]
     ready = [(file, s, a) for (file, s), a in zip(chunk, arrays) if not isinstance(a, str)]
@@ -456,8 +532,9 @@ def embedded_default(cfg: EvalConfig) -> EvalConfig:
         return cfg
     check_config(cfg)  # errors before the benchmark and the model are made
     if is_remote(cfg.out):
-        raise SystemExit(f"--out {cfg.out}: the embedded default makes its model and data under --out, which "
-                         "must then be local")
+        raise SystemExit(
+            f"--out {cfg.out}: the embedded default makes its model and data under --out, which must then be local"
+        )
     out = Path(cfg.out)
     if not (out / "data" / "plain.jsonl").exists():
         generate_benchmark(out / "data", cfg.walks, cfg.seed)
@@ -483,8 +560,11 @@ def with_training_recipe(cfg: EvalConfig) -> EvalConfig:
             source = f"the model's training recipe ({TRAINING_RECIPE}, {recipe.get('stage')} stage)"
     values = {k: (recipe or SEED_RECIPE).get(k, SEED_RECIPE[k]) for k in unset}
     if values:
-        print(f"evaluating with {source}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
-              + " (set these options to override)")
+        print(
+            f"evaluating with {source}: "
+            + ", ".join(f"{k}={v!r}" for k, v in values.items())
+            + " (set these options to override)"
+        )
     return dataclasses.replace(cfg, **values)
 
 
@@ -501,15 +581,17 @@ def check_config(cfg: EvalConfig) -> None:
         kinds = {int: (int,), float: (int, float)}.get(type(SEED_RECIPE.get(f.name, f.default)))
         unset = f.name in SEED_RECIPE and value is None  # filled from the model's training recipe
         if kinds and not unset and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise SystemExit(f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, "
-                             f"got {value!r}")
+            raise SystemExit(
+                f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, got {value!r}"
+            )
     for f in fields:
         value, minimum = getattr(cfg, f.name), f.metadata["least"]
         if minimum is not None and value is not None and value < minimum:
             raise SystemExit(f"--{f.name.replace('_', '-')} {value}: must be >= {minimum}")
     if not ((cfg.fps is None or cfg.fps > 0) and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
-        raise SystemExit(f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, "
-                         f"--top-p {cfg.top_p} in (0, 1]")
+        raise SystemExit(
+            f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, --top-p {cfg.top_p} in (0, 1]"
+        )
 
 
 def input_fingerprints(cfg: EvalConfig) -> dict[str, str]:
@@ -534,8 +616,10 @@ def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
         inputs = tuple(f"inputs.{k}" for k in current["inputs"] if k in before.get("inputs", {}))
         differ = [k.removeprefix("inputs.") for k in changed(before, current, _RESULT_KEYS + inputs)]
         if differ:
-            raise SystemExit(f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(differ)} "
-                             "differ); use another --out or remove that file")
+            raise SystemExit(
+                f"{out / PREDICTIONS} was made with other settings or inputs ({', '.join(differ)} "
+                "differ); use another --out or remove that file"
+            )
     write_text_atomic(run_file, json.dumps(current, indent=1) + "\n")
 
 
@@ -554,15 +638,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         return _evaluate(cfg, out)
 
 
-def predict(runner: Callable[[], Runner], samples: list[tuple[str, Sample]], path: epath.Path, desc: str
-            ) -> list[dict]:
+def predict(runner: Callable[[], Runner], samples: list[tuple[str, Sample]], path: epath.Path, desc: str) -> list[dict]:
     """The samples' records in `path`, running those not yet recorded (the runner is made only then)."""
     done = {(r["file"], r["id"]) for r in load_records(path)}
     pending = [(file, s) for file, s in samples if (file, s.id) not in done]
     if pending:
         model = runner()
-        with AppendLog(path, durable=True) as f, ThreadPoolExecutor(1) as pool, \
-                tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc=desc) as bar:
+        with (
+            AppendLog(path, durable=True) as f,
+            ThreadPoolExecutor(1) as pool,
+            tqdm(total=len(samples), initial=len(samples) - len(pending), unit="sample", desc=desc) as bar,
+        ):
             for step, (chunk, arrays) in enumerate(encoded_batches(pending, model, pool)):
                 records = batch_records(model, chunk, arrays, step)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -578,8 +664,9 @@ def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
     records = predict(runner, samples, out / PREDICTIONS, "eval")
     blind = None
     if cfg.text_only:
-        blind = predict(lambda: dataclasses.replace(runner(), blank_media=True), samples, out / TEXT_ONLY,
-                        "eval, blank frames")
+        blind = predict(
+            lambda: dataclasses.replace(runner(), blank_media=True), samples, out / TEXT_ONLY, "eval, blank frames"
+        )
     summary = summarize(records, blind)
     summary["skipped_records"] = skipped
     write_text_atomic(out / ACCURACY, json.dumps(summary, indent=1) + "\n")
@@ -596,29 +683,44 @@ def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
     """Defaults, then the YAML file's keys, then the flags given on the command line, then the model's
     training recipe (or the seed's) for the prompt and media options still unset."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--config", help="YAML file with any of the options below")
     help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(EvalConfig)}
     parser.add_argument("--data", nargs="+", help=help_of["data"])
     parser.add_argument("--videos", nargs="+", help=help_of["videos"])
-    parser.add_argument("--compile-only", action="store_true", help="compile the evaluation's program for "
-                        "--topology and report memory, collectives and roofline per chip; evaluate nothing")
-    parser.add_argument("--topology", help="with --compile-only: a TPU topology (v5p:2x2x1, v5e:4x4, ...) or a GPU "
-                        "mesh (h100x8); default: the devices present")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile the evaluation's program for "
+        "--topology and report memory, collectives and roofline per chip; evaluate nothing",
+    )
+    parser.add_argument(
+        "--topology",
+        help="with --compile-only: a TPU topology (v5p:2x2x1, v5e:4x4, ...) or a GPU "
+        "mesh (h100x8); default: the devices present",
+    )
     for f in dataclasses.fields(EvalConfig):
         if f.name in ("data", "videos"):
             continue
         least = f" (>= {f.metadata['least']})" if f.metadata["least"] is not None else ""
-        default = (f"a stjax model's training recipe, else {SEED_RECIPE[f.name]!r}" if f.name in SEED_RECIPE
-                   else repr(f.default))
+        default = (
+            f"a stjax model's training recipe, else {SEED_RECIPE[f.name]!r}"
+            if f.name in SEED_RECIPE
+            else repr(f.default)
+        )
         text = f"{f.metadata['help']}{least}; default: {default}".replace("%", "%%")
         if isinstance(f.default, bool):
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, help=text)
             continue
         kind = int if f.name == "limit" else {int: int, float: float}.get(type(SEED_RECIPE.get(f.name, f.default)), str)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=f.metadata["choices"] or None,
-                            help=text)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, choices=f.metadata["choices"] or None, help=text
+        )
     add_debug_flag(parser)
     args = vars(parser.parse_args(argv))
     args.pop("debug", None)
@@ -658,22 +760,36 @@ def compile_programs(cfg: EvalConfig, mesh) -> list:
     grid = co.largest_grid(config, cfg.num_frames, cfg.max_pixels)
     length = bucket(cfg.max_prompt_tokens)
     one = co.example_inputs(config, 1, length, grid)
-    inputs = co.placed_inputs(cast_floats(co.example_inputs(config, cfg.batch_size, length, grid),
-                                          config.compute_dtype), mesh)
+    inputs = co.placed_inputs(
+        cast_floats(co.example_inputs(config, cfg.batch_size, length, grid), config.compute_dtype), mesh
+    )
     position = co.abstract((), jnp.int32, None)
     if cfg.mode == "logits":
-        flops = (model_flops_per_token(config, length) * cfg.batch_size * length
-                 + vision_flops(config, one, {"patches": cfg.batch_size * int(one.vision.frames.lengths.sum())})) / 3
+        flops = (
+            model_flops_per_token(config, length) * cfg.batch_size * length
+            + vision_flops(config, one, {"patches": cfg.batch_size * int(one.vision.frames.lengths.sum())})
+        ) / 3
         return [co.Program("eval prompt logits", _last_logits, (graphdef, weights, inputs, position), flops, passes=1)]
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, eos_ids=(config.eos_token_id,),
-                              suppress_ids=(config.image_token_id, config.video_token_id))
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_ids=(config.eos_token_id,),
+        suppress_ids=(config.image_token_id, config.video_token_id),
+    )
     starts = co.abstract((cfg.batch_size,), jnp.int32, None)
     key = co.abstract((), jax.random.key(0).dtype, None)
     flops = sampler_flops(config, one, cfg.batch_size, 1, cfg.max_new_tokens)
-    return [co.Program("eval sampler (prefill + decoding)", sample,
-                       (graphdef, sampling, weights, inputs, position, starts, key), flops,
-                       passes=1 + cfg.max_new_tokens)]
+    return [
+        co.Program(
+            "eval sampler (prefill + decoding)",
+            sample,
+            (graphdef, sampling, weights, inputs, position, starts, key),
+            flops,
+            passes=1 + cfg.max_new_tokens,
+        )
+    ]
 
 
 def compile_only(cfg: EvalConfig, topology: str | None) -> None:
@@ -697,8 +813,9 @@ def main(argv: list[str] | None = None) -> None:
         return compile_only(parse_config(argv), compiling.topology)
     overall = evaluate(embedded_default(parse_config(argv)))["overall"]
     if overall["n"] == overall["failed"]:
-        raise SystemExit(f"error: none of the {overall['n']} samples could be evaluated (their errors are in "
-                         f"{PREDICTIONS})")
+        raise SystemExit(
+            f"error: none of the {overall['n']} samples could be evaluated (their errors are in {PREDICTIONS})"
+        )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
-def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool,
-                 lengths: jax.Array | None = None) -> jax.Array:
+def _dot_product(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool, lengths: jax.Array | None = None
+) -> jax.Array:
     """`jax.nn.dot_product_attention`: the cuDNN fused kernel on GPUs in 16-bit dtypes (the mask
     becomes an additive bias), XLA's own attention elsewhere and wherever cuDNN declines the shapes
     (jax picks XLA unless the implementation is named). `is_causal` adds the causal mask;
@@ -104,14 +105,15 @@ def _pallas_kernel(q, k, v, segment_q, segment_k, causal: bool, interpret: bool)
     s = k.shape[1]
     q, k, v = pad(q, l), pad(k, s), pad(v, s)
     # Sequence padding gets its own segment (-1), so it never mixes with real tokens.
-    segments = fa.SegmentIds(q=jnp.pad(segment_q, ((0, 0), (0, -l % _PALLAS_BLOCK)), constant_values=-1),
-                             kv=jnp.pad(segment_k, ((0, 0), (0, -s % _PALLAS_BLOCK)), constant_values=-1))
+    segments = fa.SegmentIds(
+        q=jnp.pad(segment_q, ((0, 0), (0, -l % _PALLAS_BLOCK)), constant_values=-1),
+        kv=jnp.pad(segment_k, ((0, 0), (0, -s % _PALLAS_BLOCK)), constant_values=-1),
+    )
     blocks = fa.BlockSizes(**{f: _PALLAS_BLOCK for f in fa.BlockSizes.__dataclass_fields__})
     blocks = dataclasses.replace(blocks, block_b=1)
 
     def run():
-        return fa.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d**-0.5,
-                                  block_sizes=blocks)
+        return fa.flash_attention(q, k, v, segment_ids=segments, causal=causal, sm_scale=d**-0.5, block_sizes=blocks)
 
     if interpret:
         with pltpu.force_tpu_interpret_mode():
@@ -134,13 +136,23 @@ def _pallas_tpu(q, k, v, segment_q, segment_k, causal: bool, split_batch: bool =
     tensor = mesh.shape.get("tensor", 1)
     heads = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
     spec, segments = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None)
-    return jax.shard_map(kernel, in_specs=(spec, spec, spec, segments, segments), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_q, segment_k)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, segments, segments), out_specs=spec, check_vma=False)(
+        q, k, v, segment_q, segment_k
+    )
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
-           causal: bool, backend: str, q_offset=0, right_padded: bool = False,
-           split_batch: bool = True) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_q: jax.Array,
+    segment_k: jax.Array,
+    causal: bool,
+    backend: str,
+    q_offset=0,
+    right_padded: bool = False,
+    split_batch: bool = True,
+) -> jax.Array:
     """Multi-head attention with grouped KV heads. q (B, L, H, D), k/v (B, S, K, D), segments (B, L|S).
 
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel

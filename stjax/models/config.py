@@ -125,14 +125,27 @@ class QwenVLConfig:
     def __post_init__(self):
         _family(self.model_type)  # an unknown model_type fails here
         t, v = self.text, self.vision
-        sizes = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-                 "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-                 "num_key_value_heads": t.num_kv_heads, "vision depth": v.depth, "vision hidden_size": v.hidden_size,
-                 "vision num_heads": v.num_heads, "vision intermediate_size": v.intermediate_size,
-                 "vision out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
-                 "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size}
-        bad = [f"{name}={value!r}" for name, value in sizes.items()
-               if not isinstance(value, int) or isinstance(value, bool) or value <= 0]
+        sizes = {
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "vision depth": v.depth,
+            "vision hidden_size": v.hidden_size,
+            "vision num_heads": v.num_heads,
+            "vision intermediate_size": v.intermediate_size,
+            "vision out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+        }
+        bad = [
+            f"{name}={value!r}"
+            for name, value in sizes.items()
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0
+        ]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: must be positive integers")
         checks = (("vision hidden_size", v.hidden_size, v.num_heads),)
@@ -148,8 +161,10 @@ class QwenVLConfig:
         if self.text.num_heads % self.text.num_kv_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.quantize_base not in QUANTIZE_FORMATS or self.quantize_targets not in QUANTIZE_TARGETS:
-            raise ConfigError(f"quantize_base={self.quantize_base!r} must be one of {', '.join(QUANTIZE_FORMATS)} and "
-                              f"quantize_targets={self.quantize_targets!r} one of {', '.join(QUANTIZE_TARGETS)}")
+            raise ConfigError(
+                f"quantize_base={self.quantize_base!r} must be one of {', '.join(QUANTIZE_FORMATS)} and "
+                f"quantize_targets={self.quantize_targets!r} one of {', '.join(QUANTIZE_TARGETS)}"
+            )
 
     def quantization(self, path: tuple[str, ...]) -> str:
         """How the linear at module path `path` (("model", "layers", "q_proj"), ("visual", "blocks", ...))
@@ -190,46 +205,59 @@ class QwenVLConfig:
             vision = family.vision_config(d["vision_config"])
         except KeyError as e:
             raise ConfigError(f"{model_type} config is missing the field {e.args[0]!r}") from None
-        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                 "vision_end_token_id") if k in d}
+        ids = {
+            k: d[k]
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+            if k in d
+        }
         for k in ("bos_token_id", "eos_token_id"):
             value = d.get(k, t.get(k))
             if isinstance(value, int):
                 ids[k] = value
-        return cls(model_type=model_type, text=text, vision=vision,
-                   initializer_range=t.get("initializer_range", 0.02), extra=d, **ids, **policy)
+        return cls(
+            model_type=model_type,
+            text=text,
+            vision=vision,
+            initializer_range=t.get("initializer_range", 0.02),
+            extra=d,
+            **ids,
+            **policy,
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The hub's flat layout (every transformers version reads it), or the family's own (`Family.hf_config`)."""
         t, v = self.text, self.vision
         vision = self.family.hf_vision_config(v)
         vision["model_type"] = self.model_type
-        return self.family.hf_config(self, {
-            "architectures": [self.family.architecture],
-            "model_type": self.model_type,
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta,
-            "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "initializer_range": self.initializer_range,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "image_token_id": self.image_token_id,
-            "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id,
-            "vision_end_token_id": self.vision_end_token_id,
-            "vision_token_id": self.extra.get("vision_token_id", 151654),
-            "torch_dtype": self.param_dtype,
-            "vision_config": vision,
-        })
+        return self.family.hf_config(
+            self,
+            {
+                "architectures": [self.family.architecture],
+                "model_type": self.model_type,
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads,
+                "hidden_act": t.hidden_act,
+                "max_position_embeddings": t.max_position_embeddings,
+                "rms_norm_eps": t.rms_norm_eps,
+                "rope_theta": t.rope_theta,
+                "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "initializer_range": self.initializer_range,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+                "image_token_id": self.image_token_id,
+                "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id,
+                "vision_end_token_id": self.vision_end_token_id,
+                "vision_token_id": self.extra.get("vision_token_id", 151654),
+                "torch_dtype": self.param_dtype,
+                "vision_config": vision,
+            },
+        )
 
     @classmethod
     def from_file(cls, path: str | Path, **policy: Any) -> "QwenVLConfig":
@@ -287,9 +315,12 @@ def qwen2_text_config(d: dict[str, Any]) -> TextConfig:
 
 def patch_fields(d: dict[str, Any]) -> dict[str, int]:
     """The patch and merge sizes of a config.json's `vision_config`, named alike by every family."""
-    return {"patch_size": d.get("patch_size", 14), "temporal_patch_size": d.get("temporal_patch_size", 2),
-            "spatial_merge_size": d.get("spatial_merge_size", 2),
-            "in_channels": d.get("in_channels", d.get("in_chans", 3))}
+    return {
+        "patch_size": d.get("patch_size", 14),
+        "temporal_patch_size": d.get("temporal_patch_size", 2),
+        "spatial_merge_size": d.get("spatial_merge_size", 2),
+        "in_channels": d.get("in_channels", d.get("in_chans", 3)),
+    }
 
 
 def _family(model_type: str) -> Family:

@@ -45,8 +45,9 @@ def _cpu_model() -> str:
 def _build() -> Path:
     """Compiles the kernel into the cache (atomically: concurrent processes may build at once)."""
     compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS,
-                                    _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\n".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS, _cpu_model()]).encode()
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("STJAX_CACHE_DIR", Path.home() / ".cache" / "stjax"))
     library = cache / f"cpu_attention-{key}.so"
     if library.exists():
@@ -82,8 +83,7 @@ def supports(q: jax.Array) -> bool:
     """Whether the kernel serves these queries (B, L, H, D) on this platform."""
     from stjax.models.attention import platform  # (attention imports this module)
 
-    return (platform() == "cpu" and q.shape[-1] % 16 == 0 and q.shape[1] >= MIN_QUERIES
-            and available())
+    return platform() == "cpu" and q.shape[-1] % 16 == 0 and q.shape[1] >= MIN_QUERIES and available()
 
 
 def _forward(q, k, v, segment_q, segment_k, q_offset, causal):
@@ -108,16 +108,18 @@ def _attention_bwd(causal, residuals, d_out):
     delta = jnp.einsum("blhd,blhd->bhl", d_out, out)  # the softmax gradient's row term
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
-    dq, dk, dv = call(q, k, v, segment_q, segment_k, q_offset, d_out, lse, delta, causal=causal,
-                      scale=np.float32(q.shape[-1] ** -0.5))
+    dq, dk, dv = call(
+        q, k, v, segment_q, segment_k, q_offset, d_out, lse, delta, causal=causal, scale=np.float32(q.shape[-1] ** -0.5)
+    )
     return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array,
-              causal: bool, q_offset=0) -> jax.Array:
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_q: jax.Array, segment_k: jax.Array, causal: bool, q_offset=0
+) -> jax.Array:
     """The function of `attention._xla` (see `attend`), computed in float32 by the fused kernel."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     segments = [jnp.asarray(s, jnp.int32) for s in (segment_q, segment_k)]

@@ -90,12 +90,19 @@ class Family(ABC):
         """The tensor name an export writes for the table name `name` (see `weights.canonical_name`)."""
         return name
 
-    def rope_index(self, cfg: QwenVLConfig, input_ids: np.ndarray, image_grid_thw: np.ndarray | None,
-                   video_grid_thw: np.ndarray | None, second_per_grid_ts: np.ndarray | None,
-                   attention_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def rope_index(
+        self,
+        cfg: QwenVLConfig,
+        input_ids: np.ndarray,
+        image_grid_thw: np.ndarray | None,
+        video_grid_thw: np.ndarray | None,
+        second_per_grid_ts: np.ndarray | None,
+        attention_mask: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch (see `rope.get_rope_index`)."""
-        return get_rope_index(input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw, second_per_grid_ts,
-                              attention_mask)
+        return get_rope_index(
+            input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
+        )
 
     def video_tokens_per_second(self, v: VisionConfig) -> float | None:
         return None

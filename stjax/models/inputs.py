@@ -136,9 +136,12 @@ def vision_sizes(cfg: QwenVLConfig, grids: np.ndarray) -> VisionSizes:
 
 def _sizes(grids: np.ndarray, window_lengths: Optional[np.ndarray]) -> VisionSizes:
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
-    return VisionSizes(rows=bucket(int(grids.prod(axis=1).sum()), minimum=64),
-                       frame_count=bucket(len(frame_lengths), 4), frame_size=bucket(frame_lengths.max()),
-                       window_count=0 if window_lengths is None else bucket(len(window_lengths), 4))
+    return VisionSizes(
+        rows=bucket(int(grids.prod(axis=1).sum()), minimum=64),
+        frame_count=bucket(len(frame_lengths), 4),
+        frame_size=bucket(frame_lengths.max()),
+        window_count=0 if window_lengths is None else bucket(len(window_lengths), 4),
+    )
 
 
 def prepare_vision(
@@ -164,16 +167,24 @@ def prepare_vision(
     pixels = np.concatenate(pixels) if pixels else np.zeros((0, v.patch_dim), np.float32)
     patches_per_item = grids.prod(axis=1)
     if pixels.shape != (patches_per_item.sum(), v.patch_dim):
-        raise InputError(f"pixel values have shape {pixels.shape} but the grids {grids.tolist()} need "
-                         f"({patches_per_item.sum()}, {v.patch_dim})")
-    counts = {name: int((input_ids == tok).sum()) for name, tok in
-              (("image", cfg.image_token_id), ("video", cfg.video_token_id))}
-    need = {"image": int(_as_grid(image_grid_thw).prod(axis=1).sum()) // merge_unit,
-            "video": int(_as_grid(video_grid_thw).prod(axis=1).sum()) // merge_unit}
+        raise InputError(
+            f"pixel values have shape {pixels.shape} but the grids {grids.tolist()} need "
+            f"({patches_per_item.sum()}, {v.patch_dim})"
+        )
+    counts = {
+        name: int((input_ids == tok).sum())
+        for name, tok in (("image", cfg.image_token_id), ("video", cfg.video_token_id))
+    }
+    need = {
+        "image": int(_as_grid(image_grid_thw).prod(axis=1).sum()) // merge_unit,
+        "video": int(_as_grid(video_grid_thw).prod(axis=1).sum()) // merge_unit,
+    }
     for name in ("image", "video"):
         if counts[name] != need[name]:
-            raise InputError(f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
-                             f"{need[name]} features (t*h*w/{merge_unit} per item)")
+            raise InputError(
+                f"the prompt has {counts[name]} {name} pad tokens but the {name} grids give "
+                f"{need[name]} features (t*h*w/{merge_unit} per item)"
+            )
     order, window_lengths = cfg.family.processing_order(cfg.vision, grids)
     least = _sizes(grids, window_lengths)
     sizes = least if sizes is None else sizes
@@ -187,8 +198,10 @@ def prepare_vision(
     rotary = np.zeros((rows, 2), np.int32)
     rotary[: len(patch_order)] = vision_rotary_positions(grids, v.spatial_merge_size)[patch_order]
     grid_hw = np.repeat(grids[:, 1:], patches_per_item, axis=0)[patch_order]
-    extra = {name: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1)) for name, a in
-             cfg.family.patch_inputs(v, rotary[: len(patch_order)], grid_hw).items()}
+    extra = {
+        name: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
+        for name, a in cfg.family.patch_inputs(v, rotary[: len(patch_order)], grid_hw).items()
+    }
 
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     frames = make_groups(frame_lengths, sizes.frame_size, sizes.frame_count, rows)
@@ -203,9 +216,16 @@ def prepare_vision(
     token_mask = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
     token_index = np.zeros(input_ids.shape, np.int32)
     token_index[input_ids == cfg.image_token_id] = position[: need["image"]]
-    token_index[input_ids == cfg.video_token_id] = position[need["image"]:]
-    return VisionInputs(patches=patches, rotary_positions=rotary, frames=frames, windows=windows,
-                        token_index=token_index, token_mask=token_mask, **extra)
+    token_index[input_ids == cfg.video_token_id] = position[need["image"] :]
+    return VisionInputs(
+        patches=patches,
+        rotary_positions=rotary,
+        frames=frames,
+        windows=windows,
+        token_index=token_index,
+        token_mask=token_mask,
+        **extra,
+    )
 
 
 def prepare_inputs(
@@ -233,8 +253,9 @@ def prepare_inputs(
     mask = np.ones((batch, seq), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
     mask = mask.reshape(batch, seq)
     if position_ids is None:
-        position_ids, _ = cfg.family.rope_index(cfg, input_ids, image_grid_thw, video_grid_thw,
-                                                second_per_grid_ts, mask)
+        position_ids, _ = cfg.family.rope_index(
+            cfg, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask
+        )
     position_ids = np.asarray(position_ids).reshape(3, batch, seq)
     ids = np.where(mask == 1, input_ids, -1)  # padding never counts as a vision pad
     vision = prepare_vision(cfg, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
@@ -244,8 +265,10 @@ def prepare_inputs(
         raise InputError(f"sequence of length {seq} does not fit the requested length {target}")
     pad = target - seq
     if vision is not None:
-        vision = vision.replace(token_index=np.pad(vision.token_index, ((0, 0), (0, pad))),
-                                token_mask=np.pad(vision.token_mask, ((0, 0), (0, pad))))
+        vision = vision.replace(
+            token_index=np.pad(vision.token_index, ((0, 0), (0, pad))),
+            token_mask=np.pad(vision.token_mask, ((0, 0), (0, pad))),
+        )
     mask = np.pad(mask, ((0, 0), (0, pad)))
     return ModelInputs(
         input_ids=np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32),

@@ -46,9 +46,23 @@ class Linear(nnx.Module):
     base. Dropout (as peft's lora_dropout) applies only when a `dropout_key` is passed. With `quantize`
     ("nf4", "int8") the kernel is a frozen `QuantizedKernel`, dequantized to the compute dtype at each call."""
 
-    def __init__(self, din: int, dout: int, axes: tuple[str, str], *, bias: bool, std: float,
-                 param_dtype, compute_dtype, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 0.0,
-                 lora_dropout: float = 0.0, quantize: str = "none", double_quant: bool = False):
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        axes: tuple[str, str],
+        *,
+        bias: bool,
+        std: float,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+        lora_rank: int = 0,
+        lora_alpha: float = 0.0,
+        lora_dropout: float = 0.0,
+        quantize: str = "none",
+        double_quant: bool = False,
+    ):
         init = jax.nn.initializers.normal(std)
         if quantize == "none":
             self.kernel = nnx.Param(init(rngs.params(), (din, dout), param_dtype), axes=axes)

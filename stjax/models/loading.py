@@ -31,9 +31,20 @@ Params = dict[tuple[str, ...], np.ndarray]
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float64))
 PARAMS_DIR = "params"
 # Files a model directory carries besides weights and config (copied along by the converters).
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-              "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-              "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
 
 
 # What a model directory needs from a hub repository (HF or stjax layout); other weight formats are not fetched.
@@ -64,10 +75,14 @@ def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
         raise ModelNotFoundError(f"{name}: no such directory, and not a hub id (owner/name)") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ModelNotFoundError(f"{what}: no such directory, and not in the Hugging Face cache "
-                                     f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1: nothing is downloaded)") from None
-        raise ModelNotFoundError(f"{what}: no such directory, and the Hugging Face Hub could not be reached "
-                                 f"(nor is it in the cache {constants.HF_HUB_CACHE})") from None
+            raise ModelNotFoundError(
+                f"{what}: no such directory, and not in the Hugging Face cache "
+                f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE=1: nothing is downloaded)"
+            ) from None
+        raise ModelNotFoundError(
+            f"{what}: no such directory, and the Hugging Face Hub could not be reached "
+            f"(nor is it in the cache {constants.HF_HUB_CACHE})"
+        ) from None
     except HfHubHTTPError as e:  # not found, gated or private (a token is missing), a revision that does not exist
         reason = str(e).strip().splitlines()[0]
         raise ModelNotFoundError(f"{what}: no such directory, and the Hugging Face Hub refused it: {reason}") from None
@@ -142,8 +157,9 @@ class HFParam:
             self.progress(nbytes)
 
 
-def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
-              progress: Optional[Callable[[int], None]] = None) -> dict[tuple[str, ...], HFParam]:
+def hf_params(
+    cfg: QwenVLConfig, directory: str | Path, dtype=None, progress: Optional[Callable[[int], None]] = None
+) -> dict[tuple[str, ...], HFParam]:
     """Check a HF checkpoint against its config and return a lazy reader for every parameter.
 
     Tensor names may be on-disk (`model.layers.*`) or in-memory (`model.language_model.*`).
@@ -156,10 +172,13 @@ def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
     missing = sorted(set(expected) - names.keys())
     unexpected = sorted(names.keys() - set(expected))
     if missing or unexpected:
-        parts = [f"{len(missing)} missing tensors: {', '.join(missing[:8])}" if missing else "",
-                 f"{len(unexpected)} unexpected tensors: {', '.join(unexpected[:8])}" if unexpected else ""]
-        raise CheckpointError(f"{directory} does not match its {cfg.model_type} config: " +
-                              "; ".join(p for p in parts if p))
+        parts = [
+            f"{len(missing)} missing tensors: {', '.join(missing[:8])}" if missing else "",
+            f"{len(unexpected)} unexpected tensors: {', '.join(unexpected[:8])}" if unexpected else "",
+        ]
+        raise CheckpointError(
+            f"{directory} does not match its {cfg.model_type} config: " + "; ".join(p for p in parts if p)
+        )
     source = reader.tensors[names["model.embed_tokens.weight"]].dtype
     shapes = param_shapes(cfg)
     out = {}
@@ -174,8 +193,14 @@ def hf_params(cfg: QwenVLConfig, directory: str | Path, dtype=None,
                 raise CheckpointError(f"tensor {name}: expected shape {want}, got {info.shape}")
             if info.dtype != source:
                 raise CheckpointError(f"tensor {name}: expected dtype {source}, got {info.dtype}")
-        out[rule.path] = HFParam(rule, full, float_dtype(dtype) if dtype is not None else source,
-                                 tuple(names[rule.hf.format(i=i)] for i in layers), reader, progress)
+        out[rule.path] = HFParam(
+            rule,
+            full,
+            float_dtype(dtype) if dtype is not None else source,
+            tuple(names[rule.hf.format(i=i)] for i in layers),
+            reader,
+            progress,
+        )
     return out
 
 
@@ -210,6 +235,7 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
             raise CheckpointError(f"parameter {'/'.join(rule.path)}: expected shape {shapes[rule.path]}, got {shape}")
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(params[rule.path].dtype)
         for i in range(shape[0]) if rule.stacked else [None]:
+
             def make(rule=rule, i=i):
                 array = load(rule.path)
                 return np.asarray(to_hf(rule, array if i is None else array[i], cfg), out_dtype)
@@ -232,10 +258,17 @@ def float_dtype(dtype) -> Optional[np.dtype]:
     return result
 
 
-def save_hf(directory: str | Path, cfg: QwenVLConfig, params: dict, dtype=None,
-            max_shard_bytes: int = 5 << 30, progress: Optional[Callable[[int], None]] = None,
-            side_files: str | Path | None = None, overwrite: bool = False,
-            files: dict[str, str] | None = None) -> None:
+def save_hf(
+    directory: str | Path,
+    cfg: QwenVLConfig,
+    params: dict,
+    dtype=None,
+    max_shard_bytes: int = 5 << 30,
+    progress: Optional[Callable[[int], None]] = None,
+    side_files: str | Path | None = None,
+    overwrite: bool = False,
+    files: dict[str, str] | None = None,
+) -> None:
     """Write a HF model directory: safetensors (sharded past `max_shard_bytes`), config.json, the
     side files of the `side_files` directory and the text `files` (name: text), all built beside
     `directory` and put in place when complete (`stjax.io.atomic_dir`: an occupied `directory` is
@@ -254,8 +287,13 @@ def _param_dir(directory: Path, path: tuple[str, ...]) -> Path:
     return directory / PARAMS_DIR / ".".join(path)
 
 
-def save_stjax(directory: str | Path, cfg: QwenVLConfig, params: dict, side_files: str | Path | None = None,
-               overwrite: bool = False) -> None:
+def save_stjax(
+    directory: str | Path,
+    cfg: QwenVLConfig,
+    params: dict,
+    side_files: str | Path | None = None,
+    overwrite: bool = False,
+) -> None:
     """Write a stjax model directory: config.json, one orbax checkpoint per parameter and the side files
     of the `side_files` directory, built beside `directory` and put in place when complete (as `save_hf`).
 
@@ -350,15 +388,17 @@ def quantize_params(cfg: QwenVLConfig, sources: dict) -> Params:
         rule, stored = rule_of[path], {}
         count = np.shape(source)[0] if rule.stacked else 1
         for i, kernel in enumerate(_layers(source, rule.stacked)):
-            for name, value in quantize(kernel.T, cfg.quantization(path[:-1]), cfg.double_quant,
-                                        rule.hf.format(i=i)).items():
+            for name, value in quantize(
+                kernel.T, cfg.quantization(path[:-1]), cfg.double_quant, rule.hf.format(i=i)
+            ).items():
                 stored.setdefault(name, np.empty((count,) + value.shape, value.dtype))[i] = value
         out.update({path + (name,): value if rule.stacked else value[0] for name, value in stored.items()})
     return out
 
 
-def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.sharding.Mesh] = None,
-                      rules=None) -> QwenVLForConditionalGeneration:
+def model_from_params(
+    cfg: QwenVLConfig, params: Params, mesh: Optional[jax.sharding.Mesh] = None, rules=None
+) -> QwenVLForConditionalGeneration:
     """Fill an abstract model with host arrays (parameters, and the arrays of quantized kernels), each
     in the model's dtype for it and placed on the mesh by its logical axes."""
     from stjax.sharding import model_shardings
@@ -371,16 +411,19 @@ def model_from_params(cfg: QwenVLConfig, params: Params, mesh: Optional[jax.shar
             raise CheckpointError(f"parameter {'/'.join(path)} is missing")
         if tuple(params[path].shape) != leaf.shape:
             raise CheckpointError(f"parameter {'/'.join(path)}: expected shape {leaf.shape}, got {params[path].shape}")
-    shardings = {} if mesh is None else traverse_util.flatten_dict(
-        nnx.to_pure_dict(model_shardings(model, mesh, rules)))
-    placed = {path: jax.device_put(np.asarray(params[path], leaf.dtype), shardings.get(path))
-              for path, leaf in leaves.items()}
+    shardings = (
+        {} if mesh is None else traverse_util.flatten_dict(nnx.to_pure_dict(model_shardings(model, mesh, rules)))
+    )
+    placed = {
+        path: jax.device_put(np.asarray(params[path], leaf.dtype), shardings.get(path)) for path, leaf in leaves.items()
+    }
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(placed))
     return nnx.merge(graphdef, state)
 
 
-def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Mesh] = None,
-                    revision: str | None = None, **policy) -> tuple[QwenVLForConditionalGeneration, QwenVLConfig]:
+def load_pretrained(
+    path: str | Path, dtype=None, mesh: Optional[jax.sharding.Mesh] = None, revision: str | None = None, **policy
+) -> tuple[QwenVLForConditionalGeneration, QwenVLConfig]:
     """Load a HF or stjax model directory, or a hub id such as "Qwen/Qwen2-VL-7B-Instruct" (see
     `resolve_model_dir`; `revision` picks a branch, tag or commit).
 
@@ -401,8 +444,9 @@ def load_pretrained(path: str | Path, dtype=None, mesh: Optional[jax.sharding.Me
     return model_from_params(cfg, quantize_params(cfg, sources), mesh), cfg
 
 
-def quantize_model(model: QwenVLForConditionalGeneration, mesh: Optional[jax.sharding.Mesh] = None,
-                   **settings) -> QwenVLForConditionalGeneration:
+def quantize_model(
+    model: QwenVLForConditionalGeneration, mesh: Optional[jax.sharding.Mesh] = None, **settings
+) -> QwenVLForConditionalGeneration:
     """`model` with its frozen base stored as `settings` (quantize_base, quantize_targets,
     double_quant) say, e.g. a randomly initialised model of a preset's shape."""
     cfg = model.config.replace(**settings)

@@ -47,10 +47,27 @@ SCALE_BLOCKSIZE = 256  # absmax values per second-level scale under double quant
 TILE_VALUES = 1 << 22  # weights dequantized at a time inside a matmul (8 MB in bf16)
 
 # bitsandbytes' NF4 code book (`get_4bit_type("nf4")`; QLoRA, appendix E), float32.
-NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                0.7229568362236023, 1.0], np.float32)
+NF4 = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 INT8_SCALE = np.float32(7.874015718698502e-3)  # 1 / 127, as bitsandbytes' int8 dequantization writes it
 
 
@@ -138,7 +155,7 @@ def _cascade(rows: np.ndarray) -> np.ndarray:
     levels = np.zeros((4, rows.shape[1]), np.float32)
     i = 0
     while i + step <= count:
-        levels[0] = np.cumsum(rows[i:i + step], axis=0, dtype=np.float32)[-1]  # one by one (np.sum pairs)
+        levels[0] = np.cumsum(rows[i : i + step], axis=0, dtype=np.float32)[-1]  # one by one (np.sum pairs)
         i += step
         for j in range(1, 4):
             levels[j] += levels[j - 1]
@@ -164,11 +181,11 @@ def _torch_sum(values: np.ndarray) -> np.float32:
     vectors = x[: rows * 32].reshape(rows, 32)
     sums = _cascade(vectors).reshape(4, lanes)
     for start in range(rows * 32, x.size // lanes * lanes, lanes):
-        sums[0] += x[start:start + lanes]
+        sums[0] += x[start : start + lanes]
     for k in range(1, 4):
         sums[0] += sums[k]
     total = np.float32(0)
-    for value in [*x[x.size // lanes * lanes:], *sums[0]]:
+    for value in [*x[x.size // lanes * lanes :], *sums[0]]:
         total = np.float32(total + value)
     return total
 
@@ -187,14 +204,16 @@ def _dynamic_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.reshape(-1)[: values.size], absmax
 
 
-def quantize(weight: np.ndarray | jax.Array, fmt: str, double_quant: bool = False,
-             name: str = "weight") -> dict[str, np.ndarray]:
+def quantize(
+    weight: np.ndarray | jax.Array, fmt: str, double_quant: bool = False, name: str = "weight"
+) -> dict[str, np.ndarray]:
     """The host arrays storing one weight in torch's layout (out, in) as `fmt`; `name` is the
     tensor's name in the error raised when nf4's blocks do not divide it."""
     if fmt == "nf4" and np.size(weight) % BLOCKSIZE:
         out, din = np.shape(weight)
-        raise QuantizationError(f"{name}: its {out} x {din} = {out * din} values do not divide into nf4 blocks "
-                                f"of {BLOCKSIZE}")
+        raise QuantizationError(
+            f"{name}: its {out} x {din} = {out * din} values do not divide into nf4 blocks of {BLOCKSIZE}"
+        )
     out = {k: np.asarray(v) for k, v in _quantize(weight, fmt).items()}
     if fmt == "nf4" and double_quant:  # on the host, in bitsandbytes' order (its torch mean, its CPU kernel's table)
         offset = np.float32(_torch_sum(out["absmax"]) / np.float32(out["absmax"].size))
@@ -224,19 +243,24 @@ def block_absmax(arrays: dict[str, jax.Array]) -> jax.Array:
     return jnp.asarray(DYNAMIC)[absmax] * scale + arrays["absmax_offset"]
 
 
-def storage_layout(fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
-                  ) -> dict[str, tuple[tuple[int, ...], np.dtype, tuple]]:
+def storage_layout(
+    fmt: str, double_quant: bool, din: int, dout: int, axes: tuple[str, str]
+) -> dict[str, tuple[tuple[int, ...], np.dtype, tuple]]:
     """{array name: (shape, dtype, logical axes)} of one layer's storage of an (in, out) kernel."""
     if fmt == "int8":
         return {"codes": ((dout, din), np.int8, (axes[1], axes[0])), "absmax": ((dout,), np.float32, (axes[1],))}
     blocks = din * dout // BLOCKSIZE
     if not double_quant:
-        return {"codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
-                "absmax": ((blocks,), np.float32, ("quant_blocks",))}
-    return {"codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
-            "absmax": ((blocks,), np.uint8, ("quant_blocks",)),
-            "absmax_scale": ((-(-blocks // SCALE_BLOCKSIZE),), np.float32, (None,)),
-            "absmax_offset": ((), np.float32, ())}
+        return {
+            "codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
+            "absmax": ((blocks,), np.float32, ("quant_blocks",)),
+        }
+    return {
+        "codes": ((din * dout // 2,), np.uint8, ("quant_blocks",)),
+        "absmax": ((blocks,), np.uint8, ("quant_blocks",)),
+        "absmax_scale": ((-(-blocks // SCALE_BLOCKSIZE),), np.float32, (None,)),
+        "absmax_offset": ((), np.float32, ()),
+    }
 
 
 def tile_rows(out: int, din: int) -> int:

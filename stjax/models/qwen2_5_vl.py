@@ -36,12 +36,21 @@ class Qwen2_5VL(Family):
         )
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
-        return {"depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": v.hidden_act,
-                "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_chans": v.in_channels,
-                "out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
-                "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "tokens_per_second": v.tokens_per_second}
+        return {
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "hidden_act": v.hidden_act,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_chans": v.in_channels,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+        }
 
     def video_tokens_per_second(self, v: VisionConfig) -> float | None:
         return v.tokens_per_second

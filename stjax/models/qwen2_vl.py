@@ -24,10 +24,18 @@ class Qwen2VL(Family):
         )
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
-        return {"depth": v.depth, "embed_dim": v.hidden_size, "hidden_size": v.out_hidden_size,
-                "hidden_act": v.hidden_act, "mlp_ratio": number(v.intermediate_size / v.hidden_size),
-                "num_heads": v.num_heads, "in_chans": v.in_channels, "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size}
+        return {
+            "depth": v.depth,
+            "embed_dim": v.hidden_size,
+            "hidden_size": v.out_hidden_size,
+            "hidden_act": v.hidden_act,
+            "mlp_ratio": number(v.intermediate_size / v.hidden_size),
+            "num_heads": v.num_heads,
+            "in_chans": v.in_channels,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+        }
 
 
 register(Qwen2VL())

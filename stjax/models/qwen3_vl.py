@@ -21,17 +21,37 @@ import numpy as np
 from flax import nnx
 
 from stjax.models import qwen3_vl_host
-from stjax.models.config import (ConfigError, QwenVLConfig, TextConfig, VisionConfig, patch_fields, qwen2_text_config,
-                                 text_fields)
+from stjax.models.config import (
+    ConfigError,
+    QwenVLConfig,
+    TextConfig,
+    VisionConfig,
+    patch_fields,
+    qwen2_text_config,
+    text_fields,
+)
 from stjax.models.families import Family, register
 from stjax.models.inputs import VisionInputs
 from stjax.models.layers import Linear, scan_layers, stack_layers
 from stjax.models.vision import PatchMerger, VisionBlock, VisionTower, unconstrained
 from stjax.models.weights import Rule, linear_rules, norm_rules, text_rules
 
-TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-             "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id")
+TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 class Qwen3VisionTower(VisionTower):
@@ -41,8 +61,10 @@ class Qwen3VisionTower(VisionTower):
         kw = dict(std=cfg.initializer_range, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **kw)
         init = jax.nn.initializers.normal(cfg.initializer_range)
-        self.pos_embed = nnx.Param(init(rngs.params(), (v.num_position_embeddings, v.hidden_size), cfg.param_dtype),
-                                   axes=("vision_positions", "vision_embed"))
+        self.pos_embed = nnx.Param(
+            init(rngs.params(), (v.num_position_embeddings, v.hidden_size), cfg.param_dtype),
+            axes=("vision_positions", "vision_embed"),
+        )
         indexes = v.deepstack_visual_indexes
         self.deepstack_merger = stack_layers(lambda r: PatchMerger(cfg, r, postshuffle_norm=True), len(indexes), rngs)
         # Block i's output is kept in slot deepstack_slot[i] (slot K, never read, for the other blocks).
@@ -77,12 +99,20 @@ class Qwen3VL(Family):
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        defaults = {"rope_theta": rope.get("rope_theta", t.get("rope_theta", 500000.0)),
-                    "mrope_section": tuple(rope.get("mrope_section", (24, 20, 20))),
-                    "max_position_embeddings": t.get("max_position_embeddings", 128000)}
+        defaults = {
+            "rope_theta": rope.get("rope_theta", t.get("rope_theta", 500000.0)),
+            "mrope_section": tuple(rope.get("mrope_section", (24, 20, 20))),
+            "max_position_embeddings": t.get("max_position_embeddings", 128000),
+        }
         # transformers' Qwen3-VL always interleaves the M-RoPE streams
-        return dataclasses.replace(qwen2_text_config(d), **defaults, explicit_head_dim=t.get("head_dim", 128),
-                                   qk_norm=True, attention_bias=t.get("attention_bias", False), mrope_interleaved=True)
+        return dataclasses.replace(
+            qwen2_text_config(d),
+            **defaults,
+            explicit_head_dim=t.get("head_dim", 128),
+            qk_norm=True,
+            attention_bias=t.get("attention_bias", False),
+            mrope_interleaved=True,
+        )
 
     def vision_config(self, d: dict) -> VisionConfig:
         v = VisionConfig(
@@ -96,33 +126,53 @@ class Qwen3VL(Family):
             num_position_embeddings=d.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(d.get("deepstack_visual_indexes", (8, 16, 24))),
         )
-        side = int(v.num_position_embeddings ** 0.5)
+        side = int(v.num_position_embeddings**0.5)
         if side * side != v.num_position_embeddings:
             raise ConfigError(f"num_position_embeddings={v.num_position_embeddings} is not a square grid")
         if not v.deepstack_visual_indexes or any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
-            raise ConfigError(f"deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be blocks "
-                              f"of the {v.depth}-block vision tower")
+            raise ConfigError(
+                f"deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be blocks "
+                f"of the {v.depth}-block vision tower"
+            )
         return v
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
-        return {"depth": v.depth, "hidden_size": v.hidden_size, "hidden_act": v.hidden_act,
-                "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "in_channels": v.in_channels,
-                "out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
-                "num_position_embeddings": v.num_position_embeddings,
-                "deepstack_visual_indexes": list(v.deepstack_visual_indexes)}
+        return {
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "hidden_act": v.hidden_act,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_channels": v.in_channels,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "num_position_embeddings": v.num_position_embeddings,
+            "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+        }
 
     def hf_config(self, cfg: QwenVLConfig, flat: dict) -> dict:
         """The hub's nested layout, which transformers' `Qwen3VLConfig` reads."""
         t = cfg.text
-        text = {"model_type": "qwen3_vl_text", **{k: flat[k] for k in TEXT_KEYS}, "head_dim": t.head_dim,
-                "attention_bias": t.attention_bias,
-                "rope_scaling": {"rope_type": "default", "mrope_section": list(t.mrope_section),
-                                 "mrope_interleaved": True}}
-        top = ("architectures", "model_type", "image_token_id", "video_token_id", "vision_start_token_id",
-               "vision_end_token_id", "tie_word_embeddings", "torch_dtype")
-        vision = {**flat["vision_config"], "model_type": "qwen3_vl_vision",
-                  "initializer_range": cfg.initializer_range}
+        text = {
+            "model_type": "qwen3_vl_text",
+            **{k: flat[k] for k in TEXT_KEYS},
+            "head_dim": t.head_dim,
+            "attention_bias": t.attention_bias,
+            "rope_scaling": {"rope_type": "default", "mrope_section": list(t.mrope_section), "mrope_interleaved": True},
+        }
+        top = (
+            "architectures",
+            "model_type",
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "tie_word_embeddings",
+            "torch_dtype",
+        )
+        vision = {**flat["vision_config"], "model_type": "qwen3_vl_vision", "initializer_range": cfg.initializer_range}
         return {**{k: flat[k] for k in top}, "text_config": text, "vision_config": vision}
 
     def rules(self, cfg: QwenVLConfig) -> list[Rule]:
@@ -137,8 +187,10 @@ class Qwen3VL(Family):
         out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
         out += linear_rules(f"{block}.mlp.linear_fc1", vb + ("fc1",), True)
         out += linear_rules(f"{block}.mlp.linear_fc2", vb + ("fc2",), True)
-        for hf, path in (("visual.merger", ("visual", "merger")),
-                         ("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger"))):
+        for hf, path in (
+            ("visual.merger", ("visual", "merger")),
+            ("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger")),
+        ):
             out += norm_rules(f"{hf}.norm", path + ("ln_q",), True)
             out += linear_rules(f"{hf}.linear_fc1", path + ("mlp_0",), True)
             out += linear_rules(f"{hf}.linear_fc2", path + ("mlp_2",), True)
@@ -147,15 +199,16 @@ class Qwen3VL(Family):
     def hf_name(self, name: str) -> str:
         """The hub's names: `model.language_model.*` for the decoder, `model.visual.*` for the tower."""
         if name.startswith("model."):
-            return "model.language_model." + name[len("model."):]
+            return "model.language_model." + name[len("model.") :]
         return "model." + name if name.startswith("visual.") else name
 
     def vision_tower(self, cfg: QwenVLConfig, rngs: nnx.Rngs) -> nnx.Module:
         return Qwen3VisionTower(cfg, rngs)
 
     def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
-        index, weight = qwen3_vl_host.position_embedding_taps(rotary_positions, grid_hw,
-                                                              int(v.num_position_embeddings ** 0.5))
+        index, weight = qwen3_vl_host.position_embedding_taps(
+            rotary_positions, grid_hw, int(v.num_position_embeddings**0.5)
+        )
         return {"pos_embed_index": index, "pos_embed_weight": weight}
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:

@@ -12,9 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def rope_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int, merge: int,
-               image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None,
-               attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rope_index(
+    input_ids: np.ndarray,
+    image_token_id: int,
+    video_token_id: int,
+    merge: int,
+    image_grid_thw: np.ndarray | None,
+    video_grid_thw: np.ndarray | None,
+    attention_mask: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Qwen3-VL's M-RoPE position ids (3, B, L) and deltas (B,), as transformers' `get_rope_index`.
 
     Each run of image pads takes the next image grid and each run of video pads the next temporal
@@ -45,9 +51,11 @@ def rope_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int, 
             t, h, w = next(grids[kind])
             h, w = h // merge, w // merge
             if end - start != t * h * w:
-                raise ValueError(f"a run of {end - start} {('image', 'video')[kind - 1]} pad tokens where its grid "
-                                 f"gives {t * h * w}: Qwen3-VL writes each temporal patch of a video as its own "
-                                 "vision block (stjax.data.processor.Processor with layout='qwen3')")
+                raise ValueError(
+                    f"a run of {end - start} {('image', 'video')[kind - 1]} pad tokens where its grid "
+                    f"gives {t * h * w}: Qwen3-VL writes each temporal patch of a video as its own "
+                    "vision block (stjax.data.processor.Processor with layout='qwen3')"
+                )
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
             chunks.append(np.stack([tt, hh, ww]).reshape(3, -1) + cur)
             cur += max(h, w)
@@ -57,8 +65,9 @@ def rope_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int, 
     return position_ids, deltas
 
 
-def position_embedding_taps(rotary_positions: np.ndarray, grid_hw: np.ndarray, side: int
-                            ) -> tuple[np.ndarray, np.ndarray]:
+def position_embedding_taps(
+    rotary_positions: np.ndarray, grid_hw: np.ndarray, side: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, 4) rows of the flattened (side x side) position table and their (N, 4) float32 weights:
     the bilinear resampling (align_corners=True) of the table to each patch's image grid, as
     transformers' `get_vision_interpolation_indices_and_weights`. `rotary_positions` (N, 2) holds each

@@ -30,9 +30,20 @@ class QwenVLForConditionalGeneration(nnx.Module):
         self.visual = config.family.vision_tower(config, rngs)
         self.model = config.family.text_model(config, rngs)
         t = config.text
-        self.lm_head = None if t.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, std=config.initializer_range,
-            param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if t.tie_word_embeddings
+            else Linear(
+                t.hidden_size,
+                t.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                std=config.initializer_range,
+                param_dtype=config.param_dtype,
+                compute_dtype=config.compute_dtype,
+                rngs=rngs,
+            )
+        )
 
     def vision_slots(self, inputs: ModelInputs, dtype) -> jax.Array:
         """The vision tower's output row feeding each text slot (B, L, width); meaningful at the image and
@@ -64,15 +75,23 @@ class QwenVLForConditionalGeneration(nnx.Module):
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""
         x, deepstack = self.embed(inputs)
-        return self.model(x, inputs.position_ids, inputs.attention_mask, dropout_key, right_padded=inputs.right_padded,
-                          deepstack=deepstack)
+        return self.model(
+            x,
+            inputs.position_ids,
+            inputs.attention_mask,
+            dropout_key,
+            right_padded=inputs.right_padded,
+            deepstack=deepstack,
+        )
 
-    def prefill(self, inputs: ModelInputs, cache: KVCache, dropout_key: jax.Array | None = None,
-                offset: int | None = None) -> tuple[jax.Array, KVCache]:
+    def prefill(
+        self, inputs: ModelInputs, cache: KVCache, dropout_key: jax.Array | None = None, offset: int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """The prompts' hidden states and the cache after them (see `TextModel.extend`)."""
         x, deepstack = self.embed(inputs)
-        return self.model.extend(x, inputs.position_ids, inputs.attention_mask, cache, dropout_key, offset=offset,
-                                 deepstack=deepstack)
+        return self.model.extend(
+            x, inputs.position_ids, inputs.attention_mask, cache, dropout_key, offset=offset, deepstack=deepstack
+        )
 
     def output_table(self) -> jax.Array:
         """The output projection as a (vocab, hidden) table in the compute dtype: the tied embedding
@@ -104,8 +123,16 @@ class QwenVLForConditionalGeneration(nnx.Module):
         input_ids = np.asarray(input_ids)
         length = input_ids.shape[-1]
         inputs = prepare_inputs(
-            self.config, input_ids, to_np(attention_mask), to_np(pixel_values), to_np(image_grid_thw),
-            to_np(pixel_values_videos), to_np(video_grid_thw), to_np(second_per_grid_ts), to_np(position_ids))
+            self.config,
+            input_ids,
+            to_np(attention_mask),
+            to_np(pixel_values),
+            to_np(image_grid_thw),
+            to_np(pixel_values_videos),
+            to_np(video_grid_thw),
+            to_np(second_per_grid_ts),
+            to_np(position_ids),
+        )
         return compiled_forward(self, inputs)[:, :length]
 
 

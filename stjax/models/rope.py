@@ -56,8 +56,15 @@ def get_rope_index(
     if spec.rule == "qwen3":
         from stjax.models.qwen3_vl_host import rope_index
 
-        return rope_index(input_ids, spec.image_token_id, spec.video_token_id, spec.spatial_merge_size,
-                          image_grid_thw, video_grid_thw, mask)
+        return rope_index(
+            input_ids,
+            spec.image_token_id,
+            spec.video_token_id,
+            spec.spatial_merge_size,
+            image_grid_thw,
+            video_grid_thw,
+            mask,
+        )
     images = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw)
     videos = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw)
     merge = spec.spatial_merge_size

@@ -18,9 +18,16 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,26 +84,34 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def _check_offsets(file: Path, tensors: dict[str, TensorInfo], ranges: list[tuple[int, int, str]],
-                   data_bytes: int) -> None:
+def _check_offsets(
+    file: Path, tensors: dict[str, TensorInfo], ranges: list[tuple[int, int, str]], data_bytes: int
+) -> None:
     """The safetensors library's rule: the tensors' byte ranges, in order of their offsets, follow one
     another with no gap and no overlap, each as long as its shape x dtype, and together fill the
     data exactly (`data_bytes`: the file's bytes after the header)."""
     expected = 0
     for begin, end, name in sorted(ranges):
         if begin != expected:
-            problem = "overlap the previous tensor's" if begin < expected else \
-                f"leave a gap of {begin - expected} bytes after the previous tensor's"
-            raise SafetensorsError(f"{file}: tensor {name}'s bytes [{begin}, {end}) {problem} "
-                                   f"(which end at {expected})")
+            problem = (
+                "overlap the previous tensor's"
+                if begin < expected
+                else f"leave a gap of {begin - expected} bytes after the previous tensor's"
+            )
+            raise SafetensorsError(
+                f"{file}: tensor {name}'s bytes [{begin}, {end}) {problem} (which end at {expected})"
+            )
         info = tensors[name]
         if end - begin != info.nbytes:
-            raise SafetensorsError(f"{file}: tensor {name} spans {end - begin} bytes [{begin}, {end}), but its "
-                                   f"shape {list(info.shape)} of {NAMES[info.dtype]} needs {info.nbytes}")
+            raise SafetensorsError(
+                f"{file}: tensor {name} spans {end - begin} bytes [{begin}, {end}), but its "
+                f"shape {list(info.shape)} of {NAMES[info.dtype]} needs {info.nbytes}"
+            )
         expected = end
     if expected > data_bytes:
-        raise SafetensorsError(f"{file}: the tensors' bytes run to {expected}, past the file's {data_bytes} "
-                               "bytes of data (truncated?)")
+        raise SafetensorsError(
+            f"{file}: the tensors' bytes run to {expected}, past the file's {data_bytes} bytes of data (truncated?)"
+        )
     if expected < data_bytes:
         raise SafetensorsError(f"{file}: {data_bytes - expected} bytes after the last tensor belong to none")
 
@@ -108,7 +123,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     except (ValueError, AttributeError) as e:  # not JSON (or not text), or not a JSON object
         raise SafetensorsError(f"{index} is not a safetensors index: {e}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-        raise SafetensorsError(f"{index} has no \"weight_map\" of tensor names to file names")
+        raise SafetensorsError(f'{index} has no "weight_map" of tensor names to file names')
     return weight_map
 
 
@@ -190,8 +205,12 @@ def _write_file(file: Path, tensors: list[PlannedTensor]) -> None:
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
-def write_safetensors(directory: str | Path, tensors: Iterable[PlannedTensor], max_shard_bytes: int = 5 << 30,
-                      progress: Callable[[int], None] | None = None) -> list[Path]:
+def write_safetensors(
+    directory: str | Path,
+    tensors: Iterable[PlannedTensor],
+    max_shard_bytes: int = 5 << 30,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
     """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards plus the index
     when the total exceeds `max_shard_bytes`. Tensors are produced and written one at a time."""
     directory = Path(directory)
@@ -212,8 +231,10 @@ def write_safetensors(directory: str | Path, tensors: Iterable[PlannedTensor], m
         wrapped = [PlannedTensor(t.name, t.shape, t.dtype, _counted(t, progress)) for t in shard]
         _write_file(directory / name, wrapped)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
-                 "weight_map": {t.name: name for name, s in zip(names, shards) for t in s}}
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+            "weight_map": {t.name: name for name, s in zip(names, shards) for t in s},
+        }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [directory / n for n in names]
 

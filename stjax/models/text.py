@@ -58,8 +58,12 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segments=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segments=jnp.zeros((batch, slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
 
 
 class DecoderLayer(nnx.Module):
@@ -69,10 +73,23 @@ class DecoderLayer(nnx.Module):
         kv = t.num_kv_heads * t.head_dim
 
         def linear(name: str, din: int, dout: int, axes: tuple[str, str], bias: bool) -> Linear:
-            lora = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        lora_dropout=cfg.lora_dropout) if name in cfg.lora_targets else {}
-            return Linear(din, dout, axes, bias=bias, std=cfg.initializer_range, rngs=rngs, **kw, **lora,
-                          quantize=cfg.quantization(("model", "layers", name)), double_quant=cfg.double_quant)
+            lora = (
+                dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+                if name in cfg.lora_targets
+                else {}
+            )
+            return Linear(
+                din,
+                dout,
+                axes,
+                bias=bias,
+                std=cfg.initializer_range,
+                rngs=rngs,
+                **kw,
+                **lora,
+                quantize=cfg.quantization(("model", "layers", name)),
+                double_quant=cfg.double_quant,
+            )
 
         self.input_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, **kw)
@@ -91,9 +108,17 @@ class DecoderLayer(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
         self.backend = cfg.attention
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
-                 cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-                 dropout_key: jax.Array | None = None, right_padded: bool = False, offset: int | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segments: jax.Array,
+        cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+        dropout_key: jax.Array | None = None,
+        right_padded: bool = False,
+        offset: int | None = None,
+    ):
         """Without a cache: x (B, L, hidden) -> x. With `cache = (k, v, layer, segments, index)`,
         k and v every layer's (the stacked `KVCache` arrays), the new tokens' keys and values are
         written at this layer's slots from `index` and attention sees the cached slots plus them;
@@ -120,8 +145,16 @@ class DecoderLayer(nnx.Module):
             stack_k = jax.lax.dynamic_update_slice(stack_k, k.swapaxes(1, 2).astype(stack_k.dtype)[None], at)
             stack_v = jax.lax.dynamic_update_slice(stack_v, v.swapaxes(1, 2).astype(stack_v.dtype)[None], at)
             stack_k, stack_v = constrain_batch(stack_k, 1), constrain_batch(stack_v, 1)
-            attn = attend(q, stack_k[layer].swapaxes(1, 2), stack_v[layer].swapaxes(1, 2), segments, cache_segments,
-                          True, self.backend, q_offset=index if offset is None else offset)
+            attn = attend(
+                q,
+                stack_k[layer].swapaxes(1, 2),
+                stack_v[layer].swapaxes(1, 2),
+                segments,
+                cache_segments,
+                True,
+                self.backend,
+                q_offset=index if offset is None else offset,
+            )
         x = x + self.o_proj(attn.reshape(b, l, -1), keys[3])
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(self.act(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5]), keys[6])
@@ -135,11 +168,13 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         t = cfg.text
         init = jax.nn.initializers.normal(cfg.initializer_range)
-        self.embed_tokens = nnx.Param(init(rngs.params(), (t.vocab_size, t.hidden_size), cfg.param_dtype),
-                                      axes=("vocab", "embed"))
+        self.embed_tokens = nnx.Param(
+            init(rngs.params(), (t.vocab_size, t.hidden_size), cfg.param_dtype), axes=("vocab", "embed")
+        )
         self.layers = stack_layers(lambda r: DecoderLayer(cfg, r), t.num_layers, rngs)
-        self.norm = RMSNorm(t.hidden_size, "embed", eps=t.rms_norm_eps, param_dtype=cfg.param_dtype,
-                            compute_dtype=cfg.compute_dtype)
+        self.norm = RMSNorm(
+            t.hidden_size, "embed", eps=t.rms_norm_eps, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype
+        )
         self.cfg = t
         self.remat = cfg.remat
         self.compute_dtype = cfg.compute_dtype
@@ -147,9 +182,15 @@ class TextModel(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids].astype(self.compute_dtype)
 
-    def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 dropout_key: jax.Array | None = None, right_padded: bool = False,
-                 deepstack: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        position_ids: jax.Array,
+        attention_mask: jax.Array,
+        dropout_key: jax.Array | None = None,
+        right_padded: bool = False,
+        deepstack: jax.Array | None = None,
+    ) -> jax.Array:
         """`deepstack` (K, B, L, hidden), zero outside the vision slots: added to the outputs of the first
         K layers (Qwen3-VL's DeepStack)."""
         cos, sin = mrope_cos_sin(position_ids, self.cfg)
@@ -163,9 +204,16 @@ class TextModel(nnx.Module):
         x = scan_layers(self.layers, x, step, xs=(jnp.arange(self.cfg.num_layers), keys), remat=self.remat)
         return constrain_batch(self.norm(x))
 
-    def extend(self, x: jax.Array, position_ids: jax.Array, segments: jax.Array,
-               cache: KVCache, dropout_key: jax.Array | None = None, offset: int | None = None,
-               deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def extend(
+        self,
+        x: jax.Array,
+        position_ids: jax.Array,
+        segments: jax.Array,
+        cache: KVCache,
+        dropout_key: jax.Array | None = None,
+        offset: int | None = None,
+        deepstack: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
         """Run new tokens x (B, T, hidden) after the cache's `index` slots (a prefill when the cache
         is empty, one decoding step when T = 1, a whole completion after a shared prompt in GRPO);
         returns their hidden states and the cache. `dropout_key` turns on LoRA dropout. `offset`: the

@@ -18,12 +18,17 @@ from stjax.models.families import family
 from stjax.models.loading import save_hf
 from stjax.models.qwen_vl import init_model
 
-TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id",
-                   "video_token_id")
+TOKEN_ID_FIELDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "image_token_id",
+    "video_token_id",
+)
 
 
-def save_tiny_model(out: Path, arch: str, seed: int, token_ids: dict[str, int], side_files: Path | None = None
-                    ) -> Path:
+def save_tiny_model(out: Path, arch: str, seed: int, token_ids: dict[str, int], side_files: Path | None = None) -> Path:
     """A random tiny model of family `arch` (a model_type) as a HF directory: its vocabulary holds
     `token_ids["vocab_size"]` tokens (rounded up to a multiple of 64) and its special ids are those of
     `token_ids` (keyed like the config fields); `side_files` (the tokenizer's directory) are copied beside it."""

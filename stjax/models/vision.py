@@ -47,8 +47,13 @@ class VisionBlock(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
-        lin = dict(std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "blocks")),
-                   double_quant=cfg.double_quant, **kw)
+        lin = dict(
+            std=cfg.initializer_range,
+            rngs=rngs,
+            quantize=cfg.quantization(("visual", "blocks")),
+            double_quant=cfg.double_quant,
+            **kw,
+        )
         Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
         self.norm1 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
         self.norm2 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
@@ -56,9 +61,13 @@ class VisionBlock(nnx.Module):
         self.proj = Linear(v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, **lin)
         self.gated = cfg.family.gated_mlp
         if self.gated:
-            self.gate_proj = Linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin)
+            self.gate_proj = Linear(
+                v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin
+            )
             self.up_proj = Linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin)
-            self.down_proj = Linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True, **lin)
+            self.down_proj = Linear(
+                v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True, **lin
+            )
         else:
             self.fc1 = Linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **lin)
             self.fc2 = Linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True, **lin)
@@ -89,11 +98,20 @@ class PatchMerger(nnx.Module):
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         width = v.hidden_size * v.spatial_merge_size**2
         Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
-        self.ln_q = Norm(width, "vision_merge", eps=1e-6, **kw) if postshuffle_norm else \
-            Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
+        self.ln_q = (
+            Norm(width, "vision_merge", eps=1e-6, **kw)
+            if postshuffle_norm
+            else Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
+        )
         self.postshuffle_norm = postshuffle_norm
-        lin = dict(bias=True, std=cfg.initializer_range, rngs=rngs, quantize=cfg.quantization(("visual", "merger")),
-                   double_quant=cfg.double_quant, **kw)
+        lin = dict(
+            bias=True,
+            std=cfg.initializer_range,
+            rngs=rngs,
+            quantize=cfg.quantization(("visual", "merger")),
+            double_quant=cfg.double_quant,
+            **kw,
+        )
         self.mlp_0 = Linear(width, width, ("vision_merge", "vision_mlp"), **lin)
         self.mlp_2 = Linear(width, v.out_hidden_size, ("vision_mlp", "embed"), **lin)
         self.width = width
@@ -106,9 +124,16 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
-        self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False,
-                                  std=cfg.initializer_range, param_dtype=cfg.param_dtype,
-                                  compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.patch_embed = Linear(
+            v.patch_dim,
+            v.hidden_size,
+            ("vision_patch", "vision_embed"),
+            bias=False,
+            std=cfg.initializer_range,
+            param_dtype=cfg.param_dtype,
+            compute_dtype=cfg.compute_dtype,
+            rngs=rngs,
+        )
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, r), v.depth, rngs)
         self.merger = PatchMerger(cfg, rngs)
         self.full_attention = cfg.family.full_attention(v)
@@ -132,8 +157,7 @@ class VisionTower(nnx.Module):
             x = unconstrained(x)
             if vis.windows is None:  # a family without windows: every block attends within frames
                 return block(x, cos, sin, vis.frames)
-            return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames),
-                                lambda: block(x, cos, sin, vis.windows))
+            return jax.lax.cond(full, lambda: block(x, cos, sin, vis.frames), lambda: block(x, cos, sin, vis.windows))
 
         x = scan_layers(self.blocks, x, step, xs=jnp.asarray(self.full_attention), remat=self.remat)
         return self.merger(x)

@@ -102,8 +102,15 @@ def generate(model, inputs: ModelInputs, prompt_length: int, key: jax.Array, cfg
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs: ModelInputs, last: jax.Array,
-           next_position: jax.Array, key: jax.Array) -> SampleOutput:
+def sample(
+    graphdef: nnx.GraphDef,
+    cfg: SamplingConfig,
+    state: nnx.State,
+    inputs: ModelInputs,
+    last: jax.Array,
+    next_position: jax.Array,
+    key: jax.Array,
+) -> SampleOutput:
     """`generate` on arrays already placed (global arrays in multi-process runs): the model's state
     as an argument, `last` the prompts' last column, `next_position` from `next_positions`.
 
@@ -121,17 +128,28 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
 
     n = cfg.num_samples
     if n > 1:  # share the prefill: every array with a batch axis is repeated, rows of a prompt adjacent
-        cache = cache.replace(k=constrain_batch(jnp.repeat(cache.k, n, axis=1), 1),
-                              v=constrain_batch(jnp.repeat(cache.v, n, axis=1), 1),
-                              segments=jnp.repeat(cache.segments, n, axis=0))
+        cache = cache.replace(
+            k=constrain_batch(jnp.repeat(cache.k, n, axis=1), 1),
+            v=constrain_batch(jnp.repeat(cache.v, n, axis=1), 1),
+            segments=jnp.repeat(cache.segments, n, axis=0),
+        )
         logits, next_position = jnp.repeat(logits, n, axis=0), jnp.repeat(next_position, n, axis=0)
     rows = batch * n
     keys = jax.random.split(key, rows) if key.ndim == 0 else key
     empty = jnp.zeros((rows, cfg.max_new_tokens), jnp.float32)
-    state0 = _Loop(step=jnp.int32(0), cache=cache, logits=logits, next_position=next_position.astype(jnp.int32),
-                   finished=jnp.zeros((rows,), bool),
-                   out=SampleOutput(tokens=jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
-                                    lengths=jnp.zeros((rows,), jnp.int32), logp_sampling=empty, logp_model=empty))
+    state0 = _Loop(
+        step=jnp.int32(0),
+        cache=cache,
+        logits=logits,
+        next_position=next_position.astype(jnp.int32),
+        finished=jnp.zeros((rows,), bool),
+        out=SampleOutput(
+            tokens=jnp.full((rows, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+            lengths=jnp.zeros((rows,), jnp.int32),
+            logp_sampling=empty,
+            logp_model=empty,
+        ),
+    )
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
 
     def cond(s: _Loop) -> jax.Array:
@@ -150,7 +168,13 @@ def sample(graphdef: nnx.GraphDef, cfg: SamplingConfig, state: nnx.State, inputs
         finished = s.finished | jnp.isin(token, eos)
         position = jnp.broadcast_to((s.next_position + s.step)[None, :, None], (3, rows, 1))
         hidden, cache = text.extend(text.embed(token[:, None]), position, jnp.ones((rows, 1), jnp.int32), s.cache)
-        return _Loop(step=s.step + 1, cache=cache, logits=model.logits(hidden)[:, 0], next_position=s.next_position,
-                     finished=finished, out=out)
+        return _Loop(
+            step=s.step + 1,
+            cache=cache,
+            logits=model.logits(hidden)[:, 0],
+            next_position=s.next_position,
+            finished=finished,
+            out=out,
+        )
 
     return jax.lax.while_loop(cond, body, state0).out

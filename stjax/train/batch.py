@@ -25,8 +25,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from stjax.models.config import QwenVLConfig
-from stjax.models.inputs import (ModelInputs, VisionInputs, VisionSizes, is_right_padded, make_groups, prepare_vision,
-                                 vision_sizes)
+from stjax.models.inputs import (
+    ModelInputs,
+    VisionInputs,
+    VisionSizes,
+    is_right_padded,
+    make_groups,
+    prepare_vision,
+    vision_sizes,
+)
 from stjax.sharding import batch_sharding
 from stjax.train.step import Batch
 
@@ -50,9 +57,13 @@ def _blank_vision(sizes: VisionSizes, length: int, cfg: QwenVLConfig) -> VisionI
         rotary_positions=np.zeros((sizes.rows, 2), np.int32),
         frames=make_groups(none, sizes.frame_size, sizes.frame_count, sizes.rows),
         windows=make_groups(none, side * side, sizes.window_count, sizes.rows) if sizes.window_count else None,
-        token_index=np.zeros((1, length), np.int32), token_mask=np.zeros((1, length), bool),
-        **{name: np.zeros((sizes.rows,) + a.shape[1:], a.dtype) for name, a in
-           cfg.family.patch_inputs(v, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int64)).items()})
+        token_index=np.zeros((1, length), np.int32),
+        token_mask=np.zeros((1, length), bool),
+        **{
+            name: np.zeros((sizes.rows,) + a.shape[1:], a.dtype)
+            for name, a in cfg.family.patch_inputs(v, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int64)).items()
+        },
+    )
 
 
 def loss_bucket(targets: int, length: int, smallest: int = 64) -> int | None:
@@ -111,8 +122,9 @@ def agree_shapes(length: int, targets: int, sizes: VisionSizes | None) -> tuple[
     return int(every[0]), int(every[1]), (VisionSizes(*every[2:].tolist()) if every[2] > 0 else None)
 
 
-def micro_batch_inputs(cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: int,
-                       sizes: VisionSizes | None) -> tuple[ModelInputs, np.ndarray]:
+def micro_batch_inputs(
+    cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: int, sizes: VisionSizes | None
+) -> tuple[ModelInputs, np.ndarray]:
     """One loader batch as `ModelInputs` (per-sample vision layout) and its loss mask, padded to
     `length` tokens and `sizes`."""
     pad = length - batch["input_ids"].shape[1]
@@ -127,14 +139,26 @@ def micro_batch_inputs(cfg: QwenVLConfig, batch: dict[str, np.ndarray], length: 
                 rows.append(_blank_vision(sizes, length, cfg))
                 continue
             ids = np.where(attention_mask[b] == 1, input_ids[b], -1)[None]
-            rows.append(prepare_vision(
-                cfg, ids, batch["pixel_values"][b, : int(image_grid.prod(axis=1).sum())], image_grid,
-                batch["pixel_values_videos"][b, : int(video_grid.prod(axis=1).sum())], video_grid, sizes))
+            rows.append(
+                prepare_vision(
+                    cfg,
+                    ids,
+                    batch["pixel_values"][b, : int(image_grid.prod(axis=1).sum())],
+                    image_grid,
+                    batch["pixel_values_videos"][b, : int(video_grid.prod(axis=1).sum())],
+                    video_grid,
+                    sizes,
+                )
+            )
         vision = jax.tree.map(lambda *x: np.stack(x), *rows)
         vision = vision.replace(token_index=vision.token_index[:, 0], token_mask=vision.token_mask[:, 0])
-    inputs = ModelInputs(input_ids=input_ids.astype(np.int32), attention_mask=attention_mask.astype(np.int32),
-                         position_ids=text(batch["position_ids"], 1).astype(np.int32), vision=vision,
-                         right_padded=is_right_padded(attention_mask))
+    inputs = ModelInputs(
+        input_ids=input_ids.astype(np.int32),
+        attention_mask=attention_mask.astype(np.int32),
+        position_ids=text(batch["position_ids"], 1).astype(np.int32),
+        vision=vision,
+        right_padded=is_right_padded(attention_mask),
+    )
     return inputs, text(batch["loss_mask"]).astype(np.int32)
 
 
@@ -144,8 +168,11 @@ def host_batch(cfg: QwenVLConfig, micro_batches: list[dict[str, np.ndarray]]) ->
     parts = [micro_batch_inputs(cfg, mb, length, sizes) for mb in micro_batches]
     stack = lambda *x: np.stack(x)
     loss_mask = np.stack([p[1] for p in parts])
-    return Batch(inputs=jax.tree.map(stack, *[p[0] for p in parts]), loss_mask=loss_mask,
-                 loss_positions=target_positions(loss_mask, targets))
+    return Batch(
+        inputs=jax.tree.map(stack, *[p[0] for p in parts]),
+        loss_mask=loss_mask,
+        loss_positions=target_positions(loss_mask, targets),
+    )
 
 
 def place_rows(x: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
@@ -175,4 +202,4 @@ def local_rows(x: jax.Array, count: int) -> np.ndarray:
     program may return it replicated): gathered, then sliced."""
     full = np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
     start = jax.process_index() * count
-    return full[start:start + count]
+    return full[start : start + count]

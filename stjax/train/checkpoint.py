@@ -118,8 +118,10 @@ class Checkpointer:
             self.remove_partial()
             self.manager.reload()
             last = self.latest_step
-            raise SaveFailed(f"writing checkpoint {self.saving} to {self.directory} failed: {_first_line(e)}; "
-                             f"the last good checkpoint is {last if last is not None else 'none'}") from e
+            raise SaveFailed(
+                f"writing checkpoint {self.saving} to {self.directory} failed: {_first_line(e)}; "
+                f"the last good checkpoint is {last if last is not None else 'none'}"
+            ) from e
 
     def remove_partial(self) -> None:
         """Delete the temporary directories of unfinished saves (process 0 owns the directory)."""
@@ -139,8 +141,10 @@ class Checkpointer:
             raise CheckpointDamaged(f"cannot read its metadata: {_first_line(e)}") from e
         shapes = lambda tree: Counter(tuple(x.shape) for x in jax.tree.leaves(tree))
         if shapes(saved.tree) != shapes(abstract_state):
-            raise CheckpointMismatch(f"checkpoint {where} does not match this run's train state (model config, "
-                                     "LoRA settings, optimizer): its arrays have other shapes")
+            raise CheckpointMismatch(
+                f"checkpoint {where} does not match this run's train state (model config, "
+                "LoRA settings, optimizer): its arrays have other shapes"
+            )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -150,8 +154,10 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             if isinstance(e, ValueError) and _MISMATCH.search(str(e)):
-                raise CheckpointMismatch(f"checkpoint {where} does not match this run's train state (model config, "
-                                         f"LoRA settings, optimizer): {_first_line(e)}") from e
+                raise CheckpointMismatch(
+                    f"checkpoint {where} does not match this run's train state (model config, "
+                    f"LoRA settings, optimizer): {_first_line(e)}"
+                ) from e
             raise CheckpointDamaged(_first_line(e)) from e
         if "digest" in items:
             differ = sum(a != b for a, b in zip(_digest_values(restored["state"]), restored["digest"]))
@@ -173,8 +179,10 @@ class Checkpointer:
                 log.warning("checkpoint %d is damaged (%s); set aside as %s", step, e, aside)
         damaged = sorted(p.name for p in self.directory.glob("*.damaged-*"))
         if damaged:
-            raise CheckpointDamaged(f"no checkpoint in {self.directory} restores (set aside: {', '.join(damaged)}); "
-                                    "move them away to start the run afresh")
+            raise CheckpointDamaged(
+                f"no checkpoint in {self.directory} restores (set aside: {', '.join(damaged)}); "
+                "move them away to start the run afresh"
+            )
         return 0, None
 
     def set_aside(self, step: int, reason: str) -> Path:

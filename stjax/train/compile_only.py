@@ -40,11 +40,20 @@ class Abstract:
 def abstract_run(cfg: TrainConfig, mesh) -> Abstract:
     m, lora = cfg.model, cfg.lora
     model_cfg = co.model_config(
-        m.model_name_or_path, m.arch, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
+        m.model_name_or_path,
+        m.arch,
+        param_dtype=m.param_dtype,
+        compute_dtype=m.compute_dtype,
+        attention=m.attention,
         remat=m.gradient_checkpointing,
-        quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets, double_quant=lora.double_quant,
-        lora_rank=lora.r, lora_alpha=lora.lora_alpha, lora_targets=tuple(lora.target_modules),
-        lora_dropout=lora.lora_dropout)
+        quantize_base=lora.quantize_base,
+        quantize_targets=lora.quantize_targets,
+        double_quant=lora.double_quant,
+        lora_rank=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_targets=tuple(lora.target_modules),
+        lora_dropout=lora.lora_dropout,
+    )
     graphdef, trainable, frozen = split_trainable(abstract_model(model_cfg))
     trainable, frozen = co.abstract_state(trainable, mesh), co.abstract_state(frozen, mesh)
     optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=max(cfg.max_steps, 1))
@@ -91,35 +100,73 @@ def _grpo_programs(cfg: TrainConfig, mesh, run: Abstract, one, micro: int) -> li
     run_rows = math.gcd(g.num_generations, micro // shards)
     copies = micro // run_rows  # prompt copies per micro-batch (`learner.update_batch`)
     rows = lambda *shape, dtype=jnp.float32: co.abstract(
-        (accum,) + shape, dtype, batch_sharding(mesh, (accum,) + shape, 1))
+        (accum,) + shape, dtype, batch_sharding(mesh, (accum,) + shape, 1)
+    )
     batch = learner.GRPOBatch(
-        inputs=co.batched_inputs(one, copies, mesh, (accum,)), starts=rows(copies, dtype=jnp.int32),
-        completions=rows(micro, t, dtype=jnp.int32), lengths=rows(micro, dtype=jnp.int32),
-        completion_mask=rows(micro, t), advantages=rows(micro))
-    counts = {"prompt_tokens": accum * copies * length, "completion_tokens": accum * micro * t,
-              "patches": accum * copies * _patches(one)}
+        inputs=co.batched_inputs(one, copies, mesh, (accum,)),
+        starts=rows(copies, dtype=jnp.int32),
+        completions=rows(micro, t, dtype=jnp.int32),
+        lengths=rows(micro, dtype=jnp.int32),
+        completion_mask=rows(micro, t),
+        advantages=rows(micro),
+    )
+    counts = {
+        "prompt_tokens": accum * copies * length,
+        "completion_tokens": accum * micro * t,
+        "patches": accum * copies * _patches(one),
+    }
     update_flops = learner.update_flops(model_cfg, batch, counts)
     state_bytes = co.tree_bytes_per_chip(run.state)
     reference, reference_bytes = None, 0.0
     if g.beta:  # as `learner.reference_params` makes it: the adapters' zeros (LoRA) or the weights in the compute dtype
-        compute = run.state.params if model_cfg.lora_rank else co.replace_dtype(
-            run.state.params, co.is_float, jnp.dtype(model_cfg.compute_dtype))
+        compute = (
+            run.state.params
+            if model_cfg.lora_rank
+            else co.replace_dtype(run.state.params, co.is_float, jnp.dtype(model_cfg.compute_dtype))
+        )
         reference, reference_bytes = compute, co.tree_bytes_per_chip(compute)
     logps = learner.logps_function(run.graphdef, settings)
     logp_batch = batch.replace(old_logp=None, ref_logp=None)
-    found = [co.Program("grpo update", learner.update_function(run.graphdef, run.optim, settings,
-                                                               _shardings(run.state), mesh),
-                        (run.state, run.frozen, batch.replace(
-                            old_logp=rows(micro, t) if g.num_iterations > 1 else None,
-                            ref_logp=rows(micro, t) if g.beta else None)),
-                        update_flops, runs_per_step=g.num_iterations, resident_bytes=reference_bytes)]
+    found = [
+        co.Program(
+            "grpo update",
+            learner.update_function(run.graphdef, run.optim, settings, _shardings(run.state), mesh),
+            (
+                run.state,
+                run.frozen,
+                batch.replace(
+                    old_logp=rows(micro, t) if g.num_iterations > 1 else None,
+                    ref_logp=rows(micro, t) if g.beta else None,
+                ),
+            ),
+            update_flops,
+            runs_per_step=g.num_iterations,
+            resident_bytes=reference_bytes,
+        )
+    ]
     if reference is not None:
-        found.append(co.Program("grpo reference log-probs", logps, (reference, run.frozen, logp_batch),
-                                update_flops / 3, resident_bytes=state_bytes, passes=1))
+        found.append(
+            co.Program(
+                "grpo reference log-probs",
+                logps,
+                (reference, run.frozen, logp_batch),
+                update_flops / 3,
+                resident_bytes=state_bytes,
+                passes=1,
+            )
+        )
     if g.num_iterations > 1:
         opt_bytes = state_bytes - co.tree_bytes_per_chip(run.state.params)
-        found.append(co.Program("grpo old log-probs", logps, (run.state.params, run.frozen, logp_batch),
-                                update_flops / 3, resident_bytes=opt_bytes + reference_bytes, passes=1))
+        found.append(
+            co.Program(
+                "grpo old log-probs",
+                logps,
+                (run.state.params, run.frozen, logp_batch),
+                update_flops / 3,
+                resident_bytes=opt_bytes + reference_bytes,
+                passes=1,
+            )
+        )
     found.append(_rollout(cfg, mesh, run, one, state_bytes + reference_bytes))
     return found
 
@@ -136,13 +183,25 @@ def _rollout(cfg: TrainConfig, mesh, run: Abstract, one, resident: float) -> co.
     inputs = co.batched_inputs(one, prompts, rollout_mesh)
     placed = lambda shape, dtype: co.abstract(shape, dtype, batch_sharding(rollout_mesh, shape))
     keys = placed((prompts * g.num_generations,), jax.random.key(0).dtype)
-    sampling = SamplingConfig(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
-                              top_p=g.top_p, num_samples=g.num_generations, eos_ids=(model_cfg.eos_token_id,),
-                              suppress_ids=(model_cfg.image_token_id, model_cfg.video_token_id))
+    sampling = SamplingConfig(
+        max_new_tokens=g.max_completion_length,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        num_samples=g.num_generations,
+        eos_ids=(model_cfg.eos_token_id,),
+        suppress_ids=(model_cfg.image_token_id, model_cfg.video_token_id),
+    )
     args = (graphdef, sampling, weights, inputs, co.abstract((), jnp.int32, None), placed((prompts,), jnp.int32), keys)
     flops = sampler_flops(model_cfg, one, prompts, g.num_generations, g.max_completion_length)
-    return co.Program("grpo rollout (prefill + decoding)", sample, args, flops, resident_bytes=resident,
-                      passes=1 + g.max_completion_length)
+    return co.Program(
+        "grpo rollout (prefill + decoding)",
+        sample,
+        args,
+        flops,
+        resident_bytes=resident,
+        passes=1 + g.max_completion_length,
+    )
 
 
 def sampler_flops(model_cfg, one, prompts: int, samples: int, new_tokens: int) -> float:

@@ -38,5 +38,10 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -28,22 +28,28 @@ from stjax.train.loop import export_files, export_hf, media_config, placed_state
 from stjax.train.step import split_trainable
 
 
-def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    run_dir: str | Path, step: int | None = None, out: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Write checkpoint `step` of the run as a HF directory at `out`, refusing an occupied `out` unless `overwrite`."""
     run_dir = as_path(run_dir)
     if not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.json").is_file():
         model = any(run_dir.glob("*.safetensors")) or is_stjax_dir(run_dir)
-        raise ConfigError(f"{run_dir} is not a training run's output_dir (no checkpoints/ and config.json)"
-                          + ("; it is a model directory, which loads as it is" if model else ""))
+        raise ConfigError(
+            f"{run_dir} is not a training run's output_dir (no checkpoints/ and config.json)"
+            + ("; it is a model directory, which loads as it is" if model else "")
+        )
     cfg = parse(json.loads((run_dir / "config.json").read_text()))
     checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.save_total_limit)
     steps = list(checkpoints.manager.all_steps())
     step = step or checkpoints.latest_step
     if step is None or step not in steps:
         damaged = sorted(p.name for p in (run_dir / "checkpoints").glob("*.damaged-*"))
-        raise ConfigError(f"no checkpoint{f' {step}' if step else ''} in {run_dir / 'checkpoints'} (there are {steps}"
-                          + (f"; set aside as damaged: {', '.join(damaged)}" if damaged else "") + ")")
+        raise ConfigError(
+            f"no checkpoint{f' {step}' if step else ''} in {run_dir / 'checkpoints'} (there are {steps}"
+            + (f"; set aside as damaged: {', '.join(damaged)}" if damaged else "")
+            + ")"
+        )
     out = as_path(out or run_dir / f"hf-{step}")
     check_target(out, overwrite)  # before building the model
     mesh = make_mesh({"fsdp": -1})
@@ -53,8 +59,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out: str | P
     try:
         state = checkpoints.restore(step, target, None)
     except CheckpointDamaged as e:
-        raise CheckpointDamaged(f"checkpoint {step} in {run_dir / 'checkpoints'} is damaged ({e}); export another "
-                                f"with --step (there are {steps})") from None
+        raise CheckpointDamaged(
+            f"checkpoint {step} in {run_dir / 'checkpoints'} is damaged ({e}); export another "
+            f"with --step (there are {steps})"
+        ) from None
     checkpoints.close()
     processor = Processor.from_pretrained(tokenizer, media=media_config(cfg))
     files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage_steps(cfg.stage).template)

@@ -74,18 +74,32 @@ class GRPO:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
         sampling = SamplingConfig(
-            max_new_tokens=options.max_completion_length, temperature=options.temperature, top_k=options.top_k,
-            top_p=options.top_p, num_samples=options.num_generations, eos_ids=self.eos_ids,
+            max_new_tokens=options.max_completion_length,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            top_p=options.top_p,
+            num_samples=options.num_generations,
+            eos_ids=self.eos_ids,
             pad_id=tokenizer.pad_token_id,
-            suppress_ids=(context.model_cfg.image_token_id, context.model_cfg.video_token_id))
+            suppress_ids=(context.model_cfg.image_token_id, context.model_cfg.video_token_id),
+        )
         settings = LossSettings.of(context.cfg)
         rollout_mesh = make_mesh(parse_mesh(options.rollout_mesh)) if options.rollout_mesh else None
         self.rollout = Rollout(model, context.graphdef, context.frozen, sampling, settings, context.mesh, rollout_mesh)
-        self.learner = Learner(context.graphdef, context.optim, settings, state, context.frozen, context.mesh,
-                               options.num_generations, context.cfg.gradient_accumulation_steps)
+        self.learner = Learner(
+            context.graphdef,
+            context.optim,
+            settings,
+            state,
+            context.frozen,
+            context.mesh,
+            options.num_generations,
+            context.cfg.gradient_accumulation_steps,
+        )
         model_cfg = context.model_cfg
-        self.reference = (reference_params(model, state, model_cfg.compute_dtype, bool(model_cfg.lora_rank))
-                          if options.beta else None)
+        self.reference = (
+            reference_params(model, state, model_cfg.compute_dtype, bool(model_cfg.lora_rank)) if options.beta else None
+        )
         self.completions_log = context.output_dir / "completions.jsonl"
         if jax.process_index() == 0:  # a resumed run logs the steps after its checkpoint again
             drop_steps_after(self.completions_log, context.start_step)
@@ -99,14 +113,22 @@ class GRPO:
             prompts, starts = prompt_inputs(self.context.model_cfg, loaded)
             completions = self.rollout.generate(state, prompts, starts, [s.id for s in samples], step)
         with clock("scoring_time"):
-            texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
-                     for row, n in zip(completions.tokens, completions.lengths)]
+            texts = [
+                self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                for row, n in zip(completions.tokens, completions.lengths)
+            ]
             scores = self.score(groups, texts, completions, step)
             advantages = np.asarray(group_advantages(scores.reward, options.num_generations, options.scale_rewards))
             mine = slice(jax.process_index() * len(texts), (jax.process_index() + 1) * len(texts))
         with clock("logprob_time"):
-            batch = self.learner.batch(prompts, starts, completions.tokens, completions.lengths,
-                                       self.completion_mask(completions, scores.truncated[mine]), advantages[mine])
+            batch = self.learner.batch(
+                prompts,
+                starts,
+                completions.tokens,
+                completions.lengths,
+                self.completion_mask(completions, scores.truncated[mine]),
+                advantages[mine],
+            )
             if self.reference is not None:
                 batch = batch.replace(ref_logp=self.rollout.logps(self.reference, batch))
             if options.num_iterations > 1:
@@ -114,21 +136,31 @@ class GRPO:
             jax.block_until_ready((batch.ref_logp, batch.old_logp))
         with clock("update_time"):
             state, metrics = self.learner.update(state, batch, options.num_iterations)
-        metrics.update(scores.metrics(options.reward_funcs, options.num_generations, options.scale_rewards),
-                       **clock.seconds)
+        metrics.update(
+            scores.metrics(options.reward_funcs, options.num_generations, options.scale_rewards), **clock.seconds
+        )
         metrics.update(self.speed(metrics, batch, scores))
         every = options.log_completions_steps
         if jax.process_index() == 0 and every and (step + 1) % every == 0:
-            log_completions(self.completions_log, step + 1, groups, texts, scores.rewards[mine], scores.reward[mine],
-                            options.reward_funcs, options.num_completions_to_print)
+            log_completions(
+                self.completions_log,
+                step + 1,
+                groups,
+                texts,
+                scores.rewards[mine],
+                scores.reward[mine],
+                options.reward_funcs,
+                options.num_completions_to_print,
+            )
         return state, metrics
 
     def score(self, groups: list[Sample], texts: list[str], completions: Completions, step: int) -> Scores:
         """Every reward of this process's completions, gathered with the other processes'; a broken
         reward function stops the run here (`rewards.check`)."""
         table = rewards.score(self.reward_funcs, [s.question for s in groups], texts, groups)
-        scores = Scores.gather(table, self.reward_weights, texts, groups, completions.lengths,
-                               ~completions.ended(self.eos_ids))
+        scores = Scores.gather(
+            table, self.reward_weights, texts, groups, completions.lengths, ~completions.ended(self.eos_ids)
+        )
         rewards.check(self.options.reward_funcs, scores.errors, scores.invalid, table.problems, scores.reward, step + 1)
         return scores
 
@@ -144,22 +176,41 @@ class GRPO:
         """Throughput of the step's phases (MFU where the device's peak is known)."""
         iterations, peak = self.options.num_iterations, self.context.peak_flops
         seconds = {k: metrics[k] for k in ("rollout_time", "scoring_time", "logprob_time", "update_time")}
-        out = {"rollout_tokens_per_s": float(scores.lengths.sum()) / seconds["rollout_time"],
-               "step_time": sum(seconds.values()),
-               "tokens_per_s": metrics["tokens"] * iterations / seconds["update_time"]}
+        out = {
+            "rollout_tokens_per_s": float(scores.lengths.sum()) / seconds["rollout_time"],
+            "step_time": sum(seconds.values()),
+            "tokens_per_s": metrics["tokens"] * iterations / seconds["update_time"],
+        }
         if peak:
             flops = update_flops(self.context.model_cfg, batch, metrics) * iterations
             out["mfu"] = mfu(flops, seconds["update_time"], jax.device_count(), peak)
         return out
 
 
-def log_completions(path: Path, step: int, groups: list[Sample], texts: list[str], values: np.ndarray,
-                    total: np.ndarray, names: Sequence[str], count: int) -> None:
+def log_completions(
+    path: Path,
+    step: int,
+    groups: list[Sample],
+    texts: list[str],
+    values: np.ndarray,
+    total: np.ndarray,
+    names: Sequence[str],
+    count: int,
+) -> None:
     """A few completions with their rewards, appended to `path` (<output_dir>/completions.jsonl)."""
     with AppendLog(path, autoflush=False) as f:
         for i in range(min(count, len(texts))):
             scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, values[i])}
-            f.write(json.dumps({"step": step, "prompt_id": groups[i].id, "completion": texts[i],
-                                "rewards": scores, "reward": None if np.isnan(total[i]) else float(total[i])},
-                               ensure_ascii=False) + "\n")
-
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt_id": groups[i].id,
+                        "completion": texts[i],
+                        "rewards": scores,
+                        "reward": None if np.isnan(total[i]) else float(total[i]),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )

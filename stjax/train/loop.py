@@ -59,8 +59,11 @@ class TrainingStopped(RuntimeError):
 def tokenizer_dir(cfg: TrainConfig) -> Path:
     """data.tokenizer, else the model directory's (hub ids resolved)."""
     data = cfg.data
-    key, name, revision = ("data.tokenizer", data.tokenizer, None) if data.tokenizer else \
-        ("model.model_name_or_path", cfg.model.model_name_or_path, cfg.model.revision or None)
+    key, name, revision = (
+        ("data.tokenizer", data.tokenizer, None)
+        if data.tokenizer
+        else ("model.model_name_or_path", cfg.model.model_name_or_path, cfg.model.revision or None)
+    )
     try:
         return resolve_model_dir(name, revision)
     except ModelNotFoundError as e:
@@ -94,10 +97,17 @@ def model_source(cfg: TrainConfig) -> str | Path:
 def prepare_model(cfg: TrainConfig, mesh: Mesh) -> QwenVLForConditionalGeneration:
     """The base model on the mesh, with fresh LoRA adapters when `lora.r` > 0."""
     model_section, lora = cfg.model, cfg.lora
-    policy = dict(compute_dtype=model_section.compute_dtype, attention=model_section.attention,
-                  remat=model_section.gradient_checkpointing)
-    quantization = dict(quantize_base=lora.quantize_base, quantize_targets=lora.quantize_targets,
-                        double_quant=lora.double_quant, lora_targets=tuple(lora.target_modules))
+    policy = dict(
+        compute_dtype=model_section.compute_dtype,
+        attention=model_section.attention,
+        remat=model_section.gradient_checkpointing,
+    )
+    quantization = dict(
+        quantize_base=lora.quantize_base,
+        quantize_targets=lora.quantize_targets,
+        double_quant=lora.double_quant,
+        lora_targets=tuple(lora.target_modules),
+    )
     source = model_source(cfg)
     if isinstance(source, str):  # a preset
         model_cfg = QwenVLConfig.from_file(source).replace(param_dtype=model_section.param_dtype, **policy)
@@ -109,7 +119,9 @@ def prepare_model(cfg: TrainConfig, mesh: Mesh) -> QwenVLForConditionalGeneratio
     else:
         model, _ = load_pretrained(source, dtype=model_section.param_dtype, mesh=mesh, **policy, **quantization)
     if lora.r:
-        model = shard_model(with_lora(model, lora.r, lora.lora_alpha, lora.target_modules, cfg.seed, lora.lora_dropout), mesh)
+        model = shard_model(
+            with_lora(model, lora.r, lora.lora_alpha, lora.target_modules, cfg.seed, lora.lora_dropout), mesh
+        )
     return model
 
 
@@ -126,21 +138,25 @@ def check_tokenizer(processor: Processor, model_cfg: QwenVLConfig) -> None:
         raise ConfigError(f"the tokenizer's image/video/vision-start ids {ours} differ from the model's {theirs}")
 
 
-def placed_state(trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh,
-                 master_dtype: str = "float32") -> TrainState:
+def placed_state(
+    trainable: nnx.State, optim: OptimConfig, seed: int, mesh: Mesh, master_dtype: str = "float32"
+) -> TrainState:
     """A fresh train state made on the devices: optimizer moments sharded like their parameters."""
     make = lambda p: init_state(p, optim, master_dtype, seed)
-    shardings = train_state_shardings(jax.eval_shape(make, trainable), jax.tree.map(lambda x: x.sharding, trainable),
-                                      optim, mesh)
+    shardings = train_state_shardings(
+        jax.eval_shape(make, trainable), jax.tree.map(lambda x: x.sharding, trainable), optim, mesh
+    )
     return jax.jit(make, out_shardings=shardings)(trainable)
 
 
 def non_finite_arrays(model: QwenVLForConditionalGeneration) -> list[str]:
     """Paths of the model's floating-point arrays that hold a NaN or an infinity (on the devices, by
     every process: the same answer everywhere)."""
-    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
-              for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
-              if jnp.issubdtype(x.dtype, jnp.floating)]
+    leaves = [
+        (jax.tree_util.keystr(path, simple=True, separator="/"), x)
+        for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in leaves])
     return [name for (name, _), ok in zip(leaves, finite) if not ok]
 
@@ -160,16 +176,23 @@ def export_files(processor: Processor, tokenizer: Path, stage: str, template: Te
     return files | {name: text for name, text in made.items() if not (tokenizer / name).exists()}
 
 
-def export_hf(model: QwenVLForConditionalGeneration, target: Path, tokenizer: Path, overwrite: bool = True,
-              files: dict[str, str] | None = None) -> None:
+def export_hf(
+    model: QwenVLForConditionalGeneration,
+    target: Path,
+    tokenizer: Path,
+    overwrite: bool = True,
+    files: dict[str, str] | None = None,
+) -> None:
     """The trained model as a Hugging Face directory in its parameter dtype (adapters merged into the
     base, dequantized where it is stored quantized), with the tokenizer's files and `files` (`export_files`),
     written beside `target` and put in place whole (`save_hf`). One parameter at a time is made and brought
     to the host, by every process (a collective where the processes hold parts of it); process 0 writes it."""
     bad = non_finite_arrays(model)
     if bad:
-        raise TrainingStopped(f"the trained model holds NaN or infinite values ({', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}); nothing exported to {target}")
+        raise TrainingStopped(
+            f"the trained model holds NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); nothing exported to {target}"
+        )
     cfg, params = merged_params(model)
     if jax.process_index() == 0:
         save_hf(target, cfg, params, side_files=tokenizer, overwrite=overwrite, files=files)
@@ -252,11 +275,23 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     if steps == 0:
         raise ConfigError(f"{len(samples)} samples x {cfg.num_train_epochs} epochs do not fill one step of {per_step}")
     epochs = max(cfg.num_train_epochs, math.ceil(steps * per_step / len(samples)))
-    loader = make_loader(samples, processor, LoaderConfig(
-        batch_size=stage.loader_batch(cfg) // jax.process_count(), seed=cfg.seed, num_epochs=epochs,
-        shuffle=cfg.data.shuffle, num_workers=cfg.data.dataloader_num_workers, template=cfg.data.template or stage.template,
-        token_buckets=cfg.data.token_buckets, patch_buckets=cfg.data.patch_buckets, image_patch_buckets=(0,),
-        videos_per_sample=1, images_per_sample=0))
+    loader = make_loader(
+        samples,
+        processor,
+        LoaderConfig(
+            batch_size=stage.loader_batch(cfg) // jax.process_count(),
+            seed=cfg.seed,
+            num_epochs=epochs,
+            shuffle=cfg.data.shuffle,
+            num_workers=cfg.data.dataloader_num_workers,
+            template=cfg.data.template or stage.template,
+            token_buckets=cfg.data.token_buckets,
+            patch_buckets=cfg.data.patch_buckets,
+            image_patch_buckets=(0,),
+            videos_per_sample=1,
+            images_per_sample=0,
+        ),
+    )
     data = iter(loader)
 
     updates = steps * stage.updates_per_step(cfg)
@@ -264,25 +299,43 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     graphdef, trainable, frozen = split_trainable(model)
     state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
     del trainable  # the state holds the trained copies
-    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit,
-                               cfg.checkpoint.async_save)
+    checkpoints = Checkpointer(
+        out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit, cfg.checkpoint.async_save
+    )
     start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
         state = restored
         log.info("resumed from step %d", start)
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
-    context = Context(cfg=cfg, mesh=mesh, output_dir=out, model_cfg=model_cfg, graphdef=graphdef, frozen=frozen,
-                      optim=optim, processor=processor, samples={s.id: s for s in samples}, start_step=start,
-                      peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None))
+    context = Context(
+        cfg=cfg,
+        mesh=mesh,
+        output_dir=out,
+        model_cfg=model_cfg,
+        graphdef=graphdef,
+        frozen=frozen,
+        optim=optim,
+        processor=processor,
+        samples={s.id: s for s in samples},
+        start_step=start,
+        peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None),
+    )
     trainer = stage(context, model, state)
     del model
     stop = {}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS}
     bad_in_a_row, step, saved = 0, start, start
     try:
-        with MetricsLogger(out, steps, start_step=start, report_to=cfg.report_to, logging_steps=cfg.logging_steps,
-                           desc=cfg.stage, config=dataclasses.asdict(cfg)) as logger:
+        with MetricsLogger(
+            out,
+            steps,
+            start_step=start,
+            report_to=cfg.report_to,
+            logging_steps=cfg.logging_steps,
+            desc=cfg.stage,
+            config=dataclasses.asdict(cfg),
+        ) as logger:
             while step < steps and not stop:
                 try:
                     state, metrics = trainer.step(state, data, step)
@@ -295,8 +348,10 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
                 if bad_in_a_row >= cfg.max_bad_steps:
                     checkpoints.save(step, state, data)  # skipped steps left the state as it was: the last good one
                     checkpoints.wait()
-                    raise TrainingStopped(f"{bad_in_a_row} non-finite steps in a row (up to step {step}); "
-                                          f"the last good state is saved in {out / 'checkpoints' / str(step)}")
+                    raise TrainingStopped(
+                        f"{bad_in_a_row} non-finite steps in a row (up to step {step}); "
+                        f"the last good state is saved in {out / 'checkpoints' / str(step)}"
+                    )
                 if checkpoints.due(step):
                     checkpoints.save(step, state, data)
                     saved = step
@@ -316,12 +371,18 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
         log.warning("stopped by %s at step %d; checkpoint saved; rerun the same command to resume", name, step)
         raise SystemExit(128 + stop["signal"])
     if step == 0:
-        raise TrainingStopped(f"no step was trained ({len(data.skipped)} samples skipped, reasons in "
-                              f"{out}/skipped_samples.*.json); nothing exported")
+        raise TrainingStopped(
+            f"no step was trained ({len(data.skipped)} samples skipped, reasons in "
+            f"{out}/skipped_samples.*.json); nothing exported"
+        )
     if cfg.checkpoint.export_hf:
         trained = nnx.merge(graphdef, state.params, frozen)
-        export_hf(trained, out / "hf", tokenizer,
-                  files=export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template))
+        export_hf(
+            trained,
+            out / "hf",
+            tokenizer,
+            files=export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template),
+        )
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:
         lock.release()

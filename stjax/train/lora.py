@@ -29,9 +29,14 @@ def _flat(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
     return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
 
 
-def with_lora(model: QwenVLForConditionalGeneration, rank: int, alpha: float = 8.0,
-              targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-              seed: int = 0, dropout: float = 0.0) -> QwenVLForConditionalGeneration:
+def with_lora(
+    model: QwenVLForConditionalGeneration,
+    rank: int,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    seed: int = 0,
+    dropout: float = 0.0,
+) -> QwenVLForConditionalGeneration:
     """The model with fresh adapters on `targets` (lora_b = 0: it computes what the base computes)."""
     cfg = model.config.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets), lora_dropout=dropout)
     graphdef, state = nnx.split(abstract_model(cfg))
@@ -55,8 +60,16 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "shape", "scale", "dtype"))
-def _merged_layer(stored: dict[str, jax.Array], lora: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
-                  *, fmt: str, shape: tuple[int, int], scale: float, dtype: str) -> jax.Array:
+def _merged_layer(
+    stored: dict[str, jax.Array],
+    lora: tuple[jax.Array, jax.Array] | None,
+    index: jax.Array | None,
+    *,
+    fmt: str,
+    shape: tuple[int, int],
+    scale: float,
+    dtype: str,
+) -> jax.Array:
     """One layer (`index` of stacked arrays, or the whole when None) of a merged (in, out) kernel:
     the base, dequantized, plus scale * A @ B, in float32."""
     stored, lora = jax.tree.map(lambda x: x if index is None else x[index], (stored, lora))
@@ -84,8 +97,15 @@ class MergedParam:
     def read(self) -> np.ndarray:
         if self.fmt == "none" and self.lora is None:
             return _host(self.stored["value"]).astype(self.dtype)
-        merge = functools.partial(_merged_layer, self.stored, self.lora, fmt=self.fmt, shape=self.shape[-2:],
-                                  scale=self.scale, dtype=self.dtype.name)
+        merge = functools.partial(
+            _merged_layer,
+            self.stored,
+            self.lora,
+            fmt=self.fmt,
+            shape=self.shape[-2:],
+            scale=self.scale,
+            dtype=self.dtype.name,
+        )
         if not self.stacked:
             return _host(merge(None))
         out = np.empty(self.shape, self.dtype)
@@ -105,12 +125,22 @@ def merged_params(model: QwenVLForConditionalGeneration) -> tuple[QwenVLConfig, 
     out = {}
     for rule in rules(plain):
         owner = rule.path[:-1]
-        stored = {"value": flat[rule.path]} if rule.path in flat else \
-            {p[-1]: v for p, v in flat.items() if p[:-1] == rule.path}
+        stored = (
+            {"value": flat[rule.path]}
+            if rule.path in flat
+            else {p[-1]: v for p, v in flat.items() if p[:-1] == rule.path}
+        )
         adapted = rule.path[-1] == "kernel" and owner + ("lora_a",) in flat
         lora = (flat[owner + ("lora_a",)], flat[owner + ("lora_b",)]) if adapted else None
-        out[rule.path] = MergedParam(stored, lora, cfg.quantization(owner) if "codes" in stored else "none",
-                                     cfg.lora_alpha / max(cfg.lora_rank, 1), shapes[rule.path], dtype, rule.stacked)
+        out[rule.path] = MergedParam(
+            stored,
+            lora,
+            cfg.quantization(owner) if "codes" in stored else "none",
+            cfg.lora_alpha / max(cfg.lora_rank, 1),
+            shapes[rule.path],
+            dtype,
+            rule.stacked,
+        )
     return plain, out
 
 

@@ -59,16 +59,28 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, average: str = "token",
-             totals: jax.Array | None = None) -> jax.Array:
+def sft_loss(
+    logits: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    average: str = "token",
+    totals: jax.Array | None = None,
+) -> jax.Array:
     """Next-token cross-entropy from full logits (B, L, V); `loss_mask` (aligned with input_ids) marks
     the targets; `totals` as in `loss_weights`."""
     return jnp.sum(loss_weights(loss_mask, average, totals) * token_nll(logits, next_tokens(input_ids)))
 
 
-def chunked_sft_loss(hidden: jax.Array, table: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                     average: str = "token", chunk: int = 512, positions: jax.Array | None = None,
-                     totals: jax.Array | None = None) -> jax.Array:
+def chunked_sft_loss(
+    hidden: jax.Array,
+    table: jax.Array,
+    input_ids: jax.Array,
+    loss_mask: jax.Array,
+    average: str = "token",
+    chunk: int = 512,
+    positions: jax.Array | None = None,
+    totals: jax.Array | None = None,
+) -> jax.Array:
     """`sft_loss(hidden @ table.T, ...)` without the full logits. hidden (B, L, D) final-norm states,
     table (V, D) the output projection (the tied embedding or lm_head's kernel transposed).
 
@@ -112,6 +124,7 @@ def _slice_logits(h: jax.Array, table: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _weighted_nll(h: jax.Array, table: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """sum(weights * nll) over slices (S, B, c, ...); the loss alone (no gradient wanted)."""
+
     def body(total, xs):
         h_s, t_s, w_s = xs
         return total + jnp.sum(w_s * token_nll(_slice_logits(h_s, table), t_s)), None
@@ -121,6 +134,7 @@ def _weighted_nll(h: jax.Array, table: jax.Array, targets: jax.Array, weights: j
 
 def _weighted_nll_fwd(h, table, targets, weights):
     """The loss and its gradients in one pass: d nll / d logits = softmax - onehot(target)."""
+
     def body(carry, xs):
         total, d_table = carry
         h_s, t_s, w_s = xs
@@ -147,8 +161,9 @@ def _weighted_nll_bwd(grads, g):
 _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
-def token_logps(hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: int = 512
-                ) -> tuple[jax.Array, jax.Array]:
+def token_logps(
+    hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: int = 512
+) -> tuple[jax.Array, jax.Array]:
     """log p(target) and the entropy of the next-token distribution at each position, (B, K) each,
     from (B, K, D) hidden states and the (V, D) output table, `chunk` positions of every row at a time.
 

@@ -62,8 +62,9 @@ def model_flops_per_token(cfg: QwenVLConfig, seq_len: int) -> float:
     q_width, kv_width = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     attention = 2 * t.hidden_size * q_width + 2 * t.hidden_size * kv_width  # q, o; k, v
     mlp = 3 * t.hidden_size * t.intermediate_size  # gate, up, down
-    return float(6 * t.num_layers * (attention + mlp) + lm_head_flops_per_token(cfg)
-                 + 12 * t.num_layers * seq_len * q_width)
+    return float(
+        6 * t.num_layers * (attention + mlp) + lm_head_flops_per_token(cfg) + 12 * t.num_layers * seq_len * q_width
+    )
 
 
 def vision_flops_per_patch(cfg: QwenVLConfig, group_size: int) -> float:
@@ -78,7 +79,9 @@ def step_flops(model_cfg: QwenVLConfig, batch, metrics: dict[str, float]) -> flo
     token, or at the target tokens alone when the step makes logits only there (`loss_positions`)."""
     head = lm_head_flops_per_token(model_cfg)
     rows = metrics["tokens"] if batch.loss_positions is None else metrics["target_tokens"]
-    flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics["tokens"] + head * rows
+    flops = (model_flops_per_token(model_cfg, batch.inputs.input_ids.shape[-1]) - head) * metrics[
+        "tokens"
+    ] + head * rows
     return flops + vision_flops(model_cfg, batch.inputs, metrics)
 
 
@@ -186,10 +189,19 @@ class MetricsLogger:
     stdout is a terminal) chooses the bar over plain lines; `progress=False` shows neither.
     """
 
-    def __init__(self, out_dir: str | os.PathLike | None, total_steps: int, start_step: int = 0,
-                 enabled: bool | None = None, report_to: Sequence[str] = (), progress: bool = True,
-                 logging_steps: float = 10, desc: str = "train", interactive: bool | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike | None,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool | None = None,
+        report_to: Sequence[str] = (),
+        progress: bool = True,
+        logging_steps: float = 10,
+        desc: str = "train",
+        interactive: bool | None = None,
+        config: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.out_dir = as_path(out_dir) if out_dir is not None else None
         self.start_step = self.last_step = start_step
@@ -252,8 +264,10 @@ class MetricsLogger:
                 columns.setdefault(name, []).append(value)
         means = {name: sum(values) / len(values) for name, values in columns.items()}
         metrics = " ".join(f"{n}={v:.4g}" for n, v in means.items())
-        return (f"{self.desc} step {step}/{self.total_steps} {metrics} elapsed={_clock(time.time() - self.started)} "
-                f"eta={_clock(self.pace.eta(self.total_steps))}")
+        return (
+            f"{self.desc} step {step}/{self.total_steps} {metrics} elapsed={_clock(time.time() - self.started)} "
+            f"eta={_clock(self.pace.eta(self.total_steps))}"
+        )
 
     def summary(self) -> dict:
         """Totals of this invocation, printed, and saved to out_dir/summary.json with the history of
@@ -304,6 +318,7 @@ class MetricsLogger:
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -31,7 +31,7 @@ def check_report_to(names: Iterable[str]) -> None:
         if name not in REPORTERS:
             raise ValueError(f"report_to: {name!r} is not one of {', '.join(REPORTERS)}")
         if importlib.util.find_spec(REPORTERS[name]) is None:
-            raise ValueError(f"report_to: {name} needs the {REPORTERS[name]} package: pip install \"stjax[{name}]\"")
+            raise ValueError(f'report_to: {name} needs the {REPORTERS[name]} package: pip install "stjax[{name}]"')
 
 
 class _EventFiles:
@@ -71,8 +71,14 @@ class Wandb:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         local = None if is_remote(out_dir) else str(out_dir)  # wandb writes its files locally
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "stjax"), name=out_dir.name, id=run_id,
-                              resume="allow", dir=local, config=config)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "stjax"),
+            name=out_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=local,
+            config=config,
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)

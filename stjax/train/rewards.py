@@ -57,8 +57,9 @@ _FORMAT = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>
 _OPPOSITE_ANSWER = re.compile(r"Let's start by thinking (?:reverse|forward) .*?\?\s*(.*?)\s*And then", re.S)
 
 
-def accuracy(completions: Sequence[str], answer: Sequence[str], options: Sequence[list[str]],
-             rule: str = "release", **_) -> list[float]:
+def accuracy(
+    completions: Sequence[str], answer: Sequence[str], options: Sequence[list[str]], rule: str = "release", **_
+) -> list[float]:
     """1.0 where the completion's answer is the gold letter (see the module docstring for the rules)."""
     if rule == "default":
         return [float(extract_answer(c, o) == a) for c, a, o in zip(completions, answer, options)]
@@ -103,7 +104,7 @@ def reverse_thinking(completions: Sequence[str], solution: Sequence[str | None],
             continue
         start = completion.find("<think>")
         end = completion.find("</think>", start)
-        think = "" if start < 0 else completion[start: end if end >= 0 else len(completion)]  # unclosed: to the end
+        think = "" if start < 0 else completion[start : end if end >= 0 else len(completion)]  # unclosed: to the end
         scores.append(float(opposite_answer(think) == gold))
     return scores
 
@@ -127,8 +128,10 @@ def resolve(name: str, accuracy_rule: str = "release") -> RewardFunc:
     except (ImportError, AttributeError, OSError) as e:
         raise ValueError(f"reward function {name!r}: {e}") from None
     if not callable(fn):
-        raise ValueError(f"reward function {name!r} is neither built in ({', '.join(REWARDS)}) nor a dotted path "
-                         "or file:function naming a function")
+        raise ValueError(
+            f"reward function {name!r} is neither built in ({', '.join(REWARDS)}) nor a dotted path "
+            "or file:function naming a function"
+        )
     return fn
 
 
@@ -161,8 +164,9 @@ class RewardTable:
     problems: list[str]  # (F,) the first error or invalid value of each function, "" where none
 
 
-def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str],
-          samples: Sequence[Sample]) -> RewardTable:
+def score(
+    funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequence[str], samples: Sequence[Sample]
+) -> RewardTable:
     """Every function on every completion; one that raises is retried one completion at a time."""
     values = np.zeros((len(completions), len(funcs)))
     errors, invalid = np.zeros(len(funcs), np.int64), np.zeros(len(funcs), np.int64)
@@ -170,8 +174,13 @@ def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequ
     fields = columns(samples)
 
     def call(fn: RewardFunc, rows: slice) -> list:
-        out = list(fn(prompts=list(prompts[rows]), completions=list(completions[rows]),
-                      **{k: v[rows] for k, v in fields.items()}))
+        out = list(
+            fn(
+                prompts=list(prompts[rows]),
+                completions=list(completions[rows]),
+                **{k: v[rows] for k, v in fields.items()},
+            )
+        )
         expected = len(completions[rows])
         if len(out) != expected:
             raise ValueError(f"returned {len(out)} rewards for {expected} completions")
@@ -186,8 +195,13 @@ def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequ
                 try:
                     out += call(fn, slice(i, i + 1))
                 except Exception as e:  # noqa: BLE001
-                    log.warning("reward %s failed on completion %d (sample %s), scored 0: %s",
-                                getattr(fn, "__name__", "function"), i, samples[i].id, e)
+                    log.warning(
+                        "reward %s failed on completion %d (sample %s), scored 0: %s",
+                        getattr(fn, "__name__", "function"),
+                        i,
+                        samples[i].id,
+                        e,
+                    )
                     errors[f] += 1
                     problems[f] = problems[f] or f"on sample {samples[i].id}: {type(e).__name__}: {e}"
                     out.append(0.0)
@@ -200,8 +214,9 @@ def score(funcs: Sequence[RewardFunc], prompts: Sequence[str], completions: Sequ
     return RewardTable(values=values, errors=errors, invalid=invalid, problems=problems)
 
 
-def check(names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problems: Sequence[str], total: np.ndarray,
-          step: int) -> None:
+def check(
+    names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problems: Sequence[str], total: np.ndarray, step: int
+) -> None:
     """Stop the run (RewardError) when a function raised on every completion of the step, returned a
     value that is neither a finite number nor None, or no function applies to any completion (every
     advantage would be 0). Counts and `total` (the weighted sums) cover all processes, `problems`
@@ -209,11 +224,17 @@ def check(names: Sequence[str], errors: np.ndarray, invalid: np.ndarray, problem
     for name, raised, wrong, problem in zip(names, errors, invalid, problems):
         problem = problem or "on another process"
         if raised == len(total):
-            raise RewardError(f"reward {name} raised on every completion of step {step} ({len(total)}), e.g. "
-                              f"{problem}; nothing of this step was trained")
+            raise RewardError(
+                f"reward {name} raised on every completion of step {step} ({len(total)}), e.g. "
+                f"{problem}; nothing of this step was trained"
+            )
         if wrong:
-            raise RewardError(f"reward {name} returned {wrong} value(s) that are neither a finite number nor None at "
-                              f"step {step}, e.g. {problem}")
+            raise RewardError(
+                f"reward {name} returned {wrong} value(s) that are neither a finite number nor None at "
+                f"step {step}, e.g. {problem}"
+            )
     if np.isnan(total).all():
-        raise RewardError(f"no reward applies to any completion of step {step} (each of {', '.join(names)} returned "
-                          "None for all): nothing to train on")
+        raise RewardError(
+            f"no reward applies to any completion of step {step} (each of {', '.join(names)} returned "
+            "None for all): nothing to train on"
+        )

@@ -24,9 +24,22 @@ from stjax.train.config import STAGES, TrainConfig
 CONFIG, INPUTS = "config.json", "inputs.json"
 # Settings a checkpoint depends on: the stage (an SFT checkpoint is no GRPO run's, nor the reverse),
 # the train state's layout, and the order the data iterator walks (a stage adds its own: STAGES).
-RESUME_KEYS = ("stage", "seed", "batch_size", "model.model_name_or_path", "model.arch", "model.param_dtype",
-               "model.master_dtype", "lora.r", "lora.target_modules", "data.format", "data.path", "data.shuffle",
-               "data.synthetic_walks", "data.synthetic_tasks")
+RESUME_KEYS = (
+    "stage",
+    "seed",
+    "batch_size",
+    "model.model_name_or_path",
+    "model.arch",
+    "model.param_dtype",
+    "model.master_dtype",
+    "lora.r",
+    "lora.target_modules",
+    "data.format",
+    "data.path",
+    "data.shuffle",
+    "data.synthetic_walks",
+    "data.synthetic_tasks",
+)
 
 
 def lock(out: Path) -> DirectoryLock | None:
@@ -46,12 +59,16 @@ def check_resume(out: Path, cfg: TrainConfig) -> None:
     try:
         before = json.loads((out / CONFIG).read_text())
     except ValueError as e:
-        raise ConfigError(f"{out / CONFIG} is not readable ({e}); the checkpoints beside it cannot be resumed") from None
+        raise ConfigError(
+            f"{out / CONFIG} is not readable ({e}); the checkpoints beside it cannot be resumed"
+        ) from None
     differ = changed(before, dataclasses.asdict(cfg), RESUME_KEYS + STAGES[cfg.stage].resume_keys)
     if differ:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
-        raise ConfigError(f"{out} holds checkpoints of a run with other settings ({listed}); "
-                          "use another output_dir or the same settings")
+        raise ConfigError(
+            f"{out} holds checkpoints of a run with other settings ({listed}); "
+            "use another output_dir or the same settings"
+        )
 
 
 def check_inputs(out: Path, data_file: Path, model_dir: Path | None) -> None:
@@ -62,17 +79,28 @@ def check_inputs(out: Path, data_file: Path, model_dir: Path | None) -> None:
     recorded = json.loads((out / INPUTS).read_text()) if (out / INPUTS).exists() else None
     if recorded is not None and has_checkpoints(out):
         if recorded.get("data_sha256") != digest:
-            raise ConfigError(f"{data_file} changed since this run began (SHA-256 {digest[:12]}, recorded "
-                              f"{str(recorded.get('data_sha256'))[:12]}); resuming would mix two data sets: restore "
-                              "the file or use another output_dir")
+            raise ConfigError(
+                f"{data_file} changed since this run began (SHA-256 {digest[:12]}, recorded "
+                f"{str(recorded.get('data_sha256'))[:12]}); resuming would mix two data sets: restore "
+                "the file or use another output_dir"
+            )
         before = recorded.get("model_files", model_files)  # runs begun before models were recorded: unchecked
         files = sorted(n for n in before.keys() | model_files.keys() if before.get(n) != model_files.get(n))
         if files:
-            raise ConfigError(f"the model files in {model_dir} changed since this run began ({', '.join(files)}); "
-                              "resuming would train on another base model: restore them or use another output_dir")
+            raise ConfigError(
+                f"the model files in {model_dir} changed since this run began ({', '.join(files)}); "
+                "resuming would train on another base model: restore them or use another output_dir"
+            )
     if recorded is None or not has_checkpoints(out):
-        _write_json(out / INPUTS, {"data_file": str(data_file), "data_sha256": digest,
-                                   "model_dir": str(model_dir) if model_dir else None, "model_files": model_files})
+        _write_json(
+            out / INPUTS,
+            {
+                "data_file": str(data_file),
+                "data_sha256": digest,
+                "model_dir": str(model_dir) if model_dir else None,
+                "model_files": model_files,
+            },
+        )
 
 
 def write_config(out: Path, cfg: TrainConfig) -> None:

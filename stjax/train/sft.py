@@ -24,8 +24,11 @@ from stjax.train.step import TrainState, train_step
 def step_function(graphdef, optim, cfg: TrainConfig, shardings: TrainState, mesh) -> Callable:
     """The jitted SFT step (state, frozen, batch) -> (state, metrics): the state donated and kept where
     `shardings` puts it, the metrics replicated."""
-    return jax.jit(functools.partial(train_step, graphdef, optim, average=cfg.loss_average, loss_chunk=cfg.loss_chunk),
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    return jax.jit(
+        functools.partial(train_step, graphdef, optim, average=cfg.loss_average, loss_chunk=cfg.loss_chunk),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
 
 
 class SFT:
@@ -45,8 +48,12 @@ class SFT:
 
     def __init__(self, context: loop.Context, model, state: TrainState):
         self.context = context
-        self.step_fn = on_mesh(step_function(context.graphdef, context.optim, context.cfg,
-                                             jax.tree.map(lambda x: x.sharding, state), context.mesh), context.mesh)
+        self.step_fn = on_mesh(
+            step_function(
+                context.graphdef, context.optim, context.cfg, jax.tree.map(lambda x: x.sharding, state), context.mesh
+            ),
+            context.mesh,
+        )
 
     def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         context = self.context
@@ -58,7 +65,7 @@ class SFT:
         seconds = time.perf_counter() - began
         metrics.update(step_time=seconds, tokens_per_s=metrics["tokens"] / seconds)
         if context.peak_flops:
-            metrics["mfu"] = mfu(step_flops(context.model_cfg, batch, metrics), seconds, jax.device_count(),
-                                 context.peak_flops)
+            metrics["mfu"] = mfu(
+                step_flops(context.model_cfg, batch, metrics), seconds, jax.device_count(), context.peak_flops
+            )
         return state, metrics
-

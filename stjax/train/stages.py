@@ -60,10 +60,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         from stjax.data.synthetic import generate
 
         root = Path(data.path or out / "data")
-        on_process_zero(lambda: generate(root, data.synthetic_walks, cfg.seed, tasks=data.synthetic_tasks),
-                        root / "plain.jsonl")
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            data, format="plain", path=str(root / "plain.jsonl"), tokenizer=data.tokenizer or str(root / "tokenizer")))
+        on_process_zero(
+            lambda: generate(root, data.synthetic_walks, cfg.seed, tasks=data.synthetic_tasks), root / "plain.jsonl"
+        )
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(
+                data,
+                format="plain",
+                path=str(root / "plain.jsonl"),
+                tokenizer=data.tokenizer or str(root / "tokenizer"),
+            ),
+        )
     if not cfg.model.model_name_or_path:
         from stjax.data.tokenizer import tiny_model_dir
 
@@ -78,8 +86,20 @@ def cold_start(cfg: TrainConfig) -> TrainConfig:
     <output_dir>/sft, trained when missing) as the model, and its synthetic set as the data."""
     out = Path(cfg.output_dir) / "sft"
     if not (out / "hf" / "config.json").exists():
-        train(config.load(None, [], config.EMBEDDED["sft"], stage="sft", output_dir=str(out), seed=cfg.seed,
-                          model={"arch": cfg.model.arch}, data={"synthetic_walks": cfg.data.synthetic_walks,
-                                                                  "synthetic_tasks": list(cfg.data.synthetic_tasks)}))
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_name_or_path=str(out / "hf")),
-                               data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")))
+        train(
+            config.load(
+                None,
+                [],
+                config.EMBEDDED["sft"],
+                stage="sft",
+                output_dir=str(out),
+                seed=cfg.seed,
+                model={"arch": cfg.model.arch},
+                data={"synthetic_walks": cfg.data.synthetic_walks, "synthetic_tasks": list(cfg.data.synthetic_tasks)},
+            )
+        )
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, model_name_or_path=str(out / "hf")),
+        data=dataclasses.replace(cfg.data, path=cfg.data.path or str(out / "data")),
+    )

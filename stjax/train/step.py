@@ -52,19 +52,22 @@ class OptimConfig:
         warmup = math.ceil(self.total_steps * self.warmup_ratio)
         if warmup == 0:
             return optax.cosine_decay_schedule(self.learning_rate, max(self.total_steps, 1))
-        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1),
-                                                  end_value=0.0)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, self.learning_rate, warmup, max(self.total_steps, warmup + 1), end_value=0.0
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         """optax AdamW on the schedule; clipping is done by `apply` with the step's gradient norm."""
-        return optax.adamw(self.schedule(), self.adam_beta1, self.adam_beta2, self.adam_epsilon,
-                           weight_decay=self.weight_decay)
+        return optax.adamw(
+            self.schedule(), self.adam_beta1, self.adam_beta2, self.adam_epsilon, weight_decay=self.weight_decay
+        )
 
     def init(self, params: nnx.State) -> optax.OptState:
         return self.optimizer().init(params)
 
-    def apply(self, grads: nnx.State, state: optax.OptState, params: nnx.State,
-              grad_norm: jax.Array) -> tuple[nnx.State, optax.OptState]:
+    def apply(
+        self, grads: nnx.State, state: optax.OptState, params: nnx.State, grad_norm: jax.Array
+    ) -> tuple[nnx.State, optax.OptState]:
         """Global-norm clipping with the norm the step already computed (optax's clip_by_global_norm
         would compute it again), then AdamW and the update, all element-wise maps XLA fuses."""
         clip = jnp.where(grad_norm < self.max_grad_norm, 1.0, self.max_grad_norm / grad_norm)
@@ -100,30 +103,57 @@ def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
 def init_state(trainable: nnx.State, optim: OptimConfig, master_dtype=jnp.float32, seed: int = 0) -> TrainState:
     """A fresh state; the master parameters are copies (the step donates its state)."""
     params = jax.tree.map(lambda x: jnp.array(x, master_dtype, copy=True), trainable)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optim.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optim.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
-def train_state_shardings(abstract: TrainState, params_sharding: nnx.State, optim: OptimConfig,
-                          mesh: jax.sharding.Mesh) -> TrainState:
+def train_state_shardings(
+    abstract: TrainState, params_sharding: nnx.State, optim: OptimConfig, mesh: jax.sharding.Mesh
+) -> TrainState:
     """Where a train state lives: optimizer moments sharded like their parameters, the rest replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sharding = optax.tree_map_params(optim.optimizer(), lambda _, s: s, abstract.opt_state, params_sharding,
-                                         transform_non_params=lambda _: replicated)
+    opt_sharding = optax.tree_map_params(
+        optim.optimizer(),
+        lambda _, s: s,
+        abstract.opt_state,
+        params_sharding,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated)
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs: ModelInputs,
-            loss_mask: jax.Array, average: str, dropout_key: jax.Array | None = None, loss_chunk: int = 0,
-            loss_positions: jax.Array | None = None, totals: jax.Array | None = None) -> jax.Array:
+def loss_fn(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State,
+    inputs: ModelInputs,
+    loss_mask: jax.Array,
+    average: str,
+    dropout_key: jax.Array | None = None,
+    loss_chunk: int = 0,
+    loss_positions: jax.Array | None = None,
+    totals: jax.Array | None = None,
+) -> jax.Array:
     """The SFT loss; `loss_chunk` > 0 makes the logits that many positions at a time, `loss_positions`
     only at the positions that predict a target (`chunked_sft_loss`); `totals` are the whole step's
     target and sequence counts (`loss.loss_totals`), default this batch's."""
     model = nnx.merge(graphdef, params, frozen)
     if loss_chunk or loss_positions is not None:
         hidden = model.hidden_states(inputs, dropout_key)
-        return chunked_sft_loss(hidden, model.output_table(), inputs.input_ids, loss_mask, average,
-                                loss_chunk or hidden.shape[1], loss_positions, totals)
+        return chunked_sft_loss(
+            hidden,
+            model.output_table(),
+            inputs.input_ids,
+            loss_mask,
+            average,
+            loss_chunk or hidden.shape[1],
+            loss_positions,
+            totals,
+        )
     return sft_loss(model.forward(inputs, dropout_key), inputs.input_ids, loss_mask, average, totals)
 
 
@@ -133,15 +163,34 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, inputs
 MicroLoss = Callable[[nnx.GraphDef, nnx.State, nnx.State, Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
-def sft_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, micro: Batch, batch: Batch,
-                   key: jax.Array, average: str = "token", loss_chunk: int = 512) -> tuple[jax.Array, dict]:
-    loss = loss_fn(graphdef, params, frozen, micro.inputs, micro.loss_mask, average, key, loss_chunk,
-                   micro.loss_positions, loss_totals(batch.loss_mask))
+def sft_micro_loss(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State,
+    micro: Batch,
+    batch: Batch,
+    key: jax.Array,
+    average: str = "token",
+    loss_chunk: int = 512,
+) -> tuple[jax.Array, dict]:
+    loss = loss_fn(
+        graphdef,
+        params,
+        frozen,
+        micro.inputs,
+        micro.loss_mask,
+        average,
+        key,
+        loss_chunk,
+        micro.loss_positions,
+        loss_totals(batch.loss_mask),
+    )
     return loss, {}
 
 
-def update(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Any,
-           micro_loss: MicroLoss) -> tuple[TrainState, dict[str, jax.Array]]:
+def update(
+    graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Any, micro_loss: MicroLoss
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the gradient of the sum of the micro-batches' losses (every leaf of
     `batch` is (accum, ...)); the state is left as it was when the loss or gradient is not finite."""
     grad_fn = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)
@@ -156,6 +205,7 @@ def update(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen
     # The first micro-batch starts the sums (no zero-filled copy of the gradients); the rest add in.
     (loss, aux), grads = grads_of(0)
     if count > 1:
+
         def accumulate(carry, index):
             return jax.tree.map(jnp.add, carry, grads_of(index)), None
 
@@ -168,15 +218,28 @@ def update(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen
 
     # A branch rather than a select: a select would hold both the new and the old copies at once.
     params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
-                           rng=state.rng)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": optim.schedule()(state.step),
-               "skipped": 1 - finite.astype(jnp.int32), **aux}
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state, rng=state.rng
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": optim.schedule()(state.step),
+        "skipped": 1 - finite.astype(jnp.int32),
+        **aux,
+    }
     return new_state, metrics
 
 
-def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, frozen: nnx.State, batch: Batch,
-               average: str = "token", loss_chunk: int = 512) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    graphdef: nnx.GraphDef,
+    optim: OptimConfig,
+    state: TrainState,
+    frozen: nnx.State,
+    batch: Batch,
+    average: str = "token",
+    loss_chunk: int = 512,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SFT update (jit it with `static_argnums=(0, 1)` and `static_argnames=("average", "loss_chunk")`;
     see `compiled_train_step`). Every target token of the step weighs the same under the token
     average, however the step is split into micro-batches and processes."""
@@ -188,5 +251,6 @@ def train_step(graphdef: nnx.GraphDef, optim: OptimConfig, state: TrainState, fr
     return state, metrics
 
 
-compiled_train_step = jax.jit(train_step, static_argnums=(0, 1), static_argnames=("average", "loss_chunk"),
-                              donate_argnums=2)
+compiled_train_step = jax.jit(
+    train_step, static_argnums=(0, 1), static_argnames=("average", "loss_chunk"), donate_argnums=2
+)

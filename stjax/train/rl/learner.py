@@ -64,13 +64,21 @@ class LossSettings:
     @classmethod
     def of(cls, cfg: TrainConfig) -> LossSettings:
         grpo = cfg.grpo
-        return cls(grpo.loss_type, grpo.beta, grpo.epsilon, grpo.epsilon_high or grpo.epsilon,
-                   grpo.importance_sampling_level, grpo.max_completion_length, grpo.temperature,
-                   cfg.loss_chunk or grpo.max_completion_length)
+        return cls(
+            grpo.loss_type,
+            grpo.beta,
+            grpo.epsilon,
+            grpo.epsilon_high or grpo.epsilon,
+            grpo.importance_sampling_level,
+            grpo.max_completion_length,
+            grpo.temperature,
+            cfg.loss_chunk or grpo.max_completion_length,
+        )
 
 
-def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
-                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def completion_logps(
+    model, micro: GRPOBatch, temperature: float, chunk: int, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(B, T) log-probs of the completion tokens under `logits / temperature` (TRL's), and the
     entropies there.
 
@@ -86,8 +94,11 @@ def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
     cache = KVCache.zeros(model.config.text, prompts, length + t, jnp.dtype(model.config.compute_dtype))
     prompt_hidden, cache = model.prefill(inputs, cache, keys[0], offset=0)
     shared = lambda x, axis=0: jnp.repeat(x, per_copy, axis=axis)
-    cache = cache.replace(k=constrain_batch(shared(cache.k, 1), 1), v=constrain_batch(shared(cache.v, 1), 1),
-                          segments=shared(cache.segments))
+    cache = cache.replace(
+        k=constrain_batch(shared(cache.k, 1), 1),
+        v=constrain_batch(shared(cache.v, 1), 1),
+        segments=shared(cache.segments),
+    )
     steps = jnp.arange(t)
     live = (steps < micro.lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(shared(micro.starts)[:, None] + steps, (3, rows, t))
@@ -96,19 +107,35 @@ def completion_logps(model, micro: GRPOBatch, temperature: float, chunk: int,
     return token_logps(hidden / jnp.asarray(temperature, hidden.dtype), model.output_table(), micro.completions, chunk)
 
 
-def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, micro: GRPOBatch,
-                    batch: GRPOBatch, key: jax.Array, settings: LossSettings) -> tuple[jax.Array, dict]:
+def grpo_micro_loss(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State,
+    micro: GRPOBatch,
+    batch: GRPOBatch,
+    key: jax.Array,
+    settings: LossSettings,
+) -> tuple[jax.Array, dict]:
     """One micro-batch's share of the step's loss (normalisers from the whole step), and metric sums."""
     model = nnx.merge(graphdef, params, frozen)
     logp, entropy = completion_logps(model, micro, settings.temperature, settings.chunk, key)
     tokens = jnp.sum(micro.completion_mask)
     bnpo = settings.loss_type == "bnpo"  # TRL's bnpo: each micro-batch's own tokens, then the micro-batches' mean
     loss, metrics = policy_loss(
-        logp, micro.old_logp, micro.ref_logp, micro.advantages, micro.completion_mask, loss_type=settings.loss_type,
-        beta=settings.beta, epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
+        logp,
+        micro.old_logp,
+        micro.ref_logp,
+        micro.advantages,
+        micro.completion_mask,
+        loss_type=settings.loss_type,
+        beta=settings.beta,
+        epsilon_low=settings.epsilon_low,
+        epsilon_high=settings.epsilon_high,
         importance_sampling_level=settings.importance_sampling_level,
         max_completion_length=settings.max_completion_length,
-        num_items_in_batch=tokens if bnpo else jnp.sum(batch.completion_mask), num_sequences=batch.advantages.size)
+        num_items_in_batch=tokens if bnpo else jnp.sum(batch.completion_mask),
+        num_sequences=batch.advantages.size,
+    )
     if bnpo:
         loss = loss / batch.advantages.shape[0]
     entropy = jnp.sum(entropy * micro.completion_mask) / jnp.maximum(tokens, 1.0)
@@ -116,21 +143,33 @@ def grpo_micro_loss(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State
 
 
 # The update's metrics TRL logs once per micro-batch (`GRPOTrainer._compute_loss`): a step logs their mean.
-POLICY_METRICS = {"kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                  "cispo_clip_ratio"}
+POLICY_METRICS = {
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "cispo_clip_ratio",
+}
 
 
-def grpo_update(graphdef: nnx.GraphDef, optim, settings: LossSettings, state: TrainState, frozen: nnx.State,
-                batch: GRPOBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-    state, metrics = update(graphdef, optim, state, frozen, batch,
-                            functools.partial(grpo_micro_loss, settings=settings))
+def grpo_update(
+    graphdef: nnx.GraphDef, optim, settings: LossSettings, state: TrainState, frozen: nnx.State, batch: GRPOBatch
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    state, metrics = update(
+        graphdef, optim, state, frozen, batch, functools.partial(grpo_micro_loss, settings=settings)
+    )
     tokens = jnp.maximum(metrics.pop("loss_tokens"), 1.0)
     for name in POLICY_METRICS & set(metrics):  # TRL logs each micro-batch's masked mean, then their mean
         metrics[name] = metrics[name] / batch.advantages.shape[0]
     prompt_tokens = jnp.sum(batch.inputs.attention_mask)
     completion_tokens = jnp.sum(jnp.arange(batch.completions.shape[-1]) < batch.lengths[..., None])
-    metrics.update(tokens=prompt_tokens + completion_tokens, prompt_tokens=prompt_tokens,
-                   completion_tokens=completion_tokens, target_tokens=tokens)
+    metrics.update(
+        tokens=prompt_tokens + completion_tokens,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        target_tokens=tokens,
+    )
     if batch.inputs.vision is not None:
         metrics["patches"] = jnp.sum(batch.inputs.vision.frames.lengths)
     return state, metrics
@@ -141,13 +180,16 @@ def update_flops(model_cfg, batch: GRPOBatch, metrics: dict[str, float]) -> floa
     completion token after its prompt, logits at the completion tokens only."""
     head = lm_head_flops_per_token(model_cfg)
     length, t = batch.inputs.input_ids.shape[-1], batch.completions.shape[-1]
-    return ((model_flops_per_token(model_cfg, length) - head) * metrics["prompt_tokens"]
-            + model_flops_per_token(model_cfg, length + t) * metrics["completion_tokens"]
-            + vision_flops(model_cfg, batch.inputs, metrics))
+    return (
+        (model_flops_per_token(model_cfg, length) - head) * metrics["prompt_tokens"]
+        + model_flops_per_token(model_cfg, length + t) * metrics["completion_tokens"]
+        + vision_flops(model_cfg, batch.inputs, metrics)
+    )
 
 
-def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: GRPOBatch,
-                settings: LossSettings) -> jax.Array:
+def batch_logps(
+    graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: GRPOBatch, settings: LossSettings
+) -> jax.Array:
     """(accum, B, T) completion log-probs of the model (params, frozen), no dropout and no gradient:
     the old policy's or the reference's."""
     model = nnx.merge(graphdef, params, frozen)
@@ -161,8 +203,11 @@ def batch_logps(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ba
 def update_function(graphdef: nnx.GraphDef, optim, settings: LossSettings, shardings: TrainState, mesh):
     """The jitted update (state, frozen, batch) -> (state, metrics): the state donated and kept where
     `shardings` puts it, the metrics replicated."""
-    return jax.jit(functools.partial(grpo_update, graphdef, optim, settings),
-                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    return jax.jit(
+        functools.partial(grpo_update, graphdef, optim, settings),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
 
 
 def logps_function(graphdef: nnx.GraphDef, settings: LossSettings):
@@ -170,9 +215,17 @@ def logps_function(graphdef: nnx.GraphDef, settings: LossSettings):
     return jax.jit(functools.partial(batch_logps, graphdef, settings=settings))
 
 
-def update_batch(prompts: ModelInputs, starts: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
-                 completion_mask: np.ndarray, advantages: np.ndarray, group_size: int, accumulation: int,
-                 shards: int) -> GRPOBatch:
+def update_batch(
+    prompts: ModelInputs,
+    starts: np.ndarray,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    completion_mask: np.ndarray,
+    advantages: np.ndarray,
+    group_size: int,
+    accumulation: int,
+    shards: int,
+) -> GRPOBatch:
     """This process's update rows as `accumulation` micro-batches (host arrays, like `host_batch`).
 
     A micro-batch's rows are split over `shards` devices (data x fsdp, all processes). Spans of
@@ -185,10 +238,14 @@ def update_batch(prompts: ModelInputs, starts: np.ndarray, tokens: np.ndarray, l
     copies = np.arange(0, rows, per_copy) // group_size  # the prompt of each span
     split = lambda x, axis=0: np.stack(np.split(x, accumulation, axis=axis))
     inputs = jax.tree.map(lambda x: split(x[copies]), prompts.replace(position_ids=None))
-    return GRPOBatch(inputs=inputs.replace(position_ids=split(prompts.position_ids[:, copies], 1)),
-                     starts=split(starts[copies]), completions=split(tokens), lengths=split(lengths),
-                     completion_mask=split(completion_mask.astype(np.float32)),
-                     advantages=split(advantages.astype(np.float32)))
+    return GRPOBatch(
+        inputs=inputs.replace(position_ids=split(prompts.position_ids[:, copies], 1)),
+        starts=split(starts[copies]),
+        completions=split(tokens),
+        lengths=split(lengths),
+        completion_mask=split(completion_mask.astype(np.float32)),
+        advantages=split(advantages.astype(np.float32)),
+    )
 
 
 def reference_params(model, state: TrainState, compute_dtype: str, lora: bool) -> nnx.State:
@@ -197,27 +254,47 @@ def reference_params(model, state: TrainState, compute_dtype: str, lora: bool) -
     state has moved on)."""
     if lora:
         return jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))(state.params)
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p),
-                   out_shardings=jax.tree.map(lambda x: x.sharding, state.params))(split_trainable(model)[1])
+    return jax.jit(
+        lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p),
+        out_shardings=jax.tree.map(lambda x: x.sharding, state.params),
+    )(split_trainable(model)[1])
 
 
 class Learner:
     """The update on the training mesh: lays the rollout's completions out as an update batch
     (`update_batch`) and runs the compiled optimizer update on it."""
 
-    def __init__(self, graphdef: nnx.GraphDef, optim: OptimConfig, settings: LossSettings, state: TrainState,
-                 frozen: nnx.State, mesh: Mesh, group_size: int, accumulation: int):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        optim: OptimConfig,
+        settings: LossSettings,
+        state: TrainState,
+        frozen: nnx.State,
+        mesh: Mesh,
+        group_size: int,
+        accumulation: int,
+    ):
         self.mesh, self.frozen, self.group_size, self.accumulation = mesh, frozen, group_size, accumulation
-        self.update_fn = on_mesh(update_function(graphdef, optim, settings, jax.tree.map(lambda x: x.sharding, state),
-                                                 mesh), mesh)
+        self.update_fn = on_mesh(
+            update_function(graphdef, optim, settings, jax.tree.map(lambda x: x.sharding, state), mesh), mesh
+        )
 
-    def batch(self, prompts: ModelInputs, starts: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
-              completion_mask: np.ndarray, advantages: np.ndarray) -> GRPOBatch:
+    def batch(
+        self,
+        prompts: ModelInputs,
+        starts: np.ndarray,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        completion_mask: np.ndarray,
+        advantages: np.ndarray,
+    ) -> GRPOBatch:
         """This process's rows placed as one global update batch on the training mesh."""
         micro = len(tokens) // self.accumulation * jax.process_count()  # rows of a micro-batch, all processes
         shards = micro // batch_sharding(self.mesh, (micro,)).shard_shape((micro,))[0]  # as `global_batch` places
-        host = update_batch(prompts, starts, tokens, lengths, completion_mask, advantages, self.group_size,
-                            self.accumulation, shards)
+        host = update_batch(
+            prompts, starts, tokens, lengths, completion_mask, advantages, self.group_size, self.accumulation, shards
+        )
         return global_batch(host, self.mesh)
 
     def update(self, state: TrainState, batch: GRPOBatch, iterations: int) -> tuple[TrainState, dict[str, float]]:

@@ -28,7 +28,10 @@ def _batch_std(r: jax.Array, group_size: int) -> jax.Array:
 
 # scale_rewards -> the spread the centred rewards are divided by (None: centred only)
 ADVANTAGES: dict[str, Callable[[jax.Array, int], jax.Array] | None] = {
-    "group": _group_std, "batch": _batch_std, "none": None}
+    "group": _group_std,
+    "batch": _batch_std,
+    "none": None,
+}
 
 
 def group_advantages(rewards, group_size: int, scale_rewards: str = "group") -> jax.Array:
@@ -66,8 +69,11 @@ def clipped_surrogate(ratio, advantages, logp, mask, epsilon_low: float, epsilon
     per_token = -jnp.minimum(ratio * advantages, clipped * advantages)
     low = (ratio < 1 - epsilon_low) & (advantages < 0)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    return per_token, {"clip_ratio/low_mean": masked_mean(low, mask), "clip_ratio/high_mean": masked_mean(high, mask),
-                       "clip_ratio/region_mean": masked_mean(low | high, mask)}
+    return per_token, {
+        "clip_ratio/low_mean": masked_mean(low, mask),
+        "clip_ratio/high_mean": masked_mean(high, mask),
+        "clip_ratio/region_mean": masked_mean(low | high, mask),
+    }
 
 
 def cispo_surrogate(ratio, advantages, logp, mask, epsilon_low: float, epsilon_high: float):
@@ -105,11 +111,22 @@ LOSS_TYPES: dict[str, LossType] = {
 }
 
 
-def policy_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None, advantages: jax.Array,
-                mask: jax.Array, *, loss_type: str = "grpo", beta: float = 0.1, epsilon_low: float = 0.2,
-                epsilon_high: float = 0.2, importance_sampling_level: str = "token", max_completion_length: int = 256,
-                num_items_in_batch: jax.Array | float | None = None, num_sequences: jax.Array | float | None = None
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array | None,
+    ref_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    loss_type: str = "grpo",
+    beta: float = 0.1,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    importance_sampling_level: str = "token",
+    max_completion_length: int = 256,
+    num_items_in_batch: jax.Array | float | None = None,
+    num_sequences: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO loss over (N, T) completion log-probs, and its metrics (masked means).
 
     `old_logp` None: the policy before this update is the current one (one update per rollout

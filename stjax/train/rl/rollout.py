@@ -79,8 +79,16 @@ class Rollout:
     `graphdef` and `frozen` are the training split (`split_trainable`) the train state's params fit.
     """
 
-    def __init__(self, model: nnx.Module, graphdef: nnx.GraphDef, frozen: nnx.State, sampling: SamplingConfig,
-                 settings: LossSettings, train_mesh: Mesh, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        graphdef: nnx.GraphDef,
+        frozen: nnx.State,
+        sampling: SamplingConfig,
+        settings: LossSettings,
+        train_mesh: Mesh,
+        mesh: Mesh | None = None,
+    ):
         self.graphdef, self.frozen, self.sampling = graphdef, frozen, sampling
         self.compute_dtype = model.config.compute_dtype
         self.mesh = mesh or train_mesh
@@ -91,13 +99,15 @@ class Rollout:
     def weights(self, params: nnx.State) -> nnx.State:
         """The actor's weights for decoding: the trained ones in the compute dtype with the frozen
         ones, resharded onto the rollout mesh when it is not the training mesh."""
-        params = jax.tree.map(lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                              params)
+        params = jax.tree.map(
+            lambda x: x.astype(self.compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
         weights = nnx.split(nnx.merge(self.graphdef, params, self.frozen))[1]
         return weights if self.shardings is None else jax.device_put(weights, self.shardings)
 
-    def generate(self, state: TrainState, prompts: ModelInputs, starts: np.ndarray, sample_ids: Sequence[str],
-                 step: int) -> Completions:
+    def generate(
+        self, state: TrainState, prompts: ModelInputs, starts: np.ndarray, sample_ids: Sequence[str], step: int
+    ) -> Completions:
         """G completions of each of this process's prompts (from `prompt_inputs`).
 
         Each completion has its own key: the run's (checkpointed), the step, the prompt's sample id
@@ -110,11 +120,13 @@ class Rollout:
         # made from this process's copy of the run's key, then placed with the rows
         keys = np.asarray(completion_keys(state.rng.addressable_data(0), step, ids, self.sampling.num_samples))
         keys = jax.random.wrap_key_data(place_rows(keys, self.mesh))
-        out = on_mesh(sample, self.mesh)(self.decode_graphdef, self.sampling, self.weights(state.params), inputs,
-                                         jnp.int32(length - 1), start, keys)
+        out = on_mesh(sample, self.mesh)(
+            self.decode_graphdef, self.sampling, self.weights(state.params), inputs, jnp.int32(length - 1), start, keys
+        )
         rows = len(prompts.input_ids) * self.sampling.num_samples
-        return Completions(local_rows(out.tokens, rows), local_rows(out.lengths, rows),
-                           local_rows(out.logp_model, rows))
+        return Completions(
+            local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows)
+        )
 
     def logps(self, params: nnx.State, batch: GRPOBatch) -> jax.Array:
         """(accum, B, T) log-probs of the batch's completions under `params` (the old policy's or the

@@ -37,21 +37,51 @@ class Scores:
     invalid: np.ndarray  # (F,) values each function returned that are neither a finite number nor None
 
     @classmethod
-    def gather(cls, table: rewards.RewardTable, weights: np.ndarray, texts: Sequence[str], samples: Sequence,
-               lengths: np.ndarray, truncated: np.ndarray) -> Scores:
+    def gather(
+        cls,
+        table: rewards.RewardTable,
+        weights: np.ndarray,
+        texts: Sequence[str],
+        samples: Sequence,
+        lengths: np.ndarray,
+        truncated: np.ndarray,
+    ) -> Scores:
         """This process's reward table and completions, with every other process's."""
         letters = {letter: k for k, letter in enumerate(LETTERS)}
-        local = np.concatenate([table.values, np.stack([
-            rewards.accuracy(texts, [s.answer for s in samples], [s.options for s in samples]),
-            rewards.format_reward(texts), lengths, truncated, [rewards.think_words(t) for t in texts],
-            [letters.get(rewards.answer_letter(t), -1) for t in texts]], axis=1)], axis=1)
+        local = np.concatenate(
+            [
+                table.values,
+                np.stack(
+                    [
+                        rewards.accuracy(texts, [s.answer for s in samples], [s.options for s in samples]),
+                        rewards.format_reward(texts),
+                        lengths,
+                        truncated,
+                        [rewards.think_words(t) for t in texts],
+                        [letters.get(rewards.answer_letter(t), -1) for t in texts],
+                    ],
+                    axis=1,
+                ),
+            ],
+            axis=1,
+        )
         rows = global_rows(local)
         per_func, (accuracy, format_, lengths, truncated, think_words, answers) = rows[:, :-6], rows[:, -6:].T
         errors, invalid = global_rows(np.stack([table.errors, table.invalid])[None]).sum(axis=0)
         reward = np.nansum(per_func * weights, axis=1)
         reward[np.isnan(per_func).all(axis=1)] = np.nan
-        return cls(rewards=per_func, reward=reward, accuracy=accuracy, format=format_, lengths=lengths,
-                   truncated=truncated, think_words=think_words, answers=answers, errors=errors, invalid=invalid)
+        return cls(
+            rewards=per_func,
+            reward=reward,
+            accuracy=accuracy,
+            format=format_,
+            lengths=lengths,
+            truncated=truncated,
+            think_words=think_words,
+            answers=answers,
+            errors=errors,
+            invalid=invalid,
+        )
 
     def metrics(self, names: Sequence[str], group_size: int, scale_rewards: str) -> dict[str, float]:
         """The reward and completion metrics; those TRL logs by TRL 1.16's formulas
@@ -65,10 +95,13 @@ class Scores:
         terminated = self.lengths[self.truncated == 0]
         terminated = terminated if len(terminated) else np.zeros(1)  # TRL's edge case: no completion ended
         out = {
-            "reward": _nanmean(self.reward), "reward_std": _nanstd(self.reward),
+            "reward": _nanmean(self.reward),
+            "reward_std": _nanstd(self.reward),
             "frac_reward_zero_std": float(np.mean(np.isclose(spread, 0.0))),
-            "accuracy": float(self.accuracy.mean()), "format_rate": float(self.format.mean()),
-            "completions/mean_length": float(self.lengths.mean()), "completions/min_length": float(self.lengths.min()),
+            "accuracy": float(self.accuracy.mean()),
+            "format_rate": float(self.format.mean()),
+            "completions/mean_length": float(self.lengths.mean()),
+            "completions/min_length": float(self.lengths.min()),
             "completions/max_length": float(self.lengths.max()),
             "completions/clipped_ratio": float(self.truncated.mean()),
             "completions/mean_terminated_length": float(terminated.mean()),
