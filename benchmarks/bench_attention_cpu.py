@@ -29,8 +29,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import torch
-
     from bench_forward import interleaved_medians
+
     from stjax.models import cpu_attention
     from stjax.models.attention import attend
 

@@ -40,8 +40,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from bench_forward import interleaved_medians
+
     from stjax.models.attention import attend
 
     b, l, h, kv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def mid_config(arch: str, scale: int = 1):
     from stjax.models.config import QwenVLConfig
-
     from stjax.models.families import family
 
     cfg = QwenVLConfig.from_file(family(arch).tiny_preset)
@@ -129,8 +128,8 @@ def main() -> None:
 
     import jax
     import torch
-
     from reference import hf_model, make_batch
+
     from stjax.models.inputs import prepare_inputs
     from stjax.models.loading import load_pretrained
     from stjax.models.qwen_vl import compiled_forward
@@ -143,7 +142,8 @@ def main() -> None:
     grid = args.size // cfg.vision.patch_size
     prompt = [[args.text // 2, ("video", args.frames // 2, grid, grid), args.text - args.text // 2]]
     if cfg.model_type == "qwen3_vl":  # the processor's layout and transformers' own position ids
-        from test_qwen3_vl import hf_positions, make_batch as qwen3_batch
+        from test_qwen3_vl import hf_positions
+        from test_qwen3_vl import make_batch as qwen3_batch
 
         batch = qwen3_batch(cfg, prompt)
         batch["position_ids"] = hf_positions(ref, cfg, batch)

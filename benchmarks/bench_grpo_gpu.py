@@ -65,9 +65,9 @@ def timed(fn, repeats: int) -> float:
 def model_and_prompts(args, root: Path):
     """The random model (special ids from the synthetic tokenizer) and the prompts as the loader
     pads them."""
+    from bench_train_gpu import init_weights, model_config
     from transformers import AutoTokenizer
 
-    from bench_train_gpu import init_weights, model_config
     from stjax.data.loader import LoaderConfig, pad_batch
     from stjax.data.processor import Processor
     from stjax.data.synthetic import generate

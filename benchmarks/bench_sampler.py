@@ -53,9 +53,9 @@ def main() -> None:
 
     import jax
     import torch
+    from reference import hf_model, make_batch, tiny_config
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from reference import hf_model, make_batch, tiny_config
     from stjax.models.inputs import prepare_inputs
     from stjax.models.loading import load_pretrained
     from stjax.sampling.sampler import SamplingConfig, generate

@@ -320,9 +320,9 @@ def throughput(args) -> None:
 
     import jax
     import torch
-
     from bench_forward import best_matmul_rate, forward_flops, mid_config
     from reference import hf_model
+
     from stjax.models.loading import load_pretrained
     from stjax.train.lora import with_lora
 
@@ -434,10 +434,9 @@ def throughput(args) -> None:
 
 def qlora_throughput(args) -> None:
     import jax
-
+    from bench_forward import mid_config
     from flax import nnx, traverse_util
 
-    from bench_forward import mid_config
     from stjax.models.loading import model_from_params, quantize_model
     from stjax.models.qwen_vl import init_model
     from stjax.train.lora import with_lora
@@ -548,7 +547,6 @@ def memory_child(mode: str, args) -> dict:
         out["frozen_bytes"] = sum(x.nbytes for x in jax.tree.leaves(step.frozen))
     else:
         import torch
-
         from reference import hf_model
 
         torch.set_num_threads(cores())

@@ -317,8 +317,7 @@ def child_run(spec: dict) -> dict:
     import jax
 
     from stjax.train.lora import with_lora
-    from stjax.train.metrics import device_peak_flops
-    from stjax.train.metrics import step_flops
+    from stjax.train.metrics import device_peak_flops, step_flops
     from stjax.train.step import OptimConfig, init_state, loss_fn, split_trainable, train_step
 
     device = jax.devices()[0]
@@ -452,7 +451,7 @@ def run_child(spec: dict, timeout: float, args) -> dict:
     return dict(json.loads(lines[-1]), wall_s=time.perf_counter() - began)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weight_bytes(size: str, quantize: str = "none") -> int:
     """Bytes of the model's weights, its base stored as `quantize` says, from shapes only."""
     import jax
@@ -466,7 +465,7 @@ def weight_bytes(size: str, quantize: str = "none") -> int:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def count_params(size: str) -> tuple[int, int]:
     """(all parameters, of which the vision tower), from shapes only."""
     import jax

@@ -48,9 +48,9 @@ HEADER = (
 def one(config: str, topology: str) -> None:
     """In the child: compile, printing one JSON line per program as soon as it is compiled."""
     from stjax import compile_only as co
+    from stjax.sharding import make_mesh
     from stjax.train import config as train_config
     from stjax.train.compile_only import programs
-    from stjax.sharding import make_mesh
 
     cfg = train_config.load(config)
     target = co.target(topology)

@@ -33,9 +33,9 @@ def main() -> None:
 
     import jax
     import torch
-
     from bench_forward import interleaved_medians, mid_config
     from reference import hf_model, make_batch
+
     from stjax.models.inputs import prepare_inputs
     from stjax.models.loading import load_pretrained
     from stjax.models.qwen_vl import compiled_forward

@@ -24,15 +24,17 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stjax.models.config import PRESETS_DIR, ConfigError as ModelConfigError, QwenVLConfig, presets
+from stjax.models.config import PRESETS_DIR, QwenVLConfig, presets
+from stjax.models.config import ConfigError as ModelConfigError
 from stjax.models.families import family
 from stjax.models.inputs import ModelInputs, prepare_inputs
 from stjax.sharding import batch_sharding, input_shardings, state_shardings

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from stjax.models.config import QwenVLConfig
 from stjax.io import check_target
+from stjax.models.config import QwenVLConfig
 from stjax.models.loading import float_dtype, hf_params, resolve_model_dir, save_hf, save_stjax, stjax_params
 
 
@@ -31,8 +30,8 @@ def _bar(total: int | None, what: str) -> tqdm:
 def hf_to_stjax(
     hf_dir: str | Path,
     out_dir: str | Path,
-    dtype: Optional[str] = None,
-    revision: Optional[str] = None,
+    dtype: str | None = None,
+    revision: str | None = None,
     overwrite: bool = False,
 ) -> QwenVLConfig:
     """Write `out_dir` whole or not at all; an occupied `out_dir` is refused unless `overwrite`.
@@ -51,7 +50,7 @@ def hf_to_stjax(
 def stjax_to_hf(
     stjax_dir: str | Path,
     out_dir: str | Path,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     max_shard_bytes: int = 5 << 30,
     overwrite: bool = False,
 ) -> QwenVLConfig:

@@ -198,7 +198,7 @@ class DirectoryLock:
     Within one process a new lock on the same directory takes over the old one (a run that raised
     may still hold its lock through the traceback)."""
 
-    _held: dict[str, "DirectoryLock"] = {}
+    _held: dict[str, DirectoryLock] = {}
 
     def __init__(self, directory: str | os.PathLike, what: str = "run"):
         self.path = as_path(directory) / ".lock"
@@ -212,7 +212,7 @@ class DirectoryLock:
             "wait for it to end or use another directory"
         )
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         key = str(self.path)
         if key in DirectoryLock._held:
             DirectoryLock._held[key].release()
@@ -269,7 +269,7 @@ class DirectoryLock:
         self.handle = None
         DirectoryLock._held.pop(str(self.path), None)
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -335,7 +335,7 @@ class AppendLog:
         if self.handle is not None:
             self.handle.close()
 
-    def __enter__(self) -> "AppendLog":
+    def __enter__(self) -> AppendLog:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ Changing the parallelism of a run is changing the mesh shape, never the model co
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -68,7 +68,7 @@ def parse_mesh(text: str) -> dict[str, int]:
         raise MeshError(f"cannot read mesh {text!r}; write e.g. fsdp=4,tensor=2 (-1: the remaining devices)") from None
 
 
-def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh; by default every device on `fsdp`."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(shape or {"fsdp": -1}, len(devices))
@@ -77,10 +77,10 @@ def make_mesh(shape: Optional[Mapping[str, int]] = None, devices: Optional[Seque
 
 
 def partition_spec(
-    axes: Sequence[Optional[str]],
+    axes: Sequence[str | None],
     shape: Sequence[int],
     mesh: Mesh,
-    rules: Optional[Sequence[tuple[str, object]]] = None,
+    rules: Sequence[tuple[str, object]] | None = None,
 ) -> PartitionSpec:
     """Mesh partitioning of one array from its logical axes.
 
@@ -105,7 +105,7 @@ def partition_spec(
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, axes: Sequence[Optional[str]], shape: Sequence[int], rules=None) -> NamedSharding:
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], rules=None) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
 
 

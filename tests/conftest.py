@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 def hf_dirs(tmp_path_factory):
     """Saved tiny transformers checkpoints, made once: {(model_type, dtype_name): (dir, torch model)}."""
     import torch
-
     from reference import hf_model, tiny_config
 
     cache = {}

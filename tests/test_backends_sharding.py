@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from reference import make_batch
+
 from stjax import sharding
 from stjax.models import attention
 from stjax.models.attention import BACKENDS, attend

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import transformers
-
 from reference import tiny_config
+
 from stjax.models.config import ConfigError, QwenVLConfig, presets
 
 

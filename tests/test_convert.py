@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from reference import hf_logits, make_batch, tiny_config
+
 from stjax.convert import hf_to_stjax, parse_size, stjax_to_hf
 from stjax.models.config import ConfigError
 from stjax.models.loading import CheckpointError, load_pretrained

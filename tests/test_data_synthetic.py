@@ -24,8 +24,8 @@ from stjax.data.synthetic import (
     rgb_to_yuv420p,
     write_video,
 )
-from stjax.data.video import decord
 from stjax.data.tokenizer import SPECIAL_TOKENS, special_token_ids
+from stjax.data.video import decord
 
 N = 3
 REPO = Path(__file__).resolve().parents[1]

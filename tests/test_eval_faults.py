@@ -10,15 +10,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from test_train_faults import locked_elsewhere
 
-from stjax.data.tokenizer import tiny_model_dir
 import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.loader import LoaderConfig, make_loader
 from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
+from stjax.data.tokenizer import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, load_records
-from test_train_faults import locked_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_new_tokens=4, batch_size=4, text_only=False)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from stjax.data.tokenizer import tiny_model_dir
 import stjax.eval.mcq as mcq
 from stjax.data.formats import read_plain_jsonl
 from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
+from stjax.data.tokenizer import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, format_summary, load_records, load_samples, parse_config, summarize
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained

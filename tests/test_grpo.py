@@ -26,10 +26,10 @@ from stjax.sharding import make_mesh, parse_mesh, shard_model
 from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
 from stjax.train.grpo import GRPO
+from stjax.train.loop import placed_state
+from stjax.train.lora import with_lora
 from stjax.train.rl.learner import LossSettings, batch_logps, grpo_update, update_batch
 from stjax.train.rl.rollout import Rollout, prompt_inputs
-from stjax.train.lora import with_lora
-from stjax.train.loop import placed_state
 from stjax.train.step import OptimConfig, init_state, split_trainable
 
 G, T = 2, 6  # completions per prompt, completion tokens
@@ -269,7 +269,6 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
     clip ratios are the mean of TRL's per micro-batch (1e-5 relative). One compile per case: the loss
     types share one test."""
     import torch
-
     from test_grpo_loss import LOSS_TYPES, trl_loss
 
     data, dirs = assets
@@ -344,13 +343,12 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     - the advantages are TRL's group advantages of 2 x distinct_characters + 0.5 x format, both
       scored here from the decoded completions (1e-5), and not all zero;
     - the sampler gets top_k, top_p and the temperature, and new keys at the second step."""
+    import torch
     from test_grpo_loss import trl_advantages
     from test_grpo_rewards import distinct_characters
 
-    import torch
-
-    from stjax.train.rl import rollout as rollout_lib
     from stjax.train.rewards import format_reward
+    from stjax.train.rl import rollout as rollout_lib
 
     data, dirs = assets
     model, _ = load_pretrained(dirs["qwen2_vl"])

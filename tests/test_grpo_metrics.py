@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_grpo_loss import trl_nanstd
 
 from stjax.train.rewards import RewardTable
 from stjax.train.rl.scores import Scores
-from test_grpo_loss import trl_nanstd
 
 G = 4
 

@@ -9,13 +9,8 @@ import signal
 
 import numpy as np
 import pytest
-
-from stjax.train import config as train_config
-from stjax.train import loop, stages
-from stjax.train.config import ConfigError
 from test_train_run import (
     ROOT,
-    assets,
     finish,
     logged_steps,
     losses,
@@ -23,6 +18,10 @@ from test_train_run import (
     start,  # noqa: F401
     wait_for,
 )
+
+from stjax.train import config as train_config
+from stjax.train import loop, stages
+from stjax.train.config import ConfigError
 
 STEPS = 6
 # The built-in rewards are all 0 for a random tiny model; distinct_characters tells its completions apart, so the

@@ -14,8 +14,7 @@ import pytest
 from flax import nnx, traverse_util
 from huggingface_hub import constants
 
-from stjax.data.tokenizer import build_tokenizer
-from stjax.data.tokenizer import tiny_model_dir
+from stjax.data.tokenizer import build_tokenizer, tiny_model_dir
 from stjax.eval.mcq import EvalConfig, make_runner
 from stjax.models.loading import ModelNotFoundError, load_pretrained, resolve_model_dir
 from stjax.sharding import make_mesh

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-
 from reference import tiny_config
+from test_train_step import sft_batch, stack
+
 from stjax.models.inputs import prepare_inputs
 from stjax.models.layers import LoRAParam
 from stjax.models.qwen_vl import compiled_forward, init_model
 from stjax.models.weights import hf_tensors
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.step import Batch, OptimConfig, compiled_train_step, init_state, split_trainable
-from test_train_step import sft_batch, stack
 
 
 def flat(model, kind=nnx.Param):

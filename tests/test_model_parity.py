@@ -7,8 +7,8 @@ Position ids are given to both models from the independent NumPy rule in referen
 import numpy as np
 import pytest
 from flax import nnx
-
 from reference import hf_logits, make_batch, tiny_config
+
 from stjax.models.loading import load_pretrained
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]

@@ -20,6 +20,7 @@ import pytest
 from etils.epath.backend import fsspec_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from test_train_run import assets, settings  # noqa: F401  (assets: the module's fixture)
 
 from stjax.cli import run_cli
 from stjax.eval.mcq import EvalConfig, evaluate, load_records
@@ -27,7 +28,6 @@ from stjax.io import DirectoryLock, OutputError, as_path
 from stjax.train import config as train_config
 from stjax.train import stages
 from stjax.train.config import ConfigError
-from test_train_run import assets, settings  # noqa: F401  (assets: the module's fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)

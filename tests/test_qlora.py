@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from reference import tiny_config
+from test_train_step import sft_batch, stack
 
 import stjax.eval.mcq as mcq
-from reference import tiny_config
 from stjax.models import quant
 from stjax.models.inputs import prepare_inputs
 from stjax.models.layers import LoRAParam
@@ -32,7 +33,6 @@ from stjax.train import stages
 from stjax.train.loop import export_hf
 from stjax.train.lora import merge_lora, with_lora
 from stjax.train.step import Batch, sft_micro_loss, split_trainable
-from test_train_step import sft_batch, stack
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
 from reference import hf_logits, tiny_config
+
 from stjax.models.loading import load_pretrained
 from stjax.models.rope import get_rope_index
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx, traverse_util
+from test_qwen3_vl import hf_positions, make_batch
 
 from stjax.data.loader import LoaderConfig, pad_batch
 from stjax.models.loading import load_pretrained, quantize_model
 from stjax.models.weights import canonical_name, hf_tensors
 from stjax.train.batch import host_batch
 from stjax.train.step import loss_fn, split_trainable
-from test_qwen3_vl import hf_positions, make_batch
 
 PROMPTS = [[3, ("video", 2, 8, 8), 9], [2, ("image", 1, 4, 4), ("video", 3, 4, 8), 5], [11]]
 LOADER = LoaderConfig(
@@ -111,11 +111,12 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     KV cache with DeepStack, completions after it) equals a plain forward's log-softmax; one update moves
     every adapter and nothing else."""
     import test_grpo as g
+
     from stjax.data import qwen3_vl
     from stjax.data.formats import read_plain_jsonl
     from stjax.data.processor import Processor
-    from stjax.train.rl.learner import batch_logps, grpo_update
     from stjax.train.lora import with_lora
+    from stjax.train.rl.learner import batch_logps, grpo_update
     from stjax.train.step import OptimConfig, init_state
 
     data, model_dir = grpo_assets

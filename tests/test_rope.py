@@ -4,9 +4,9 @@ M-RoPE rule (reference.rope_index) and transformers' own vision position / windo
 import numpy as np
 import pytest
 import torch
+from reference import make_batch, rope_index, tiny_config
 from transformers import vision_utils
 
-from reference import make_batch, rope_index, tiny_config
 from stjax.models.inputs import bucket, make_groups
 from stjax.models.rope import get_rope_index, vision_rotary_positions, window_order
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from test_grpo_run import GRPO
+from test_train_faults import assets, small_checkpoints, train  # noqa: F401
+from test_train_run import ROOT, finish, settings, start
 
 from stjax.data.formats import Sample
 from stjax.train import config as train_config
 from stjax.train import loop, rewards, rundir, stages
 from stjax.train.checkpoint import Checkpointer, abstract_like
 from stjax.train.config import ConfigError
-from test_grpo_run import GRPO
-from test_train_faults import assets, small_checkpoints, train  # noqa: F401
-from test_train_run import ROOT, finish, settings, start
 
 IN_PROCESS = {"mesh": "fsdp=2,tensor=4"}  # this process has 8 devices
 
@@ -84,9 +84,10 @@ def test_a_resume_on_a_changed_base_model_is_refused(assets, lora_run, tmp_path,
 
 
 def test_the_export_tool_says_what_is_wrong(assets, lora_run, tmp_path):
+    from test_train_faults import damage
+
     from stjax.train.checkpoint import CheckpointDamaged
     from stjax.train.export import export_checkpoint
-    from test_train_faults import damage
 
     with pytest.raises(ConfigError, match=r"is not a training run's output_dir .*; it is a model directory"):
         export_checkpoint(assets[1])

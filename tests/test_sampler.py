@@ -1,11 +1,11 @@
 """The jitted sampler against transformers' `generate` and against full forwards of its own output."""
 
+import jax
 import numpy as np
 import pytest
 import torch
-
-import jax
 from reference import make_batch, rope_index
+
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
 from reference import make_batch, tiny_config
+
 from stjax.data.loader import LoaderConfig, pad_batch
 from stjax.models.qwen_vl import _forward, init_model
 from stjax.sharding import make_mesh, shard_model

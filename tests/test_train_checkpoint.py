@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from reference import make_batch, tiny_config
+
 from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model
 from stjax.sharding import make_mesh, shard_model

@@ -15,13 +15,13 @@ from pathlib import Path
 import grain
 import jax.numpy as jnp
 import pytest
+from test_train_run import finish, logged_steps, settings, start, wait_for
 
 from stjax.io import OutputError
 from stjax.train import config as train_config
 from stjax.train import loop, stages
-from stjax.train.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpointer, abstract_like
+from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, CheckpointMismatch, abstract_like
 from stjax.train.config import ConfigError
-from test_train_run import finish, logged_steps, settings, start, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,14 +9,14 @@ same for logits made only at the positions that predict a target (`loss_position
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx, traverse_util
-
-import jax
-import jax.numpy as jnp
 from reference import make_batch
+
 from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.weights import canonical_name, hf_tensors
@@ -123,6 +123,7 @@ def test_train_loss_fn_chunked_equals_full_logits(tied):
     """`step.loss_fn` with `loss_chunk` gives the full-logits loss and gradients for tied embeddings
     (the table is the embedding) and an untied lm_head (its kernel transposed)."""
     from reference import tiny_config
+
     from stjax.models.qwen_vl import init_model
     from stjax.train.step import loss_fn
 

@@ -21,7 +21,6 @@ from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import abstract_model
 from stjax.train.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token, vision_flops_per_patch
 
-
 # ----------------------------------------------------------------------------- FLOPs
 
 

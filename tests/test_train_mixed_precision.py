@@ -3,18 +3,18 @@ bfloat16`, `master_dtype: float32`, `compute_dtype: bfloat16`), LoRA and full fi
 the master copy stays fp32 and keeps updates smaller than bf16 can hold, the model computes from the
 master's bf16 cast, and a few steps follow an fp32 run of the same start within bf16's error."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-
-import jax
-import jax.numpy as jnp
 from reference import tiny_config
+from test_train_step import sft_batch, stack
+
 from stjax.models.loading import model_from_params
 from stjax.models.qwen_vl import compiled_forward, init_model
 from stjax.train.lora import with_lora
 from stjax.train.step import Batch, OptimConfig, compiled_train_step, init_state, split_trainable
-from test_train_step import sft_batch, stack
 
 STEPS = 3
 

@@ -1,14 +1,14 @@
 """The compiled SFT step: it fits a tiny synthetic set, accumulates gradients exactly, skips
 non-finite steps, and its AdamW update equals optax's (clip_by_global_norm + adamw) to 1e-6."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-import jax
-import jax.numpy as jnp
 from reference import make_batch, rope_index, tiny_config
+
 from stjax.models.inputs import prepare_inputs
 from stjax.models.qwen_vl import init_model
 from stjax.sampling.sampler import SamplingConfig, generate

@@ -13,9 +13,9 @@ import av
 import numpy as np
 import torch
 import transformers
+from reference import rope_index
 from transformers.video_utils import VideoMetadata
 
-from reference import rope_index
 from stjax.data.formats import read_plain_jsonl
 from stjax.models.config import QwenVLConfig
 from stjax.train import config as train_config

@@ -180,7 +180,7 @@ class QwenVLConfig:
         """The plug-in that holds what differs by model family (`stjax.models.families`)."""
         return _family(self.model_type)
 
-    def replace(self, **changes: Any) -> "QwenVLConfig":
+    def replace(self, **changes: Any) -> QwenVLConfig:
         return dataclasses.replace(self, **changes)
 
     def rope_spec(self) -> RopeSpec:
@@ -196,7 +196,7 @@ class QwenVLConfig:
     # ----------------------------------------------------------------- HF config.json
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **policy: Any) -> "QwenVLConfig":
+    def from_hf_dict(cls, d: dict[str, Any], **policy: Any) -> QwenVLConfig:
         model_type = d.get("model_type")
         family = _family(model_type)
         t = text_fields(d)
@@ -260,7 +260,7 @@ class QwenVLConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path, **policy: Any) -> "QwenVLConfig":
+    def from_file(cls, path: str | Path, **policy: Any) -> QwenVLConfig:
         """Read `config.json` (or a directory holding one, or a preset name from configs/models)."""
         path = Path(path)
         if not path.exists() and (PRESETS_DIR / f"{path}.json").exists():

@@ -45,7 +45,7 @@ from stjax.models.weights import Rule, text_rules, vision_rules
 
 # The families that ship with stjax, each the module stjax/models/<model_type>.py, imported on first use.
 BUILTIN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-_REGISTRY: dict[str, "Family"] = {}
+_REGISTRY: dict[str, Family] = {}
 
 
 class Family(ABC):

@@ -15,7 +15,6 @@ group size (patches per frame). Window groups are exactly (window side * merge)^
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +64,13 @@ class VisionInputs:
     patches: np.ndarray  # (N, C*T*P*P) in the family's processing order (window order for Qwen2.5-VL)
     rotary_positions: np.ndarray  # (N, 2) patch (row, col)
     frames: VisionGroups  # one group per temporal slice
-    windows: Optional[VisionGroups]  # attention windows (Qwen2.5-VL), None for a family without them
+    windows: VisionGroups | None  # attention windows (Qwen2.5-VL), None for a family without them
     token_index: np.ndarray  # (B, L) merged-feature row feeding each text slot
     token_mask: np.ndarray  # (B, L) True where the text slot is an image or video pad
     # Qwen3-VL (`Family.patch_inputs`): each patch's 4 rows of the learned position table and their bilinear
     # weights (N, 4).
-    pos_embed_index: Optional[np.ndarray] = None
-    pos_embed_weight: Optional[np.ndarray] = None
+    pos_embed_index: np.ndarray | None = None
+    pos_embed_weight: np.ndarray | None = None
 
 
 @struct.dataclass
@@ -79,7 +78,7 @@ class ModelInputs:
     input_ids: np.ndarray  # (B, L)
     attention_mask: np.ndarray  # (B, L), 1 real, 0 padding
     position_ids: np.ndarray  # (3, B, L)
-    vision: Optional[VisionInputs] = None
+    vision: VisionInputs | None = None
     # Static: every row's real tokens come first and its padding after (see `is_right_padded`).
     # Causal attention then needs no padding mask, which lets cuDNN run without a bias.
     right_padded: bool = struct.field(pytree_node=False, default=False)
@@ -111,7 +110,7 @@ def make_groups(lengths: np.ndarray, size: int, count: int, rows: int) -> Vision
     return VisionGroups(index=index, lengths=padded_lengths, inverse=inverse)
 
 
-def _as_grid(grid: Optional[np.ndarray]) -> np.ndarray:
+def _as_grid(grid: np.ndarray | None) -> np.ndarray:
     return np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
 
 
@@ -124,7 +123,7 @@ class VisionSizes:
     frame_size: int
     window_count: int  # 0 for a family without attention windows (Qwen2-VL)
 
-    def max(self, other: "VisionSizes") -> "VisionSizes":
+    def max(self, other: VisionSizes) -> VisionSizes:
         return VisionSizes(*np.maximum(astuple(self), astuple(other)).tolist())
 
 
@@ -134,7 +133,7 @@ def vision_sizes(cfg: QwenVLConfig, grids: np.ndarray) -> VisionSizes:
     return _sizes(grids, cfg.family.processing_order(cfg.vision, grids)[1])
 
 
-def _sizes(grids: np.ndarray, window_lengths: Optional[np.ndarray]) -> VisionSizes:
+def _sizes(grids: np.ndarray, window_lengths: np.ndarray | None) -> VisionSizes:
     frame_lengths = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
     return VisionSizes(
         rows=bucket(int(grids.prod(axis=1).sum()), minimum=64),
@@ -147,12 +146,12 @@ def _sizes(grids: np.ndarray, window_lengths: Optional[np.ndarray]) -> VisionSiz
 def prepare_vision(
     cfg: QwenVLConfig,
     input_ids: np.ndarray,
-    pixel_values: Optional[np.ndarray],
-    image_grid_thw: Optional[np.ndarray],
-    pixel_values_videos: Optional[np.ndarray],
-    video_grid_thw: Optional[np.ndarray],
-    sizes: Optional[VisionSizes] = None,
-) -> Optional[VisionInputs]:
+    pixel_values: np.ndarray | None,
+    image_grid_thw: np.ndarray | None,
+    pixel_values_videos: np.ndarray | None,
+    video_grid_thw: np.ndarray | None,
+    sizes: VisionSizes | None = None,
+) -> VisionInputs | None:
     """Patches of all images then all videos, in one padded pass of the vision tower.
 
     `sizes` (at least `vision_sizes` of the grids) pads to given shapes, so that the samples of a
@@ -231,14 +230,14 @@ def prepare_vision(
 def prepare_inputs(
     cfg: QwenVLConfig,
     input_ids: np.ndarray,
-    attention_mask: Optional[np.ndarray] = None,
-    pixel_values: Optional[np.ndarray] = None,
-    image_grid_thw: Optional[np.ndarray] = None,
-    pixel_values_videos: Optional[np.ndarray] = None,
-    video_grid_thw: Optional[np.ndarray] = None,
-    second_per_grid_ts: Optional[np.ndarray] = None,
-    position_ids: Optional[np.ndarray] = None,
-    length: Optional[int] = None,
+    attention_mask: np.ndarray | None = None,
+    pixel_values: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
+    pixel_values_videos: np.ndarray | None = None,
+    video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+    length: int | None = None,
 ) -> ModelInputs:
     """Everything the jitted forward needs, as NumPy arrays of bucketed static shape.
 

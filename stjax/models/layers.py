@@ -7,7 +7,7 @@ Every parameter is an `nnx.Param` carrying `axes`: one logical axis name per dim
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

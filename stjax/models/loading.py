@@ -9,16 +9,16 @@ Parameters move as a flat dict {path tuple: array}; `stjax.models.weights` maps 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
 from stjax.io import atomic_dir
 from stjax.models.config import ConfigError, QwenVLConfig
@@ -131,7 +131,7 @@ class HFParam:
     dtype: np.dtype
     names: tuple[str, ...]  # file tensor names, one per layer (one for an unstacked parameter)
     reader: SafetensorsReader
-    progress: Optional[Callable[[int], None]] = None
+    progress: Callable[[int], None] | None = None
 
     def read(self, rows: slice = slice(None)) -> np.ndarray:
         if not self.rule.stacked:
@@ -158,7 +158,7 @@ class HFParam:
 
 
 def hf_params(
-    cfg: QwenVLConfig, directory: str | Path, dtype=None, progress: Optional[Callable[[int], None]] = None
+    cfg: QwenVLConfig, directory: str | Path, dtype=None, progress: Callable[[int], None] | None = None
 ) -> dict[tuple[str, ...], HFParam]:
     """Check a HF checkpoint against its config and return a lazy reader for every parameter.
 
@@ -245,7 +245,7 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
     return plan
 
 
-def float_dtype(dtype) -> Optional[np.dtype]:
+def float_dtype(dtype) -> np.dtype | None:
     """`dtype` as a NumPy floating dtype (None stays None); integer or bool casts would destroy weights."""
     if dtype is None:
         return None
@@ -264,7 +264,7 @@ def save_hf(
     params: dict,
     dtype=None,
     max_shard_bytes: int = 5 << 30,
-    progress: Optional[Callable[[int], None]] = None,
+    progress: Callable[[int], None] | None = None,
     side_files: str | Path | None = None,
     overwrite: bool = False,
     files: dict[str, str] | None = None,
@@ -397,7 +397,7 @@ def quantize_params(cfg: QwenVLConfig, sources: dict) -> Params:
 
 
 def model_from_params(
-    cfg: QwenVLConfig, params: Params, mesh: Optional[jax.sharding.Mesh] = None, rules=None
+    cfg: QwenVLConfig, params: Params, mesh: jax.sharding.Mesh | None = None, rules=None
 ) -> QwenVLForConditionalGeneration:
     """Fill an abstract model with host arrays (parameters, and the arrays of quantized kernels), each
     in the model's dtype for it and placed on the mesh by its logical axes."""
@@ -422,7 +422,7 @@ def model_from_params(
 
 
 def load_pretrained(
-    path: str | Path, dtype=None, mesh: Optional[jax.sharding.Mesh] = None, revision: str | None = None, **policy
+    path: str | Path, dtype=None, mesh: jax.sharding.Mesh | None = None, revision: str | None = None, **policy
 ) -> tuple[QwenVLForConditionalGeneration, QwenVLConfig]:
     """Load a HF or stjax model directory, or a hub id such as "Qwen/Qwen2-VL-7B-Instruct" (see
     `resolve_model_dir`; `revision` picks a branch, tag or commit).
@@ -445,7 +445,7 @@ def load_pretrained(
 
 
 def quantize_model(
-    model: QwenVLForConditionalGeneration, mesh: Optional[jax.sharding.Mesh] = None, **settings
+    model: QwenVLForConditionalGeneration, mesh: jax.sharding.Mesh | None = None, **settings
 ) -> QwenVLForConditionalGeneration:
     """`model` with its frozen base stored as `settings` (quantize_base, quantize_targets,
     double_quant) say, e.g. a randomly initialised model of a preset's shape."""

@@ -56,7 +56,7 @@ class KVCache:
     index: jax.Array  # () int32
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> KVCache:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),

@@ -8,8 +8,8 @@ Every transform here is a transpose or a reshape, so a round trip is bit-exact.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

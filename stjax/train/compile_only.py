@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,9 @@ from stjax.models.qwen_vl import abstract_model
 from stjax.sampling.sampler import SamplingConfig, sample
 from stjax.sharding import batch_sharding, make_mesh, parse_mesh
 from stjax.train import sft
-from stjax.train.rl import learner
 from stjax.train.config import TrainConfig, check
 from stjax.train.metrics import model_flops_per_token, step_flops, vision_flops
+from stjax.train.rl import learner
 from stjax.train.step import Batch, init_state, split_trainable, train_state_shardings
 
 

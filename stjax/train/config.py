@@ -33,7 +33,6 @@ from stjax.train import rewards
 from stjax.train.reporters import REPORTERS, check_report_to
 from stjax.train.step import OptimConfig
 
-
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16")
 TEMPLATES = ("",) + get_args(Template)  # "": the stage's own

@@ -19,12 +19,12 @@ from stjax.cli import add_debug_flag, run_cli
 from stjax.data.processor import Processor
 from stjax.io import as_path, check_target
 from stjax.models.loading import is_stjax_dir
-from stjax.sharding import make_mesh
-from stjax.train.stages import stage_steps
-from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.settings import ConfigError
+from stjax.sharding import make_mesh
+from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.train.config import parse
 from stjax.train.loop import export_files, export_hf, media_config, placed_state, prepare_model, tokenizer_dir
+from stjax.train.stages import stage_steps
 from stjax.train.step import split_trainable
 
 

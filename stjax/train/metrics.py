@@ -315,7 +315,7 @@ class MetricsLogger:
         self.jsonl = self.bar = None
         self.reporters = []
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(

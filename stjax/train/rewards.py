@@ -135,7 +135,7 @@ def resolve(name: str, accuracy_rule: str = "release") -> RewardFunc:
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_of_file(path: str) -> types.ModuleType:
     """The Python file at `path` as a module, run once (the config check and the stage share it)."""
     if not Path(path).is_file():
