@@ -81,7 +81,8 @@ def main() -> None:
         start = time.perf_counter()
         size = random_checkpoint(cfg, hf, np.dtype(args.dtype))
         print(
-            f"{args.preset} ({args.dtype}): {size / 1e9:.2f} GB checkpoint written in {time.perf_counter() - start:.0f} s"
+            f"{args.preset} ({args.dtype}): {size / 1e9:.2f} GB checkpoint written in "
+            f"{time.perf_counter() - start:.0f} s"
         )
         t1, rss1 = run_measured([str(ROOT / "convert/to_stjax.py"), str(hf), str(stjax)])
         print(f"HF -> stjax: {t1:6.1f} s, peak RSS {rss1 / 1e9:6.2f} GB = {rss1 / size:.2f} x checkpoint")

@@ -5,8 +5,8 @@ weights, same inputs, same device, fp32.
 
 Default config: text hidden 512 x 4 layers, vision hidden 256 x depth 4, an 8-frame 336x336 video
 plus 64 text tokens (Qwen3-VL: 384x384, the same 2304 patches of 16 pixels, three DeepStack layers,
-each temporal patch its own timestamped block). Prints the latencies (each stjax attention backend named, timed in turn with
-torch) and the ratios torch / stjax (> 1: stjax is faster). On a CPU it also prints a floor: the
+each temporal patch its own timestamped block). Prints the latencies (each stjax attention backend named,
+timed in turn with torch) and the ratios torch / stjax (> 1: stjax is faster). On a CPU it also prints a floor: the
 forward's FLOPs (the decoder's causal attention at half, real tokens only) at the best
 matrix-product rate this machine shows in the same run (a 2048^3 float32 product, the fastest
 run of XLA's and PyTorch's), which no implementation beats, and so the largest speed-up over torch possible.

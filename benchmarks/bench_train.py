@@ -372,7 +372,8 @@ def throughput(args) -> None:
         best_torch = min((n for n in steps if n.startswith("torch")), key=times.get)
         first = lambda d: next(iter(d.values()))
         print(
-            f"\n[{label}] trainable params: stjax {first(ours).count / 1e6:.3f}M, torch {first(theirs).count / 1e6:.3f}M; "
+            f"\n[{label}] trainable params: stjax {first(ours).count / 1e6:.3f}M, "
+            f"torch {first(theirs).count / 1e6:.3f}M; "
             f"median of the quiet steps (other processes <= {args.quiet:.0%} of the cores) after {args.warmup} "
             f"warm-up steps each ({wall:.0f} s in all)"
         )
@@ -392,8 +393,9 @@ def throughput(args) -> None:
             rate = best_matmul_rate()
             floor, fastest = flops / rate, min(times[n] for n in steps if n.startswith("stjax"))
             print(
-                f"  floor: torch's {flops / 1e9:.1f} GFLOP per step (logits at every position) at {rate / 1e9:.0f} GFLOP/s "
-                f"(the best 2048^3 float32 matrix product here) take {floor * 1e3:.0f} ms: computing what torch computes, "
+                f"  floor: torch's {flops / 1e9:.1f} GFLOP per step (logits at every position) at "
+                f"{rate / 1e9:.0f} GFLOP/s (the best 2048^3 float32 matrix product here) take "
+                f"{floor * 1e3:.0f} ms: computing what torch computes, "
                 f"at most {times[best_torch] / floor:.2f}x faster than torch; torch runs at "
                 f"{flops / times[best_torch] / 1e9:.0f} GFLOP/s, stjax in {fastest * 1e3:.0f} ms"
             )
@@ -510,7 +512,7 @@ def memory_child(mode: str, args) -> dict:
         import torch
         import transformers
 
-        transformers.Qwen2VLForConditionalGeneration  # the model module imported
+        assert transformers.Qwen2VLForConditionalGeneration  # the model module imported
         torch.zeros(1)
         return dict(out, peak=peak_rss(), rss=rss_now())
 

@@ -21,8 +21,8 @@ tower per real patch; the decoder's causal attention counted in full, as PaLM's 
 figure with it at half is printed beside), MFU = FLOPs / (median step time x peak), the peak from
 `metrics.device_peak_flops` or `--peak-flops`. `--remat` takes a list: the first policy that fits
 is reported (the others are tried only after an out-of-memory failure; `--every-remat` times
-them all); the default tries `none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's elsewhere). The loss
-makes logits `--loss-chunk` positions of every row at a time (`stjax.train.loss.chunked_sft_loss`),
+them all); the default tries `none` first. `dot_product` runs cuDNN's fused attention on the GPU (XLA's
+elsewhere). The loss makes logits `--loss-chunk` positions of every row at a time (`stjax.train.loss.chunked_sft_loss`),
 and only at the positions that predict a target, as the trainer does (`--all-logits`: everywhere;
 the MFU counts the LM head where it runs). `--breakdown` also times the loss alone and loss + gradients, so the
 optimizer's share shows; `--profile DIR` prints the step's top operations. The issue's target is
@@ -554,7 +554,8 @@ def part_mfu(args, report: dict) -> None:
         )
         line = (
             f"  remat={remat}: step {t * 1e3:.1f} ms (median of {len(r['step_s'])}, min {min(r['step_s']) * 1e3:.1f})"
-            f"  {r['tokens'] / t:,.0f} tokens/s  {si(r['flops'], 'G')}FLOP/step -> {flops_per_s / 1e12:.4g} model TFLOP/s"
+            f"  {r['tokens'] / t:,.0f} tokens/s  {si(r['flops'], 'G')}FLOP/step -> "
+            f"{flops_per_s / 1e12:.4g} model TFLOP/s"
         )
         if r["peak_flops"]:
             causal = (r["flops"] - r["attention_flops"] / 2) / t  # causal attention counted at half
@@ -574,7 +575,8 @@ def part_mfu(args, report: dict) -> None:
         if "grad_s" in r:
             print(
                 f"  breakdown (median of 3): loss alone {r['loss_s'] * 1e3:.1f} ms, loss + gradients "
-                f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) {(t - r['grad_s']) * 1e3:.1f} ms"
+                f"{r['grad_s'] * 1e3:.1f} ms, the rest of the step (optimizer, clipping) "
+                f"{(t - r['grad_s']) * 1e3:.1f} ms"
             )
         report["device_memory"] = r["limit_bytes"] or report.get("device_memory", 0)
         if not args.every_remat:

@@ -83,7 +83,8 @@ def main() -> None:
         )
         print(f"  stjax fp32 vs torch fp32: {rel(logits['fp32'], t32):.2e}")
         print(
-            f"  stjax bf16 vs torch fp32: {rel(logits['bf16'], t32):.2e}   (torch bf16 vs torch fp32: {rel(t16, t32):.2e})"
+            f"  stjax bf16 vs torch fp32: {rel(logits['bf16'], t32):.2e}   "
+            f"(torch bf16 vs torch fp32: {rel(t16, t32):.2e})"
         )
         names = ["bf16"] + [f"bf16 {b}" for b in args.backends]
         times = interleaved_medians([run[n] for n in names], 10)
@@ -91,7 +92,8 @@ def main() -> None:
             backend = name.split(" ")[1] if " " in name else "xla"
             print(
                 f"  backend {backend:12s} vs xla: {rel(logits[name], logits['bf16']):.2e}, forward {t * 1e3:7.2f} ms"
-                f"; fused attention kernels in the compiled program: {fused_attention_calls(models[name], inputs[name])}"
+                "; fused attention kernels in the compiled program: "
+                f"{fused_attention_calls(models[name], inputs[name])}"
             )
         # The trainer's layout: padding after the real tokens, so `dot_product` drops the mask.
         right = make_batch(cfg, prompts, padding_side="right")

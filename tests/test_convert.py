@@ -33,7 +33,7 @@ def rewrite(src: Path, dst: Path, rename=lambda n: n, drop=(), change=None, max_
     """Copy a HF directory, renaming, dropping or changing tensors (to make bad checkpoints)."""
     reader = SafetensorsReader(src)
     plan = []
-    for name, info in reader.tensors.items():
+    for name in reader.tensors:
         if name in drop:
             continue
         array = reader.read(name)

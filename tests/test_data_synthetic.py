@@ -196,9 +196,9 @@ def test_tokenizer_loads_offline_with_qwen_specials(out):
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(tok) - 8, len(tok)))
     assert len(tok) <= 3000 + 12
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert (
-        text
-        == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\n"
     )
     s = "<think>turn left</think> <answer>B</answer>"
     assert tok.decode(tok(s)["input_ids"]) == s

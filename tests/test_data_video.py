@@ -164,7 +164,7 @@ def test_indices_sizes_grid_match_reference(videos, backend):
 def test_second_per_grid_t_follows_the_chosen_rule(videos, rule):
     """seed: 2 / the rate of the n sampled frames; kept_frames: 2 / transformers' `VideoMetadata.sampled_fps`
     of the kept frames."""
-    for path, (total, fps, w, h, cfg) in zip(videos, TABLE):
+    for path, (total, fps, _, _, cfg) in zip(videos, TABLE):
         clip = read_video(path, MediaConfig(**{**vars(cfg), "second_per_grid": rule}))
         kept, n = ref_indices(total, fps, cfg.fps, cfg.num_frames)
         kept_fps = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=kept).sampled_fps

@@ -175,7 +175,7 @@ def test_killed_checkpoint_saves_leave_checkpoints_that_restore(tmp_path):
         directory = tmp_path / f"ck{i}"
         kill_while_writing(
             [sys.executable, "-c", SAVES, str(directory)],
-            lambda: directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()),
+            lambda directory=directory: directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()),
             1.0,
             rng,
             signum,

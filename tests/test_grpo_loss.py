@@ -89,7 +89,8 @@ def trl_loss(
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length) / accumulation
-    else:  # dapo, cispo: num_items_in_batch spans the generation batch (normaliser x accumulation / steps_per_generation)
+    else:  # dapo, cispo: num_items_in_batch spans the generation batch
+        # (normaliser x accumulation / steps_per_generation)
         items = mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = (per_token_loss * mask).sum() / items.clamp(min=1.0)
 

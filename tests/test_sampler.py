@@ -376,7 +376,7 @@ def test_choose_samples_the_truncated_distribution(case):
         kept = np.isfinite(expected[row])
         assert counts[~kept].sum() == 0
 
-        def chi2(logp):
+        def chi2(logp, kept=kept, counts=counts):
             e = np.exp(logp[kept]) * draws
             return float(((counts[kept] - e) ** 2 / e).sum())
 

@@ -144,7 +144,7 @@ def test_adamw_update_equals_optax_chain():
     )
     ours, theirs = (params, optim.init(params)), (params, reference.init(params))
     for scale in (0.01, 3.0, 0.1, 10.0, 1.0):  # global norms about 0.04 to 40: clipped and not
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)
+        grads = jax.tree.map(lambda x, scale=scale: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)
         ours = jax.jit(optim.apply)(grads, ours[1], ours[0], optax.tree.norm(grads))
         updates, state = reference.update(grads, theirs[1], theirs[0])
         theirs = (optax.apply_updates(theirs[0], updates), state)

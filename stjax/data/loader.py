@@ -6,14 +6,15 @@ skip bad samples, and pad batches into a few fixed shapes.
 Every batch is padded to the smallest configured bucket that fits its longest sequence and its
 largest patch count, so a jitted step compiles once per (token bucket, patch bucket) pair. A sample
 that fails (SampleError: missing or broken video, too long, ...; or any other error while it is
-encoded) is dropped and recorded with its reason in `iterator.skipped`; the run goes on. Iterator state (`get_state` / `set_state`) restores the exact
-position, so a resumed run yields the same batches it would have without the interruption.
+encoded) is dropped and recorded with its reason in `iterator.skipped`; the run goes on. Iterator state
+(`get_state` / `set_state`) restores the exact position, so a resumed run yields the same batches it
+would have without the interruption.
 
 Batch layout (leading axis = batch, unlike Hugging Face's flat patch list, so batches shard over data
 parallel devices): input_ids / attention_mask / loss_mask (B, L), position_ids (3, B, L),
 pixel_values_videos (B, P, 1176), video_grid_thw (B, V, 3), second_per_grid_ts (B, V), pixel_values
-(B, Pi, 1176), image_grid_thw (B, I, 3), sample_id (B,) the records' ids. Padded tokens have attention 0, loss 0, position 1; padded
-patches are zeros after the sample's sum(t*h*w) patches; padded grid rows are (0, 0, 0).
+(B, Pi, 1176), image_grid_thw (B, I, 3), sample_id (B,) the records' ids. Padded tokens have attention 0,
+loss 0, position 1; padded patches are zeros after the sample's sum(t*h*w) patches; padded grid rows are (0, 0, 0).
 """
 
 from __future__ import annotations

@@ -125,11 +125,11 @@ class Processor:
         return cls(AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True), **kwargs)
 
     @classmethod
-    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig = MediaConfig(), **kwargs) -> Processor:
+    def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig | None = None, **kwargs) -> Processor:
         """The processor of a model config (`stjax.models.config.QwenVLConfig`): its patch size, its
         time positions and its video layout (the rule of its `rope_spec`)."""
         spec = model_cfg.rope_spec()
-        media = dataclasses.replace(media, patch_size=model_cfg.vision.patch_size)
+        media = dataclasses.replace(media or MediaConfig(), patch_size=model_cfg.vision.patch_size)
         return cls.from_pretrained(
             tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second, layout=spec.rule, **kwargs
         )

@@ -158,8 +158,8 @@ def attend(
     `q_offset` places the queries inside a longer key sequence (a KV cache); the Pallas kernel
     serves a static offset 0 (full sequences, prefills) and the rest falls back to `xla` there.
     `split_batch` False: the batch axis is already split by an enclosing vmap's `spmd_axis_name`.
-    `right_padded` (static) promises that each row's real tokens come first, which `dot_product` exploits: causal attention then
-    gives the real tokens their outputs without a padding mask, and attention without the causal
+    `right_padded` (static) promises that each row's real tokens come first, which `dot_product` exploits:
+    causal attention then gives the real tokens their outputs without a padding mask, and attention without the causal
     mask (the vision groups) masks by each row's count of real keys; `cpu_flash` lets padding
     queries see no key at all, so that its kernel skips their tiles. Either way the outputs of
     padding queries are never used.

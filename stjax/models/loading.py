@@ -236,7 +236,7 @@ def plan_hf_tensors(cfg: QwenVLConfig, params: dict, dtype=None) -> list[Planned
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(params[rule.path].dtype)
         for i in range(shape[0]) if rule.stacked else [None]:
 
-            def make(rule=rule, i=i):
+            def make(rule=rule, i=i, out_dtype=out_dtype):
                 array = load(rule.path)
                 return np.asarray(to_hf(rule, array if i is None else array[i], cfg), out_dtype)
 
