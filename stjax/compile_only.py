@@ -267,6 +267,7 @@ class Program:
     runs_per_step: int = 1
     resident_bytes: float = 0.0
     passes: float = 3.0
+    mesh: Any = None  # the mesh it runs under when not the run's (a GRPO rollout on `grpo.rollout_mesh`)
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def tree_bytes_per_chip(tree) -> float:
 def compile_program(program: Program, tgt: Target, mesh) -> tuple[Report, Any]:
     """Lower and compile `program` under `mesh` (so the attention backend follows its devices)."""
     began = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(program.mesh or mesh):
         compiled = program.fn.lower(*program.args).compile()
     seconds = time.perf_counter() - began
     memory = compiled.memory_analysis()

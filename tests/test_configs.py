@@ -24,7 +24,7 @@ from stjax.compile_only import CHIPS
 from stjax.eval.mcq import EvalConfig, check_config, parse_config
 from stjax.models.config import QwenVLConfig
 from stjax.models.qwen_vl import abstract_model
-from stjax.sharding import parse_mesh
+from stjax.sharding import mesh_shape, parse_mesh
 from stjax.train import config as train_config
 from stjax.train import stages
 from stjax.train.config import ConfigError
@@ -101,6 +101,16 @@ def shrunk_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
         return f"fsdp={fsdp},tensor={devices // fsdp}"
 
 
+def shrunk_rollout_mesh(cfg: train_config.TrainConfig, devices: int) -> str:
+    """The config's rollout mesh if the devices can hold it, else its tensor axis over half of them and
+    two copies (each copy decodes whole groups)."""
+    try:
+        mesh_shape(parse_mesh(cfg.grpo.rollout_mesh), devices)
+        return cfg.grpo.rollout_mesh
+    except ValueError:
+        return f"data=2,tensor={devices // 2}"
+
+
 @pytest.mark.slow  # one compile of the sharded step per config: 15-60 s each on 2 cores
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
@@ -123,7 +133,8 @@ def test_train_config_runs_one_step_shrunk(path, synthetic_assets, tmp_path):
             "checkpoint.export_hf=false",
             f"mesh={shrunk_mesh(cfg, jax.device_count())}",
         ]
-        + (["grpo.max_completion_length=8"] if cfg.stage == "grpo" else []),
+        + (["grpo.max_completion_length=8"] if cfg.stage == "grpo" else [])
+        + ([f"grpo.rollout_mesh={shrunk_rollout_mesh(cfg, jax.device_count())}"] if cfg.grpo.rollout_mesh else []),
     )
     # what the overrides keep
     kept = ("batch_size", "gradient_accumulation_steps", "loss_average", "loss_chunk", "optim", "lora")

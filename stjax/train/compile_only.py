@@ -201,6 +201,7 @@ def _rollout(cfg: TrainConfig, mesh, run: Abstract, one, resident: float) -> co.
         flops,
         resident_bytes=resident,
         passes=1 + g.max_completion_length,
+        mesh=rollout_mesh,
     )
 
 

@@ -70,6 +70,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 format="plain",
                 path=str(root / "plain.jsonl"),
                 tokenizer=data.tokenizer or str(root / "tokenizer"),
+                video_root="",  # the set names its videos relative to its file
             ),
         )
     if not cfg.model.model_name_or_path:
