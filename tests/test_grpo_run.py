@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from test_train_run import (
     ROOT,
+    assets,  # noqa: F401 (the module's fixture)
     finish,
     logged_steps,
     losses,
     one_and_two_processes,
-    start,  # noqa: F401
+    start,
     wait_for,
 )
 

@@ -13,7 +13,7 @@ import yaml
 
 from stjax.data.video import MediaConfig
 from stjax.eval.extract import RULES
-from stjax.eval.mcq import EvalConfig, parse_config
+from stjax.eval.mcq import EvalConfig, parse_config, with_training_recipe
 from stjax.sampling.sampler import SamplingConfig
 from stjax.train import config as train_config
 from stjax.train.step import OptimConfig
@@ -33,7 +33,7 @@ def test_video_defaults_are_the_seeds_and_qwen_vl_utils():
 
 
 def test_evaluator_defaults_are_the_seeds_inference_recipe():
-    e = EvalConfig()
+    e = with_training_recipe(EvalConfig())  # no model recording a training recipe: the seed's
     assert (e.num_frames, e.fps, e.max_pixels) == (8, 1.0, 151200)
     assert (e.max_new_tokens, e.temperature, e.top_p, e.top_k) == (512, 0.0, 1.0, 0)  # greedy
     assert e.template == "seed_mcq" and e.mode == "generate"
