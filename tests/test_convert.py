@@ -233,3 +233,17 @@ def test_sharded_exports_open_in_safetensors_and_transformers(hf_dirs, tmp_path,
     assert sorted(theirs) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(theirs[name], tensor.to(want)), name
+
+
+def test_each_planned_tensor_is_made_in_its_own_dtype():
+    """An export without a dtype keeps each parameter's own (a merged LoRA model holds float32 trained
+    weights beside a bfloat16 base): every tensor's bytes are made in the dtype its header declares, not in
+    the dtype of the last parameter planned."""
+    from stjax.models.loading import param_shapes, plan_hf_tensors
+
+    cfg = tiny_config("qwen2_vl")
+    dtypes = (np.float32, np.float16)
+    params = {path: np.zeros(shape, dtypes[i % 2]) for i, (path, shape) in enumerate(param_shapes(cfg).items())}
+    plan = plan_hf_tensors(cfg, params)
+    assert {t.dtype for t in plan} == {np.dtype(np.float32), np.dtype(np.float16)}
+    assert all(t.make().dtype == t.dtype for t in plan)
