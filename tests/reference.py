@@ -143,3 +143,20 @@ def make_batch(
     )
     batch["position_ids"] = positions
     return batch
+
+
+def sample_inputs(cfg: QwenVLConfig, arrays: dict):
+    """`prepare_inputs` for one processed video sample (stjax's `Processor` output), its position ids as made."""
+    from stjax.models.inputs import prepare_inputs
+
+    return prepare_inputs(
+        cfg,
+        arrays["input_ids"][None],
+        None,
+        None,
+        None,
+        arrays["pixel_values_videos"],
+        arrays["video_grid_thw"],
+        arrays.get("second_per_grid_ts"),
+        arrays["position_ids"][:, None],
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import sample_inputs
 from scipy.stats import binomtest
 
 import stjax.eval.mcq as mcq
@@ -14,7 +15,6 @@ from stjax.data.processor import Processor
 from stjax.data.synthetic import generate
 from stjax.data.tokenizer import tiny_model_dir
 from stjax.eval.mcq import EvalConfig, evaluate, format_summary, load_records, load_samples, parse_config, summarize
-from stjax.models.inputs import prepare_inputs
 from stjax.models.loading import load_pretrained
 from stjax.models.qwen_vl import compiled_forward
 
@@ -111,17 +111,7 @@ def test_logits_mode_picks_the_argmax_letter_of_a_full_forward(bench, tmp_path):
     letters = {k: processor.tokenizer.convert_tokens_to_ids(k) for k in "ABCD"}
     for file, sample in load_samples(cfg)[0]:
         arrays = processor(sample, "seed_mcq")
-        inputs = prepare_inputs(
-            config,
-            arrays["input_ids"][None],
-            None,
-            None,
-            None,
-            arrays["pixel_values_videos"],
-            arrays["video_grid_thw"],
-            arrays["second_per_grid_ts"],
-            arrays["position_ids"][:, None],
-        )
+        inputs = sample_inputs(config, arrays)
         logits = np.asarray(compiled_forward(model, inputs))[0, len(arrays["input_ids"]) - 1]
         scores = {k: logits[letters[k]] for k in "ABCD"[: len(sample.options)]}
         record = recorded[file, sample.id]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from reference import sample_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -165,7 +166,6 @@ def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
     from stjax.data.formats import read_plain_jsonl
     from stjax.data.processor import Processor
     from stjax.data.video import MediaConfig
-    from stjax.models.inputs import prepare_inputs
     from stjax.models.loading import load_pretrained
     from stjax.models.qwen_vl import compiled_forward
 
@@ -177,17 +177,7 @@ def test_transformers_forward_on_stjax_processed_batch_equals_stjax(own_run):
     )
     sample = read_plain_jsonl(root / "my_data/test.jsonl").samples[0]
     arrays = processor(sample, "problem")
-    inputs = prepare_inputs(
-        config,
-        arrays["input_ids"][None],
-        None,
-        None,
-        None,
-        arrays["pixel_values_videos"],
-        arrays["video_grid_thw"],
-        arrays["second_per_grid_ts"],
-        arrays["position_ids"][:, None],
-    )
+    inputs = sample_inputs(config, arrays)
     ours = np.asarray(compiled_forward(model, inputs))[0, : len(arrays["input_ids"])]
 
     reference = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()

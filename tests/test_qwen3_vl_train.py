@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx, traverse_util
+from reference import sample_inputs
 from test_qwen3_vl import hf_positions, make_batch
 
 from stjax.data.loader import LoaderConfig, pad_batch
@@ -167,7 +168,6 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     """`evaluate` in logits mode on the tiny Qwen3-VL: each record's letter logits are those of a plain forward
     of the Qwen3-VL layout's arrays (timestamped frames, patches of 16) at the prompt's last position."""
     from stjax.eval.mcq import EvalConfig, evaluate, load_records, load_samples, make_runner
-    from stjax.models.inputs import prepare_inputs
     from stjax.models.qwen_vl import compiled_forward
 
     data, model_dir = grpo_assets
@@ -190,17 +190,7 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     for _, sample in load_samples(cfg)[0]:
         arrays = processor(sample, "seed_mcq")
         assert "seconds>" in processor.tokenizer.decode(arrays["input_ids"])
-        inputs = prepare_inputs(
-            config,
-            arrays["input_ids"][None],
-            None,
-            None,
-            None,
-            arrays["pixel_values_videos"],
-            arrays["video_grid_thw"],
-            None,
-            arrays["position_ids"][:, None],
-        )
+        inputs = sample_inputs(config, arrays)
         logits = np.asarray(compiled_forward(model, inputs))[0, len(arrays["input_ids"]) - 1]
         scores = {k: logits[letters[k]] for k in "ABCD"[: len(sample.options)]}
         np.testing.assert_allclose(
