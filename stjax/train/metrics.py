@@ -220,7 +220,7 @@ class MetricsLogger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             drop_steps_after(self.out_dir / "metrics.jsonl", start_step)
             self.jsonl = AppendLog(self.out_dir / "metrics.jsonl")
-            self.reporters = make_reporters(report_to, self.out_dir, config)
+            self.reporters = make_reporters(report_to, self.out_dir, config, start_step)
         if progress and (sys.stdout.isatty() if interactive is None else interactive):
             self.bar = _Bar(total=total_steps, initial=start_step, dynamic_ncols=True, desc=desc, smoothing=0)
             self.bar.pace = self.pace

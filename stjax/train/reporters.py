@@ -19,7 +19,7 @@ import os
 import uuid
 from collections.abc import Iterable
 
-from stjax.io import AppendLog, as_path, is_remote
+from stjax.io import AppendLog, as_path, is_remote, write_text_atomic
 
 # report_to name -> the package it needs (and the stjax extra that installs it)
 REPORTERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
@@ -46,12 +46,13 @@ class _EventFiles:
 
 
 class TensorBoard:
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, start_step: int = 0):
         from tensorboardX import SummaryWriter, record_writer
 
         for scheme in ("gs", "s3", "az"):
             record_writer.register_writer_factory(scheme, _EventFiles())
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        # a resumed run drops the events after its checkpoint, as metrics.jsonl does (`drop_steps_after`)
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -68,8 +69,10 @@ class Wandb:
         import wandb
 
         id_file = out_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:  # written whole or not at all: a kill mid-write must not cut the link to the run
+            run_id = uuid.uuid4().hex[:12]
+            write_text_atomic(id_file, run_id + "\n")
         local = None if is_remote(out_dir) else str(out_dir)  # wandb writes its files locally
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "stjax"),
@@ -87,9 +90,10 @@ class Wandb:
         self.run.finish()
 
 
-def make_reporters(names: Iterable[str], out_dir, config: dict | None = None) -> list:
-    """The reporters named in `report_to`, writing under `out_dir` (a local path or an object store URL)."""
+def make_reporters(names: Iterable[str], out_dir, config: dict | None = None, start_step: int = 0) -> list:
+    """The reporters named in `report_to`, writing under `out_dir` (a local path or an object store URL); a
+    run resumed at `start_step` logs its steps after it again."""
     names = list(names)
     check_report_to(names)
     out_dir = as_path(out_dir)
-    return [TensorBoard(out_dir) if name == "tensorboard" else Wandb(out_dir, config) for name in names]
+    return [TensorBoard(out_dir, start_step) if name == "tensorboard" else Wandb(out_dir, config) for name in names]

@@ -64,7 +64,6 @@ class Completions:
 
     tokens: np.ndarray  # (N, T) the sampled tokens, padding after each row's end
     lengths: np.ndarray  # (N,) tokens sampled per row, EOS included
-    logps: np.ndarray  # (N, T) the sampler's log-probs of its tokens
 
     def ended(self, eos_ids: Sequence[int]) -> np.ndarray:
         """(N,) True where a completion ends with an EOS token (False: cut at the length limit)."""
@@ -124,9 +123,7 @@ class Rollout:
             self.decode_graphdef, self.sampling, self.weights(state.params), inputs, jnp.int32(length - 1), start, keys
         )
         rows = len(prompts.input_ids) * self.sampling.num_samples
-        return Completions(
-            local_rows(out.tokens, rows), local_rows(out.lengths, rows), local_rows(out.logp_model, rows)
-        )
+        return Completions(local_rows(out.tokens, rows), local_rows(out.lengths, rows))
 
     def logps(self, params: nnx.State, batch: GRPOBatch) -> jax.Array:
         """(accum, B, T) log-probs of the batch's completions under `params` (the old policy's or the
