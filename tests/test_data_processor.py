@@ -210,3 +210,18 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
     (own / "chat_template.json").write_text("{}")
     kept = set(export_files(processor, own, "grpo", "grpo"))
     assert kept == {"stjax_training.json", "video_preprocessor_config.json"}
+
+
+def test_an_exports_processor_files_carry_the_normalisation_it_was_trained_with(processor):
+    """Qwen3-VL's layout normalises pixels by 0.5 / 0.5, the others by CLIP's mean and std: the exported
+    processor files say what training used, so transformers' processor makes the same pixels."""
+    import dataclasses
+    import json
+
+    from stjax.train.loop import export_files
+
+    tokenizer = Path(processor.tokenizer.name_or_path)
+    for layout, mean in ((processor.layout, processor.mean_std[0]), ("qwen3", [0.5] * 3)):
+        files = export_files(dataclasses.replace(processor, layout=layout), tokenizer, "sft", "sft")
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+            np.testing.assert_allclose(json.loads(files[name])["image_mean"], mean, rtol=1e-7)

@@ -171,7 +171,7 @@ class Processor:
             reply = self.tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
             ids, assistant = ids + reply, assistant + [1] * len(reply)
 
-        mean_std = (qwen3_vl.MEAN, qwen3_vl.STD) if self.layout == "qwen3" else (IMAGE_MEAN, IMAGE_STD)
+        mean_std = self.mean_std
         video_patches = [vision_patches(v.frames, self.media, *mean_std) for v in videos]
         image_patches = [vision_patches(im[None], self.media, *mean_std) for im in images]
         merge_area = self.media.merge_size**2
@@ -246,6 +246,11 @@ class Processor:
             start = place + 1
         return out_ids + ids[start:], out_mask + mask[start:]
 
+    @property
+    def mean_std(self) -> tuple:
+        """The pixel normalisation of this processor's layout (Qwen3-VL's 0.5 / 0.5, else CLIP's)."""
+        return (qwen3_vl.MEAN, qwen3_vl.STD) if self.layout == "qwen3" else (IMAGE_MEAN, IMAGE_STD)
+
     def __call__(self, sample: Sample, template: Template = "sft") -> dict[str, np.ndarray]:
         """Read the sample's video and encode it with the named prompt template.
 
@@ -260,7 +265,9 @@ class Processor:
         return self.encode(user_text(sample, template), videos=[clip], target=target)
 
 
-def hf_processor_files(media: MediaConfig, chat_template: str) -> dict[str, str]:
+def hf_processor_files(
+    media: MediaConfig, chat_template: str, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
+) -> dict[str, str]:
     """transformers' processor files for a Qwen2-VL / Qwen2.5-VL directory, with stjax's patch layout, pixel
     bounds and normalisation: the image and video processors' configs and the chat template. The processor
     class follows from config.json's model_type, so the same files serve both families."""
@@ -268,8 +275,8 @@ def hf_processor_files(media: MediaConfig, chat_template: str) -> dict[str, str]
         "patch_size": media.patch_size,
         "temporal_patch_size": media.temporal_patch_size,
         "merge_size": media.merge_size,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": [float(x) for x in np.ravel(mean_std[0])],
+        "image_std": [float(x) for x in np.ravel(mean_std[1])],
     }
     image = {
         "image_processor_type": "Qwen2VLImageProcessor",

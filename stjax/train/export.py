@@ -64,9 +64,10 @@ def export_checkpoint(
             f"with --step (there are {steps})"
         ) from None
     checkpoints.close()
-    processor = Processor.from_pretrained(tokenizer, media=media_config(cfg))
+    trained = nnx.merge(graphdef, state.params, frozen)
+    processor = Processor.for_model(tokenizer, trained.config, media_config(cfg))  # as the run's own export
     files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage_steps(cfg.stage).template)
-    export_hf(nnx.merge(graphdef, state.params, frozen), out, tokenizer, overwrite, files)
+    export_hf(trained, out, tokenizer, overwrite, files)
     return out
 
 

@@ -170,7 +170,7 @@ def export_files(processor: Processor, tokenizer: Path, stage: str, template: Te
     """An export's own files: the training recipe the evaluator reads (`stjax.data.processor.TRAINING_RECIPE`),
     and transformers' processor files that the tokenizer's directory lacks (a real model's own are copied)."""
     files = {TRAINING_RECIPE: json.dumps(training_recipe(stage, template, processor.media), indent=1) + "\n"}
-    made = hf_processor_files(processor.media, processor.tokenizer.chat_template)
+    made = hf_processor_files(processor.media, processor.tokenizer.chat_template, processor.mean_std)
     if (tokenizer / "chat_template.json").exists():  # the older file name of the same template
         del made["chat_template.jinja"]
     return files | {name: text for name, text in made.items() if not (tokenizer / name).exists()}
