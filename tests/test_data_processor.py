@@ -221,7 +221,7 @@ def test_an_exports_processor_files_carry_the_normalisation_it_was_trained_with(
     from stjax.train.loop import export_files
 
     tokenizer = Path(processor.tokenizer.name_or_path)
-    for layout, mean in ((processor.layout, processor.mean_std[0]), ("qwen3", [0.5] * 3)):
-        files = export_files(dataclasses.replace(processor, layout=layout), tokenizer, "sft", "sft")
+    for model_type, mean in ((processor.model_type, processor.mean_std[0]), ("qwen3_vl", [0.5] * 3)):
+        files = export_files(dataclasses.replace(processor, model_type=model_type), tokenizer, "sft", "sft")
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
             np.testing.assert_allclose(json.loads(files[name])["image_mean"], mean, rtol=1e-7)

@@ -13,7 +13,6 @@ from flax import nnx
 from reference import hf_logits, tiny_config
 
 from stjax.models.loading import load_pretrained
-from stjax.models.rope import get_rope_index
 
 TOLERANCE = 1e-5
 CASES = {
@@ -106,9 +105,9 @@ def test_position_ids_equal_transformers_get_rope_index(models, case):
     ours_model, ref_model = models
     cfg = ours_model.config
     batch = make_batch(cfg, CASES[case])
-    ours, _ = get_rope_index(
-        batch["input_ids"],
+    ours, _ = cfg.family.rope_index(
         cfg.rope_spec(),
+        batch["input_ids"],
         batch.get("image_grid_thw"),
         batch.get("video_grid_thw"),
         None,

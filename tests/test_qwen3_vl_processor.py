@@ -48,7 +48,7 @@ class FramesAsGiven(Qwen3VLVideoProcessor):
 def processors(tmp_path_factory):
     texts = ["Which way did you turn? A. left B. right", "seconds red cube blue sphere 0.5 1.0 12.5"] * 20
     path = build_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
-    ours = Processor.from_pretrained(path, media=qwen3_vl.media_config(), layout="qwen3")
+    ours = Processor.from_pretrained(path, media=qwen3_vl.media_config(), model_type="qwen3_vl")
     # the class check looks the video processor up in a registry that needs torchvision
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
         theirs = Qwen3VLProcessor(

@@ -125,7 +125,7 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     model = with_lora(quantize_model(base, quantize_base="nf4"), rank=4, alpha=8.0, seed=1)
     assert model.config.quantize_base == "nf4"
     processor = Processor.from_pretrained(
-        data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16), layout="qwen3"
+        data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16), model_type="qwen3_vl"
     )
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:2]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
@@ -184,7 +184,7 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     records = {r["id"]: r for r in load_records(tmp_path / "predictions.jsonl")}
     assert len(records) == 3
     processor = make_runner(cfg).processor
-    assert processor.layout == "qwen3" and processor.media.patch_size == 16
+    assert processor.model_type == "qwen3_vl" and processor.media.patch_size == 16
     model, config = load_pretrained(model_dir)
     letters = {k: processor.tokenizer.convert_tokens_to_ids(k) for k in "ABCD"}
     for _, sample in load_samples(cfg)[0]:

@@ -18,12 +18,12 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - weights: `rules(cfg)`, the table between Hugging Face tensor names and stjax parameter paths
   (default the decoder's rules plus those of the default tower, see `weights.py`); `hf_name(name)`,
   the name an export writes for a table name (default the same).
-- positions: `rope_index(...)`, M-RoPE position ids (default `rope.get_rope_index`, the Qwen2 rule);
+- positions: `rope_index(spec, ...)`, M-RoPE position ids (default `rope.get_rope_index`, the Qwen2 rule);
   `video_tokens_per_second(v)`, the time scale of video positions (None: the frame-pair index);
   `processing_order(v, grids)`, the order of the vision pass and its attention windows (default none);
-  `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none);
-  `video_layout`, how the processor lays a video out in the prompt and which position rule it takes
-  ("qwen2": one vision block per video; "qwen3": one timestamped block per temporal patch).
+  `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none).
+- inputs: `media_rules`, "module:Class" of the processor's `stjax.data.video.MediaRules` (frame sampling,
+  pixel budget, normalisation, a video's prompt text); named, not imported: data/ builds on models/.
 - metrics: `vision_flops_per_patch(cfg, group_size)`, for MFU (default: the default tower's count).
 
 A new family is one file here, its name in `BUILTIN`, and its presets in configs/models.
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from stjax.models.config import ConfigError, QwenVLConfig, TextConfig, VisionConfig, qwen2_text_config
-from stjax.models.rope import get_rope_index
+from stjax.models.rope import RopeSpec, get_rope_index
 from stjax.models.text import TextModel
 from stjax.models.vision import VisionTower
 from stjax.models.weights import Rule, text_rules, vision_rules
@@ -56,7 +56,7 @@ class Family(ABC):
     tiny_preset: str
     vision_norm = "layer_norm"  # or "rms_norm": the vision blocks' and merger's norms (LayerNorm has a bias)
     gated_mlp = False  # vision MLP: fc1, act, fc2 (False) or down(act(gate) * up) (True)
-    video_layout = "qwen2"  # see the module docstring and `stjax.models.rope.RopeSpec.rule`
+    media_rules = "stjax.data.video:MediaRules"  # see the module docstring
 
     def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
@@ -92,7 +92,7 @@ class Family(ABC):
 
     def rope_index(
         self,
-        cfg: QwenVLConfig,
+        spec: RopeSpec,
         input_ids: np.ndarray,
         image_grid_thw: np.ndarray | None,
         video_grid_thw: np.ndarray | None,
@@ -100,9 +100,7 @@ class Family(ABC):
         attention_mask: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch (see `rope.get_rope_index`)."""
-        return get_rope_index(
-            input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
-        )
+        return get_rope_index(input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask)
 
     def video_tokens_per_second(self, v: VisionConfig) -> float | None:
         return None
