@@ -26,7 +26,7 @@ from transformers.video_utils import VideoMetadata
 from stjax.data import qwen3_vl
 from stjax.data.processor import Processor
 from stjax.data.tokenizer import build_tokenizer
-from stjax.data.video import MediaConfig, VideoClip, read_video
+from stjax.data.video import MediaConfig, VideoClip, read_image, read_video
 
 
 class FramesAsGiven(Qwen3VLVideoProcessor):
@@ -171,6 +171,22 @@ def test_frame_size_is_the_video_processors_resize(frames, height, width, change
     assert MEDIA.video_size(height, width, frames, cfg) == resize_target(frames, height, width, cfg)
 
 
+def test_the_limits_are_the_video_processors_defaults():
+    """Qwen3-VL's media settings are its video processor's defaults (with its per-frame cap on); a run's
+    processor takes the pixel limits from them and keeps the run's own frames, rate and per-frame cap."""
+    theirs = Qwen3VLVideoProcessor()
+    run = MediaConfig(num_frames=8, fps=1.0, max_pixels=360 * 420)
+    for cfg in (qwen3_vl.media_config(), MEDIA.configure(run, 16)):
+        assert {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.total_pixels} == dict(theirs.size)
+        assert cfg.video_max_pixels == theirs.max_video_tokens * cfg.factor**2
+        assert (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size) == (16, 2, 2)
+        assert (cfg.min_frames, cfg.max_frames) == (theirs.min_frames, theirs.max_frames)
+    defaults = qwen3_vl.media_config()
+    assert (defaults.fps, defaults.num_frames) == (theirs.fps, theirs.num_frames)
+    configured = MEDIA.configure(run, 16)
+    assert (configured.num_frames, configured.fps, configured.max_pixels) == (8, 1.0, 360 * 420)
+
+
 def test_a_clip_shorter_than_a_temporal_patch_is_refused_as_transformers_refuses_it():
     with pytest.raises(ValueError, match="must be larger than temporal_factor"):
         resize_target(1, 64, 64, qwen3_vl.media_config())
@@ -201,7 +217,7 @@ def test_timestamps_text_is_the_processors(processors, indices, fps):
         frame_indices=np.asarray(indices),
         total_frames=int(max(indices)) + 1,
         video_fps=fps,
-        sample_fps=fps,
+        sample_fps=fps / 3,  # not the rate timestamps are read at
         second_per_grid_t=1.0,
     )
     metadata = VideoMetadata(total_num_frames=clip.total_frames, fps=fps, frames_indices=list(indices))
@@ -378,3 +394,21 @@ def test_a_qwen3_run_reads_and_writes_videos_by_its_family_rules(
 
     qwen2 = Processor.for_model(tokenizer, tiny_config("qwen2_vl"), MediaConfig(**settings))
     assert type(qwen2.rules) is not type(processor.rules)  # the other family keeps its own rules
+
+
+@pytest.mark.parametrize("height,width", [(37, 53), (480, 641), (1000, 90), (90, 1000), (20, 20), (3000, 2000)])
+def test_images_of_odd_sizes_are_the_image_processors(processors, tmp_path, height, width):
+    """An image file read at Qwen3-VL's factor (32) and normalisation: the size, patches and grid of the image
+    processor transformers' Qwen3-VL processor holds, at its pixel limits (float32, to 1e-6)."""
+    from PIL import Image
+
+    image_processor = processors[1].image_processor
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    size = image_processor.size
+    cfg = qwen3_vl.media_config(image_min_pixels=size.shortest_edge, image_max_pixels=size.longest_edge)
+    image = read_image(str(tmp_path / "image.png"), cfg)
+    got = processors[0].encode("What is it?", images=[image])
+    want = image_processor(images=[pixels], return_tensors="np")
+    np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
+    np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
