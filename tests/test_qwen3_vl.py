@@ -106,8 +106,8 @@ def test_position_ids_equal_transformers_get_rope_index(models, case):
     cfg = ours_model.config
     batch = make_batch(cfg, CASES[case])
     ours, _ = cfg.family.rope_index(
-        cfg.rope_spec(),
         batch["input_ids"],
+        cfg.rope_spec(),
         batch.get("image_grid_thw"),
         batch.get("video_grid_thw"),
         None,

@@ -353,7 +353,7 @@ def test_left_padded_batch_positions_equal_get_rope_index(processors, hf_dirs):
     for key in ("image_grid_thw", "video_grid_thw"):
         batch[key] = np.concatenate([r[key] for r in rows])
     got, got_deltas = ours.family.rope_index(
-        ours.rope_spec, batch["input_ids"], batch["image_grid_thw"], batch["video_grid_thw"], None, mask
+        batch["input_ids"], ours.rope_spec, batch["image_grid_thw"], batch["video_grid_thw"], None, mask
     )
     want, want_deltas = hf_positions(hf_dirs, batch, mask)
     np.testing.assert_array_equal(got, want)

@@ -125,7 +125,9 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     model = with_lora(quantize_model(base, quantize_base="nf4"), rank=4, alpha=8.0, seed=1)
     assert model.config.quantize_base == "nf4"
     processor = Processor.from_pretrained(
-        data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16), model_type="qwen3_vl"
+        data / "tokenizer",
+        media=qwen3_vl.media_config(num_frames=8, min_pixels=32 * 32 * 16, max_pixels=32 * 32 * 16),
+        model_type="qwen3_vl",
     )
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:2]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]

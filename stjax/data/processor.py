@@ -193,7 +193,7 @@ class Processor:
         video_grid = np.array([g for _, g in video_patches], np.int64).reshape(-1, 3)
         image_grid = np.array([g for _, g in image_patches], np.int64).reshape(-1, 3)
         seconds = np.array([v.second_per_grid_t for v in videos], np.float32)
-        position_ids, _ = self.family.rope_index(self.rope_spec, input_ids[None], image_grid, video_grid, seconds, None)
+        position_ids, _ = self.family.rope_index(input_ids[None], self.rope_spec, image_grid, video_grid, seconds)
         if self.loss_rule == "assistant":
             loss_mask = np.asarray(assistant, np.int32)
         else:

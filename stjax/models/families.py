@@ -18,7 +18,8 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - weights: `rules(cfg)`, the table between Hugging Face tensor names and stjax parameter paths
   (default the decoder's rules plus those of the default tower, see `weights.py`); `hf_name(name)`,
   the name an export writes for a table name (default the same).
-- positions: `rope_index(spec, ...)`, M-RoPE position ids (default `rope.get_rope_index`, the Qwen2 rule);
+- positions: `rope_index(input_ids, spec, ...)`, M-RoPE position ids (default `rope.get_rope_index`, the
+  Qwen2 rule);
   `video_tokens_per_second(v)`, the time scale of video positions (None: the frame-pair index);
   `processing_order(v, grids)`, the order of the vision pass and its attention windows (default none);
   `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none).
@@ -38,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from stjax.models.config import ConfigError, QwenVLConfig, TextConfig, VisionConfig, qwen2_text_config
-from stjax.models.rope import RopeSpec, get_rope_index
+from stjax.models.rope import get_rope_index
 from stjax.models.text import TextModel
 from stjax.models.vision import VisionTower
 from stjax.models.weights import Rule, text_rules, vision_rules
@@ -57,6 +58,10 @@ class Family(ABC):
     vision_norm = "layer_norm"  # or "rms_norm": the vision blocks' and merger's norms (LayerNorm has a bias)
     gated_mlp = False  # vision MLP: fc1, act, fc2 (False) or down(act(gate) * up) (True)
     media_rules = "stjax.data.video:MediaRules"  # see the module docstring
+    # M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch: a NumPy function with
+    # `rope.get_rope_index`'s arguments (input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts,
+    # attention_mask), which the processor runs in the data workers
+    rope_index = staticmethod(get_rope_index)
 
     def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
@@ -89,18 +94,6 @@ class Family(ABC):
     def hf_name(self, name: str) -> str:
         """The tensor name an export writes for the table name `name` (see `weights.canonical_name`)."""
         return name
-
-    def rope_index(
-        self,
-        spec: RopeSpec,
-        input_ids: np.ndarray,
-        image_grid_thw: np.ndarray | None,
-        video_grid_thw: np.ndarray | None,
-        second_per_grid_ts: np.ndarray | None,
-        attention_mask: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch (see `rope.get_rope_index`)."""
-        return get_rope_index(input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask)
 
     def video_tokens_per_second(self, v: VisionConfig) -> float | None:
         return None

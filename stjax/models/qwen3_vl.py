@@ -33,7 +33,6 @@ from stjax.models.config import (
 from stjax.models.families import Family, register
 from stjax.models.inputs import VisionInputs
 from stjax.models.layers import Linear, scan_layers, stack_layers
-from stjax.models.rope import RopeSpec
 from stjax.models.vision import PatchMerger, VisionBlock, VisionTower, unconstrained
 from stjax.models.weights import Rule, linear_rules, norm_rules, text_rules
 
@@ -96,6 +95,7 @@ class Qwen3VL(Family):
     architecture = "Qwen3VLForConditionalGeneration"
     tiny_preset = "tiny-qwen3-vl"
     media_rules = "stjax.data.qwen3_vl:Qwen3VLMedia"
+    rope_index = staticmethod(qwen3_vl_host.rope_index)  # each temporal patch of a video a one-frame image
 
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
@@ -205,18 +205,6 @@ class Qwen3VL(Family):
 
     def vision_tower(self, cfg: QwenVLConfig, rngs: nnx.Rngs) -> nnx.Module:
         return Qwen3VisionTower(cfg, rngs)
-
-    def rope_index(
-        self,
-        spec: RopeSpec,
-        input_ids: np.ndarray,
-        image_grid_thw: np.ndarray | None,
-        video_grid_thw: np.ndarray | None,
-        second_per_grid_ts: np.ndarray | None,
-        attention_mask: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Each temporal patch of a video positioned as an image of one frame (`qwen3_vl_host.rope_index`)."""
-        return qwen3_vl_host.rope_index(input_ids, spec, image_grid_thw, video_grid_thw, attention_mask)
 
     def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
         index, weight = qwen3_vl_host.position_embedding_taps(

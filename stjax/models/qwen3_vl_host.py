@@ -19,9 +19,12 @@ def rope_index(
     spec: RopeSpec,
     image_grid_thw: np.ndarray | None = None,
     video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: np.ndarray | None = None,
     attention_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen3-VL's M-RoPE position ids (3, B, L) and deltas (B,), as transformers' `get_rope_index`.
+    """Qwen3-VL's M-RoPE position ids (3, B, L) and deltas (B,), as transformers' `get_rope_index`
+    (`rope.get_rope_index`'s arguments; times come from the prompt's timestamps, so `second_per_grid_ts`
+    is not read).
 
     Each run of image pads takes the next image grid and each run of video pads the next temporal
     patch of the videos (the processor writes every temporal patch as its own block). A block starting
