@@ -412,3 +412,22 @@ def test_images_of_odd_sizes_are_the_image_processors(processors, tmp_path, heig
     want = image_processor(images=[pixels], return_tensors="np")
     np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
     np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_a_one_frame_video_file(processors, tmp_path):
+    """Sampled by rate, a one-frame video is one frame, which transformers' Qwen3-VL resize refuses: a run
+    records the sample in one line naming the file. Asked for 8 frames, it is that frame 8 times, as there."""
+    from reference import tiny_config
+    from test_data_video import write_video
+
+    from stjax.data.video import SampleError
+
+    path = write_video(tmp_path / "still.mp4", 1, 30, 64, 64)
+    tokenizer, model = processors[0].tokenizer.name_or_path, tiny_config("qwen3_vl")
+    by_rate = Processor.for_model(tokenizer, model, MediaConfig(num_frames=None, fps=2.0))
+    with pytest.raises(SampleError, match=r"file .*still.mp4: too few frames: 1 frame\(s\) sampled; at least 2"):
+        read_video(path, by_rate.media, rules=by_rate.rules)
+    eight = Processor.for_model(tokenizer, model, MediaConfig(num_frames=8))
+    clip = read_video(path, eight.media, rules=eight.rules)
+    np.testing.assert_array_equal(clip.frame_indices, sampled(1, 30.0, 2.0, 8))
+    assert clip.frames.shape[1:3] == resize_target(8, 64, 64, eight.media)

@@ -65,7 +65,8 @@ class SampleError(Exception):
 
 @dataclass(frozen=True)
 class MediaConfig:
-    """Every knob of frame sampling and resizing. Defaults are the seed's inference recipe."""
+    """Every knob of frame sampling and resizing. Defaults are the seed's inference recipe; a family's
+    `MediaRules` reads them by its own rules (Qwen3-VL's: `stjax.data.qwen3_vl`)."""
 
     num_frames: int | None = 8  # ST-R1 keeps exactly this many of the sampled frames; None keeps all n
     fps: float = 1.0  # sampling rate asked of qwen-vl-utils
