@@ -4,9 +4,9 @@
   (at least `min_frames`, at most `max_frames` and the video's own count), by `linspace(0, total - 1, n).round()`.
 - Size: one pixel budget for the whole clip (`smart_resize` with the frame count), sides multiples of
   patch x merge (32): at least `min_pixels` (the processor's `size["shortest_edge"]`) and at most
-  `total_pixels` (`size["longest_edge"]`), each frame capped as the processor's `cap_pixels_per_frame=True`
-  does (the reference's rule, which it documents as its coming default) at min(`video_max_pixels`,
-  `max_pixels`) (its `max_video_tokens` x 32 x 32).
+  `total_pixels` (`size["longest_edge"]`), each frame's share capped as the processor's
+  `cap_pixels_per_frame=True` does (the reference's rule, which it documents as its coming default) at
+  min(`video_max_pixels`, `max_pixels`) (its `max_video_tokens` x 32 x 32), and at least 1.05 x `min_pixels`.
 - Prompt: each temporal patch of a video is its own vision block, after its time as text,
   `<1.5 seconds><|vision_start|><|video_pad|>...<|vision_end|>`, the time being the mean of the times of
   the patch's first and last frame (from the frames' indices in the video and its frame rate).
