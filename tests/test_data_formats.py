@@ -170,6 +170,36 @@ def test_plain_jsonl_takes_any_task_name_and_no_direction(tmp_path):
     assert [e.sample_id for e in result.skipped] == ["own:4"] and "sideways" in result.skipped[0].reason
 
 
+def test_every_other_field_of_a_record_is_kept_as_a_column(tmp_path):
+    """A record's fields the reader does not use reach `Sample.extra` in each format (None where a row of the
+    file lacks one, as a dataset column); they survive a plain round trip; a reward's own argument name is
+    refused in one line."""
+    rows = [
+        {"video": "a.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "B", "difficulty": 3},
+        {"video": "b.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "A", "expected_turns": ["left", "right"]},
+        {"video": "c.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "A", "completions": 1},
+    ]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_plain_jsonl(path)
+    assert [s.extra for s in result.samples] == [
+        {"difficulty": 3, "expected_turns": None},
+        {"difficulty": None, "expected_turns": ["left", "right"]},
+    ]
+    assert "'completions' is a reward function's own argument" in result.skipped[0].reason
+    write_plain_jsonl(result.samples, tmp_path / "again.jsonl")
+    assert read_plain_jsonl(tmp_path / "again.jsonl").samples == result.samples
+
+    st_r1 = tmp_path / "rows.jsonl"
+    st_r1.write_text(json.dumps({**json.loads(st_row(f"{Q_FWD} Options: A. x, B. y", "A")), "source": "walk 7"}))
+    assert read_st_r1_jsonl(st_r1).samples[0].extra == {"source": "walk 7"}
+
+    record = {"video": "a.mp4", "site": "lab", "forward_mcq": {"question": Q_FWD, "options": OPTIONS, "gt": "B"}}
+    record["reverse_mcq"] = {"question": Q_REV, "options": OPTIONS, "answer": "A", "hops": 2}
+    samples = read_egost_mcq(write_json(tmp_path / "Part1_forward_mcq.json", {"k": record})).samples
+    assert [s.extra for s in samples] == [{"site": "lab", "hops": None}, {"site": "lab", "hops": 2}]
+
+
 def test_split_problem_keeps_letters_in_order():
     q, opts = split_problem("Q? Options: A. a, B. b, with C. inside, C. c\n\nInstructions: ...")
     assert q == "Q?" and opts == ["A. a", "B. b, with C. inside", "C. c"]
@@ -184,6 +214,7 @@ def test_release_630_rows_load():
         assert sample.answer == row["original_answer"]
         assert sample.answer in [o[0] for o in sample.options]
         assert sample.problem == row["problem"] and sample.solution == row["solution"]
+        assert sample.extra == {k: row[k] for k in ("original_question", "original_answer")}  # columns for rewards
     # Task from the question wording; the notes report 287/263/80, the wording gives 286/264/80.
     assert Counter(s.task for s in result.samples) == {"direction": 286, "landmark": 264, "action": 80}
     assert Counter(s.direction for s in result.samples) == {"forward": 315, "reverse": 315}
