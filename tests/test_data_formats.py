@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from stjax.data.formats import (
+    ANSWER_FIELDS,
+    FIELDS,
     Sample,
     read_egost_dir,
     read_egost_mcq,
@@ -19,7 +22,8 @@ from stjax.data.formats import (
 )
 from stjax.data.video import SampleError
 
-RELEASE = Path(__file__).resolve().parents[1].parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT.parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
 Q_FWD = "Based on this video, what directions do you need to go through to get to your destination?"
 Q_REV = "Based on this video, what directions do you need to go through to get to starting point ?"
 OPTIONS = ["A. turn left", "B. turn right", "C. go straight", "D. turn back"]
@@ -171,8 +175,8 @@ def test_plain_jsonl_takes_any_task_name_and_no_direction(tmp_path):
 
 
 def test_every_other_field_of_a_record_is_kept_as_a_column(tmp_path):
-    """A record's fields the reader does not use reach `Sample.extra` in each format (None where a row of the
-    file lacks one, as a dataset column); they survive a plain round trip; a reward's own argument name is
+    """A training row's fields the reader does not use reach `Sample.extra` in both formats (None where a row of
+    the file lacks one, as a dataset column); they survive a plain round trip; a reward's own argument name is
     refused in one line."""
     rows = [
         {"video": "a.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "B", "difficulty": 3},
@@ -194,10 +198,36 @@ def test_every_other_field_of_a_record_is_kept_as_a_column(tmp_path):
     st_r1.write_text(json.dumps({**json.loads(st_row(f"{Q_FWD} Options: A. x, B. y", "A")), "source": "walk 7"}))
     assert read_st_r1_jsonl(st_r1).samples[0].extra == {"source": "walk 7"}
 
-    record = {"video": "a.mp4", "site": "lab", "forward_mcq": {"question": Q_FWD, "options": OPTIONS, "gt": "B"}}
-    record["reverse_mcq"] = {"question": Q_REV, "options": OPTIONS, "answer": "A", "hops": 2}
-    samples = read_egost_mcq(write_json(tmp_path / "Part1_forward_mcq.json", {"k": record})).samples
-    assert [s.extra for s in samples] == [{"site": "lab", "hops": None}, {"site": "lab", "hops": 2}]
+
+def test_the_readme_tables_name_every_field_and_its_examples_read(tmp_path):
+    """README "Your own data": a table per format naming every field the readers take, and each format's example
+    read by its reader without a skip (the plain example is also run whole by tests/test_own_data.py)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Your own data") : readme.index("## What happens when things go wrong")]
+
+    def after(title: str) -> tuple[set[str], str]:
+        """The backticked names in the first column of the table after `title`, and its example."""
+        text = section[section.index(title) :]
+        table = text[text.index("| field") : text.index("\n\n", text.index("| field"))]
+        names = {name for row in re.findall(r"^\| ([^|]+)\|", table, re.M) for name in re.findall(r"`(\w+)`", row)}
+        return names, re.search(r"```json\n(.*?)```", text, re.S).group(1)
+
+    plain, example = after("**Plain JSONL**")
+    assert plain == set(FIELDS)
+    (tmp_path / "plain.jsonl").write_text(example)
+    result = read_plain_jsonl(tmp_path / "plain.jsonl")
+    assert len(result.samples) == 2 and not result.skipped and result.samples[1].extra == {"difficulty": 3}
+
+    st_r1, example = after("**ST-R1 JSONL**")
+    assert st_r1 >= {"video", "problem", "solution", "original_answer"}
+    (tmp_path / "st_r1.jsonl").write_text(example)
+    result = read_st_r1_jsonl(tmp_path / "st_r1.jsonl")
+    assert [(s.answer, s.task, s.direction) for s in result.samples] == [("B", "direction", "forward")]
+
+    egost, example = after("**Ego-ST Bench MCQ JSON**")
+    assert egost >= {"video", "forward_mcq", "reverse_mcq", "question", "options", *ANSWER_FIELDS}
+    result = read_egost_mcq(write_json(tmp_path / "Part1_forward_mcq.json", json.loads(example)))
+    assert [(s.answer, s.task, s.direction) for s in result.samples] == [("B", "direction", "forward")]
 
 
 def test_split_problem_keeps_letters_in_order():

@@ -10,11 +10,10 @@
   solution, problem). `task` may be any name; `direction` is optional. The README's "Your own data"
   tables list every field and which stage needs it.
 
-Every other field of a record (a plain or ST-R1 row's other keys; an Ego-ST record's and question's) is
-kept in `Sample.extra`, so reward functions get it as a column of its own, as TRL passes every dataset
-column (`stjax.train.rewards.columns`); a record lacking a field other records of its file have holds None
-there, as a dataset's column does. The samples stay on the host (batches carry only their index), so extra
-values cost nothing in batching or in a resumed run.
+Every other field of a training row (plain or ST-R1) is kept in `Sample.extra`, so reward functions get it
+as a column of its own, as TRL passes every dataset column (`stjax.train.rewards.columns`); a row lacking a
+field other rows of its file have holds None there, as a dataset's column does. The samples stay on the host
+(batches carry only their index), so extra values cost nothing in batching or in a resumed run.
 
 A malformed record raises SampleError naming the file and sample. With `strict=False` (the default)
 readers skip it and keep the error in `ReadResult.skipped`, so one bad row never stops a run.
@@ -38,7 +37,6 @@ TASKS = ("direction", "landmark", "action", "colour", "walls")
 EGO_ST_TASKS = TASKS[:3]  # the evaluator's breakdown lists these first, then any other task in the data
 OTHER_TASK = "other"  # a plain row's task when it names none and its wording names none of TASKS
 DIRECTIONS = ("forward", "reverse")
-MCQ_FIELDS = tuple(f"{d}_mcq" for d in DIRECTIONS)  # an Ego-ST record's questions
 ANSWER_FIELDS = ("answer", "gt", "label", "correct_answer")
 # Ego-ST Bench keeps each part's videos in its own folder.
 PART_FOLDERS = {"Part1": "part1", "Part2": "part2", "Part3": "part3_clip", "Part4": "part4_clip"}
@@ -70,10 +68,9 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "extra") 
 RESERVED_FIELDS = ("prompts", "completions")
 
 
-def extra_fields(record: dict, used: tuple[str, ...] = ()) -> dict:
-    """The fields of `record` that are neither a Sample field nor `used` by its reader (a ValueError for one
-    with a reserved name)."""
-    extra = {k: v for k, v in record.items() if k not in FIELDS and k not in used}
+def extra_fields(record: dict) -> dict:
+    """The fields of `record` that are not Sample fields (a ValueError for one with a reserved name)."""
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
     clash = [k for k in extra if k in RESERVED_FIELDS]
     if clash:
         raise ValueError(f"field {clash[0]!r} is a reward function's own argument: rename it")
@@ -244,13 +241,11 @@ def read_egost_mcq(path: str | Path, video_dir: str | Path | None = None, strict
                         answer=parse_answer(raw, options),
                         task=task,
                         direction=direction,
-                        extra=extra_fields(record, used=MCQ_FIELDS) | extra_fields(mcq, used=ANSWER_FIELDS),
                     )
                 )
             except (KeyError, ValueError) as e:
                 _collect(result, SampleError(str(e), sample_id=sample_id, path=str(path)), strict)
     link_pairs(result.samples, key=lambda s: s.id.rsplit(":", 1)[0])
-    same_columns(result.samples)
     return result
 
 
@@ -265,7 +260,6 @@ def read_egost_dir(root: str | Path, strict: bool = False) -> ReadResult:
     for s in result.samples:
         s.pair_id = None
     link_pairs(result.samples, key=lambda s: s.id.rsplit(":", 1)[0])
-    same_columns(result.samples)
     return result
 
 
