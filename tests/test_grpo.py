@@ -265,9 +265,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
     outside the clip range), the batch as 2 micro-batches of unequal token counts (and bnpo's, whose
     micro-batches each normalise by their own tokens, also as one): the loss is the sum of TRL's
     per-micro-batch losses (`_compute_loss` in training, transcribed in torch) of the update's
-    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl and
-    clip ratios are the mean of TRL's per micro-batch (1e-5 relative). One compile per case: the loss
-    types share one test."""
+    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl, the
+    clip ratios and the entropy are the mean of TRL's per micro-batch (1e-5 relative; the entropy 1e-4). One
+    compile per case: the loss types share one test."""
     import torch
     from test_grpo_loss import LOSS_TYPES, trl_loss
 
@@ -320,6 +320,8 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             want_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
             message = f"{loss_type}, accumulation {accumulation}"
             assert int(metrics["skipped"]) == 0 and want_norm > 0, message
+            if accumulation == 2:  # the entropy is the same for every loss type
+                entropy_metric, micro_masks = float(metrics["entropy"]), np.asarray(host.completion_mask)
             np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
             np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
             for name in trl[0][1]:  # TRL logs each micro-batch's kl and clip ratios; a step logs their mean
@@ -330,6 +332,16 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
                     atol=1e-7,
                     err_msg=f"{message}: {name}",
                 )
+    # TRL's entropy: of softmax(logits / temperature) at each completion token (its fused LM head; here torch's
+    # Categorical on a plain forward's logits), each micro-batch's masked mean, a step the mean of those (1e-4)
+    inputs, columns = full_rows(model, batch, out)
+    logits = torch.tensor(np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64))
+    predicting = torch.take_along_dim(logits, torch.tensor(columns - 1)[..., None], dim=1) / settings.temperature
+    entropy = np.split(torch.distributions.Categorical(logits=predicting).entropy().numpy(), 2)
+    mask = np.split(micro_masks.reshape(len(columns), T), 2)  # the micro-batches hold consecutive rows
+    assert [m.sum() for m in mask] == [8, 5]
+    trl_entropy = np.mean([(e * m).sum() / m.sum() for e, m in zip(entropy, mask)])
+    np.testing.assert_allclose(entropy_metric, trl_entropy, rtol=1e-4)
 
 
 def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):

@@ -95,6 +95,7 @@ class Qwen3VL(Family):
     architecture = "Qwen3VLForConditionalGeneration"
     tiny_preset = "tiny-qwen3-vl"
     video_layout = "qwen3"
+    hf_processor_class = "Qwen3VLProcessor"
 
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
@@ -210,6 +211,19 @@ class Qwen3VL(Family):
             rotary_positions, grid_hw, int(v.num_position_embeddings**0.5)
         )
         return {"pos_embed_index": index, "pos_embed_weight": weight}
+
+    def hf_video_processor(self, media: dict) -> dict:
+        """Qwen3-VL's processor bounds the whole clip's pixels (stjax's `min_pixels` / `max_pixels` of this family,
+        `stjax.data.qwen3_vl`) and samples frames itself at `fps` (transformers takes `fps` or `num_frames`,
+        never both: the rate is written)."""
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "size": {"shortest_edge": media["min_pixels"], "longest_edge": media["max_pixels"]},
+            "do_sample_frames": True,
+            "fps": media["fps"],
+            "min_frames": media["min_frames"],
+            "max_frames": media["max_frames"],
+        }
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""

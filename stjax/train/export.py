@@ -66,7 +66,8 @@ def export_checkpoint(
     checkpoints.close()
     trained = nnx.merge(graphdef, state.params, frozen)
     processor = Processor.for_model(tokenizer, trained.config, media_config(cfg))  # as the run's own export
-    files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage_steps(cfg.stage).template)
+    template = cfg.data.template or stage_steps(cfg.stage).template
+    files = export_files(processor, trained.config.family, tokenizer, cfg.stage, template)
     export_hf(trained, out, tokenizer, overwrite, files)
     return out
 
