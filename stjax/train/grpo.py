@@ -54,8 +54,6 @@ class Stopwatch:
 class GRPO:
     """The GRPO stage: the rollout, the rewards and the learner of one actor, set up once per training run."""
 
-    template = "grpo"
-
     @staticmethod
     def samples_per_step(cfg: TrainConfig) -> int:
         return cfg.batch_size // cfg.grpo.num_generations

@@ -5,8 +5,8 @@
     -> [restore the latest checkpoint] -> stage steps (metrics, periodic async saves, SIGTERM save)
     -> final checkpoint -> Hugging Face export (LoRA merged)
 
-A stage (`stjax.train.sft.SFT`, `stjax.train.grpo.GRPO`) says only what differs: the prompt
-template its samples are encoded with, how many samples one step draws, and the step itself.
+A stage (`stjax.train.sft.SFT`, `stjax.train.grpo.GRPO`) says only what differs: how many samples
+one step draws, and the step itself (its prompt template is `TrainConfig.prompt_template`).
 Everything a resumed run needs is in the checkpoint (parameters, optimizer state, step, PRNG key,
 data position), so rerunning the same command after a stop continues the run exactly. Non-finite
 steps are skipped by the step itself; `max_bad_steps` of them in a row stop the run.
@@ -222,9 +222,7 @@ class Context:
 class Stage(Protocol):
     """A training stage: the parts of a training run that differ between SFT and GRPO. The loop asks
     the class how a step draws its data, then makes one (`__init__`) once the model and the train
-    state are placed, and calls its `step`."""
-
-    template: Template  # the prompt template its samples are encoded with
+    state are placed, and calls its `step`. (Its prompt template is its registry entry's, `config.STAGES`.)"""
 
     @staticmethod
     def samples_per_step(cfg: TrainConfig) -> int:
@@ -284,7 +282,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             num_epochs=epochs,
             shuffle=cfg.data.shuffle,
             num_workers=cfg.data.dataloader_num_workers,
-            template=cfg.data.template or stage.template,
+            template=cfg.prompt_template,
             token_buckets=cfg.data.token_buckets,
             patch_buckets=cfg.data.patch_buckets,
             image_patch_buckets=(0,),
@@ -381,7 +379,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             trained,
             out / "hf",
             tokenizer,
-            files=export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template),
+            files=export_files(processor, tokenizer, cfg.stage, cfg.prompt_template),
         )
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:
