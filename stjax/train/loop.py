@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -243,6 +243,36 @@ class Stage(Protocol):
         """One step from `data` (StopIteration when it runs out); `step` counts the steps done before it."""
 
 
+def stage_context(
+    cfg: TrainConfig,
+    mesh: Mesh,
+    model: QwenVLForConditionalGeneration,
+    processor: Processor,
+    samples: Sequence[Sample],
+    output_dir: Path,
+    optim: OptimConfig,
+    peak_flops: float | None = None,
+) -> tuple[Context, TrainState]:
+    """What a stage is made from, as the loop makes it (a benchmark drives a stage from the same): the context
+    of a run at step 0 and a fresh train state of the model's trained part, placed on `mesh`."""
+    graphdef, trainable, frozen = split_trainable(model)
+    state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
+    context = Context(
+        cfg=cfg,
+        mesh=mesh,
+        output_dir=output_dir,
+        model_cfg=model.config,
+        graphdef=graphdef,
+        frozen=frozen,
+        optim=optim,
+        processor=processor,
+        samples={s.id: s for s in samples},
+        start_step=0,
+        peak_flops=peak_flops,
+    )
+    return context, state
+
+
 def checked_mesh(cfg: TrainConfig) -> Mesh:
     """The mesh of a config checked against the devices, this process joined to the others: every
     error a run can know of comes before any work."""
@@ -294,31 +324,17 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
 
     updates = steps * stage.updates_per_step(cfg)
     optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=updates)
-    graphdef, trainable, frozen = split_trainable(model)
-    state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
-    del trainable  # the state holds the trained copies
+    peak_flops = device_peak_flops(jax.devices()[0], cfg.peak_flops or None)
+    context, state = stage_context(cfg, mesh, model, processor, samples, out, optim, peak_flops)
     checkpoints = Checkpointer(
         out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit, cfg.checkpoint.async_save
     )
     start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
-        state = restored
+        state, context = restored, dataclasses.replace(context, start_step=start)
         log.info("resumed from step %d", start)
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
-    context = Context(
-        cfg=cfg,
-        mesh=mesh,
-        output_dir=out,
-        model_cfg=model_cfg,
-        graphdef=graphdef,
-        frozen=frozen,
-        optim=optim,
-        processor=processor,
-        samples={s.id: s for s in samples},
-        start_step=start,
-        peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None),
-    )
     trainer = stage(context, model, state)
     del model
     stop = {}
@@ -374,7 +390,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             f"{out}/skipped_samples.*.json); nothing exported"
         )
     if cfg.checkpoint.export_hf:
-        trained = nnx.merge(graphdef, state.params, frozen)
+        trained = nnx.merge(context.graphdef, state.params, context.frozen)
         export_hf(
             trained,
             out / "hf",
