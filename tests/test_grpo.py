@@ -8,7 +8,6 @@ plain forward of each prompt with its completion written after it."""
 
 import dataclasses
 import functools
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ from stjax.sharding import make_mesh, parse_mesh, shard_model
 from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
 from stjax.train.grpo import GRPO
-from stjax.train.loop import placed_state
+from stjax.train.loop import stage_context
 from stjax.train.lora import with_lora
 from stjax.train.rl.learner import LossSettings, batch_logps, grpo_update, update_batch
 from stjax.train.rl.rollout import Rollout, prompt_inputs
@@ -114,6 +113,15 @@ def full_rows(model, batch: dict, out) -> tuple:
     return inputs, prompt[:, None] + np.arange(T)
 
 
+def token_logps(logits: np.ndarray, input_ids: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """(rows, T) the log-softmax of a plain forward's `logits` (NumPy) at each completion token, whose
+    column in the rows is `columns`: the logits one column before it."""
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.take_along_axis(input_ids, columns, axis=1)
+    return np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+
+
 SETTINGS = LossSettings(
     loss_type="grpo",
     beta=0.1,
@@ -143,10 +151,8 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
 
     inputs, columns = full_rows(model, batch, out)
     logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = token_logps(logits, np.asarray(inputs.input_ids), columns)
     targets = np.take_along_axis(np.asarray(inputs.input_ids), columns, axis=1)
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
     mask = np.asarray(host.completion_mask[0]) == 1
     assert mask.sum() >= len(mask)  # every completion has tokens
     np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])  # the rows hold the completions
@@ -155,10 +161,7 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
     # at temperature 0.7: TRL's log-probs of logits / 0.7
     warm = LossSettings(**{**SETTINGS.__dict__, "temperature": 0.7})
     got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=warm))(params, frozen, host))[0]
-    scaled = logits / 0.7
-    logp = scaled - scaled.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    want = token_logps(logits / 0.7, np.asarray(inputs.input_ids), columns)
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
 
 
@@ -387,21 +390,8 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     placed = shard_model(model, mesh)
     graphdef, params, frozen = split_trainable(placed)
     optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
-    samples = {s.id: s for s in read_plain_jsonl(data / "plain.jsonl").samples}
-    context = SimpleNamespace(
-        cfg=cfg,
-        mesh=mesh,
-        model_cfg=model.config,
-        graphdef=graphdef,
-        frozen=frozen,
-        optim=optim,
-        processor=processor,
-        output_dir=tmp_path,
-        start_step=0,
-        samples=samples,
-        peak_flops=None,
-    )
-    state = placed_state(params, optim, 0, mesh)
+    samples = read_plain_jsonl(data / "plain.jsonl").samples
+    context, state = stage_context(cfg, mesh, placed, processor, samples, tmp_path, optim)
     stage = GRPO(context, placed, state)
     # accuracy_rule: default, from the config: the evaluator's extractor credits what the release's rule does not
     assert stage.reward_funcs[2](
