@@ -146,10 +146,7 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     merged = nnx.merge(graphdef, params, frozen)
     inputs, columns = g.full_rows(merged, batch, out)
     logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(merged, inputs), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    targets = np.take_along_axis(np.asarray(inputs.input_ids), columns, axis=1)
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    want = g.token_logps(logits, np.asarray(inputs.input_ids), columns)
     mask = np.asarray(host.completion_mask[0]) == 1
     assert mask.any()
     np.testing.assert_allclose(logps[0][mask], want[mask], atol=1e-4)

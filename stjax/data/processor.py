@@ -13,6 +13,7 @@ media settings a model was trained with, which the evaluator then uses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -24,7 +25,8 @@ import numpy as np
 
 from stjax.data.formats import MCQ_INSTRUCTION, Sample, release_problem
 from stjax.data.video import IMAGE_MEAN, IMAGE_STD, MediaConfig, MediaRules, SampleError, VideoClip, read_video
-from stjax.models.families import Family, family
+from stjax.models import families
+from stjax.models.families import Family
 from stjax.models.rope import RopeSpec
 
 # transformers' modality ids (ProcessorMixin.create_mm_token_type_ids): what its M-RoPE reads the prompt's layout from
@@ -138,7 +140,7 @@ class Processor:
 
     @property
     def family(self) -> Family:
-        return family(self.model_type)
+        return families.family(self.model_type)
 
     @functools.cached_property
     def rules(self) -> MediaRules:
@@ -268,30 +270,25 @@ class Processor:
 
 
 def hf_processor_files(
-    media: MediaConfig, chat_template: str, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
+    media: MediaConfig, chat_template: str, family: Family, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
 ) -> dict[str, str]:
-    """transformers' processor files for a Qwen2-VL / Qwen2.5-VL directory, with stjax's patch layout, pixel
-    bounds and normalisation: the image and video processors' configs and the chat template. The processor
-    class follows from config.json's model_type, so the same files serve both families."""
+    """transformers' processor files for a model directory stjax made, with stjax's patch layout, pixel bounds
+    and normalisation: the image and video processors' configs (the family names its processor and lays out
+    its video processor's frame and pixel rules: `Family.hf_video_processor`) and the chat template."""
     common = {
         "patch_size": media.patch_size,
         "temporal_patch_size": media.temporal_patch_size,
         "merge_size": media.merge_size,
         "image_mean": [float(x) for x in np.ravel(mean_std[0])],
         "image_std": [float(x) for x in np.ravel(mean_std[1])],
+        "processor_class": family.hf_processor_class,
     }
     image = {
-        "image_processor_type": "Qwen2VLImageProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor",  # every Qwen-VL family's, in transformers 5
         **common,
-        "min_pixels": media.image_min_pixels,
-        "max_pixels": media.image_max_pixels,
+        "size": {"shortest_edge": media.image_min_pixels, "longest_edge": media.image_max_pixels},
     }
-    video = {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        **common,
-        "min_pixels": media.min_pixels,
-        "max_pixels": media.video_max_pixels,
-    }
+    video = {**common, **family.hf_video_processor(dataclasses.asdict(media))}
     return {
         "preprocessor_config.json": json.dumps(image, indent=2) + "\n",
         "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",

@@ -26,6 +26,8 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - inputs: `media_rules`, "module:Class" of the processor's `stjax.data.video.MediaRules` (frame sampling,
   pixel budget, normalisation, a video's prompt text); named, not imported: data/ builds on models/.
 - metrics: `vision_flops_per_patch(cfg, group_size)`, for MFU (default: the default tower's count).
+- exports: `hf_processor_class`, transformers' processor an export names, and `hf_video_processor(media)`,
+  the video processor config fields that follow the family's frame and pixel rules (default Qwen2-VL's).
 
 A new family is one file here, its name in `BUILTIN`, and its presets in configs/models.
 """
@@ -62,6 +64,7 @@ class Family(ABC):
     # `rope.get_rope_index`'s arguments (input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts,
     # attention_mask), which the processor runs in the data workers
     rope_index = staticmethod(get_rope_index)
+    hf_processor_class = "Qwen2VLProcessor"  # the processor transformers builds for an export
 
     def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
@@ -106,6 +109,17 @@ class Family(ABC):
     def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
         """Extra `VisionInputs` fields for patches at these (row, col) of images of these (h, w) grids."""
         return {}
+
+    def hf_video_processor(self, media: dict) -> dict:
+        """transformers' video processor fields of an export that follow the family's rules, from stjax's media
+        settings (`stjax.data.video.MediaConfig` as a dict). Qwen2-VL's processor bounds each frame's pixels
+        (stjax's bound for a short clip: the smaller of the request's and the library's cap) and keeps the frames
+        it is given."""
+        frame_cap = min(media["max_pixels"], media["video_max_pixels"])
+        return {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "size": {"shortest_edge": media["min_pixels"], "longest_edge": frame_cap},
+        }
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """Training FLOPs per patch of the default tower (the convention of `stjax.train.metrics`), for
