@@ -77,11 +77,13 @@ class TextConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
-    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, no q/k/v biases, and
-    # the M-RoPE streams interleaved over the frequencies (T H W T H W ...) instead of in chunks.
+    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, q/k/v and o biases by its
+    # attention_bias (Qwen2: q/k/v biases, none on o), and the M-RoPE streams interleaved over the
+    # frequencies (T H W T H W ...) instead of in chunks.
     explicit_head_dim: int | None = None
     qk_norm: bool = False
     attention_bias: bool = True
+    o_proj_bias: bool = False
     mrope_interleaved: bool = False
 
     @property

@@ -66,10 +66,16 @@ class Qwen3VisionTower(VisionTower):
             axes=("vision_positions", "vision_embed"),
         )
         indexes = v.deepstack_visual_indexes
-        self.deepstack_merger = stack_layers(lambda r: PatchMerger(cfg, r, postshuffle_norm=True), len(indexes), rngs)
+        self.deepstack_merger = (
+            stack_layers(lambda r: PatchMerger(cfg, r, postshuffle_norm=True), len(indexes), rngs) if indexes else None
+        )
+        # As transformers: the k-th DeepStack block in block order (each block once, however often it is listed)
+        # feeds decoder layer k, through the merger listed at that block's first index.
+        blocks = sorted(set(indexes))
+        self.deepstack_mergers = tuple(indexes.index(i) for i in blocks)
         # Block i's output is kept in slot deepstack_slot[i] (slot K, never read, for the other blocks).
-        self.deepstack_slot = tuple(indexes.index(i) if i in indexes else len(indexes) for i in range(v.depth))
-        self.deepstack_count = len(indexes)
+        self.deepstack_slot = tuple(blocks.index(i) if i in blocks else len(blocks) for i in range(v.depth))
+        self.deepstack_count = len(blocks)
 
     def __call__(self, vis: VisionInputs) -> jax.Array:
         """(N / 4, (1 + K) * out_hidden): each merged token's feature, then its K DeepStack features."""
@@ -85,7 +91,11 @@ class Qwen3VisionTower(VisionTower):
             return x, jax.lax.dynamic_update_index_in_dim(kept, x, slot, 0)
 
         x, kept = scan_layers(self.blocks, (x, kept), step, xs=jnp.asarray(self.deepstack_slot), remat=self.remat)
+        if self.deepstack_merger is None:
+            return self.merger(x)
         graphdef, mergers = nnx.split(self.deepstack_merger)
+        if self.deepstack_mergers != tuple(range(len(self.deepstack_mergers))):  # listed out of block order
+            mergers = jax.tree.map(lambda a: a[np.asarray(self.deepstack_mergers)], mergers)
         deepstack = jax.vmap(lambda state, h: nnx.merge(graphdef, state)(h))(mergers, kept[:-1])  # (K, M, out)
         return jnp.concatenate([self.merger(x), *deepstack], axis=-1)
 
@@ -99,18 +109,24 @@ class Qwen3VL(Family):
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "mrope"):
+            raise ConfigError(f"rope_type {kind!r}: Qwen3-VL is supported with its default rotary embedding only")
         defaults = {
             "rope_theta": rope.get("rope_theta", t.get("rope_theta", 500000.0)),
             "mrope_section": tuple(rope.get("mrope_section", (24, 20, 20))),
             "max_position_embeddings": t.get("max_position_embeddings", 128000),
         }
-        # transformers' Qwen3-VL always interleaves the M-RoPE streams
+        # transformers' Qwen3-VL always interleaves the M-RoPE streams, and ties the output head to the
+        # embeddings by the top-level tie_word_embeddings alone (text_config's is not read)
         return dataclasses.replace(
             qwen2_text_config(d),
             **defaults,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
             explicit_head_dim=t.get("head_dim", 128),
             qk_norm=True,
             attention_bias=t.get("attention_bias", False),
+            o_proj_bias=t.get("attention_bias", False),
             mrope_interleaved=True,
         )
 
@@ -129,7 +145,7 @@ class Qwen3VL(Family):
         side = int(v.num_position_embeddings**0.5)
         if side * side != v.num_position_embeddings:
             raise ConfigError(f"num_position_embeddings={v.num_position_embeddings} is not a square grid")
-        if not v.deepstack_visual_indexes or any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
+        if any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
             raise ConfigError(
                 f"deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be blocks "
                 f"of the {v.depth}-block vision tower"
@@ -187,10 +203,10 @@ class Qwen3VL(Family):
         out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
         out += linear_rules(f"{block}.mlp.linear_fc1", vb + ("fc1",), True)
         out += linear_rules(f"{block}.mlp.linear_fc2", vb + ("fc2",), True)
-        for hf, path in (
-            ("visual.merger", ("visual", "merger")),
-            ("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger")),
-        ):
+        mergers = [("visual.merger", ("visual", "merger"))]
+        if cfg.vision.deepstack_visual_indexes:
+            mergers.append(("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger")))
+        for hf, path in mergers:
             out += norm_rules(f"{hf}.norm", path + ("ln_q",), True)
             out += linear_rules(f"{hf}.linear_fc1", path + ("mlp_0",), True)
             out += linear_rules(f"{hf}.linear_fc2", path + ("mlp_2",), True)
