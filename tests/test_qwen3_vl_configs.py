@@ -4,8 +4,9 @@ each variant's config.json (hub style: fields left out take their defaults) is r
 config.json, and loaded by stjax from that directory.
 
 Checked per variant: logits on one left-padded batch (a text-only row, a video row, an image row, a row with an
-image and a video) to 1e-5 of the largest |logit| over real positions (fp32); HF -> stjax -> HF bit-exact under
-transformers' own tensor names (a tied model writes no lm_head, as transformers' checkpoint has none). The greedy
+image and a video, a row with two videos) to 1e-5 of the largest |logit| over real positions (fp32); HF -> stjax
+-> HF bit-exact under transformers' own tensor names (a tied model writes no lm_head, as transformers' checkpoint
+has none), and the export's config.json makes transformers build the same model (logits bit for bit). The greedy
 sampler against transformers' `generate` on one variant.
 """
 
@@ -22,7 +23,12 @@ from stjax.models.loading import load_pretrained
 from stjax.models.safetensors_io import SafetensorsReader
 
 TOLERANCE = 1e-5
-BATCH = [[6], [3, ("video", 2, 4, 4), 5], [5, ("image", 1, 4, 8), 2], [2, ("image", 1, 4, 6), 3, ("video", 3, 6, 4), 1]]
+BATCH = [
+    [6],
+    [3, ("video", 1, 8, 8), 2, ("video", 2, 4, 4), 5],
+    [5, ("image", 1, 4, 8), 2],
+    [2, ("image", 1, 4, 6), 3, ("video", 3, 6, 4), 1],
+]
 
 
 def mrope(*section: int) -> dict:
@@ -117,7 +123,13 @@ def test_round_trip_is_bit_exact_under_transformers_names(saved, name, tmp_path)
         assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes()), tensor
     written = json.loads((tmp_path / "back" / "config.json").read_text())
     assert QwenVLConfig.from_hf_dict(written) == QwenVLConfig.from_file(src)
-    assert type(ref.config).from_dict(written).tie_word_embeddings == ref.config.tie_word_embeddings
+    # transformers builds the same model from the export: the same logits, bit for bit
+    reloaded = type(ref).from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    assert reloaded.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    cfg = QwenVLConfig.from_hf_dict(written)
+    batch = make_batch(cfg, BATCH[1:2], seed=3)
+    batch["position_ids"] = hf_positions(ref, cfg, batch)
+    np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(ref, batch))
 
 
 def test_greedy_tokens_equal_transformers_generate_on_a_tied_variant(saved):

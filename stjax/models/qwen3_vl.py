@@ -26,9 +26,10 @@ from stjax.models.config import (
     QwenVLConfig,
     TextConfig,
     VisionConfig,
-    patch_fields,
+    hf_tower_fields,
     qwen2_text_config,
     text_fields,
+    tower_fields,
 )
 from stjax.models.families import Family, register
 from stjax.models.inputs import VisionInputs
@@ -58,8 +59,9 @@ class Qwen3VisionTower(VisionTower):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
         v = cfg.vision
-        kw = dict(std=cfg.initializer_range, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **kw)
+        self.patch_embed = Linear(
+            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **cfg.linear_init(rngs)
+        )
         init = jax.nn.initializers.normal(cfg.initializer_range)
         self.pos_embed = nnx.Param(
             init(rngs.params(), (v.num_position_embeddings, v.hidden_size), cfg.param_dtype),
@@ -132,13 +134,7 @@ class Qwen3VL(Family):
 
     def vision_config(self, d: dict) -> VisionConfig:
         v = VisionConfig(
-            depth=d["depth"],
-            hidden_size=d["hidden_size"],
-            num_heads=d["num_heads"],
-            intermediate_size=d["intermediate_size"],
-            out_hidden_size=d["out_hidden_size"],
-            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
-            **{**patch_fields(d), "patch_size": d.get("patch_size", 16)},
+            **tower_fields(d, hidden_act="gelu_pytorch_tanh", patch_size=16),
             num_position_embeddings=d.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(d.get("deepstack_visual_indexes", (8, 16, 24))),
         )
@@ -154,16 +150,7 @@ class Qwen3VL(Family):
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
         return {
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "hidden_act": v.hidden_act,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "in_channels": v.in_channels,
-            "out_hidden_size": v.out_hidden_size,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
+            **hf_tower_fields(v, "in_channels"),
             "num_position_embeddings": v.num_position_embeddings,
             "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
         }
@@ -230,9 +217,8 @@ class Qwen3VL(Family):
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""
         v = cfg.vision
-        merge = v.spatial_merge_size**2
-        merger = (v.hidden_size * merge) ** 2 + v.hidden_size * merge * v.out_hidden_size
-        return super().vision_flops_per_patch(cfg, group_size) + 6 * len(v.deepstack_visual_indexes) * merger / merge
+        deepstack = len(v.deepstack_visual_indexes) * v.merger_params / v.spatial_merge_size**2
+        return super().vision_flops_per_patch(cfg, group_size) + 6 * deepstack
 
 
 register(Qwen3VL())
