@@ -132,6 +132,23 @@ def test_round_trip_is_bit_exact_under_transformers_names(saved, name, tmp_path)
     np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(ref, batch))
 
 
+def test_logits_match_transformers_on_a_mesh(saved):
+    """A tensor-parallel mesh of 4 over one kv head and 4 query heads (the rules leave what does not divide
+    replicated), fsdp over 2."""
+    import jax
+
+    from stjax.sharding import make_mesh
+
+    path, ref = saved("tied_mqa_one_deepstack")
+    mesh = make_mesh({"fsdp": 2, "tensor": 4})
+    model, cfg = load_pretrained(path, mesh=mesh)
+    batch = make_batch(cfg, BATCH, seed=2)
+    batch["position_ids"] = hf_positions(ref, cfg, batch)
+    with jax.set_mesh(mesh):
+        ours = np.asarray(model(**batch))
+    assert relative_error(ours, hf_logits(ref, batch), batch["attention_mask"]) <= TOLERANCE
+
+
 def test_greedy_tokens_equal_transformers_generate_on_a_tied_variant(saved):
     path, ref = saved("tied_mqa_one_deepstack")
     assert_greedy_equals_transformers(load_pretrained(path)[0], ref, seed=5)
