@@ -48,9 +48,10 @@ VARIANTS = {
     "text_config_tie_only": {"top": {"tie_word_embeddings": None}, "text": {"tie_word_embeddings": True}},
     # more DeepStack blocks than decoder layers (the 4th feature has no layer); vision heads of 8
     "deepstack_beyond_the_decoder": {"vision": {"num_heads": 4, "deepstack_visual_indexes": [0, 1, 2, 3]}},
-    # listed out of block order and twice: decoder layer k takes the k-th block in block order, through the merger
-    # at that block's first index
+    # listed out of block order, or a block twice: decoder layer k takes the k-th block in block order, through the
+    # merger at that block's first index
     "deepstack_unsorted_repeated": {"vision": {"deepstack_visual_indexes": [3, 1, 3]}},
+    "deepstack_sorted_repeated": {"vision": {"deepstack_visual_indexes": [1, 3, 3]}},
     "no_deepstack": {"vision": {"deepstack_visual_indexes": []}},
     # plain multi-head attention, wider heads, q/k/v and o biases, another rope theta and norm epsilon
     "mha_biases": {

@@ -74,7 +74,8 @@ class Qwen3VisionTower(VisionTower):
         # As transformers: the k-th DeepStack block in block order (each block once, however often it is listed)
         # feeds decoder layer k, through the merger listed at that block's first index.
         blocks = sorted(set(indexes))
-        self.deepstack_mergers = tuple(indexes.index(i) for i in blocks)
+        mergers = tuple(indexes.index(i) for i in blocks)
+        self.deepstack_mergers = None if mergers == tuple(range(len(indexes))) else mergers  # None: as stacked
         # Block i's output is kept in slot deepstack_slot[i] (slot K, never read, for the other blocks).
         self.deepstack_slot = tuple(blocks.index(i) if i in blocks else len(blocks) for i in range(v.depth))
         self.deepstack_count = len(blocks)
@@ -96,7 +97,7 @@ class Qwen3VisionTower(VisionTower):
         if self.deepstack_merger is None:
             return self.merger(x)
         graphdef, mergers = nnx.split(self.deepstack_merger)
-        if self.deepstack_mergers != tuple(range(len(self.deepstack_mergers))):  # listed out of block order
+        if self.deepstack_mergers is not None:  # blocks listed out of order or more than once
             mergers = jax.tree.map(lambda a: a[np.asarray(self.deepstack_mergers)], mergers)
         deepstack = jax.vmap(lambda state, h: nnx.merge(graphdef, state)(h))(mergers, kept[:-1])  # (K, M, out)
         return jnp.concatenate([self.merger(x), *deepstack], axis=-1)
@@ -217,7 +218,7 @@ class Qwen3VL(Family):
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""
         v = cfg.vision
-        deepstack = len(v.deepstack_visual_indexes) * v.merger_params / v.spatial_merge_size**2
+        deepstack = len(set(v.deepstack_visual_indexes)) * v.merger_params / v.spatial_merge_size**2
         return super().vision_flops_per_patch(cfg, group_size) + 6 * deepstack
 
 
