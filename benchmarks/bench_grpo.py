@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -69,8 +68,7 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
     from stjax.sharding import make_mesh
     from stjax.train import config
     from stjax.train.grpo import GRPO
-    from stjax.train.loop import placed_state
-    from stjax.train.step import split_trainable
+    from stjax.train.loop import stage_context
 
     cfg = config.load(
         None,
@@ -88,9 +86,7 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
     )
     model, _ = load_pretrained(model_dir)
     mesh = make_mesh({"fsdp": 1})
-    graphdef, params, frozen = split_trainable(model)
     optim = dataclasses.replace(cfg.optim, total_steps=args.steps + 1)
-    state = placed_state(params, optim, 0, mesh)
     processor = Processor.from_pretrained(tokenizer)
     samples = [
         Sample(
@@ -118,25 +114,13 @@ def stjax_steps(tokenizer: Path, model_dir: Path, texts, images, args, out: Path
         ),
         processor.tokenizer.pad_token_id,
     )
-    run = SimpleNamespace(
-        cfg=cfg,
-        mesh=mesh,
-        model_cfg=model.config,
-        graphdef=graphdef,
-        frozen=frozen,
-        optim=optim,
-        processor=processor,
-        out=out,
-        samples={s.id: s for s in samples},
-        start_step=0,
-        peak_flops=args.rate,
-    )  # so "mfu" is the update's share of the measured rate
-    stage = GRPO()
-    stage.setup(run, model, state)
+    # peak_flops: the measured rate, so that "mfu" is the update's share of it
+    context, state = stage_context(cfg, mesh, model, processor, samples, out, optim, peak_flops=args.rate)
+    stage = GRPO(context, model, state)
     times = []
     for step in range(args.steps + 1):
         began = time.perf_counter()
-        state, metrics = stage.step(run, state, iter([dict(batch)]), step)
+        state, metrics = stage.step(state, iter([dict(batch)]), step)
         times.append(
             {
                 "step": time.perf_counter() - began,

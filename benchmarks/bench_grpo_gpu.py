@@ -73,25 +73,13 @@ def model_and_prompts(args, root: Path):
     from stjax.data.synthetic import generate
     from stjax.data.tokenizer import special_token_ids
     from stjax.data.video import VideoClip
+    from stjax.models.tiny import TOKEN_ID_FIELDS
 
     tokenizer = generate(root / "data", 1, seed=0, sheet=0) / "tokenizer"
     ids = special_token_ids(AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True))
     cfg = model_config(args.size, attention=args.attention, remat=args.remat)
     vocab = max(cfg.text.vocab_size, -(-ids["vocab_size"] // 64) * 64)
-    cfg = cfg.replace(
-        text=dataclasses.replace(cfg.text, vocab_size=vocab),
-        **{
-            k: ids[k]
-            for k in (
-                "bos_token_id",
-                "eos_token_id",
-                "vision_start_token_id",
-                "vision_end_token_id",
-                "image_token_id",
-                "video_token_id",
-            )
-        },
-    )
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab), **{k: ids[k] for k in TOKEN_ID_FIELDS})
     processor = Processor.from_pretrained(tokenizer)
     frames, side = args.video
     rng = np.random.default_rng(0)

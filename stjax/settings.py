@@ -11,6 +11,7 @@ instead of a renamed key (`hints`). `changed` is the resume guard's comparison.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 from collections.abc import Iterator
@@ -75,23 +76,35 @@ def choices(cls: type, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
-def check_fields(section: Any, prefix: str = "") -> None:
-    """The section's own settings (not its subsections) against their allowed values, ranges and finiteness."""
+# How `check_fields` words a bad setting: {key} is its dotted key, {flag} the same as a command-line flag
+# (max_new_tokens: --max-new-tokens), {value} the value, {allowed} and {least} the rule it breaks.
+MESSAGES = {
+    "finite": "{key}={value} must be a finite number",
+    "choices": "{key}={value!r} is not one of {allowed}",
+    "least": "{key}={value} must be >= {least}",
+}
+
+
+def check_fields(section: Any, prefix: str = "", messages: dict[str, str] = MESSAGES) -> None:
+    """The section's own settings (not its subsections) against their allowed values, ranges and finiteness,
+    a bad one reported in `messages`' words. None is a setting left unset (to be filled later): it passes."""
     for f in fields(section):
         value, meta, key = getattr(section, f.name), f.metadata, prefix + f.name
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or value is None:
             continue
         items = value if isinstance(value, (list, tuple)) else [value]
+        say = functools.partial(
+            str.format, key=key, flag="--" + key.replace("_", "-"), allowed=_listed(meta.get("choices", ()), ", ")
+        )
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):  # NaN passes every range check
-            raise ConfigError(f"{key}={value} must be a finite number")
+            raise ConfigError(say(messages["finite"], value=value))
         allowed = meta.get("choices")
         bad = [v for v in items if v not in allowed] if allowed else []
         if bad:
-            shown = value if isinstance(value, str) else bad[0]
-            raise ConfigError(f"{key}={shown!r} is not one of {_listed(allowed, ', ')}")
+            raise ConfigError(say(messages["choices"], value=value if isinstance(value, str) else bad[0]))
         least = meta.get("least")
         if least is not None and any(v is not None and v < least for v in items):
-            raise ConfigError(f"{key}={value} must be >= {least}")
+            raise ConfigError(say(messages["least"], value=value, least=least))
 
 
 def _coerce(value: Any, kind: Any, key: str, meta: dict, hints: dict[str, str]) -> Any:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from stjax.data.formats import (
+    ANSWER_FIELDS,
+    FIELDS,
     Sample,
     read_egost_dir,
     read_egost_mcq,
@@ -19,7 +22,8 @@ from stjax.data.formats import (
 )
 from stjax.data.video import SampleError
 
-RELEASE = Path(__file__).resolve().parents[1].parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT.parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
 Q_FWD = "Based on this video, what directions do you need to go through to get to your destination?"
 Q_REV = "Based on this video, what directions do you need to go through to get to starting point ?"
 OPTIONS = ["A. turn left", "B. turn right", "C. go straight", "D. turn back"]
@@ -170,6 +174,62 @@ def test_plain_jsonl_takes_any_task_name_and_no_direction(tmp_path):
     assert [e.sample_id for e in result.skipped] == ["own:4"] and "sideways" in result.skipped[0].reason
 
 
+def test_every_other_field_of_a_record_is_kept_as_a_column(tmp_path):
+    """A training row's fields the reader does not use reach `Sample.extra` in both formats (None where a row of
+    the file lacks one, as a dataset column); they survive a plain round trip; a reward's own argument name is
+    refused in one line."""
+    rows = [
+        {"video": "a.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "B", "difficulty": 3},
+        {"video": "b.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "A", "expected_turns": ["left", "right"]},
+        {"video": "c.mp4", "question": Q_FWD, "options": OPTIONS, "answer": "A", "completions": 1},
+    ]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_plain_jsonl(path)
+    assert [s.extra for s in result.samples] == [
+        {"difficulty": 3, "expected_turns": None},
+        {"difficulty": None, "expected_turns": ["left", "right"]},
+    ]
+    assert "'completions' is a reward function's own argument" in result.skipped[0].reason
+    write_plain_jsonl(result.samples, tmp_path / "again.jsonl")
+    assert read_plain_jsonl(tmp_path / "again.jsonl").samples == result.samples
+
+    st_r1 = tmp_path / "rows.jsonl"
+    st_r1.write_text(json.dumps({**json.loads(st_row(f"{Q_FWD} Options: A. x, B. y", "A")), "source": "walk 7"}))
+    assert read_st_r1_jsonl(st_r1).samples[0].extra == {"source": "walk 7"}
+
+
+def test_the_readme_tables_name_every_field_and_its_examples_read(tmp_path):
+    """README "Your own data": a table per format naming every field the readers take, and each format's example
+    read by its reader without a skip (the plain example is also run whole by tests/test_own_data.py)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Your own data") : readme.index("## What happens when things go wrong")]
+
+    def after(title: str) -> tuple[set[str], str]:
+        """The backticked names in the first column of the table after `title`, and its example."""
+        text = section[section.index(title) :]
+        table = text[text.index("| field") : text.index("\n\n", text.index("| field"))]
+        names = {name for row in re.findall(r"^\| ([^|]+)\|", table, re.M) for name in re.findall(r"`(\w+)`", row)}
+        return names, re.search(r"```json\n(.*?)```", text, re.S).group(1)
+
+    plain, example = after("**Plain JSONL**")
+    assert plain == set(FIELDS)
+    (tmp_path / "plain.jsonl").write_text(example)
+    result = read_plain_jsonl(tmp_path / "plain.jsonl")
+    assert len(result.samples) == 2 and not result.skipped and result.samples[1].extra == {"difficulty": 3}
+
+    st_r1, example = after("**ST-R1 JSONL**")
+    assert st_r1 >= {"video", "problem", "solution", "original_answer"}
+    (tmp_path / "st_r1.jsonl").write_text(example)
+    result = read_st_r1_jsonl(tmp_path / "st_r1.jsonl")
+    assert [(s.answer, s.task, s.direction) for s in result.samples] == [("B", "direction", "forward")]
+
+    egost, example = after("**Ego-ST Bench MCQ JSON**")
+    assert egost >= {"video", "forward_mcq", "reverse_mcq", "question", "options", *ANSWER_FIELDS}
+    result = read_egost_mcq(write_json(tmp_path / "Part1_forward_mcq.json", json.loads(example)))
+    assert [(s.answer, s.task, s.direction) for s in result.samples] == [("B", "direction", "forward")]
+
+
 def test_split_problem_keeps_letters_in_order():
     q, opts = split_problem("Q? Options: A. a, B. b, with C. inside, C. c\n\nInstructions: ...")
     assert q == "Q?" and opts == ["A. a", "B. b, with C. inside", "C. c"]
@@ -184,6 +244,7 @@ def test_release_630_rows_load():
         assert sample.answer == row["original_answer"]
         assert sample.answer in [o[0] for o in sample.options]
         assert sample.problem == row["problem"] and sample.solution == row["solution"]
+        assert sample.extra == {k: row[k] for k in ("original_question", "original_answer")}  # columns for rewards
     # Task from the question wording; the notes report 287/263/80, the wording gives 286/264/80.
     assert Counter(s.task for s in result.samples) == {"direction": 286, "landmark": 264, "action": 80}
     assert Counter(s.direction for s in result.samples) == {"forward": 315, "reverse": 315}

@@ -11,6 +11,7 @@ from stjax.data.formats import Sample, read_st_r1_jsonl
 from stjax.data.processor import IMAGE_MEAN, IMAGE_STD, Processor, normalize, patchify, user_text, vision_patches
 from stjax.data.tokenizer import build_tokenizer
 from stjax.data.video import MediaConfig, VideoClip
+from stjax.models.families import family
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
 SEED_TAIL = (
@@ -189,7 +190,7 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
     from stjax.train.loop import export_files
 
     tokenizer = Path(processor.tokenizer.name_or_path)
-    files = export_files(processor, tokenizer, "sft", "sft")
+    files = export_files(processor, family("qwen2_vl"), tokenizer, "sft", "sft")
     assert set(files) == {
         "stjax_training.json",
         "preprocessor_config.json",
@@ -208,7 +209,7 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
     shutil.copytree(tokenizer, own)
     (own / "preprocessor_config.json").write_text("{}")
     (own / "chat_template.json").write_text("{}")
-    kept = set(export_files(processor, own, "grpo", "grpo"))
+    kept = set(export_files(processor, family("qwen2_vl"), own, "grpo", "grpo"))
     assert kept == {"stjax_training.json", "video_preprocessor_config.json"}
 
 
@@ -221,7 +222,8 @@ def test_an_exports_processor_files_carry_the_normalisation_it_was_trained_with(
     from stjax.train.loop import export_files
 
     tokenizer = Path(processor.tokenizer.name_or_path)
-    for layout, mean in ((processor.layout, processor.mean_std[0]), ("qwen3", [0.5] * 3)):
-        files = export_files(dataclasses.replace(processor, layout=layout), tokenizer, "sft", "sft")
+    for model_type, mean in (("qwen2_vl", processor.mean_std[0]), ("qwen3_vl", [0.5] * 3)):
+        changed = dataclasses.replace(processor, model_type=model_type)
+        files = export_files(changed, family(model_type), tokenizer, "sft", "sft")
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
             np.testing.assert_allclose(json.loads(files[name])["image_mean"], mean, rtol=1e-7)

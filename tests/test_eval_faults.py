@@ -130,6 +130,29 @@ def test_numeric_options_are_refused_before_any_work(bench, tmp_path, flag, mess
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("compile_only", [False, True])
+def test_a_bad_option_beside_a_hub_id_is_refused_before_the_hub_is_asked(tmp_path, monkeypatch, capsys, compile_only):
+    """The options are checked first, then the model's training recipe is looked up: a bad flag beside a hub
+    id that would need a download ends in the one-line error, the hub (even its offline cache) never asked,
+    no recipe read, nothing compiled or written (`--compile-only` checks as well)."""
+    import huggingface_hub
+
+    from stjax import compile_only as co
+    from stjax.models import loading
+
+    asked = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module in (loading, huggingface_hub):
+        monkeypatch.setattr(module, "snapshot_download", lambda *a, **k: asked.append(a) or 1 / 0)
+    monkeypatch.setattr(co, "target", lambda *a: asked.append(a) or 1 / 0)
+    argv = ["--model", "stjax-tests/no-such-model", "--data", str(tmp_path / "none.jsonl"), "--top-k", "-1"]
+    argv += ["--out", str(tmp_path / "out")] + ["--compile-only"] * compile_only
+    with pytest.raises(SystemExit) as e:
+        mcq.main(argv)
+    assert str(e.value) == "--top-k -1: must be >= 0"
+    assert asked == [] and capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+
+
 def test_empty_unreadable_or_all_failing_data_exit_non_zero(bench, tmp_path):
     data, model, odd = bench
     (tmp_path / "empty.jsonl").write_text("")

@@ -8,7 +8,6 @@ plain forward of each prompt with its completion written after it."""
 
 import dataclasses
 import functools
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ from stjax.sharding import make_mesh, parse_mesh, shard_model
 from stjax.train import config as train_config
 from stjax.train.batch import micro_batch_inputs, step_shapes
 from stjax.train.grpo import GRPO
-from stjax.train.loop import placed_state
+from stjax.train.loop import stage_context
 from stjax.train.lora import with_lora
 from stjax.train.rl.learner import LossSettings, batch_logps, grpo_update, update_batch
 from stjax.train.rl.rollout import Rollout, prompt_inputs
@@ -114,6 +113,15 @@ def full_rows(model, batch: dict, out) -> tuple:
     return inputs, prompt[:, None] + np.arange(T)
 
 
+def token_logps(logits: np.ndarray, input_ids: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """(rows, T) the log-softmax of a plain forward's `logits` (NumPy) at each completion token, whose
+    column in the rows is `columns`: the logits one column before it."""
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.take_along_axis(input_ids, columns, axis=1)
+    return np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+
+
 SETTINGS = LossSettings(
     loss_type="grpo",
     beta=0.1,
@@ -143,10 +151,8 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
 
     inputs, columns = full_rows(model, batch, out)
     logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = token_logps(logits, np.asarray(inputs.input_ids), columns)
     targets = np.take_along_axis(np.asarray(inputs.input_ids), columns, axis=1)
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
     mask = np.asarray(host.completion_mask[0]) == 1
     assert mask.sum() >= len(mask)  # every completion has tokens
     np.testing.assert_array_equal(targets[mask], np.asarray(out.tokens)[mask])  # the rows hold the completions
@@ -155,10 +161,7 @@ def test_old_logps_equal_a_full_forwards_log_softmax_and_the_samplers(assets, ar
     # at temperature 0.7: TRL's log-probs of logits / 0.7
     warm = LossSettings(**{**SETTINGS.__dict__, "temperature": 0.7})
     got = np.asarray(jax.jit(functools.partial(batch_logps, graphdef, settings=warm))(params, frozen, host))[0]
-    scaled = logits / 0.7
-    logp = scaled - scaled.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    want = token_logps(logits / 0.7, np.asarray(inputs.input_ids), columns)
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4)
 
 
@@ -265,9 +268,9 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
     outside the clip range), the batch as 2 micro-batches of unequal token counts (and bnpo's, whose
     micro-batches each normalise by their own tokens, also as one): the loss is the sum of TRL's
     per-micro-batch losses (`_compute_loss` in training, transcribed in torch) of the update's
-    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl and
-    clip ratios are the mean of TRL's per micro-batch (1e-5 relative). One compile per case: the loss
-    types share one test."""
+    log-probs, the gradient norm is that of TRL's gradient carried back through them, and the kl, the
+    clip ratios and the entropy are the mean of TRL's per micro-batch (1e-5 relative; the entropy 1e-4). One
+    compile per case: the loss types share one test."""
     import torch
     from test_grpo_loss import LOSS_TYPES, trl_loss
 
@@ -320,6 +323,8 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
             want_norm = float(jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))))
             message = f"{loss_type}, accumulation {accumulation}"
             assert int(metrics["skipped"]) == 0 and want_norm > 0, message
+            if accumulation == 2:  # the entropy is the same for every loss type
+                entropy_metric, micro_masks = float(metrics["entropy"]), np.asarray(host.completion_mask)
             np.testing.assert_allclose(float(metrics["loss"]), want.item(), rtol=1e-5, err_msg=message)
             np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5, err_msg=message)
             for name in trl[0][1]:  # TRL logs each micro-batch's kl and clip ratios; a step logs their mean
@@ -330,6 +335,16 @@ def test_every_loss_type_through_the_update_equals_trls_per_micro_batch_loss(ass
                     atol=1e-7,
                     err_msg=f"{message}: {name}",
                 )
+    # TRL's entropy: of softmax(logits / temperature) at each completion token (its fused LM head; here torch's
+    # Categorical on a plain forward's logits), each micro-batch's masked mean, a step the mean of those (1e-4)
+    inputs, columns = full_rows(model, batch, out)
+    logits = torch.tensor(np.asarray(jax.jit(lambda m, x: m.forward(x))(model, inputs), np.float64))
+    predicting = torch.take_along_dim(logits, torch.tensor(columns - 1)[..., None], dim=1) / settings.temperature
+    entropy = np.split(torch.distributions.Categorical(logits=predicting).entropy().numpy(), 2)
+    mask = np.split(micro_masks.reshape(len(columns), T), 2)  # the micro-batches hold consecutive rows
+    assert [m.sum() for m in mask] == [8, 5]
+    trl_entropy = np.mean([(e * m).sum() / m.sum() for e, m in zip(entropy, mask)])
+    np.testing.assert_allclose(entropy_metric, trl_entropy, rtol=1e-4)
 
 
 def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path, monkeypatch):
@@ -375,21 +390,8 @@ def test_the_stages_step_hands_the_update_what_the_options_ask(assets, tmp_path,
     placed = shard_model(model, mesh)
     graphdef, params, frozen = split_trainable(placed)
     optim = OptimConfig(learning_rate=1e-2, total_steps=4, warmup_ratio=0.0)
-    samples = {s.id: s for s in read_plain_jsonl(data / "plain.jsonl").samples}
-    context = SimpleNamespace(
-        cfg=cfg,
-        mesh=mesh,
-        model_cfg=model.config,
-        graphdef=graphdef,
-        frozen=frozen,
-        optim=optim,
-        processor=processor,
-        output_dir=tmp_path,
-        start_step=0,
-        samples=samples,
-        peak_flops=None,
-    )
-    state = placed_state(params, optim, 0, mesh)
+    samples = read_plain_jsonl(data / "plain.jsonl").samples
+    context, state = stage_context(cfg, mesh, placed, processor, samples, tmp_path, optim)
     stage = GRPO(context, placed, state)
     # accuracy_rule: default, from the config: the evaluator's extractor credits what the release's rule does not
     assert stage.reward_funcs[2](

@@ -102,3 +102,29 @@ def test_no_completion_ended_gives_trls_zero_terminated_length():
     scores.truncated[:] = 1.0
     ours = scores.metrics(["a", "b", "c"], G, "group")
     assert ours["completions/mean_terminated_length"] == ours["completions/max_terminated_length"] == 0.0
+
+
+def test_two_processes_give_their_rows_in_order_and_their_counts_summed(monkeypatch):
+    """`Scores.gather` on process 0 of two (simulated: the gather appends what process 1's `gather` handed it):
+    every completion's values in process order, each function's error and invalid counts summed."""
+    from stjax.train.rl import scores as scores_lib
+
+    rng = np.random.default_rng(2)
+    texts = ["<think>a b</think><answer>A</answer>", "<answer>B</answer>", "no answer"]
+    samples = [SimpleNamespace(answer="A", options=["A. x", "B. y"])] * 3
+    tables = [
+        RewardTable(rng.normal(size=(3, 2)), np.array([1, 0]), np.array([0, 2]), ["", ""]),
+        RewardTable(rng.normal(size=(3, 2)), np.array([0, 3]), np.array([1, 0]), ["", ""]),
+    ]
+    lengths, truncated = [np.array([5, 2, 8]), np.array([1, 7, 3])], [np.array([0, 0, 1]), np.array([1, 0, 0])]
+    handed = []
+    monkeypatch.setattr(scores_lib, "global_rows", lambda local: handed.append(local) or local)
+    Scores.gather(tables[1], np.ones(2), texts, samples, lengths[1], truncated[1])  # process 1's part
+    monkeypatch.setattr(scores_lib, "global_rows", lambda local: np.concatenate([local, handed[0]]))
+    both = Scores.gather(tables[0], np.ones(2), texts, samples, lengths[0], truncated[0])
+    np.testing.assert_array_equal(both.rewards, np.concatenate([t.values for t in tables]))
+    np.testing.assert_array_equal(both.reward, np.concatenate([t.values.sum(axis=1) for t in tables]))
+    np.testing.assert_array_equal(both.lengths, np.concatenate(lengths))
+    np.testing.assert_array_equal(both.truncated, np.concatenate(truncated))
+    np.testing.assert_array_equal(both.answers, [0, 1, -1] * 2)
+    assert both.errors.tolist() == [1, 3] and both.invalid.tolist() == [1, 2]

@@ -2,12 +2,13 @@
 the record, users' own functions by dotted path, and strange completions: each gets a defined
 reward, a function that raises is counted and scores 0, and scoring goes on."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from stjax.data.formats import Sample
+from stjax.data.formats import Sample, read_plain_jsonl
 from stjax.train import rewards
 
 SOLUTION = (
@@ -183,3 +184,23 @@ def test_a_reward_named_by_file_sees_every_field_of_the_record(tmp_path):
         rewards.resolve(f"{tmp_path / 'missing.py'}:by_video")
     with pytest.raises(ValueError, match="no_such_function"):
         rewards.resolve(f"{file}:no_such_function")
+
+
+def test_a_reward_reads_a_column_of_the_users_own_from_the_data_file(tmp_path):
+    """TRL passes every dataset column: a JSONL row's own field (`difficulty`, `expected_turns`) reaches a reward
+    named by file as a column of its name, None where a row lacks it."""
+    rows = [
+        {"video": "a.mp4", "question": "q", "options": ["x", "y"], "answer": "A", "difficulty": 1},
+        {"video": "b.mp4", "question": "q", "options": ["x", "y"], "answer": "B", "difficulty": 3},
+        {"video": "c.mp4", "question": "q", "options": ["x", "y"], "answer": "B", "expected_turns": ["left"]},
+    ]
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    file = tmp_path / "own_rewards.py"
+    file.write_text(
+        "def by_difficulty(completions, difficulty, expected_turns, **_):\n"
+        "    return [len(c) * (d or 0.5) + len(t or ()) for c, d, t in zip(completions, difficulty, expected_turns)]\n"
+    )
+    records = read_plain_jsonl(data).samples
+    scores = rewards.score([rewards.resolve(f"{file}:by_difficulty")], ["p"] * 3, ["ab", "abc", "abcd"], records)
+    assert scores.values[:, 0].tolist() == [2.0, 9.0, 3.0] and scores.errors.tolist() == [0]

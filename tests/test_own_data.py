@@ -1,7 +1,8 @@
 """The README's own-data example, run as written with a tiny model and a few steps: its JSONL rows (task names
-Ego-ST does not have), its SFT -> GRPO -> evaluation commands with stdout piped as in a batch job (plain metric
-lines), the export's training recipe used by the evaluator, and the export read by transformers' own loaders and
-model (AutoProcessor's files; transformers' forward on stjax's processed batch equals stjax's logits)."""
+Ego-ST does not have, a field of their own that the README's reward by file reads), its SFT -> GRPO -> evaluation
+commands with stdout piped as in a batch job (plain metric lines), the export's training recipe used by the
+evaluator, and the export read by transformers' own loaders and model (AutoProcessor's files; transformers' forward
+on stjax's processed batch equals stjax's logits)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def own_run(synthetic_assets, tmp_path_factory):
         shutil.copy(walk, root / "my_data" / row["video"])
     for name in ("train.jsonl", "test.jsonl"):
         (root / "my_data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "my_rewards.py").write_text(readme_block("here `my_rewards.py`", "python"))
     sft = tiny_config(
         "configs/sft/tiny-cpu.yaml", root / "sft.yaml", max_steps=2, logging_steps=1, checkpoint={"save_steps": 0}
     )
@@ -54,10 +56,15 @@ def own_run(synthetic_assets, tmp_path_factory):
         root / "grpo.yaml",
         max_steps=1,
         batch_size=8,
-        grpo={"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["accuracy"]},
+        grpo={
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "log_completions_steps": 1,
+            "num_completions_to_print": 8,
+        },
         checkpoint={"save_steps": 0},
     )
-    block = readme_block("SFT, then GRPO, then evaluation on your data", "bash")
+    block = readme_block("SFT, then GRPO with that reward, then evaluation on your data", "bash")
     assignments = {"MODEL": models["qwen2_5_vl"], "SFT": sft, "GRPO": grpo}
     lines = block.splitlines()
     for i, line in enumerate(lines):
@@ -95,6 +102,20 @@ def test_a_piped_run_prints_plain_metric_lines_named_by_stage(own_run):
     assert re.search(r"^sft step 2/2 .*\bloss=\S+ .*eta=0:00:00$", stdout, re.M)
     assert re.search(r"^grpo step 1/1 .*\breward=\S+", stdout, re.M)
     assert "\r" not in stdout  # no progress bar redrawn into the log
+
+
+def test_the_readme_reward_reads_a_field_of_the_users_rows(own_run):
+    """The README's reward by file reads `difficulty`, a field of the rows no reader knows: each completion of
+    the GRPO step (both rows, 4 each) is scored as the function's formula gives for its row's difficulty (to
+    1e-9), and the scores are nonzero and differ."""
+    root, _, rows = own_run
+    logged = [json.loads(line) for line in (root / "runs/my-grpo/completions.jsonl").read_text().splitlines()]
+    difficulty = {f"train:{i}": row["difficulty"] for i, row in enumerate(rows, start=1)}
+    assert len(logged) == 8 and {c["prompt_id"] for c in logged} == set(difficulty)
+    got = [c["rewards"]["my_rewards.py:thinks_enough"] for c in logged]
+    expected = [min(1.0, len(c["completion"].split()) / (10 * difficulty[c["prompt_id"]])) for c in logged]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert len(set(got)) > 1 and max(got) > 0
 
 
 def test_the_evaluator_uses_the_exports_training_recipe(own_run):

@@ -13,7 +13,6 @@ from flax import nnx
 from reference import hf_logits, tiny_config
 
 from stjax.models.loading import load_pretrained
-from stjax.models.rope import get_rope_index
 
 TOLERANCE = 1e-5
 CASES = {
@@ -106,7 +105,7 @@ def test_position_ids_equal_transformers_get_rope_index(models, case):
     ours_model, ref_model = models
     cfg = ours_model.config
     batch = make_batch(cfg, CASES[case])
-    ours, _ = get_rope_index(
+    ours, _ = cfg.family.rope_index(
         batch["input_ids"],
         cfg.rope_spec(),
         batch.get("image_grid_thw"),

@@ -134,7 +134,9 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     model = with_lora(quantize_model(base, quantize_base="nf4"), rank=4, alpha=8.0, seed=1)
     assert model.config.quantize_base == "nf4"
     processor = Processor.from_pretrained(
-        data / "tokenizer", media=qwen3_vl.media_config(max_pixels=32 * 32 * 16), layout="qwen3"
+        data / "tokenizer",
+        media=qwen3_vl.media_config(num_frames=8, min_pixels=32 * 32 * 16, max_pixels=32 * 32 * 16),
+        model_type="qwen3_vl",
     )
     samples = read_plain_jsonl(data / "plain.jsonl").samples[:2]
     items = [processor(s, "grpo") | {"sample_id": s.id} for s in samples]
@@ -153,10 +155,7 @@ def test_one_grpo_step_with_lora_over_nf4(grpo_assets):
     merged = nnx.merge(graphdef, params, frozen)
     inputs, columns = g.full_rows(merged, batch, out)
     logits = np.asarray(jax.jit(lambda m, x: m.forward(x))(merged, inputs), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    targets = np.take_along_axis(np.asarray(inputs.input_ids), columns, axis=1)
-    want = np.take_along_axis(np.take_along_axis(logp, columns[..., None] - 1, axis=1), targets[..., None], -1)[..., 0]
+    want = g.token_logps(logits, np.asarray(inputs.input_ids), columns)
     mask = np.asarray(host.completion_mask[0]) == 1
     assert mask.any()
     np.testing.assert_allclose(logps[0][mask], want[mask], atol=1e-4)
@@ -193,7 +192,7 @@ def test_the_evaluator_runs_qwen3_vl_with_its_own_inputs(grpo_assets, tmp_path):
     records = {r["id"]: r for r in load_records(tmp_path / "predictions.jsonl")}
     assert len(records) == 3
     processor = make_runner(cfg).processor
-    assert processor.layout == "qwen3" and processor.media.patch_size == 16
+    assert processor.model_type == "qwen3_vl" and processor.media.patch_size == 16
     model, config = load_pretrained(model_dir)
     letters = {k: processor.tokenizer.convert_tokens_to_ids(k) for k in "ABCD"}
     for _, sample in load_samples(cfg)[0]:

@@ -162,3 +162,39 @@ def test_the_single_node_launcher_runs_the_configs_stage(config):
     )
     assert result.stdout.split() == ["-m", "stjax.train", "--config", config, "--set", "max_steps=1"]
     assert "the config's stage (SFT or GRPO)" in (root / "launch/h100_single_node.sh").read_text()
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_the_slurm_and_tpu_launchers_run_the_configs_stage(stage, tmp_path):
+    """The SLURM and TPU launchers hand the config over as it is (no --stage of their own) and name its stage in
+    their log: `srun` and `gcloud` replaced by scripts that print what they are given."""
+    import base64
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = f"configs/{stage}/tiny-cpu.yaml"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "gcloud"):
+        (bin_dir / tool).write_text(f'#!/bin/bash\nprintf "{tool}"; printf " %s" "$@"; echo\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    slurm = {"SLURM_SUBMIT_DIR": str(root), "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2"}
+    slurm |= {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_CPUS_ON_NODE": "4"}
+    run = lambda args, extra: subprocess.run(
+        args, cwd=root, env=env | extra, capture_output=True, text=True, check=True, timeout=60
+    )
+
+    result = run(["bash", "launch/slurm_multinode.sbatch", config, "--set", "max_steps=1"], slurm)
+    assert f"job 7 (restart 0): {stage} on 2 nodes x 8 GPUs" in result.stdout
+    srun = next(line for line in result.stdout.splitlines() if line.startswith("srun "))
+    assert srun.endswith(f" bash launch/h100_single_node.sh {config} --set max_steps=1")  # tested above
+
+    result = run(["bash", "launch/tpu_pod.sh", config, "--set", "max_steps=1"], {"TPU_NAME": "t", "ZONE": "z"})
+    assert f"training ({stage}) on every worker of t (z)" in result.stderr
+    encoded = re.search(r"echo (\S+) \| base64 -d", result.stdout).group(1)
+    remote = base64.b64decode(encoded).decode()
+    assert f"args=(--config {config} --set mesh=fsdp=-1 --set max_steps=1 )" in remote
+    assert 'exec "$python" -m stjax.train "${args[@]}"' in remote and "--stage" not in remote

@@ -10,12 +10,18 @@
   solution, problem). `task` may be any name; `direction` is optional. The README's "Your own data"
   tables list every field and which stage needs it.
 
+Every other field of a training row (plain or ST-R1) is kept in `Sample.extra`, so reward functions get it
+as a column of its own, as TRL passes every dataset column (`stjax.train.rewards.columns`); a row lacking a
+field other rows of its file have holds None there, as a dataset's column does. The samples stay on the host
+(batches carry only their index), so extra values cost nothing in batching or in a resumed run.
+
 A malformed record raises SampleError naming the file and sample. With `strict=False` (the default)
 readers skip it and keep the error in `ReadResult.skipped`, so one bad row never stops a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter, defaultdict
@@ -54,6 +60,21 @@ class Sample:
     pair_id: str | None = None  # id of the same question asked in the opposite direction, when loaded
     solution: str | None = None  # long-CoT target (ST-R1 rows, synthetic set)
     problem: str | None = None  # the release's full user text (question + options + instructions), if any
+    extra: dict = field(default_factory=dict)  # the record's other fields (see the module docstring)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Sample) if f.name != "extra")  # a record's own names for them
+# The reward functions' own arguments (`stjax.train.rewards`): a record field may not take these names.
+RESERVED_FIELDS = ("prompts", "completions")
+
+
+def extra_fields(record: dict) -> dict:
+    """The fields of `record` that are not Sample fields (a ValueError for one with a reserved name)."""
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    clash = [k for k in extra if k in RESERVED_FIELDS]
+    if clash:
+        raise ValueError(f"field {clash[0]!r} is a reward function's own argument: rename it")
+    return extra
 
 
 @dataclass
@@ -134,6 +155,15 @@ def parse_answer(raw: object, options: list[str]) -> str:
     if text.lower() in texts:
         return letters[texts.index(text.lower())]
     raise ValueError(f"answer {raw!r} is not among the options {letters}")
+
+
+def same_columns(samples: list[Sample]) -> None:
+    """Give every sample each extra field any of them has (None where its record lacks it): a file's fields
+    are columns, as a dataset's, so a reward function gets the same arguments whichever rows a batch holds."""
+    names = dict.fromkeys(k for s in samples for k in s.extra)
+    if any(len(s.extra) != len(names) for s in samples):
+        for s in samples:
+            s.extra = {k: s.extra.get(k) for k in names}
 
 
 def link_pairs(samples: list[Sample], key: Callable[[Sample], object]) -> None:
@@ -315,11 +345,13 @@ def read_st_r1_jsonl(path: str | Path, video_root: str | Path | None = None, str
                     direction=infer_direction(question),
                     solution=row.get("solution"),
                     problem=problem,
+                    extra=extra_fields(row),
                 )
             )
         except (KeyError, TypeError, ValueError) as e:
             _collect(result, SampleError(str(e), sample_id=sample_id, path=str(path)), strict)
     link_pairs(result.samples, key=lambda s: (s.video, s.task))
+    same_columns(result.samples)
     return result
 
 
@@ -333,7 +365,8 @@ def _inferred(infer: Callable[[str], str], question: str, default: str | None) -
 
 def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, strict: bool = False) -> ReadResult:
     """Our JSONL: video, question, options, answer required. An absent task is inferred from Ego-ST's wording
-    (else `OTHER_TASK`), an absent direction likewise (else None); any task name is accepted."""
+    (else `OTHER_TASK`), an absent direction likewise (else None); any task name is accepted; any other
+    field is kept in `extra`."""
     path = Path(path)
     result = ReadResult()
     for number, row in _jsonl_rows(path, result, strict):
@@ -359,10 +392,12 @@ def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, str
                     pair_id=row.get("pair_id"),
                     solution=row.get("solution"),
                     problem=row.get("problem"),
+                    extra=extra_fields(row),
                 )
             )
         except (KeyError, TypeError, ValueError) as e:
             _collect(result, SampleError(str(e), sample_id=sample_id, path=str(path)), strict)
+    same_columns(result.samples)
     return result
 
 
@@ -374,5 +409,6 @@ def write_plain_jsonl(samples: list[Sample], path: str | Path) -> None:
             video = Path(s.video)
             if video.is_relative_to(path.parent):
                 video = video.relative_to(path.parent)
-            row = {k: v for k, v in vars(s).items() if v is not None} | {"video": str(video)}
+            own = {n: getattr(s, n) for n in FIELDS if getattr(s, n) is not None}
+            row = s.extra | own | {"video": str(video)}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

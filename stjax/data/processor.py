@@ -2,7 +2,9 @@
 
 Mirrors the Hugging Face processor: pixels normalised and cut into (C, 2, 14, 14) patch vectors in
 merge-block order, the prompt rendered with the tokenizer's own chat template, each vision pad token
-expanded to one token per merged patch, M-RoPE positions from `stjax.models.rope.get_rope_index`.
+expanded to one token per merged patch, M-RoPE positions from the model family's `rope_index`. What differs by
+family (frame sampling, pixel budget, normalisation, how a video is written in the prompt) comes from the
+`stjax.data.video.MediaRules` its family names.
 Outputs use the Hugging Face names, and hold every array transformers' processor returns
 (`mm_token_type_ids` included), so one batch feeds either model. `hf_processor_files` writes the files that
 let `AutoProcessor.from_pretrained` load a model directory stjax made, and `training_recipe` the prompt and
@@ -12,6 +14,8 @@ media settings a model was trained with, which the evaluator then uses.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +23,12 @@ from typing import Literal
 
 import numpy as np
 
-from stjax.data import qwen3_vl
 from stjax.data.formats import MCQ_INSTRUCTION, Sample, release_problem
-from stjax.data.video import MediaConfig, SampleError, VideoClip, read_video
-from stjax.models.rope import RopeSpec, get_rope_index
+from stjax.data.video import IMAGE_MEAN, IMAGE_STD, MediaConfig, MediaRules, SampleError, VideoClip, read_video
+from stjax.models import families
+from stjax.models.families import Family
+from stjax.models.rope import RopeSpec
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / _STD, Qwen-VL's normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_MEAN = np.array(CLIP_MEAN, np.float32)
-IMAGE_STD = np.array(CLIP_STD, np.float32)
 # transformers' modality ids (ProcessorMixin.create_mm_token_type_ids): what its M-RoPE reads the prompt's layout from
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 TRAINING_RECIPE = "stjax_training.json"  # in an export: the prompt template and media settings it was trained with
@@ -107,15 +108,15 @@ class Processor:
     (its text and closing <|im_end|>\\n); "release" marks every token except padding and the
     image/video pad tokens, as the public SFT script did.
 
-    `layout` "qwen3" lays videos out as Qwen3-VL's processor does (`stjax.data.qwen3_vl`): one vision block per
-    temporal patch after its `<t seconds>`, pixels normalised by 0.5 / 0.5, Qwen3-VL's position ids.
+    `model_type` names the model family whose media rules (`rules`) and position ids the processor follows;
+    `media` must suit those rules (`for_model` makes both agree).
     """
 
     tokenizer: object  # a transformers tokenizer with the Qwen special tokens and a chat template
     media: MediaConfig = MediaConfig()
     tokens_per_second: float | None = None  # None: Qwen2-VL time positions; 2: Qwen2.5-VL
     loss_rule: LossRule = "assistant"
-    layout: Literal["qwen2", "qwen3"] = "qwen2"
+    model_type: str = "qwen2_vl"
 
     @classmethod
     def from_pretrained(cls, tokenizer_dir: str | Path, **kwargs) -> Processor:
@@ -126,13 +127,26 @@ class Processor:
 
     @classmethod
     def for_model(cls, tokenizer_dir: str | Path, model_cfg, media: MediaConfig | None = None, **kwargs) -> Processor:
-        """The processor of a model config (`stjax.models.config.QwenVLConfig`): its patch size, its
-        time positions and its video layout (the rule of its `rope_spec`)."""
-        spec = model_cfg.rope_spec()
-        media = dataclasses.replace(media or MediaConfig(), patch_size=model_cfg.vision.patch_size)
-        return cls.from_pretrained(
-            tokenizer_dir, media=media, tokens_per_second=spec.tokens_per_second, layout=spec.rule, **kwargs
+        """The processor of a model config (`stjax.models.config.QwenVLConfig`): its family's media rules
+        over `media`'s settings, its patch size and its time positions."""
+        processor = cls.from_pretrained(
+            tokenizer_dir,
+            tokens_per_second=model_cfg.rope_spec().tokens_per_second,
+            model_type=model_cfg.model_type,
+            **kwargs,
         )
+        processor.media = processor.rules.configure(media or MediaConfig(), model_cfg.vision.patch_size)
+        return processor
+
+    @property
+    def family(self) -> Family:
+        return families.family(self.model_type)
+
+    @functools.cached_property
+    def rules(self) -> MediaRules:
+        """The media rules the family names (by name: data/ builds on models/, not the reverse)."""
+        module, _, name = self.family.media_rules.partition(":")
+        return getattr(importlib.import_module(module), name)()
 
     def _id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
@@ -145,7 +159,6 @@ class Processor:
             vision_start_token_id=self._id("<|vision_start|>"),
             spatial_merge_size=self.media.merge_size,
             tokens_per_second=self.tokens_per_second,
-            rule=self.layout,
         )
 
     def encode(
@@ -162,8 +175,7 @@ class Processor:
         content = [{"type": "video"} for _ in videos] + [{"type": "image"} for _ in images]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if self.layout == "qwen3":
-            prompt = self._timestamped_videos(prompt, videos)
+        prompt = self._video_texts(prompt, videos)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assistant = [0] * len(ids)
         if target is not None:
@@ -175,9 +187,7 @@ class Processor:
         video_patches = [vision_patches(v.frames, self.media, *mean_std) for v in videos]
         image_patches = [vision_patches(im[None], self.media, *mean_std) for im in images]
         merge_area = self.media.merge_size**2
-        pad_grids = [g for _, g in video_patches]
-        if self.layout == "qwen3":  # a pad per temporal patch, each expanded by one frame's (1, h, w) grid
-            pad_grids = [np.array([1, h, w]) for t, h, w in pad_grids for _ in range(t)]
+        pad_grids = [pad for _, grid in video_patches for pad in self.rules.pad_grids(grid)]
         ids, assistant = self._expand(ids, assistant, "<|video_pad|>", pad_grids, merge_area)
         ids, assistant = self._expand(ids, assistant, "<|image_pad|>", [g for _, g in image_patches], merge_area)
 
@@ -185,7 +195,7 @@ class Processor:
         video_grid = np.array([g for _, g in video_patches], np.int64).reshape(-1, 3)
         image_grid = np.array([g for _, g in image_patches], np.int64).reshape(-1, 3)
         seconds = np.array([v.second_per_grid_t for v in videos], np.float32)
-        position_ids, _ = get_rope_index(input_ids[None], self.rope_spec, image_grid, video_grid, seconds)
+        position_ids, _ = self.family.rope_index(input_ids[None], self.rope_spec, image_grid, video_grid, seconds)
         if self.loss_rule == "assistant":
             loss_mask = np.asarray(assistant, np.int32)
         else:
@@ -210,23 +220,17 @@ class Processor:
             "loss_mask": loss_mask,
         }
 
-    def _timestamped_videos(self, prompt: str, videos: list[VideoClip]) -> str:
-        """The chat template's `<|vision_start|><|video_pad|><|vision_end|>` of each video replaced by its
-        timestamped blocks (one pad each), before tokenising, as transformers' Qwen3-VL processor."""
+    def _video_texts(self, prompt: str, videos: list[VideoClip]) -> str:
+        """The chat template's `<|vision_start|><|video_pad|><|vision_end|>` of each video replaced by the
+        family's text for it (`MediaRules.video_text`; Qwen3-VL's timestamped blocks), before tokenising."""
+        texts = [self.rules.video_text(v, self.media) for v in videos]
+        if all(t is None for t in texts):
+            return prompt
         wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
         parts = prompt.split(wrapper)
         if len(parts) - 1 != len(videos):
             raise ValueError(f"prompt has {len(parts) - 1} video blocks but {len(videos)} videos were given")
-        texts = [
-            qwen3_vl.video_text(
-                qwen3_vl.timestamps(v.frame_indices, v.video_fps, self.media.temporal_patch_size),
-                "<|vision_start|>",
-                "<|video_pad|>",
-                "<|vision_end|>",
-            )
-            for v in videos
-        ]
-        return parts[0] + "".join(t + p for t, p in zip(texts, parts[1:]))
+        return parts[0] + "".join((wrapper if t is None else t) + p for t, p in zip(texts, parts[1:]))
 
     def _expand(
         self, ids: list[int], mask: list[int], token: str, grids: list[np.ndarray], merge_area: int
@@ -248,8 +252,8 @@ class Processor:
 
     @property
     def mean_std(self) -> tuple:
-        """The pixel normalisation of this processor's layout (Qwen3-VL's 0.5 / 0.5, else CLIP's)."""
-        return (qwen3_vl.MEAN, qwen3_vl.STD) if self.layout == "qwen3" else (IMAGE_MEAN, IMAGE_STD)
+        """The pixel normalisation of the family's media rules (Qwen3-VL's 0.5 / 0.5, else CLIP's)."""
+        return self.rules.mean, self.rules.std
 
     def __call__(self, sample: Sample, template: Template = "sft") -> dict[str, np.ndarray]:
         """Read the sample's video and encode it with the named prompt template.
@@ -261,35 +265,30 @@ class Processor:
             if sample.solution is None:
                 raise SampleError("no solution to train on (sft template)", sample_id=sample.id, path=sample.video)
             target = sample.solution
-        clip = read_video(sample.video, self.media, sample_id=sample.id)
+        clip = read_video(sample.video, self.media, sample_id=sample.id, rules=self.rules)
         return self.encode(user_text(sample, template), videos=[clip], target=target)
 
 
 def hf_processor_files(
-    media: MediaConfig, chat_template: str, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
+    media: MediaConfig, chat_template: str, family: Family, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
 ) -> dict[str, str]:
-    """transformers' processor files for a Qwen2-VL / Qwen2.5-VL directory, with stjax's patch layout, pixel
-    bounds and normalisation: the image and video processors' configs and the chat template. The processor
-    class follows from config.json's model_type, so the same files serve both families."""
+    """transformers' processor files for a model directory stjax made, with stjax's patch layout, pixel bounds
+    and normalisation: the image and video processors' configs (the family names its processor and lays out
+    its video processor's frame and pixel rules: `Family.hf_video_processor`) and the chat template."""
     common = {
         "patch_size": media.patch_size,
         "temporal_patch_size": media.temporal_patch_size,
         "merge_size": media.merge_size,
         "image_mean": [float(x) for x in np.ravel(mean_std[0])],
         "image_std": [float(x) for x in np.ravel(mean_std[1])],
+        "processor_class": family.hf_processor_class,
     }
     image = {
-        "image_processor_type": "Qwen2VLImageProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor",  # every Qwen-VL family's, in transformers 5
         **common,
-        "min_pixels": media.image_min_pixels,
-        "max_pixels": media.image_max_pixels,
+        "size": {"shortest_edge": media.image_min_pixels, "longest_edge": media.image_max_pixels},
     }
-    video = {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        **common,
-        "min_pixels": media.min_pixels,
-        "max_pixels": media.video_max_pixels,
-    }
+    video = {**common, **family.hf_video_processor(dataclasses.asdict(media))}
     return {
         "preprocessor_config.json": json.dumps(image, indent=2) + "\n",
         "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",

@@ -13,10 +13,15 @@ PyTorch recipe feeds the checkpoint:
 Only the frames kept in step 2 are decoded, which gives the same pixels as decoding all `n` first.
 Qwen2.5-VL's time positions also need the seconds per temporal patch: the recipe's value comes from
 the rate of the `n` frames, not of the 8 kept (`MediaConfig.second_per_grid` chooses).
+
+These are the rules of Qwen2-VL and Qwen2.5-VL (`MediaRules`); a family with its own (Qwen3-VL's,
+`stjax.data.qwen3_vl`) subclasses `MediaRules`, and its model family names the subclass
+(`stjax.models.families.Family.media_rules`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +34,11 @@ try:  # decord is the recipe's reader; it has no wheels for some platforms, so P
     import decord
 except ImportError:  # pragma: no cover - depends on the platform
     decord = None
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / _STD, Qwen-VL's normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_MEAN = np.array(CLIP_MEAN, np.float32)
+IMAGE_STD = np.array(CLIP_STD, np.float32)
 
 Backend = Literal["auto", "decord", "pyav"]
 SecondPerGrid = Literal["seed", "kept_frames"]
@@ -55,7 +65,8 @@ class SampleError(Exception):
 
 @dataclass(frozen=True)
 class MediaConfig:
-    """Every knob of frame sampling and resizing. Defaults are the seed's inference recipe."""
+    """Every knob of frame sampling and resizing. Defaults are the seed's inference recipe; a family's
+    `MediaRules` reads them by its own rules (Qwen3-VL's: `stjax.data.qwen3_vl`)."""
 
     num_frames: int | None = 8  # ST-R1 keeps exactly this many of the sampled frames; None keeps all n
     fps: float = 1.0  # sampling rate asked of qwen-vl-utils
@@ -95,6 +106,36 @@ class VideoClip:
     video_fps: float
     sample_fps: float  # qwen-vl-utils' rate of the n sampled frames: n / total * video_fps
     second_per_grid_t: float  # seconds per temporal patch (Qwen2.5-VL time positions), see second_per_grid_t()
+
+
+class MediaRules:
+    """How a model family's processor samples, sizes, normalises and lays out video: Qwen2-VL's and
+    Qwen2.5-VL's (qwen-vl-utils and the ST-R1 8-frame rule, above). A family with other rules subclasses
+    this and its model family names the subclass (`stjax.models.families.Family.media_rules`)."""
+
+    mean: np.ndarray = IMAGE_MEAN  # pixel normalisation, (x / 255 - mean) / std per channel
+    std: np.ndarray = IMAGE_STD
+
+    def configure(self, media: MediaConfig, patch_size: int) -> MediaConfig:
+        """`media` for a model whose patches are `patch_size` wide (a family may set its own library limits)."""
+        return dataclasses.replace(media, patch_size=patch_size)
+
+    def frame_plan(self, total_frames: int, video_fps: float, cfg: MediaConfig) -> tuple[np.ndarray, int]:
+        """Source indices of the frames to keep and the frame count the pixel budget is taken from."""
+        return frame_plan(total_frames, video_fps, cfg)
+
+    def video_size(self, height: int, width: int, frames: int, cfg: MediaConfig) -> tuple[int, int]:
+        """Resized frame size for a clip whose budget is taken from `frames` frames (`frame_plan`'s count)."""
+        return video_size(height, width, frames, cfg)
+
+    def video_text(self, clip: VideoClip, cfg: MediaConfig) -> str | None:
+        """The prompt text that replaces the chat template's `<|vision_start|><|video_pad|><|vision_end|>`
+        of this clip (None: kept as it is, one vision block for the whole video)."""
+        return None
+
+    def pad_grids(self, grid: np.ndarray) -> list[np.ndarray]:
+        """The (t, h, w) grid each `<|video_pad|>` of a clip with patch grid `grid` expands to, in order."""
+        return [grid]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -223,8 +264,12 @@ class _Reader:
         return np.stack([found[i] for i in indices.tolist()])
 
 
-def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | None = None) -> VideoClip:
-    """Decode, sample and resize one video. Any failure becomes a SampleError naming the file."""
+def read_video(
+    path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | None = None, rules: MediaRules | None = None
+) -> VideoClip:
+    """Decode, sample and resize one video by a family's `rules` (default Qwen2-VL's). Any failure becomes a
+    SampleError naming the file."""
+    rules = rules or MediaRules()
     if not os.path.isfile(path):
         raise SampleError("video file not found", sample_id=sample_id, path=path)
     if os.path.getsize(path) == 0:
@@ -235,7 +280,7 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
     except Exception as e:  # decoders raise many types (RuntimeError, DECORDError, av.error.*)
         raise SampleError(f"cannot open video ({backend}): {e}", sample_id=sample_id, path=path) from e
     try:
-        indices, n = frame_plan(reader.total_frames, reader.video_fps, cfg)
+        indices, n = rules.frame_plan(reader.total_frames, reader.video_fps, cfg)
     except ValueError as e:
         raise SampleError(f"too few frames: {e}", sample_id=sample_id, path=path) from e
     try:
@@ -243,7 +288,7 @@ def read_video(path: str, cfg: MediaConfig = MediaConfig(), sample_id: str | Non
     except Exception as e:
         raise SampleError(f"cannot decode frames ({backend}, truncated?): {e}", sample_id=sample_id, path=path) from e
     try:
-        height, width = video_size(frames.shape[1], frames.shape[2], n, cfg)
+        height, width = rules.video_size(frames.shape[1], frames.shape[2], n, cfg)
         frames = resize_frames(frames, height, width)
     except Exception as e:  # an aspect ratio over 200, ...
         raise SampleError(f"cannot resize frames: {e}", sample_id=sample_id, path=path) from e

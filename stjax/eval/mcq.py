@@ -67,7 +67,7 @@ from stjax.models.config import QUANTIZE_FORMATS
 from stjax.models.inputs import ModelInputs, bucket, cast_floats, prepare_inputs
 from stjax.models.loading import model_fingerprints
 from stjax.sampling.sampler import SamplingConfig, generate
-from stjax.settings import ConfigError, changed, from_dict, setting
+from stjax.settings import ConfigError, changed, check_fields, from_dict, setting
 from stjax.sharding import make_mesh, parse_mesh, shard_inputs
 
 PREDICTIONS = "predictions.jsonl"
@@ -347,6 +347,19 @@ def record(file: str, sample: Sample, pred: str | None, **extra) -> dict:
 # ---------------------------------------------------------------- model side
 
 
+def sampling_config(cfg: EvalConfig, model_config, eos_ids: tuple[int, ...]) -> SamplingConfig:
+    """The evaluator's sampler (greedy by default): one answer of at most max_new_tokens per prompt, at
+    --temperature / --top-k / --top-p; the vision placeholders never sampled."""
+    return SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_ids=eos_ids,
+        suppress_ids=(model_config.image_token_id, model_config.video_token_id),
+    )
+
+
 @dataclass
 class Runner:
     """Model, processor and the fixed token ids; `encode` and `run_batch` do the work."""
@@ -404,15 +417,8 @@ class Runner:
 
     def decode(self, samples: list[Sample], inputs: ModelInputs, length: int, step: int) -> list[dict]:
         """Decode with the jitted sampler, detokenise (special tokens skipped), extract the letter."""
-        config = self.model.config
-        sampling = SamplingConfig(
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            top_k=self.cfg.top_k,
-            top_p=self.cfg.top_p,
-            eos_ids=tuple(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])),
-            suppress_ids=(config.image_token_id, config.video_token_id),
-        )
+        eos_ids = tuple(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+        sampling = sampling_config(self.cfg, self.model.config, eos_ids)
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         result = generate(self.model, inputs, length, key, sampling)
         tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
@@ -525,12 +531,11 @@ def batch_records(runner: Runner, chunk: list[tuple[str, Sample]], arrays: list[
 
 def embedded_default(cfg: EvalConfig) -> EvalConfig:
     """With neither a model nor data: a synthetic benchmark and a tiny random model under the output
-    folder (made once, then reused), named as plain paths; else `cfg` as it is."""
+    folder (made once, then reused), named as plain paths; else `cfg` as it is. `cfg` is checked."""
     from stjax.data.synthetic import generate as generate_benchmark
 
     if cfg.model is not None or cfg.data:
         return cfg
-    check_config(cfg)  # errors before the benchmark and the model are made
     if is_remote(cfg.out):
         raise SystemExit(
             f"--out {cfg.out}: the embedded default makes its model and data under --out, which must then be local"
@@ -568,26 +573,30 @@ def with_training_recipe(cfg: EvalConfig) -> EvalConfig:
     return dataclasses.replace(cfg, **values)
 
 
+# `check_config`'s words for a bad option: the flag as it is typed (`stjax.settings.check_fields`)
+FLAG_MESSAGES = {
+    "finite": "{flag} {value}: must be a finite number",
+    "choices": "{flag} {value!r} is not one of {allowed}",
+    "least": "{flag} {value}: must be >= {least}",
+}
+
+
 def check_config(cfg: EvalConfig) -> None:
-    """Every option's choices, type and range, before any work (a YAML file's values are not checked
-    by the flag parser)."""
-    fields = dataclasses.fields(EvalConfig)
-    for f in fields:
-        allowed, value = f.metadata["choices"], getattr(cfg, f.name)
-        if allowed and value not in allowed and not (f.name in SEED_RECIPE and value is None):
-            raise SystemExit(f"--{f.name} {getattr(cfg, f.name)!r} is not one of {', '.join(allowed)}")
-    for f in fields:
+    """Every option's type, choices and range, before any work (a YAML file's values are not checked
+    by the flag parser, a config made in Python by neither); the prompt and media options may be unset
+    (None: `with_training_recipe` fills them)."""
+    for f in dataclasses.fields(EvalConfig):
         value = getattr(cfg, f.name)
         kinds = {int: (int,), float: (int, float)}.get(type(SEED_RECIPE.get(f.name, f.default)))
-        unset = f.name in SEED_RECIPE and value is None  # filled from the model's training recipe
+        unset = f.name in SEED_RECIPE and value is None
         if kinds and not unset and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise SystemExit(
                 f"--{f.name.replace('_', '-')} takes a{'n integer' if kinds == (int,) else ' number'}, got {value!r}"
             )
-    for f in fields:
-        value, minimum = getattr(cfg, f.name), f.metadata["least"]
-        if minimum is not None and value is not None and value < minimum:
-            raise SystemExit(f"--{f.name.replace('_', '-')} {value}: must be >= {minimum}")
+    try:
+        check_fields(cfg, messages=FLAG_MESSAGES)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     if not ((cfg.fps is None or cfg.fps > 0) and cfg.temperature >= 0 and 0 < cfg.top_p <= 1):
         raise SystemExit(
             f"--fps {cfg.fps} must be > 0, --temperature {cfg.temperature} >= 0, --top-p {cfg.top_p} in (0, 1]"
@@ -625,15 +634,18 @@ def check_resumable(out: epath.Path, cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) an evaluation; returns the accuracy summary, also written to accuracy.json."""
-    check_config(dataclasses.replace(cfg, **{k: v for k, v in SEED_RECIPE.items() if getattr(cfg, k) is None}))
+    check_config(cfg)
+    return evaluate_resolved(with_training_recipe(cfg))
+
+
+def evaluate_resolved(cfg: EvalConfig) -> dict:
+    """`evaluate` of a config already checked, its recipe resolved (`parse_config`'s)."""
     try:
         out = as_path(cfg.out)  # local, or an object store URL (stjax.io)
     except OutputError as e:
         raise SystemExit(f"--out {e}") from None
     if cfg.model is None or not cfg.data:
         raise SystemExit("give both --model and --data, or neither for the embedded default")
-    cfg = with_training_recipe(cfg)
-    check_config(cfg)
     with DirectoryLock(out, "evaluation"):  # two runs on one --out would record every sample twice
         return _evaluate(cfg, out)
 
@@ -681,8 +693,9 @@ def _evaluate(cfg: EvalConfig, out: epath.Path) -> dict:
 
 
 def parse_config(argv: list[str] | None = None) -> EvalConfig:
-    """Defaults, then the YAML file's keys, then the flags given on the command line, then the model's
-    training recipe (or the seed's) for the prompt and media options still unset."""
+    """Defaults, then the YAML file's keys, then the flags given on the command line; checked (`check_config`),
+    then the model's training recipe (or the seed's) for the prompt and media options still unset: a bad
+    option is refused before the model is looked up."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         argument_default=argparse.SUPPRESS,
@@ -740,7 +753,9 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
             values = dataclasses.asdict(from_dict(EvalConfig, values))
         except ConfigError as e:
             raise SystemExit(f"{path}: {e}") from None
-    return with_training_recipe(EvalConfig(**(values | args)))
+    cfg = EvalConfig(**(values | args))
+    check_config(cfg)
+    return with_training_recipe(cfg)
 
 
 def compile_programs(cfg: EvalConfig, mesh) -> list:
@@ -770,14 +785,7 @@ def compile_programs(cfg: EvalConfig, mesh) -> list:
             + vision_flops(config, one, {"patches": cfg.batch_size * int(one.vision.frames.lengths.sum())})
         ) / 3
         return [co.Program("eval prompt logits", _last_logits, (graphdef, weights, inputs, position), flops, passes=1)]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_ids=(config.eos_token_id,),
-        suppress_ids=(config.image_token_id, config.video_token_id),
-    )
+    sampling = sampling_config(cfg, config, (config.eos_token_id,))
     starts = co.abstract((cfg.batch_size,), jnp.int32, None)
     key = co.abstract((), jax.random.key(0).dtype, None)
     flops = sampler_flops(config, one, cfg.batch_size, 1, cfg.max_new_tokens)
@@ -793,10 +801,10 @@ def compile_programs(cfg: EvalConfig, mesh) -> list:
 
 
 def compile_only(cfg: EvalConfig, topology: str | None) -> None:
-    """`--compile-only`: compile the evaluator's program for `topology` and report, evaluating nothing."""
+    """`--compile-only`: compile the evaluator's program for `topology` and report, evaluating nothing.
+    `cfg` is `parse_config`'s (checked, its recipe resolved)."""
     from stjax import compile_only as co
 
-    cfg = with_training_recipe(cfg)
     target = co.target(topology)
     mesh = make_mesh(parse_mesh(cfg.mesh or "fsdp=-1"), target.devices)
     print(f"evaluation compiled for {target.name} ({len(target.devices)} devices), mesh {dict(mesh.shape)}")
@@ -811,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
     compiling, argv = flags.parse_known_args(argv)
     if compiling.compile_only:
         return compile_only(parse_config(argv), compiling.topology)
-    overall = evaluate(embedded_default(parse_config(argv)))["overall"]
+    overall = evaluate_resolved(embedded_default(parse_config(argv)))["overall"]
     if overall["n"] == overall["failed"]:
         raise SystemExit(
             f"error: none of the {overall['n']} samples could be evaluated (their errors are in {PREDICTIONS})"

@@ -212,7 +212,6 @@ class QwenVLConfig:
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.vision.spatial_merge_size,
             tokens_per_second=self.family.video_tokens_per_second(self.vision),
-            rule=self.family.video_layout,
         )
 
     # ----------------------------------------------------------------- HF config.json

@@ -18,13 +18,16 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - weights: `rules(cfg)`, the table between Hugging Face tensor names and stjax parameter paths
   (default the decoder's rules plus those of the default tower, see `weights.py`); `hf_name(name)`,
   the name an export writes for a table name (default the same).
-- positions: `rope_index(...)`, M-RoPE position ids (default `rope.get_rope_index`, the Qwen2 rule);
+- positions: `rope_index(input_ids, spec, ...)`, M-RoPE position ids (default `rope.get_rope_index`, the
+  Qwen2 rule);
   `video_tokens_per_second(v)`, the time scale of video positions (None: the frame-pair index);
   `processing_order(v, grids)`, the order of the vision pass and its attention windows (default none);
-  `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none);
-  `video_layout`, how the processor lays a video out in the prompt and which position rule it takes
-  ("qwen2": one vision block per video; "qwen3": one timestamped block per temporal patch).
+  `patch_inputs(v, rotary_positions, grid_hw)`, extra per-patch arrays of `VisionInputs` (default none).
+- inputs: `media_rules`, "module:Class" of the processor's `stjax.data.video.MediaRules` (frame sampling,
+  pixel budget, normalisation, a video's prompt text); named, not imported: data/ builds on models/.
 - metrics: `vision_flops_per_patch(cfg, group_size)`, for MFU (default: the default tower's count).
+- exports: `hf_processor_class`, transformers' processor an export names, and `hf_video_processor(media)`,
+  the video processor config fields that follow the family's frame and pixel rules (default Qwen2-VL's).
 
 A new family is one file here, its name in `BUILTIN`, and its presets in configs/models.
 """
@@ -56,7 +59,12 @@ class Family(ABC):
     tiny_preset: str
     vision_norm = "layer_norm"  # or "rms_norm": the vision blocks' and merger's norms (LayerNorm has a bias)
     gated_mlp = False  # vision MLP: fc1, act, fc2 (False) or down(act(gate) * up) (True)
-    video_layout = "qwen2"  # see the module docstring and `stjax.models.rope.RopeSpec.rule`
+    media_rules = "stjax.data.video:MediaRules"  # see the module docstring
+    # M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch: a NumPy function with
+    # `rope.get_rope_index`'s arguments (input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts,
+    # attention_mask), which the processor runs in the data workers
+    rope_index = staticmethod(get_rope_index)
+    hf_processor_class = "Qwen2VLProcessor"  # the processor transformers builds for an export
 
     def full_attention(self, v: VisionConfig) -> tuple[bool, ...]:
         """Per vision block: True attends over a whole frame, False within the `processing_order` windows."""
@@ -90,20 +98,6 @@ class Family(ABC):
         """The tensor name an export writes for the table name `name` (see `weights.canonical_name`)."""
         return name
 
-    def rope_index(
-        self,
-        cfg: QwenVLConfig,
-        input_ids: np.ndarray,
-        image_grid_thw: np.ndarray | None,
-        video_grid_thw: np.ndarray | None,
-        second_per_grid_ts: np.ndarray | None,
-        attention_mask: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch (see `rope.get_rope_index`)."""
-        return get_rope_index(
-            input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
-        )
-
     def video_tokens_per_second(self, v: VisionConfig) -> float | None:
         return None
 
@@ -115,6 +109,17 @@ class Family(ABC):
     def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
         """Extra `VisionInputs` fields for patches at these (row, col) of images of these (h, w) grids."""
         return {}
+
+    def hf_video_processor(self, media: dict) -> dict:
+        """transformers' video processor fields of an export that follow the family's rules, from stjax's media
+        settings (`stjax.data.video.MediaConfig` as a dict). Qwen2-VL's processor bounds each frame's pixels
+        (stjax's bound for a short clip: the smaller of the request's and the library's cap) and keeps the frames
+        it is given."""
+        frame_cap = min(media["max_pixels"], media["video_max_pixels"])
+        return {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "size": {"shortest_edge": media["min_pixels"], "longest_edge": frame_cap},
+        }
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """Training FLOPs per patch of the default tower (the convention of `stjax.train.metrics`), for

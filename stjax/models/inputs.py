@@ -253,7 +253,7 @@ def prepare_inputs(
     mask = mask.reshape(batch, seq)
     if position_ids is None:
         position_ids, _ = cfg.family.rope_index(
-            cfg, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, mask
+            input_ids, cfg.rope_spec(), image_grid_thw, video_grid_thw, second_per_grid_ts, mask
         )
     position_ids = np.asarray(position_ids).reshape(3, batch, seq)
     ids = np.where(mask == 1, input_ids, -1)  # padding never counts as a vision pad

@@ -15,6 +15,7 @@ class Qwen2_5VL(Family):
     model_type = "qwen2_5_vl"
     architecture = "Qwen2_5_VLForConditionalGeneration"
     tiny_preset = "tiny-qwen2.5-vl"
+    hf_processor_class = "Qwen2_5_VLProcessor"
     vision_norm = "rms_norm"
     gated_mlp = True
 

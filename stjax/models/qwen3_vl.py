@@ -7,7 +7,7 @@ added to the hidden states of the first decoder layers at the vision slots. The 
 token's feature and its DeepStack features side by side in one (M, (1 + K) * hidden) array, which the
 model splits (`QwenVLForConditionalGeneration.embed`). The decoder is Qwen3's (q/k RMSNorm, no q/k/v
 biases, an explicit head_dim, interleaved M-RoPE), set by `TextConfig` flags. Videos are laid out one
-timestamped block per temporal patch (`video_layout`, `stjax.data.qwen3_vl`); the hub config nests
+timestamped block per temporal patch (`media_rules`, `stjax.data.qwen3_vl`); the hub config nests
 `text_config` and `vision_config`, and the hub names tensors `model.language_model.*`, `model.visual.*`.
 """
 
@@ -107,7 +107,9 @@ class Qwen3VL(Family):
     model_type = "qwen3_vl"
     architecture = "Qwen3VLForConditionalGeneration"
     tiny_preset = "tiny-qwen3-vl"
-    video_layout = "qwen3"
+    media_rules = "stjax.data.qwen3_vl:Qwen3VLMedia"
+    rope_index = staticmethod(qwen3_vl_host.rope_index)  # each temporal patch of a video a one-frame image
+    hf_processor_class = "Qwen3VLProcessor"
 
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
@@ -214,6 +216,24 @@ class Qwen3VL(Family):
             rotary_positions, grid_hw, int(v.num_position_embeddings**0.5)
         )
         return {"pos_embed_index": index, "pos_embed_weight": weight}
+
+    def hf_video_processor(self, media: dict) -> dict:
+        """Fields of transformers' Qwen3VLVideoProcessor that read video as stjax's Qwen3-VL rules do
+        (`stjax.data.qwen3_vl`): the clip's pixel bounds, each frame's share capped (`cap_pixels_per_frame`,
+        `max_video_tokens`), `num_frames` frames when set, else `fps` a second (transformers takes one of the
+        two: the other is written null)."""
+        factor = media["patch_size"] * media["merge_size"]
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "size": {"shortest_edge": media["min_pixels"], "longest_edge": media["total_pixels"]},
+            "cap_pixels_per_frame": True,
+            "max_video_tokens": min(media["max_pixels"], media["video_max_pixels"]) / factor**2,
+            "do_sample_frames": True,
+            "num_frames": media["num_frames"],
+            "fps": None if media["num_frames"] is not None else media["fps"],
+            "min_frames": media["min_frames"],
+            "max_frames": media["max_frames"],
+        }
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""

@@ -11,24 +11,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from stjax.models.rope import RopeSpec
+
 
 def rope_index(
     input_ids: np.ndarray,
-    image_token_id: int,
-    video_token_id: int,
-    merge: int,
-    image_grid_thw: np.ndarray | None,
-    video_grid_thw: np.ndarray | None,
-    attention_mask: np.ndarray,
+    spec: RopeSpec,
+    image_grid_thw: np.ndarray | None = None,
+    video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: np.ndarray | None = None,
+    attention_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen3-VL's M-RoPE position ids (3, B, L) and deltas (B,), as transformers' `get_rope_index`.
+    """Qwen3-VL's M-RoPE position ids (3, B, L) and deltas (B,), as transformers' `get_rope_index`
+    (`rope.get_rope_index`'s arguments; times come from the prompt's timestamps, so `second_per_grid_ts`
+    is not read).
 
     Each run of image pads takes the next image grid and each run of video pads the next temporal
     patch of the videos (the processor writes every temporal patch as its own block). A block starting
     at `cur` with merged grid (t, h, w) gets `cur + (time, row, col)`; the text after it resumes at
     `cur + max(h, w)`. Padding positions are 0.
     """
+    input_ids = np.asarray(input_ids)
     batch, length = input_ids.shape
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    merge = spec.spatial_merge_size
     images = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64)
     videos = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw, np.int64)
     frames = np.repeat(videos, videos[:, 0], axis=0)
@@ -39,7 +45,7 @@ def rope_index(
     for b in range(batch):
         real = attention_mask[b] == 1
         ids = input_ids[b][real]
-        kinds = np.where(ids == image_token_id, 1, np.where(ids == video_token_id, 2, 0))
+        kinds = np.where(ids == spec.image_token_id, 1, np.where(ids == spec.video_token_id, 2, 0))
         starts = np.flatnonzero(np.diff(kinds, prepend=-1))
         ends = np.append(starts[1:], len(ids))
         chunks, cur = [], 0
@@ -54,7 +60,7 @@ def rope_index(
                 raise ValueError(
                     f"a run of {end - start} {('image', 'video')[kind - 1]} pad tokens where its grid "
                     f"gives {t * h * w}: Qwen3-VL writes each temporal patch of a video as its own "
-                    "vision block (stjax.data.processor.Processor with layout='qwen3')"
+                    "vision block (stjax.data.processor.Processor for a qwen3_vl model)"
                 )
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
             chunks.append(np.stack([tt, hh, ww]).reshape(3, -1) + cur)

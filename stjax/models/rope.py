@@ -22,8 +22,6 @@ class RopeSpec:
     # Qwen2.5-VL scales video time positions by tokens_per_second * second_per_grid_t;
     # None selects the Qwen2-VL rule (time position = frame-pair index).
     tokens_per_second: float | None = None
-    # "qwen3": Qwen3-VL's rule (one block per temporal patch; see `stjax.models.qwen3_vl_host.rope_index`).
-    rule: str = "qwen2"
 
 
 def _vision_positions(t: int, h: int, w: int, time_ids: np.ndarray, start: int) -> np.ndarray:
@@ -42,7 +40,8 @@ def get_rope_index(
     second_per_grid_ts: np.ndarray | None = None,
     attention_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE position ids (3, B, L) and rope deltas (B,) by the original Qwen rule.
+    """M-RoPE position ids (3, B, L) and rope deltas (B,) by the original Qwen rule (Qwen2-VL's and Qwen2.5-VL's;
+    a family with another rule supplies it, `stjax.models.families.Family.rope_index`).
 
     Text advances all three streams by one per token. A vision block starting at `cur` gets
     `cur + (time, row, col)` over its merged grid, and the text after it restarts at the maximum
@@ -53,18 +52,6 @@ def get_rope_index(
     input_ids = np.asarray(input_ids)
     batch, length = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    if spec.rule == "qwen3":
-        from stjax.models.qwen3_vl_host import rope_index
-
-        return rope_index(
-            input_ids,
-            spec.image_token_id,
-            spec.video_token_id,
-            spec.spatial_merge_size,
-            image_grid_thw,
-            video_grid_thw,
-            mask,
-        )
     images = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw)
     videos = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw)
     merge = spec.spatial_merge_size

@@ -17,12 +17,13 @@ from flax import nnx
 
 from stjax import compile_only as co
 from stjax.models.qwen_vl import abstract_model
-from stjax.sampling.sampler import SamplingConfig, sample
+from stjax.sampling.sampler import sample
 from stjax.sharding import batch_sharding, make_mesh, parse_mesh
 from stjax.train import sft
 from stjax.train.config import TrainConfig, check
 from stjax.train.metrics import model_flops_per_token, step_flops, vision_flops
 from stjax.train.rl import learner
+from stjax.train.rl.rollout import rollout_sampling
 from stjax.train.step import Batch, init_state, split_trainable, train_state_shardings
 
 
@@ -183,15 +184,7 @@ def _rollout(cfg: TrainConfig, mesh, run: Abstract, one, resident: float) -> co.
     inputs = co.batched_inputs(one, prompts, rollout_mesh)
     placed = lambda shape, dtype: co.abstract(shape, dtype, batch_sharding(rollout_mesh, shape))
     keys = placed((prompts * g.num_generations,), jax.random.key(0).dtype)
-    sampling = SamplingConfig(
-        max_new_tokens=g.max_completion_length,
-        temperature=g.temperature,
-        top_k=g.top_k,
-        top_p=g.top_p,
-        num_samples=g.num_generations,
-        eos_ids=(model_cfg.eos_token_id,),
-        suppress_ids=(model_cfg.image_token_id, model_cfg.video_token_id),
-    )
+    sampling = rollout_sampling(g, model_cfg, (model_cfg.eos_token_id,))
     args = (graphdef, sampling, weights, inputs, co.abstract((), jnp.int32, None), placed((prompts,), jnp.int32), keys)
     flops = sampler_flops(model_cfg, one, prompts, g.num_generations, g.max_completion_length)
     return co.Program(

@@ -290,6 +290,7 @@ class Stage:
     entry of STAGES (and its module)."""
 
     trainer: str  # "module:Class" of its steps on the shared loop (`loop.Stage`; imported only when it runs)
+    template: str  # its own prompt template (`TrainConfig.prompt_template`)
     templates: tuple[str, ...]  # the data.template values it takes ("" for its own)
     embedded: dict  # the embedded default run's settings
     resume_keys: tuple[str, ...] = ()  # settings beyond rundir.RESUME_KEYS its checkpoints depend on
@@ -299,6 +300,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "sft": Stage(
         "stjax.train.sft:SFT",
+        "sft",
         ("", "sft"),
         # 300 steps: the paint is learned suddenly, between steps 50 and 80 (a run of 80 steps, its learning
         # rate decayed sooner, stays at chance)
@@ -313,6 +315,7 @@ STAGES: dict[str, Stage] = {
     ),
     "grpo": Stage(
         "stjax.train.grpo:GRPO",
+        "grpo",
         ("", "grpo", "problem", "seed_mcq"),
         {
             "output_dir": "runs/grpo",
@@ -386,6 +389,11 @@ class TrainConfig:
     def micro_batch(self) -> int:
         """Samples per forward/backward over all devices."""
         return self.batch_size // self.gradient_accumulation_steps
+
+    @property
+    def prompt_template(self) -> str:
+        """The template the samples are encoded with (and the export records): data.template, else the stage's own."""
+        return self.data.template or STAGES[self.stage].template
 
 
 def load(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None, **fixed: Any) -> TrainConfig:

@@ -24,7 +24,6 @@ from stjax.sharding import make_mesh
 from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.train.config import parse
 from stjax.train.loop import export_files, export_hf, media_config, placed_state, prepare_model, tokenizer_dir
-from stjax.train.stages import stage_steps
 from stjax.train.step import split_trainable
 
 
@@ -66,7 +65,7 @@ def export_checkpoint(
     checkpoints.close()
     trained = nnx.merge(graphdef, state.params, frozen)
     processor = Processor.for_model(tokenizer, trained.config, media_config(cfg))  # as the run's own export
-    files = export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage_steps(cfg.stage).template)
+    files = export_files(processor, trained.config.family, tokenizer, cfg.stage, cfg.prompt_template)
     export_hf(trained, out, tokenizer, overwrite, files)
     return out
 

@@ -26,14 +26,13 @@ import numpy as np
 
 from stjax.data.formats import Sample
 from stjax.io import AppendLog
-from stjax.sampling.sampler import SamplingConfig
 from stjax.sharding import make_mesh, parse_mesh
 from stjax.train import loop, rewards
 from stjax.train.config import TrainConfig
 from stjax.train.metrics import drop_steps_after, mfu
 from stjax.train.rl.learner import Learner, LossSettings, reference_params, update_flops
 from stjax.train.rl.objective import group_advantages
-from stjax.train.rl.rollout import Completions, Rollout, prompt_inputs
+from stjax.train.rl.rollout import Completions, Rollout, prompt_inputs, rollout_sampling
 from stjax.train.rl.scores import Scores
 from stjax.train.step import TrainState
 
@@ -54,8 +53,6 @@ class Stopwatch:
 class GRPO:
     """The GRPO stage: the rollout, the rewards and the learner of one actor, set up once per training run."""
 
-    template = "grpo"
-
     @staticmethod
     def samples_per_step(cfg: TrainConfig) -> int:
         return cfg.batch_size // cfg.grpo.num_generations
@@ -73,16 +70,7 @@ class GRPO:
         self.reward_weights = np.asarray(options.reward_weights or [1.0] * len(options.reward_funcs), np.float64)
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
-        sampling = SamplingConfig(
-            max_new_tokens=options.max_completion_length,
-            temperature=options.temperature,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            num_samples=options.num_generations,
-            eos_ids=self.eos_ids,
-            pad_id=tokenizer.pad_token_id,
-            suppress_ids=(context.model_cfg.image_token_id, context.model_cfg.video_token_id),
-        )
+        sampling = rollout_sampling(options, context.model_cfg, self.eos_ids, tokenizer.pad_token_id)
         settings = LossSettings.of(context.cfg)
         rollout_mesh = make_mesh(parse_mesh(options.rollout_mesh)) if options.rollout_mesh else None
         self.rollout = Rollout(model, context.graphdef, context.frozen, sampling, settings, context.mesh, rollout_mesh)

@@ -5,8 +5,8 @@
     -> [restore the latest checkpoint] -> stage steps (metrics, periodic async saves, SIGTERM save)
     -> final checkpoint -> Hugging Face export (LoRA merged)
 
-A stage (`stjax.train.sft.SFT`, `stjax.train.grpo.GRPO`) says only what differs: the prompt
-template its samples are encoded with, how many samples one step draws, and the step itself.
+A stage (`stjax.train.sft.SFT`, `stjax.train.grpo.GRPO`) says only what differs: how many samples
+one step draws, and the step itself (its prompt template is `TrainConfig.prompt_template`).
 Everything a resumed run needs is in the checkpoint (parameters, optimizer state, step, PRNG key,
 data position), so rerunning the same command after a stop continues the run exactly. Non-finite
 steps are skipped by the step itself; `max_bad_steps` of them in a row stop the run.
@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +34,7 @@ from stjax.data.processor import TRAINING_RECIPE, Processor, Template, hf_proces
 from stjax.data.video import MediaConfig
 from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
+from stjax.models.families import Family
 from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
@@ -166,11 +167,14 @@ def media_config(cfg: TrainConfig) -> MediaConfig:
     return MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels, second_per_grid=d.second_per_grid)
 
 
-def export_files(processor: Processor, tokenizer: Path, stage: str, template: Template) -> dict[str, str]:
+def export_files(
+    processor: Processor, family: Family, tokenizer: Path, stage: str, template: Template
+) -> dict[str, str]:
     """An export's own files: the training recipe the evaluator reads (`stjax.data.processor.TRAINING_RECIPE`),
-    and transformers' processor files that the tokenizer's directory lacks (a real model's own are copied)."""
+    and transformers' processor files of the model's family that the tokenizer's directory lacks (a real model's
+    own are copied)."""
     files = {TRAINING_RECIPE: json.dumps(training_recipe(stage, template, processor.media), indent=1) + "\n"}
-    made = hf_processor_files(processor.media, processor.tokenizer.chat_template, processor.mean_std)
+    made = hf_processor_files(processor.media, processor.tokenizer.chat_template, family, processor.mean_std)
     if (tokenizer / "chat_template.json").exists():  # the older file name of the same template
         del made["chat_template.jinja"]
     return files | {name: text for name, text in made.items() if not (tokenizer / name).exists()}
@@ -222,9 +226,7 @@ class Context:
 class Stage(Protocol):
     """A training stage: the parts of a training run that differ between SFT and GRPO. The loop asks
     the class how a step draws its data, then makes one (`__init__`) once the model and the train
-    state are placed, and calls its `step`."""
-
-    template: Template  # the prompt template its samples are encoded with
+    state are placed, and calls its `step`. (Its prompt template is its registry entry's, `config.STAGES`.)"""
 
     @staticmethod
     def samples_per_step(cfg: TrainConfig) -> int:
@@ -243,6 +245,36 @@ class Stage(Protocol):
 
     def step(self, state: TrainState, data: Iterator, step: int) -> tuple[TrainState, dict[str, float]]:
         """One step from `data` (StopIteration when it runs out); `step` counts the steps done before it."""
+
+
+def stage_context(
+    cfg: TrainConfig,
+    mesh: Mesh,
+    model: QwenVLForConditionalGeneration,
+    processor: Processor,
+    samples: Sequence[Sample],
+    output_dir: Path,
+    optim: OptimConfig,
+    peak_flops: float | None = None,
+) -> tuple[Context, TrainState]:
+    """What a stage is made from, as the loop makes it (a benchmark drives a stage from the same): the context
+    of a run at step 0 and a fresh train state of the model's trained part, placed on `mesh`."""
+    graphdef, trainable, frozen = split_trainable(model)
+    state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
+    context = Context(
+        cfg=cfg,
+        mesh=mesh,
+        output_dir=output_dir,
+        model_cfg=model.config,
+        graphdef=graphdef,
+        frozen=frozen,
+        optim=optim,
+        processor=processor,
+        samples={s.id: s for s in samples},
+        start_step=0,
+        peak_flops=peak_flops,
+    )
+    return context, state
 
 
 def checked_mesh(cfg: TrainConfig) -> Mesh:
@@ -284,7 +316,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             num_epochs=epochs,
             shuffle=cfg.data.shuffle,
             num_workers=cfg.data.dataloader_num_workers,
-            template=cfg.data.template or stage.template,
+            template=cfg.prompt_template,
             token_buckets=cfg.data.token_buckets,
             patch_buckets=cfg.data.patch_buckets,
             image_patch_buckets=(0,),
@@ -296,31 +328,17 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
 
     updates = steps * stage.updates_per_step(cfg)
     optim = cfg.optim if cfg.optim.total_steps else dataclasses.replace(cfg.optim, total_steps=updates)
-    graphdef, trainable, frozen = split_trainable(model)
-    state = placed_state(trainable, optim, cfg.seed, mesh, cfg.model.master_dtype)
-    del trainable  # the state holds the trained copies
+    peak_flops = device_peak_flops(jax.devices()[0], cfg.peak_flops or None)
+    context, state = stage_context(cfg, mesh, model, processor, samples, out, optim, peak_flops)
     checkpoints = Checkpointer(
         out / "checkpoints", cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit, cfg.checkpoint.async_save
     )
     start, restored = checkpoints.restore_latest(abstract_like(state), data)
     if start:
-        state = restored
+        state, context = restored, dataclasses.replace(context, start_step=start)
         log.info("resumed from step %d", start)
     rundir.write_config(out, cfg)  # the run is valid: record its settings
 
-    context = Context(
-        cfg=cfg,
-        mesh=mesh,
-        output_dir=out,
-        model_cfg=model_cfg,
-        graphdef=graphdef,
-        frozen=frozen,
-        optim=optim,
-        processor=processor,
-        samples={s.id: s for s in samples},
-        start_step=start,
-        peak_flops=device_peak_flops(jax.devices()[0], cfg.peak_flops or None),
-    )
     trainer = stage(context, model, state)
     del model
     stop = {}
@@ -376,12 +394,12 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             f"{out}/skipped_samples.*.json); nothing exported"
         )
     if cfg.checkpoint.export_hf:
-        trained = nnx.merge(graphdef, state.params, frozen)
+        trained = nnx.merge(context.graphdef, state.params, context.frozen)
         export_hf(
             trained,
             out / "hf",
             tokenizer,
-            files=export_files(processor, tokenizer, cfg.stage, cfg.data.template or stage.template),
+            files=export_files(processor, model_cfg.family, tokenizer, cfg.stage, cfg.prompt_template),
         )
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:

@@ -1,9 +1,11 @@
 """GRPO's verifiable rewards: named functions of the decoded completions and their records.
 
 A reward function takes TRL's arguments, `fn(prompts=..., completions=..., **columns)`, where
-`completions` are the decoded texts and `columns` every field of the records as lists (`answer`,
-`solution`, `options`, `question`, `direction`, `task`, `id`, `video`, ...: `stjax.data.formats.Sample`),
-and returns one float (or None: "does not apply") per completion. The config names them
+`completions` are the decoded texts and `columns` every field of the records as lists: the reader's
+(`answer`, `solution`, `options`, `question`, `direction`, `task`, `id`, `video`, `pair_id`, `problem`:
+`stjax.data.formats.Sample`) and any other field a record holds (a JSONL row's `"difficulty": 3` arrives
+as `difficulty=[3, ...]`; None for a record without it, as TRL gives for a row's missing value). It
+returns one float (or None: "does not apply") per completion. The config names them
 (`grpo.reward_funcs`, weighted by `grpo.reward_weights`, then summed as TRL does); a dotted path
 `package.module.function` or a file `path/to/rewards.py:function` names one of your own.
 
@@ -27,7 +29,6 @@ finite number or None (a string, NaN, an infinity).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stjax.data.formats import Sample
+from stjax.data.formats import FIELDS, Sample
 from stjax.eval.extract import extract_answer
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,12 @@ def _module_of_file(path: str) -> types.ModuleType:
 
 
 def columns(samples: Sequence[Sample]) -> dict[str, list]:
-    """Every field of the records, as TRL passes every dataset column: one list per field."""
-    names = [f.name for f in dataclasses.fields(Sample)]
-    return {n: [getattr(s, n) for s in samples] for n in names}
+    """Every field of the records, as TRL passes every dataset column: one list per field, a record's own
+    fields (`Sample.extra`) too; a record lacking a field another one has gets None there, as a dataset
+    column holds None where a row has no value."""
+    own = {n: [getattr(s, n) for s in samples] for n in FIELDS}
+    extra = dict.fromkeys(k for s in samples for k in s.extra)
+    return own | {k: [s.extra.get(k) for s in samples] for k in extra}
 
 
 class RewardError(RuntimeError):

@@ -32,8 +32,6 @@ def step_function(graphdef, optim, cfg: TrainConfig, shardings: TrainState, mesh
 
 
 class SFT:
-    template = "sft"
-
     @staticmethod
     def samples_per_step(cfg: TrainConfig) -> int:
         return cfg.batch_size

@@ -24,6 +24,7 @@ from stjax.models.inputs import ModelInputs
 from stjax.sampling.sampler import SamplingConfig, next_positions, sample
 from stjax.sharding import model_shardings, on_mesh
 from stjax.train.batch import agree_shapes, global_inputs, local_rows, micro_batch_inputs, place_rows, step_shapes
+from stjax.train.config import GRPOSection
 from stjax.train.rl.learner import GRPOBatch, LossSettings, logps_function
 from stjax.train.step import TrainState
 
@@ -47,6 +48,21 @@ def prompt_inputs(model_cfg, prompts: dict[str, np.ndarray]) -> tuple[ModelInput
     length, _, sizes = agree_shapes(*step_shapes(model_cfg, [prompts]))
     inputs, _ = micro_batch_inputs(model_cfg, left_padded(prompts, length), length, sizes)
     return inputs, next_positions(inputs.attention_mask, inputs.position_ids, length)
+
+
+def rollout_sampling(options: GRPOSection, model_cfg, eos_ids: tuple[int, ...], pad_id: int = 0) -> SamplingConfig:
+    """The rollout's sampler: grpo.num_generations completions per prompt of at most max_completion_length
+    tokens, at grpo.temperature / top_k / top_p; the vision placeholders never sampled."""
+    return SamplingConfig(
+        max_new_tokens=options.max_completion_length,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        num_samples=options.num_generations,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        suppress_ids=(model_cfg.image_token_id, model_cfg.video_token_id),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=3)

@@ -46,57 +46,42 @@ class Scores:
         lengths: np.ndarray,
         truncated: np.ndarray,
     ) -> Scores:
-        """This process's reward table and completions, with every other process's."""
+        """This process's reward table and completions, with every other process's (one gather: each
+        process's error counts ride in extra columns of its first row, so that their column sums are the totals)."""
         letters = {letter: k for k, letter in enumerate(LETTERS)}
-        local = np.concatenate(
-            [
-                table.values,
-                np.stack(
-                    [
-                        rewards.accuracy(texts, [s.answer for s in samples], [s.options for s in samples]),
-                        rewards.format_reward(texts),
-                        lengths,
-                        truncated,
-                        [rewards.think_words(t) for t in texts],
-                        [letters.get(rewards.answer_letter(t), -1) for t in texts],
-                    ],
-                    axis=1,
-                ),
-            ],
-            axis=1,
-        )
-        rows = global_rows(local)
-        per_func, (accuracy, format_, lengths, truncated, think_words, answers) = rows[:, :-6], rows[:, -6:].T
-        errors, invalid = global_rows(np.stack([table.errors, table.invalid])[None]).sum(axis=0)
+        columns = {
+            "accuracy": rewards.accuracy(texts, [s.answer for s in samples], [s.options for s in samples]),
+            "format": rewards.format_reward(texts),
+            "lengths": lengths,
+            "truncated": truncated,
+            "think_words": [rewards.think_words(t) for t in texts],
+            "answers": [letters.get(rewards.answer_letter(t), -1) for t in texts],
+        }
+        funcs = table.values.shape[1]
+        counts = np.zeros((len(texts), 2 * funcs))
+        counts[0] = np.concatenate([table.errors, table.invalid])
+        rows = global_rows(np.concatenate([table.values, np.stack(list(columns.values()), axis=1), counts], axis=1))
+        per_func, named, counts = np.split(rows, [funcs, funcs + len(columns)], axis=1)
+        errors, invalid = np.split(counts.sum(axis=0).astype(np.int64), 2)
         reward = np.nansum(per_func * weights, axis=1)
         reward[np.isnan(per_func).all(axis=1)] = np.nan
-        return cls(
-            rewards=per_func,
-            reward=reward,
-            accuracy=accuracy,
-            format=format_,
-            lengths=lengths,
-            truncated=truncated,
-            think_words=think_words,
-            answers=answers,
-            errors=errors,
-            invalid=invalid,
-        )
+        return cls(rewards=per_func, reward=reward, errors=errors, invalid=invalid, **dict(zip(columns, named.T)))
 
     def metrics(self, names: Sequence[str], group_size: int, scale_rewards: str) -> dict[str, float]:
         """The reward and completion metrics; those TRL logs by TRL 1.16's formulas
         (`GRPOTrainer._generate_and_score_completions`): stds with Bessel's correction, NaN where fewer
         than two values count; `frac_reward_zero_std` the share of completions whose advantage's
         divisor (their group's std, the batch's with scale_rewards batch) is 0."""
+        reward_std = _nanstd(self.reward)
         if scale_rewards == "batch":
-            spread = np.full_like(self.reward, _nanstd(self.reward))
+            spread = np.full_like(self.reward, reward_std)
         else:
             spread = np.repeat(np.nanstd(self.reward.reshape(-1, group_size), axis=1, ddof=1), group_size)
         terminated = self.lengths[self.truncated == 0]
         terminated = terminated if len(terminated) else np.zeros(1)  # TRL's edge case: no completion ended
         out = {
             "reward": _nanmean(self.reward),
-            "reward_std": _nanstd(self.reward),
+            "reward_std": reward_std,
             "frac_reward_zero_std": float(np.mean(np.isclose(spread, 0.0))),
             "accuracy": float(self.accuracy.mean()),
             "format_rate": float(self.format.mean()),
