@@ -227,6 +227,7 @@ def interrupted_and_resumed(out, assets, stop_at: int | None, stage: str, **chan
         "checkpoint.save_steps": 3,
         "mesh": "data=2,fsdp=2,tensor=2",
         "batch_size": 4,
+        "data.patch_buckets": "[1024]",  # Qwen3-VL's media rules give these clips 784 patches
         "stage": stage,
         **changes,
     }
