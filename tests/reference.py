@@ -17,19 +17,24 @@ def tiny_config(model_type: str, **changes) -> QwenVLConfig:
 
 def hf_model(cfg: QwenVLConfig, seed: int = 0, dtype=torch.float32):
     """A transformers model of this config with random weights (eager attention)."""
+    return hf_model_from_dict(cfg.to_hf_dict(), seed, dtype)
+
+
+def hf_model_from_dict(config: dict, seed: int = 0, dtype=torch.float32):
+    """A transformers model of this config.json, read by transformers, with random weights (eager attention)."""
     classes = {
         "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
         "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
     }
-    config_cls, model_cls = classes[cfg.model_type]
-    hf_cfg = config_cls.from_dict(cfg.to_hf_dict())
+    config_cls, model_cls = classes[config["model_type"]]
+    hf_cfg = config_cls.from_dict(config)
     torch.manual_seed(seed)
     model = model_cls._from_config(hf_cfg, attn_implementation="eager", dtype=dtype)
-    if cfg.model_type == "qwen3_vl":  # norms start at 1 and 0: random ones tell a misplaced norm apart
-        with torch.no_grad():
+    if config["model_type"] == "qwen3_vl":  # norms start at 1 and 0, biases at 0: random ones tell a misplaced
+        with torch.no_grad():  # norm or a missing bias apart
             for name, param in model.named_parameters():
-                if "norm" in name:
+                if "norm" in name or name.endswith(".bias"):
                     param.copy_(torch.randn_like(param) * 0.2 + (name.endswith("weight")))
     return model.eval()
 

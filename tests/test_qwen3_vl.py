@@ -185,14 +185,18 @@ def test_the_hub_id_loads_from_the_cache_offline(hf_dirs, tmp_path, monkeypatch)
 def test_greedy_tokens_equal_transformers_generate_on_left_padded_mixed_rows(models):
     """The jitted sampler (prefill with DeepStack into a KV cache, then one token at a time) against
     transformers' own `generate` loop, greedy, on image, video and text-only rows of one left-padded batch."""
+    assert_greedy_equals_transformers(*models, seed=3)
+
+
+def assert_greedy_equals_transformers(model, ref, seed: int) -> None:
+    """24 greedy tokens of stjax's sampler equal transformers' `generate` on the left-padded mixed rows."""
     import jax
 
     from stjax.models.inputs import prepare_inputs
     from stjax.sampling.sampler import SamplingConfig, generate
 
-    model, ref = models
     cfg = model.config
-    batch = make_batch(cfg, CASES["left_padded_mixed"], seed=3)
+    batch = make_batch(cfg, CASES["left_padded_mixed"], seed=seed)
     ids = batch["input_ids"]
     kwargs = {k: torch.from_numpy(v) for k, v in batch.items()}
     kwargs["mm_token_type_ids"] = torch.from_numpy(

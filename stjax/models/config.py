@@ -19,6 +19,8 @@ from stjax.models.rope import RopeSpec
 from stjax.settings import ConfigError
 
 if TYPE_CHECKING:
+    from flax import nnx
+
     from stjax.models.families import Family
 
 QUANTIZE_FORMATS = ("none", "nf4", "int8")
@@ -58,6 +60,12 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
+    def merger_params(self) -> int:
+        """Weights of one patch merger: its (width, width) and (width, out_hidden_size) matrices."""
+        width = self.hidden_size * self.spatial_merge_size**2
+        return width**2 + width * self.out_hidden_size
+
+    @property
     def window_merged(self) -> int:
         """Window side in merged tokens (4 for the released models: 112 // 2 // 14)."""
         return self.window_size // self.spatial_merge_size // self.patch_size
@@ -77,16 +85,29 @@ class TextConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
-    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, no q/k/v biases, and
-    # the M-RoPE streams interleaved over the frequencies (T H W T H W ...) instead of in chunks.
+    # Qwen3-VL: head_dim given apart from hidden_size / heads, RMSNorm on q and k, q/k/v and o biases by its
+    # attention_bias (Qwen2: q/k/v biases, none on o), and the M-RoPE streams interleaved over the
+    # frequencies (T H W T H W ...) instead of in chunks.
     explicit_head_dim: int | None = None
     qk_norm: bool = False
     attention_bias: bool = True
+    o_proj_bias: bool = False
     mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.explicit_head_dim or self.hidden_size // self.num_heads
+
+    def hf_sizes(self) -> dict[str, int]:
+        """The decoder's sizes under their config.json names."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+        }
 
 
 @dataclass(frozen=True)
@@ -126,12 +147,7 @@ class QwenVLConfig:
         _family(self.model_type)  # an unknown model_type fails here
         t, v = self.text, self.vision
         sizes = {
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
+            **t.hf_sizes(),
             "vision depth": v.depth,
             "vision hidden_size": v.hidden_size,
             "vision num_heads": v.num_heads,
@@ -174,6 +190,12 @@ class QwenVLConfig:
         if self.quantize_targets == "all" or (path[:2] == ("model", "layers") and path[-1] in self.lora_targets):
             return self.quantize_base
         return "none"
+
+    def linear_init(self, rngs: nnx.Rngs) -> dict[str, Any]:
+        """The keyword arguments every `layers.Linear` of this model takes alike: its initialiser and dtypes."""
+        return dict(
+            std=self.initializer_range, param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, rngs=rngs
+        )
 
     @property
     def family(self) -> Family:
@@ -233,12 +255,7 @@ class QwenVLConfig:
             {
                 "architectures": [self.family.architecture],
                 "model_type": self.model_type,
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size,
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
+                **t.hf_sizes(),
                 "hidden_act": t.hidden_act,
                 "max_position_embeddings": t.max_position_embeddings,
                 "rms_norm_eps": t.rms_norm_eps,
@@ -312,13 +329,51 @@ def qwen2_text_config(d: dict[str, Any]) -> TextConfig:
     )
 
 
-def patch_fields(d: dict[str, Any]) -> dict[str, int]:
-    """The patch and merge sizes of a config.json's `vision_config`, named alike by every family."""
+def patch_fields(d: dict[str, Any], patch_size: int = 14) -> dict[str, int]:
+    """The patch and merge sizes of a config.json's `vision_config`, named alike by every family (`patch_size`:
+    the family's default)."""
     return {
-        "patch_size": d.get("patch_size", 14),
+        "patch_size": d.get("patch_size", patch_size),
         "temporal_patch_size": d.get("temporal_patch_size", 2),
         "spatial_merge_size": d.get("spatial_merge_size", 2),
         "in_channels": d.get("in_channels", d.get("in_chans", 3)),
+    }
+
+
+def hf_patch_fields(v: VisionConfig, channels: str) -> dict[str, int]:
+    """The inverse of `patch_fields`; `channels` is the family's name for the input channels."""
+    return {
+        channels: v.in_channels,
+        "patch_size": v.patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "temporal_patch_size": v.temporal_patch_size,
+    }
+
+
+def tower_fields(d: dict[str, Any], hidden_act: str, patch_size: int) -> dict[str, Any]:
+    """The tower's sizes of a `vision_config` in the layout Qwen2.5-VL and later share (Qwen2-VL's names its
+    width embed_dim and its MLP by mlp_ratio), with the patch and merge sizes; the family's defaults given."""
+    return {
+        "depth": d["depth"],
+        "hidden_size": d["hidden_size"],
+        "num_heads": d["num_heads"],
+        "intermediate_size": d["intermediate_size"],
+        "out_hidden_size": d["out_hidden_size"],
+        "hidden_act": d.get("hidden_act", hidden_act),
+        **patch_fields(d, patch_size),
+    }
+
+
+def hf_tower_fields(v: VisionConfig, channels: str) -> dict[str, Any]:
+    """The inverse of `tower_fields`."""
+    return {
+        "depth": v.depth,
+        "hidden_size": v.hidden_size,
+        "hidden_act": v.hidden_act,
+        "intermediate_size": v.intermediate_size,
+        "num_heads": v.num_heads,
+        "out_hidden_size": v.out_hidden_size,
+        **hf_patch_fields(v, channels),
     }
 
 

@@ -130,11 +130,9 @@ class Family(ABC):
         runs once per spatial_merge_size**2 patches, so its parameters count divided by that.
         """
         v = cfg.vision
-        merge = v.spatial_merge_size**2
         mlp = (3 if self.gated_mlp else 2) * v.hidden_size * v.intermediate_size  # gated (3) or fc1, fc2
         block = 4 * v.hidden_size**2 + mlp  # qkv (3 d^2) and proj (d^2)
-        merger = (v.hidden_size * merge) ** 2 + v.hidden_size * merge * v.out_hidden_size
-        params = v.patch_dim * v.hidden_size + v.depth * block + merger // merge
+        params = v.patch_dim * v.hidden_size + v.depth * block + v.merger_params // v.spatial_merge_size**2
         window = min((v.window_merged * v.spatial_merge_size) ** 2, group_size)
         keys = sum(group_size if full else window for full in self.full_attention(v))
         return float(6 * params + 12 * keys * v.hidden_size)

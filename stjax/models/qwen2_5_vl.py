@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stjax.models.config import VisionConfig, patch_fields
+from stjax.models.config import VisionConfig, hf_tower_fields, tower_fields
 from stjax.models.families import Family, register
 from stjax.models.rope import window_order
 
@@ -24,13 +24,7 @@ class Qwen2_5VL(Family):
 
     def vision_config(self, d: dict) -> VisionConfig:
         return VisionConfig(
-            depth=d["depth"],
-            hidden_size=d["hidden_size"],
-            num_heads=d["num_heads"],
-            intermediate_size=d["intermediate_size"],
-            out_hidden_size=d["out_hidden_size"],
-            hidden_act=d.get("hidden_act", "silu"),
-            **patch_fields(d),
+            **tower_fields(d, hidden_act="silu", patch_size=14),
             window_size=d.get("window_size", 112),
             fullatt_block_indexes=tuple(d.get("fullatt_block_indexes", ())),
             tokens_per_second=d.get("tokens_per_second", 2),
@@ -38,16 +32,7 @@ class Qwen2_5VL(Family):
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
         return {
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "hidden_act": v.hidden_act,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "in_chans": v.in_channels,
-            "out_hidden_size": v.out_hidden_size,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
+            **hf_tower_fields(v, "in_chans"),
             "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes),
             "tokens_per_second": v.tokens_per_second,

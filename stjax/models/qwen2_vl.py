@@ -3,7 +3,7 @@ video time positions are frame-pair indices. Most of `Family`'s defaults are thi
 
 from __future__ import annotations
 
-from stjax.models.config import VisionConfig, number, patch_fields
+from stjax.models.config import VisionConfig, hf_patch_fields, number, patch_fields
 from stjax.models.families import Family, register
 
 
@@ -31,10 +31,7 @@ class Qwen2VL(Family):
             "hidden_act": v.hidden_act,
             "mlp_ratio": number(v.intermediate_size / v.hidden_size),
             "num_heads": v.num_heads,
-            "in_chans": v.in_channels,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
+            **hf_patch_fields(v, "in_chans"),
         }
 
 

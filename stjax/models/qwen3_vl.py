@@ -26,9 +26,10 @@ from stjax.models.config import (
     QwenVLConfig,
     TextConfig,
     VisionConfig,
-    patch_fields,
+    hf_tower_fields,
     qwen2_text_config,
     text_fields,
+    tower_fields,
 )
 from stjax.models.families import Family, register
 from stjax.models.inputs import VisionInputs
@@ -58,18 +59,26 @@ class Qwen3VisionTower(VisionTower):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
         v = cfg.vision
-        kw = dict(std=cfg.initializer_range, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **kw)
+        self.patch_embed = Linear(
+            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **cfg.linear_init(rngs)
+        )
         init = jax.nn.initializers.normal(cfg.initializer_range)
         self.pos_embed = nnx.Param(
             init(rngs.params(), (v.num_position_embeddings, v.hidden_size), cfg.param_dtype),
             axes=("vision_positions", "vision_embed"),
         )
         indexes = v.deepstack_visual_indexes
-        self.deepstack_merger = stack_layers(lambda r: PatchMerger(cfg, r, postshuffle_norm=True), len(indexes), rngs)
+        self.deepstack_merger = (
+            stack_layers(lambda r: PatchMerger(cfg, r, postshuffle_norm=True), len(indexes), rngs) if indexes else None
+        )
+        # As transformers: the k-th DeepStack block in block order (each block once, however often it is listed)
+        # feeds decoder layer k, through the merger listed at that block's first index.
+        blocks = sorted(set(indexes))
+        mergers = tuple(indexes.index(i) for i in blocks)
+        self.deepstack_mergers = None if mergers == tuple(range(len(indexes))) else mergers  # None: as stacked
         # Block i's output is kept in slot deepstack_slot[i] (slot K, never read, for the other blocks).
-        self.deepstack_slot = tuple(indexes.index(i) if i in indexes else len(indexes) for i in range(v.depth))
-        self.deepstack_count = len(indexes)
+        self.deepstack_slot = tuple(blocks.index(i) if i in blocks else len(blocks) for i in range(v.depth))
+        self.deepstack_count = len(blocks)
 
     def __call__(self, vis: VisionInputs) -> jax.Array:
         """(N / 4, (1 + K) * out_hidden): each merged token's feature, then its K DeepStack features."""
@@ -85,7 +94,11 @@ class Qwen3VisionTower(VisionTower):
             return x, jax.lax.dynamic_update_index_in_dim(kept, x, slot, 0)
 
         x, kept = scan_layers(self.blocks, (x, kept), step, xs=jnp.asarray(self.deepstack_slot), remat=self.remat)
+        if self.deepstack_merger is None:
+            return self.merger(x)
         graphdef, mergers = nnx.split(self.deepstack_merger)
+        if self.deepstack_mergers is not None:  # blocks listed out of order or more than once
+            mergers = jax.tree.map(lambda a: a[np.asarray(self.deepstack_mergers)], mergers)
         deepstack = jax.vmap(lambda state, h: nnx.merge(graphdef, state)(h))(mergers, kept[:-1])  # (K, M, out)
         return jnp.concatenate([self.merger(x), *deepstack], axis=-1)
 
@@ -101,37 +114,37 @@ class Qwen3VL(Family):
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "mrope"):
+            raise ConfigError(f"rope_type {kind!r}: Qwen3-VL is supported with its default rotary embedding only")
         defaults = {
             "rope_theta": rope.get("rope_theta", t.get("rope_theta", 500000.0)),
             "mrope_section": tuple(rope.get("mrope_section", (24, 20, 20))),
             "max_position_embeddings": t.get("max_position_embeddings", 128000),
         }
-        # transformers' Qwen3-VL always interleaves the M-RoPE streams
+        # transformers' Qwen3-VL always interleaves the M-RoPE streams, and ties the output head to the
+        # embeddings by the top-level tie_word_embeddings alone (text_config's is not read)
         return dataclasses.replace(
             qwen2_text_config(d),
             **defaults,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
             explicit_head_dim=t.get("head_dim", 128),
             qk_norm=True,
             attention_bias=t.get("attention_bias", False),
+            o_proj_bias=t.get("attention_bias", False),
             mrope_interleaved=True,
         )
 
     def vision_config(self, d: dict) -> VisionConfig:
         v = VisionConfig(
-            depth=d["depth"],
-            hidden_size=d["hidden_size"],
-            num_heads=d["num_heads"],
-            intermediate_size=d["intermediate_size"],
-            out_hidden_size=d["out_hidden_size"],
-            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
-            **{**patch_fields(d), "patch_size": d.get("patch_size", 16)},
+            **tower_fields(d, hidden_act="gelu_pytorch_tanh", patch_size=16),
             num_position_embeddings=d.get("num_position_embeddings", 2304),
             deepstack_visual_indexes=tuple(d.get("deepstack_visual_indexes", (8, 16, 24))),
         )
         side = int(v.num_position_embeddings**0.5)
         if side * side != v.num_position_embeddings:
             raise ConfigError(f"num_position_embeddings={v.num_position_embeddings} is not a square grid")
-        if not v.deepstack_visual_indexes or any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
+        if any(not 0 <= i < v.depth for i in v.deepstack_visual_indexes):
             raise ConfigError(
                 f"deepstack_visual_indexes {list(v.deepstack_visual_indexes)} must be blocks "
                 f"of the {v.depth}-block vision tower"
@@ -140,16 +153,7 @@ class Qwen3VL(Family):
 
     def hf_vision_config(self, v: VisionConfig) -> dict:
         return {
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "hidden_act": v.hidden_act,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "in_channels": v.in_channels,
-            "out_hidden_size": v.out_hidden_size,
-            "patch_size": v.patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "temporal_patch_size": v.temporal_patch_size,
+            **hf_tower_fields(v, "in_channels"),
             "num_position_embeddings": v.num_position_embeddings,
             "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
         }
@@ -189,10 +193,10 @@ class Qwen3VL(Family):
         out += linear_rules(f"{block}.attn.proj", vb + ("proj",), True)
         out += linear_rules(f"{block}.mlp.linear_fc1", vb + ("fc1",), True)
         out += linear_rules(f"{block}.mlp.linear_fc2", vb + ("fc2",), True)
-        for hf, path in (
-            ("visual.merger", ("visual", "merger")),
-            ("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger")),
-        ):
+        mergers = [("visual.merger", ("visual", "merger"))]
+        if cfg.vision.deepstack_visual_indexes:
+            mergers.append(("visual.deepstack_merger_list.{i}", ("visual", "deepstack_merger")))
+        for hf, path in mergers:
             out += norm_rules(f"{hf}.norm", path + ("ln_q",), True)
             out += linear_rules(f"{hf}.linear_fc1", path + ("mlp_0",), True)
             out += linear_rules(f"{hf}.linear_fc2", path + ("mlp_2",), True)
@@ -234,9 +238,8 @@ class Qwen3VL(Family):
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""
         v = cfg.vision
-        merge = v.spatial_merge_size**2
-        merger = (v.hidden_size * merge) ** 2 + v.hidden_size * merge * v.out_hidden_size
-        return super().vision_flops_per_patch(cfg, group_size) + 6 * len(v.deepstack_visual_indexes) * merger / merge
+        deepstack = len(set(v.deepstack_visual_indexes)) * v.merger_params / v.spatial_merge_size**2
+        return super().vision_flops_per_patch(cfg, group_size) + 6 * deepstack
 
 
 register(Qwen3VL())

@@ -33,16 +33,7 @@ class QwenVLForConditionalGeneration(nnx.Module):
         self.lm_head = (
             None
             if t.tie_word_embeddings
-            else Linear(
-                t.hidden_size,
-                t.vocab_size,
-                ("embed", "vocab"),
-                bias=False,
-                std=config.initializer_range,
-                param_dtype=config.param_dtype,
-                compute_dtype=config.compute_dtype,
-                rngs=rngs,
-            )
+            else Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, **config.linear_init(rngs))
         )
 
     def vision_slots(self, inputs: ModelInputs, dtype) -> jax.Array:

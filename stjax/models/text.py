@@ -83,9 +83,7 @@ class DecoderLayer(nnx.Module):
                 dout,
                 axes,
                 bias=bias,
-                std=cfg.initializer_range,
-                rngs=rngs,
-                **kw,
+                **cfg.linear_init(rngs),
                 **lora,
                 quantize=cfg.quantization(("model", "layers", name)),
                 double_quant=cfg.double_quant,
@@ -97,7 +95,7 @@ class DecoderLayer(nnx.Module):
         self.q_proj = linear("q_proj", t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), bias)
         self.k_proj = linear("k_proj", t.hidden_size, kv, ("embed", "kv_heads"), bias)
         self.v_proj = linear("v_proj", t.hidden_size, kv, ("embed", "kv_heads"), bias)
-        self.o_proj = linear("o_proj", t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
+        self.o_proj = linear("o_proj", t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), t.o_proj_bias)
         # Qwen3: RMSNorm over each head's q and k before the rotary embedding.
         self.q_norm = RMSNorm(t.head_dim, "head_dim", eps=t.rms_norm_eps, **kw) if t.qk_norm else None
         self.k_norm = RMSNorm(t.head_dim, "head_dim", eps=t.rms_norm_eps, **kw) if t.qk_norm else None

@@ -48,11 +48,7 @@ class VisionBlock(nnx.Module):
         v = cfg.vision
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         lin = dict(
-            std=cfg.initializer_range,
-            rngs=rngs,
-            quantize=cfg.quantization(("visual", "blocks")),
-            double_quant=cfg.double_quant,
-            **kw,
+            quantize=cfg.quantization(("visual", "blocks")), double_quant=cfg.double_quant, **cfg.linear_init(rngs)
         )
         Norm = RMSNorm if cfg.family.vision_norm == "rms_norm" else LayerNorm
         self.norm1 = Norm(v.hidden_size, "vision_embed", eps=1e-6, **kw)
@@ -106,11 +102,9 @@ class PatchMerger(nnx.Module):
         self.postshuffle_norm = postshuffle_norm
         lin = dict(
             bias=True,
-            std=cfg.initializer_range,
-            rngs=rngs,
             quantize=cfg.quantization(("visual", "merger")),
             double_quant=cfg.double_quant,
-            **kw,
+            **cfg.linear_init(rngs),
         )
         self.mlp_0 = Linear(width, width, ("vision_merge", "vision_mlp"), **lin)
         self.mlp_2 = Linear(width, v.out_hidden_size, ("vision_mlp", "embed"), **lin)
@@ -125,14 +119,7 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
         self.patch_embed = Linear(
-            v.patch_dim,
-            v.hidden_size,
-            ("vision_patch", "vision_embed"),
-            bias=False,
-            std=cfg.initializer_range,
-            param_dtype=cfg.param_dtype,
-            compute_dtype=cfg.compute_dtype,
-            rngs=rngs,
+            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, **cfg.linear_init(rngs)
         )
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, r), v.depth, rngs)
         self.merger = PatchMerger(cfg, rngs)

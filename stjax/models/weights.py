@@ -55,13 +55,15 @@ def rules(cfg: QwenVLConfig) -> list[Rule]:
 
 
 def text_rules(cfg: QwenVLConfig) -> list[Rule]:
-    """The decoder and the output head: q/k/v biases where `attention_bias`, q/k norms where `qk_norm`."""
+    """The decoder and the output head: q/k/v biases where `attention_bias`, o's where `o_proj_bias`, q/k norms
+    where `qk_norm`."""
     t, layer, lm = cfg.text, "model.layers.{i}", ("model", "layers")
     out = [Rule("model.embed_tokens.weight", ("model", "embed_tokens"), "copy")]
     out += norm_rules(f"{layer}.input_layernorm", lm + ("input_layernorm",), False)
     out += norm_rules(f"{layer}.post_attention_layernorm", lm + ("post_attention_layernorm",), False)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), t.attention_bias and name != "o_proj")
+        bias = t.o_proj_bias if name == "o_proj" else t.attention_bias
+        out += linear_rules(f"{layer}.self_attn.{name}", lm + (name,), bias)
     if t.qk_norm:
         out += norm_rules(f"{layer}.self_attn.q_norm", lm + ("q_norm",), False)
         out += norm_rules(f"{layer}.self_attn.k_norm", lm + ("k_norm",), False)
