@@ -11,7 +11,6 @@ from stjax.data.formats import Sample, read_st_r1_jsonl
 from stjax.data.processor import IMAGE_MEAN, IMAGE_STD, Processor, normalize, patchify, user_text, vision_patches
 from stjax.data.tokenizer import build_tokenizer
 from stjax.data.video import MediaConfig, VideoClip
-from stjax.models.families import family
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared/data/st-r1/st_r1_mcq_630.jsonl"
 SEED_TAIL = (
@@ -190,7 +189,7 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
     from stjax.train.loop import export_files
 
     tokenizer = Path(processor.tokenizer.name_or_path)
-    files = export_files(processor, family("qwen2_vl"), tokenizer, "sft", "sft")
+    files = export_files(processor, tokenizer, "sft", "sft")
     assert set(files) == {
         "stjax_training.json",
         "preprocessor_config.json",
@@ -209,7 +208,7 @@ def test_an_export_gets_processor_files_its_tokenizer_lacks_and_the_training_rec
     shutil.copytree(tokenizer, own)
     (own / "preprocessor_config.json").write_text("{}")
     (own / "chat_template.json").write_text("{}")
-    kept = set(export_files(processor, family("qwen2_vl"), own, "grpo", "grpo"))
+    kept = set(export_files(processor, own, "grpo", "grpo"))
     assert kept == {"stjax_training.json", "video_preprocessor_config.json"}
 
 
@@ -224,6 +223,6 @@ def test_an_exports_processor_files_carry_the_normalisation_it_was_trained_with(
     tokenizer = Path(processor.tokenizer.name_or_path)
     for model_type, mean in (("qwen2_vl", processor.mean_std[0]), ("qwen3_vl", [0.5] * 3)):
         changed = dataclasses.replace(processor, model_type=model_type)
-        files = export_files(changed, family(model_type), tokenizer, "sft", "sft")
+        files = export_files(changed, tokenizer, "sft", "sft")
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
             np.testing.assert_allclose(json.loads(files[name])["image_mean"], mean, rtol=1e-7)

@@ -30,9 +30,7 @@ def exports(tmp_path_factory):
     for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         model, cfg = load_pretrained(tiny_model_dir(tokenizer, root / arch, arch, seed=0))
         processor = Processor.for_model(tokenizer, cfg, MEDIA)
-        export_hf(
-            model, root / f"{arch}-hf", tokenizer, files=export_files(processor, cfg.family, tokenizer, "sft", "sft")
-        )
+        export_hf(model, root / f"{arch}-hf", tokenizer, files=export_files(processor, tokenizer, "sft", "sft"))
         out[arch] = root / f"{arch}-hf", processor
     return out
 
@@ -107,7 +105,7 @@ def test_a_qwen3_exports_video_processor_is_transformers_qwen3_vl_one_with_stjax
     assert video.size == {"shortest_edge": media.min_pixels, "longest_edge": media.total_pixels}
     assert (video.do_sample_frames, video.num_frames, video.fps) == (True, media.num_frames, None)
     by_rate = dataclasses.replace(media, num_frames=None, fps=2.0)
-    fields = processor.family.hf_video_processor(dataclasses.asdict(by_rate))
+    fields = processor.rules.hf_video_processor(by_rate)
     stop = lambda self, image, size, resample: (size.height, size.width)  # where torchvision would resize
     for theirs, settings in ((video, media), (Qwen3VLVideoProcessor(**fields), by_rate)):
         kwargs = theirs._merge_and_standardize_kwargs()  # what its preprocess hands its steps

@@ -13,7 +13,6 @@ media settings a model was trained with, which the evaluator then uses.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import json
@@ -269,30 +268,29 @@ class Processor:
         return self.encode(user_text(sample, template), videos=[clip], target=target)
 
 
-def hf_processor_files(
-    media: MediaConfig, chat_template: str, family: Family, mean_std: tuple = (IMAGE_MEAN, IMAGE_STD)
-) -> dict[str, str]:
-    """transformers' processor files for a model directory stjax made, with stjax's patch layout, pixel bounds
-    and normalisation: the image and video processors' configs (the family names its processor and lays out
-    its video processor's frame and pixel rules: `Family.hf_video_processor`) and the chat template."""
+def hf_processor_files(processor: Processor) -> dict[str, str]:
+    """transformers' processor files for a model directory stjax made, as `processor` reads and normalises media:
+    the image and video processors' configs (the family names its processor; its media rules give the video
+    processor's frame and pixel fields, `MediaRules.hf_video_processor`) and the chat template."""
+    media, (mean, std) = processor.media, processor.mean_std
     common = {
         "patch_size": media.patch_size,
         "temporal_patch_size": media.temporal_patch_size,
         "merge_size": media.merge_size,
-        "image_mean": [float(x) for x in np.ravel(mean_std[0])],
-        "image_std": [float(x) for x in np.ravel(mean_std[1])],
-        "processor_class": family.hf_processor_class,
+        "image_mean": [float(x) for x in np.ravel(mean)],
+        "image_std": [float(x) for x in np.ravel(std)],
+        "processor_class": processor.family.hf_processor_class,
     }
     image = {
         "image_processor_type": "Qwen2VLImageProcessor",  # every Qwen-VL family's, in transformers 5
         **common,
         "size": {"shortest_edge": media.image_min_pixels, "longest_edge": media.image_max_pixels},
     }
-    video = {**common, **family.hf_video_processor(dataclasses.asdict(media))}
+    video = {**common, **processor.rules.hf_video_processor(media)}
     return {
         "preprocessor_config.json": json.dumps(image, indent=2) + "\n",
         "video_preprocessor_config.json": json.dumps(video, indent=2) + "\n",
-        "chat_template.jinja": chat_template,
+        "chat_template.jinja": processor.tokenizer.chat_template,
     }
 
 

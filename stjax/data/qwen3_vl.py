@@ -147,3 +147,19 @@ class Qwen3VLMedia(MediaRules):
         """One pad per temporal patch, each expanded by one frame's (1, h, w) grid."""
         t, h, w = (int(x) for x in grid)
         return [np.array([1, h, w])] * t
+
+    def hf_video_processor(self, cfg: MediaConfig) -> dict:
+        """transformers' `Qwen3VLVideoProcessor` fields that read video as these rules do: the clip's pixel
+        bounds, each frame's share capped (`cap_pixels_per_frame`, `max_video_tokens`), `num_frames` frames when
+        set, else `fps` a second (transformers takes one of the two: the other is written null)."""
+        return {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.total_pixels},
+            "cap_pixels_per_frame": True,
+            "max_video_tokens": min(cfg.max_pixels, cfg.video_max_pixels) / cfg.factor**2,
+            "do_sample_frames": True,
+            "num_frames": cfg.num_frames,
+            "fps": None if cfg.num_frames is not None else cfg.fps,
+            "min_frames": cfg.min_frames,
+            "max_frames": cfg.max_frames,
+        }

@@ -137,6 +137,15 @@ class MediaRules:
         """The (t, h, w) grid each `<|video_pad|>` of a clip with patch grid `grid` expands to, in order."""
         return [grid]
 
+    def hf_video_processor(self, cfg: MediaConfig) -> dict:
+        """The fields of transformers' video processor (an export's `video_preprocessor_config.json`) that read
+        video as these rules do. Qwen2-VL's bounds each frame's pixels (stjax's bound for a short clip: the
+        smaller of the request's and the library's cap) and keeps the frames it is given."""
+        return {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "size": {"shortest_edge": cfg.min_pixels, "longest_edge": min(cfg.max_pixels, cfg.video_max_pixels)},
+        }
+
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen-VL's target size: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""

@@ -26,8 +26,8 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
 - inputs: `media_rules`, "module:Class" of the processor's `stjax.data.video.MediaRules` (frame sampling,
   pixel budget, normalisation, a video's prompt text); named, not imported: data/ builds on models/.
 - metrics: `vision_flops_per_patch(cfg, group_size)`, for MFU (default: the default tower's count).
-- exports: `hf_processor_class`, transformers' processor an export names, and `hf_video_processor(media)`,
-  the video processor config fields that follow the family's frame and pixel rules (default Qwen2-VL's).
+- exports: `hf_processor_class`, transformers' processor an export names (its video processor's fields follow
+  the family's media rules: `stjax.data.video.MediaRules.hf_video_processor`).
 
 A new family is one file here, its name in `BUILTIN`, and its presets in configs/models.
 """
@@ -109,17 +109,6 @@ class Family(ABC):
     def patch_inputs(self, v: VisionConfig, rotary_positions: np.ndarray, grid_hw: np.ndarray) -> dict:
         """Extra `VisionInputs` fields for patches at these (row, col) of images of these (h, w) grids."""
         return {}
-
-    def hf_video_processor(self, media: dict) -> dict:
-        """transformers' video processor fields of an export that follow the family's rules, from stjax's media
-        settings (`stjax.data.video.MediaConfig` as a dict). Qwen2-VL's processor bounds each frame's pixels
-        (stjax's bound for a short clip: the smaller of the request's and the library's cap) and keeps the frames
-        it is given."""
-        frame_cap = min(media["max_pixels"], media["video_max_pixels"])
-        return {
-            "video_processor_type": "Qwen2VLVideoProcessor",
-            "size": {"shortest_edge": media["min_pixels"], "longest_edge": frame_cap},
-        }
 
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """Training FLOPs per patch of the default tower (the convention of `stjax.train.metrics`), for

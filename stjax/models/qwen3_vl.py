@@ -217,24 +217,6 @@ class Qwen3VL(Family):
         )
         return {"pos_embed_index": index, "pos_embed_weight": weight}
 
-    def hf_video_processor(self, media: dict) -> dict:
-        """Fields of transformers' Qwen3VLVideoProcessor that read video as stjax's Qwen3-VL rules do
-        (`stjax.data.qwen3_vl`): the clip's pixel bounds, each frame's share capped (`cap_pixels_per_frame`,
-        `max_video_tokens`), `num_frames` frames when set, else `fps` a second (transformers takes one of the
-        two: the other is written null)."""
-        factor = media["patch_size"] * media["merge_size"]
-        return {
-            "video_processor_type": "Qwen3VLVideoProcessor",
-            "size": {"shortest_edge": media["min_pixels"], "longest_edge": media["total_pixels"]},
-            "cap_pixels_per_frame": True,
-            "max_video_tokens": min(media["max_pixels"], media["video_max_pixels"]) / factor**2,
-            "do_sample_frames": True,
-            "num_frames": media["num_frames"],
-            "fps": None if media["num_frames"] is not None else media["fps"],
-            "min_frames": media["min_frames"],
-            "max_frames": media["max_frames"],
-        }
-
     def vision_flops_per_patch(self, cfg: QwenVLConfig, group_size: int) -> float:
         """The default tower's count plus the DeepStack mergers (each once per merged token)."""
         v = cfg.vision

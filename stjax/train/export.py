@@ -65,7 +65,7 @@ def export_checkpoint(
     checkpoints.close()
     trained = nnx.merge(graphdef, state.params, frozen)
     processor = Processor.for_model(tokenizer, trained.config, media_config(cfg))  # as the run's own export
-    files = export_files(processor, trained.config.family, tokenizer, cfg.stage, cfg.prompt_template)
+    files = export_files(processor, tokenizer, cfg.stage, cfg.prompt_template)
     export_hf(trained, out, tokenizer, overwrite, files)
     return out
 

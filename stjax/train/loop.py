@@ -34,7 +34,6 @@ from stjax.data.processor import TRAINING_RECIPE, Processor, Template, hf_proces
 from stjax.data.video import MediaConfig
 from stjax.io import as_path, write_text_atomic
 from stjax.models.config import PRESETS_DIR, QwenVLConfig
-from stjax.models.families import Family
 from stjax.models.loading import ModelNotFoundError, load_pretrained, quantize_model, resolve_model_dir, save_hf
 from stjax.models.qwen_vl import QwenVLForConditionalGeneration, init_model
 from stjax.sharding import make_mesh, shard_model
@@ -167,14 +166,12 @@ def media_config(cfg: TrainConfig) -> MediaConfig:
     return MediaConfig(num_frames=d.num_frames, fps=d.fps, max_pixels=d.max_pixels, second_per_grid=d.second_per_grid)
 
 
-def export_files(
-    processor: Processor, family: Family, tokenizer: Path, stage: str, template: Template
-) -> dict[str, str]:
+def export_files(processor: Processor, tokenizer: Path, stage: str, template: Template) -> dict[str, str]:
     """An export's own files: the training recipe the evaluator reads (`stjax.data.processor.TRAINING_RECIPE`),
     and transformers' processor files of the model's family that the tokenizer's directory lacks (a real model's
     own are copied)."""
     files = {TRAINING_RECIPE: json.dumps(training_recipe(stage, template, processor.media), indent=1) + "\n"}
-    made = hf_processor_files(processor.media, processor.tokenizer.chat_template, family, processor.mean_std)
+    made = hf_processor_files(processor)
     if (tokenizer / "chat_template.json").exists():  # the older file name of the same template
         del made["chat_template.jinja"]
     return files | {name: text for name, text in made.items() if not (tokenizer / name).exists()}
@@ -399,7 +396,7 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             trained,
             out / "hf",
             tokenizer,
-            files=export_files(processor, model_cfg.family, tokenizer, cfg.stage, cfg.prompt_template),
+            files=export_files(processor, tokenizer, cfg.stage, cfg.prompt_template),
         )
         log.info("exported the trained model to %s", out / "hf")
     if lock is not None:
