@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 
-from stjax.data import qwen3_vl
 from stjax.data.processor import Processor
 from stjax.data.tokenizer import build_tokenizer, tiny_model_dir
 from stjax.data.video import MediaConfig
@@ -60,8 +59,15 @@ def test_an_export_names_the_processors_transformers_maps_its_model_type_to(expo
     assert image.size == {"shortest_edge": vision.image_min_pixels, "longest_edge": vision.image_max_pixels}
     for loaded in (image.image_mean, image.image_std, video_file["image_mean"], video_file["image_std"]):
         assert len(loaded) == 3
-    np.testing.assert_allclose([image.image_mean, image.image_std], processor.mean_std, rtol=1e-7)
-    np.testing.assert_allclose([video_file["image_mean"], video_file["image_std"]], processor.mean_std, rtol=1e-7)
+    # transformers' own normalisation for the family (its video processor's defaults: CLIP's, Qwen3-VL's 0.5)
+    if model_type == "qwen3_vl":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as Reference
+    else:
+        Reference = Qwen2VLImageProcessorPil
+    theirs = [Reference().image_mean, Reference().image_std]
+    np.testing.assert_allclose([image.image_mean, image.image_std], theirs, rtol=1e-7)
+    np.testing.assert_allclose([video_file["image_mean"], video_file["image_std"]], theirs, rtol=1e-7)
+    np.testing.assert_allclose(processor.mean_std, theirs, rtol=1e-7)  # what stjax normalised with
 
 
 def test_a_qwen2_exports_video_processor_bounds_each_frame_as_stjax_read_it(exports):
@@ -101,7 +107,11 @@ def test_a_qwen3_exports_video_processor_is_transformers_qwen3_vl_one_with_stjax
     assert video.to_dict()["video_processor_type"] == video_file["video_processor_type"] == "Qwen3VLVideoProcessor"
     assert (video.patch_size, video.merge_size, video.temporal_patch_size) == (16, 2, 2)
     assert (media.patch_size, media.merge_size, media.temporal_patch_size) == (16, 2, 2)
-    np.testing.assert_allclose([video.image_mean, video.image_std], [qwen3_vl.MEAN, qwen3_vl.STD], rtol=1e-7)
+    np.testing.assert_allclose(
+        [video.image_mean, video.image_std],
+        [Qwen3VLVideoProcessor().image_mean, Qwen3VLVideoProcessor().image_std],
+        rtol=1e-7,
+    )
     assert video.size == {"shortest_edge": media.min_pixels, "longest_edge": media.total_pixels}
     assert (video.do_sample_frames, video.num_frames, video.fps) == (True, media.num_frames, None)
     by_rate = dataclasses.replace(media, num_frames=None, fps=2.0)

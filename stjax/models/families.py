@@ -13,7 +13,7 @@ What a family provides (the defaults below are the Qwen2-VL way; override what d
   honours, such as q/k norms or interleaved M-RoPE sections); `hf_config(cfg, flat)` lays the whole
   config.json out (default the hub's flat layout).
 - modules: `vision_tower(cfg, rngs)`, an nnx.Module `(VisionInputs) -> merged features` (default the
-  tower of `vision.py`, shaped by the facts `vision_norm`, `gated_mlp` and `full_attention`);
+  tower of `vision.py`, shaped by the facts `vision_norm`, `gated_mlp`, `patch_bias` and `full_attention`);
   `text_model(cfg, rngs)`, the decoder (default `text.TextModel`).
 - weights: `rules(cfg)`, the table between Hugging Face tensor names and stjax parameter paths
   (default the decoder's rules plus those of the default tower, see `weights.py`); `hf_name(name)`,
@@ -59,6 +59,7 @@ class Family(ABC):
     tiny_preset: str
     vision_norm = "layer_norm"  # or "rms_norm": the vision blocks' and merger's norms (LayerNorm has a bias)
     gated_mlp = False  # vision MLP: fc1, act, fc2 (False) or down(act(gate) * up) (True)
+    patch_bias = False  # whether the patch embedding has a bias
     media_rules = "stjax.data.video:MediaRules"  # see the module docstring
     # M-RoPE position ids (3, B, L) and rope deltas (B,) of a batch: a NumPy function with
     # `rope.get_rope_index`'s arguments (input_ids, spec, image_grid_thw, video_grid_thw, second_per_grid_ts,

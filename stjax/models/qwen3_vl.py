@@ -33,7 +33,7 @@ from stjax.models.config import (
 )
 from stjax.models.families import Family, register
 from stjax.models.inputs import VisionInputs
-from stjax.models.layers import Linear, scan_layers, stack_layers
+from stjax.models.layers import scan_layers, stack_layers
 from stjax.models.vision import PatchMerger, VisionBlock, VisionTower, unconstrained
 from stjax.models.weights import Rule, linear_rules, norm_rules, text_rules
 
@@ -59,9 +59,6 @@ class Qwen3VisionTower(VisionTower):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
         v = cfg.vision
-        self.patch_embed = Linear(
-            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=True, **cfg.linear_init(rngs)
-        )
         init = jax.nn.initializers.normal(cfg.initializer_range)
         self.pos_embed = nnx.Param(
             init(rngs.params(), (v.num_position_embeddings, v.hidden_size), cfg.param_dtype),
@@ -110,6 +107,7 @@ class Qwen3VL(Family):
     media_rules = "stjax.data.qwen3_vl:Qwen3VLMedia"
     rope_index = staticmethod(qwen3_vl_host.rope_index)  # each temporal patch of a video a one-frame image
     hf_processor_class = "Qwen3VLProcessor"
+    patch_bias = True
 
     def text_config(self, d: dict) -> TextConfig:
         t = text_fields(d)

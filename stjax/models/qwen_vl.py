@@ -57,11 +57,12 @@ class QwenVLForConditionalGeneration(nnx.Module):
             return x, None
         b, l, hidden = x.shape
         mask = inputs.vision.token_mask[..., None]
-        slots = jnp.where(mask, self.vision_slots(inputs, x.dtype), 0)
+        slots = self.vision_slots(inputs, x.dtype)
         x = jnp.where(mask, slots[..., :hidden], x)
         if slots.shape[-1] == hidden:
             return x, None
-        return x, jnp.moveaxis(slots[..., hidden:].reshape(b, l, -1, hidden), 2, 0)
+        deepstack = jnp.where(mask, slots[..., hidden:], 0)
+        return x, jnp.moveaxis(deepstack.reshape(b, l, -1, hidden), 2, 0)
 
     def hidden_states(self, inputs: ModelInputs, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-norm hidden states (B, L, hidden) of the decoder (`dropout_key`: LoRA dropout on)."""

@@ -118,8 +118,9 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: QwenVLConfig, rngs: nnx.Rngs):
         v = cfg.vision
+        bias = cfg.family.patch_bias
         self.patch_embed = Linear(
-            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, **cfg.linear_init(rngs)
+            v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=bias, **cfg.linear_init(rngs)
         )
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, r), v.depth, rngs)
         self.merger = PatchMerger(cfg, rngs)
