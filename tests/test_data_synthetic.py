@@ -237,3 +237,18 @@ def test_colour_questions_are_answered_by_the_scene(tmp_path):
             if task == "walls":  # the paints in one order: the letter names the paint
                 assert [o[3:].lower() for o in record[f"{direction}_mcq"]["options"]] == list(WALLS)
     assert {s.task for s in read_plain_jsonl(root / "plain.jsonl").samples} == {"colour", "walls"}
+
+
+def test_the_set_is_marked_complete_only_when_it_is(tmp_path, monkeypatch):
+    """Runs take `plain.jsonl` as the mark of a rendered set (they reuse it): a render that stops before its
+    tokenizer is written leaves no such mark, so the next run renders again."""
+    from stjax.data import synthetic
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic, "build_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "set", n=1, seed=7, sheet=0)
+    assert not (tmp_path / "set" / "plain.jsonl").exists()
+    assert not any(p.name.startswith(".plain.jsonl") for p in (tmp_path / "set").iterdir())

@@ -304,3 +304,13 @@ def test_a_second_run_on_the_same_out_dir_is_refused(assets, tmp_path):
         with pytest.raises(OutputError, match="is in use by another training run"):
             refused(tmp_path, assets, max_steps=2)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_second_embedded_default_run_is_refused_before_it_makes_its_inputs(tmp_path):
+    """The embedded default makes its synthetic set and tiny model under output_dir: the lock comes first, so a
+    second run neither renders videos nor rewrites the model the first one is reading."""
+    cfg = train_config.load(None, [], train_config.EMBEDDED["sft"], output_dir=str(tmp_path), mesh="fsdp=2,tensor=4")
+    with locked_elsewhere(tmp_path, "training run"):
+        with pytest.raises(OutputError, match="is in use by another training run"):
+            stages.train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]

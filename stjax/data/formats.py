@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stjax.data.video import SampleError
+from stjax.io import write_text_atomic
 
 # The tasks whose wording `infer_task` knows (colour, walls: the synthetic set only); a plain JSONL row may
 # name any other task.
@@ -402,13 +403,14 @@ def read_plain_jsonl(path: str | Path, video_root: str | Path | None = None, str
 
 
 def write_plain_jsonl(samples: list[Sample], path: str | Path) -> None:
-    """Write samples in our plain format, video paths relative to the file when they lie below it."""
+    """Write samples in our plain format, video paths relative to the file when they lie below it; the file
+    appears whole or not at all (a killed writer leaves no cut file that a rerun would take as complete)."""
     path = Path(path)
-    with path.open("w") as f:
-        for s in samples:
-            video = Path(s.video)
-            if video.is_relative_to(path.parent):
-                video = video.relative_to(path.parent)
-            own = {n: getattr(s, n) for n in FIELDS if getattr(s, n) is not None}
-            row = s.extra | own | {"video": str(video)}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for s in samples:
+        video = Path(s.video)
+        if video.is_relative_to(path.parent):
+            video = video.relative_to(path.parent)
+        own = {n: getattr(s, n) for n in FIELDS if getattr(s, n) is not None}
+        rows.append(json.dumps(s.extra | own | {"video": str(video)}, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(rows))

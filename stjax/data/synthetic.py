@@ -626,11 +626,11 @@ def generate(
     with (out / "st_r1_synth.jsonl").open("w") as f:
         for row in st_rows:
             f.write(json.dumps(row) + "\n")
-    write_plain_jsonl(plain, out / "plain.jsonl")
     texts += ["system\nYou are a helpful assistant.", "user\n", "assistant\n"]
     build_tokenizer(texts, out / "tokenizer", vocab_size=3000)
     if sheet:
         contact_sheet(videos[:sheet], captions[:sheet], out / "contact_sheet.png")
+    write_plain_jsonl(plain, out / "plain.jsonl")  # last: the runs take this file as the mark of a complete set
     return out
 
 

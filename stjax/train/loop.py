@@ -284,9 +284,8 @@ def checked_mesh(cfg: TrainConfig) -> Mesh:
 
 def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
     """Train as configured on `mesh` (from `checked_mesh`); returns the summary. The config's inputs are
-    plain paths (`stjax.train.stages.resolve`)."""
+    plain paths (`stjax.train.stages.resolve`); the caller holds output_dir's lock (`stjax.train.stages.train`)."""
     out = as_path(cfg.output_dir)
-    lock = rundir.lock(out)  # a second run on output_dir is refused
     rundir.check_resume(out, cfg)
 
     samples = prepare_data(cfg)
@@ -399,6 +398,4 @@ def train(cfg: TrainConfig, stage: type[Stage], mesh: Mesh) -> dict:
             files=export_files(processor, tokenizer, cfg.stage, cfg.prompt_template),
         )
         log.info("exported the trained model to %s", out / "hf")
-    if lock is not None:
-        lock.release()
     return summary

@@ -18,7 +18,8 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from stjax.train import config, loop
+from stjax.io import as_path
+from stjax.train import config, loop, rundir
 from stjax.train.config import TrainConfig
 
 
@@ -29,9 +30,14 @@ def stage_steps(name: str) -> type[loop.Stage]:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns the summary. Config errors come before any work."""
+    """Train as configured; returns the summary. Config errors come before any work; output_dir is locked
+    before anything is made under it (a second run on it is refused, not left to overwrite what this one reads)."""
     mesh = loop.checked_mesh(cfg)
-    return loop.train(resolve(cfg), stage_steps(cfg.stage), mesh)
+    lock = rundir.lock(as_path(cfg.output_dir))
+    summary = loop.train(resolve(cfg), stage_steps(cfg.stage), mesh)
+    if lock is not None:
+        lock.release()
+    return summary
 
 
 def on_process_zero(make: Callable[[], object], what: Path) -> None:
