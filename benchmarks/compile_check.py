@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from stjax.io import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 # config -> the target it is written for
 TARGETS = {  # the pod configs first: they are the ones no machine here has checked
@@ -127,7 +129,7 @@ def write(path: Path, label: str, table: list[str]) -> None:
     ]
     block = f"### {label}, {datetime.date.today()}\n\n{HEADER}\n" + "\n".join(kept + table)
     text = pattern.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_text_atomic(path, text)  # BENCHMARKS.md whole or as it was, never cut short
 
 
 def main() -> None:
