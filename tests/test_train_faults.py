@@ -5,6 +5,7 @@ exports nothing; a refused resume leaves out_dir unchanged; one run per out_dir;
 detected on resume."""
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -314,3 +315,27 @@ def test_a_second_embedded_default_run_is_refused_before_it_makes_its_inputs(tmp
         with pytest.raises(OutputError, match="is in use by another training run"):
             stages.train(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_run_recorded_under_the_old_names_resumes_and_exports_under_the_new(tmp_path):
+    """A run directory whose config.json predates the TRL names (out_dir, steps, micro_batch_size, model.init,
+    lora.rank, ...) is read under today's: its resume is not refused as changed, and its export parses it."""
+    from stjax.train import rundir
+
+    cfg = train_config.load(None, [], train_config.EMBEDDED["sft"], output_dir=str(tmp_path), batch_size=8)
+    today = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    old = json.loads(json.dumps(today))
+    old["out_dir"] = old.pop("output_dir")
+    old["steps"] = old.pop("max_steps")
+    old["epochs"] = old.pop("num_train_epochs")
+    old["micro_batch_size"] = 8 // old.pop("gradient_accumulation_steps")
+    old["model"]["init"] = old["model"].pop("model_name_or_path")
+    old["lora"]["rank"] = old["lora"].pop("r")
+    old["lora"]["targets"] = old["lora"].pop("target_modules")
+    old["optim"]["b1"] = old["optim"].pop("adam_beta1")
+    old["checkpoint"]["every"] = old["checkpoint"].pop("save_steps")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    assert rundir.recorded_config(tmp_path) == today
+    rundir.check_resume(tmp_path, cfg)  # the same settings: not refused
+    assert train_config.parse(rundir.recorded_config(tmp_path)) == cfg

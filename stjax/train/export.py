@@ -10,7 +10,6 @@ latest checkpoint and the default target RUN_DIR/hf-<step>. Runs also export at 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from flax import nnx
@@ -21,6 +20,7 @@ from stjax.io import as_path, check_target
 from stjax.models.loading import is_stjax_dir
 from stjax.settings import ConfigError
 from stjax.sharding import make_mesh
+from stjax.train import rundir
 from stjax.train.checkpoint import CheckpointDamaged, Checkpointer, abstract_like
 from stjax.train.config import parse
 from stjax.train.loop import export_files, export_hf, media_config, placed_state, prepare_model, tokenizer_dir
@@ -38,7 +38,7 @@ def export_checkpoint(
             f"{run_dir} is not a training run's output_dir (no checkpoints/ and config.json)"
             + ("; it is a model directory, which loads as it is" if model else "")
         )
-    cfg = parse(json.loads((run_dir / "config.json").read_text()))
+    cfg = parse(rundir.recorded_config(run_dir))
     checkpoints = Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.save_total_limit)
     steps = list(checkpoints.manager.all_steps())
     step = step or checkpoints.latest_step

@@ -19,7 +19,7 @@ import jax
 from stjax.io import DirectoryLock, file_digest, write_text_atomic
 from stjax.models.loading import model_fingerprints
 from stjax.settings import ConfigError, changed
-from stjax.train.config import STAGES, TrainConfig
+from stjax.train.config import RENAMED, STAGES, TrainConfig
 
 CONFIG, INPUTS = "config.json", "inputs.json"
 # Settings a checkpoint depends on: the stage (an SFT checkpoint is no GRPO run's, nor the reverse),
@@ -52,16 +52,27 @@ def has_checkpoints(out: Path) -> bool:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def recorded_config(out: Path) -> dict:
+    """The config a run recorded in `out`, its keys under today's names (a run recorded before the TRL renames,
+    `config.RENAMED`, resumes and exports; `micro_batch_size` becomes the accumulation count it implied)."""
+    try:
+        values = json.loads((out / CONFIG).read_text())
+    except ValueError as e:
+        raise ConfigError(f"{out / CONFIG} is not readable ({e}); the checkpoints beside it cannot be used") from None
+    for old, new in RENAMED.items():
+        section, _, key = old.rpartition(".")
+        holder = values.get(section, {}) if section else values
+        if key in holder:
+            value = holder.pop(key)
+            holder[new.rpartition(".")[2]] = values["batch_size"] // value if old == "micro_batch_size" else value
+    return values
+
+
 def check_resume(out: Path, cfg: TrainConfig) -> None:
     """Refuse to resume checkpoints made under other RESUME_KEYS settings (before loading anything)."""
     if not has_checkpoints(out) or not (out / CONFIG).exists():
         return
-    try:
-        before = json.loads((out / CONFIG).read_text())
-    except ValueError as e:
-        raise ConfigError(
-            f"{out / CONFIG} is not readable ({e}); the checkpoints beside it cannot be resumed"
-        ) from None
+    before = recorded_config(out)
     differ = changed(before, dataclasses.asdict(cfg), RESUME_KEYS + STAGES[cfg.stage].resume_keys)
     if differ:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
